@@ -1,0 +1,37 @@
+"""nexus-gguf: compressed, checksummed llama.cpp prompt states (.nxkv) for llama-cpp-python."""
+
+__version__ = "0.1.0"
+
+from .api import LoadReport, SaveReport, load_state, read_info, save_state  # noqa: E402
+from .errors import (  # noqa: E402
+    ChecksumError,
+    ConfigError,
+    FormatError,
+    ModelMismatchError,
+    NativeLibraryError,
+    NxkvError,
+    RestoreError,
+    StateLayoutError,
+    UnsupportedModelError,
+    UnsupportedVersionError,
+)
+from .pipeline import PRESETS  # noqa: E402
+
+__all__ = [
+    "save_state",
+    "load_state",
+    "read_info",
+    "SaveReport",
+    "LoadReport",
+    "PRESETS",
+    "NxkvError",
+    "FormatError",
+    "ChecksumError",
+    "UnsupportedVersionError",
+    "ModelMismatchError",
+    "StateLayoutError",
+    "UnsupportedModelError",
+    "RestoreError",
+    "ConfigError",
+    "NativeLibraryError",
+]

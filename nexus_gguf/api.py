@@ -1,0 +1,177 @@
+"""save_state / load_state / read_info: the public operations."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import numpy as np
+
+from . import llama_bridge as bridge
+from .errors import ChecksumError, FormatError, ModelMismatchError, NxkvError, RestoreError
+from .format import NxkvFile, crc32, pack, write_atomic
+from .llama_state import parse_state, write_state
+from .pipeline import DEFAULT_PRESET, Pipeline, build_pipeline
+from .state_file import decode_logits, decode_state, decode_tokens, encode_logits, encode_state, encode_tokens
+
+
+@dataclass
+class SaveReport:
+    path: str
+    preset: str
+    n_tokens: int
+    raw_bytes: int  # the llama.cpp state blob
+    file_bytes: int  # the .nxkv file, every header byte counted
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / self.file_bytes
+
+    def summary(self) -> str:
+        return (
+            f"{self.path}: {self.n_tokens} tokens, raw {self.raw_bytes:,} B -> file {self.file_bytes:,} B "
+            f"({self.ratio:.2f}x, {self.preset}) in {sum(self.seconds.values()):.2f}s"
+        )
+
+
+@dataclass
+class LoadReport:
+    path: str
+    n_tokens: int
+    raw_bytes: int
+    file_bytes: int
+    exact: bool  # the restored cache is byte-identical to the one saved
+    seconds: dict[str, float] = field(default_factory=dict)
+    # next-token logits saved with the prompt (None if the file has none): sampling can start
+    # from them without decoding the last prompt token again
+    logits: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / self.file_bytes
+
+
+class _Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
+        self._t = now
+
+
+def save_state(llm, path, preset: str = DEFAULT_PRESET, **stage_overrides: Any) -> SaveReport:
+    """Store the prompt state of `llm` (sequence 0: its KV cache, prompt tokens and last
+    logits) in the .nxkv file `path`, written atomically. Options of the preset's stages are
+    overridden as `<stage>_<option>=value`, e.g. zstd_level=19."""
+    pipeline = build_pipeline(preset, **stage_overrides)
+    timer = _Timer()
+    facts = bridge.model_facts(llm)
+    n_tokens = int(llm.n_tokens)
+    if n_tokens == 0:
+        raise NxkvError("the Llama has no evaluated tokens: evaluate the prompt first (llm.eval(tokens))")
+    blob = bridge.get_seq_state(llm, 0)
+    logits = bridge.last_logits(llm)
+    tokens = np.asarray(llm.input_ids[:n_tokens], dtype=np.int32)
+    timer.lap("state_get")
+    state = parse_state(blob, "sequence", facts.state_layout())
+    if state.n_pos != n_tokens:
+        raise NxkvError(
+            f"the Llama reports {n_tokens} evaluated tokens but its KV cache holds positions up to {state.n_pos - 1}; "
+            "save right after evaluating the prompt"
+        )
+    layout, sections = encode_state(state, pipeline)
+    sections.insert(0, ("tokens", encode_tokens(tokens)))
+    if logits is not None:
+        sections.insert(1, ("logits", encode_logits(logits)))
+    timer.lap("encode")
+    header = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "software": bridge.software_versions(),
+        "model": facts.to_json(),
+        "context": bridge.context_facts(llm),
+        "prompt": {"n_tokens": n_tokens, "n_pos": state.n_pos, "n_ctx_required": state.n_pos},
+        "logits": None if logits is None else {"dtype": "f32", "n_vocab": int(logits.shape[0])},
+        "pipeline": pipeline.get_config(),
+        "raw": {"bytes": len(blob), "crc32": crc32(blob), "kind": "sequence"},
+        "state": layout,
+    }
+    file_bytes = write_atomic(path, pack(header, sections))
+    timer.lap("write")
+    return SaveReport(os.fspath(path), preset, n_tokens, len(blob), file_bytes, timer.seconds)
+
+
+def _check_model(header: dict, facts, source: str) -> None:
+    saved = header.get("model", {})
+    if saved.get("fingerprint") != facts.fingerprint:
+        raise ModelMismatchError(
+            f"{source} was saved from {saved.get('file_name', '?')} ({saved.get('arch', '?')}, fingerprint "
+            f"{str(saved.get('fingerprint'))[:12]}), not from {facts.file_name} ({facts.arch}, {facts.fingerprint[:12]})"
+        )
+
+
+def load_state(llm, path) -> LoadReport:
+    """Restore a .nxkv file into `llm` so that it continues as if it had just evaluated the
+    saved prompt. Everything is read, checked and decoded before llama.cpp is touched; if
+    llama.cpp still refuses the state, the Llama is put back as it was and RestoreError raised."""
+    timer = _Timer()
+    f = NxkvFile.open(path)
+    f.verify()
+    timer.lap("read")
+    header = f.header
+    try:
+        _check_model(header, bridge.model_facts(llm), f.source)
+        bridge.require_restorable(llm, header)
+        pipeline = Pipeline.from_config(header["pipeline"])
+        raw = header["raw"]
+        prompt = header["prompt"]
+        n_tokens = int(prompt["n_tokens"])
+        tokens = decode_tokens(f.section("tokens"), n_tokens)
+        logits = None
+        if header.get("logits"):
+            logits = decode_logits(f.section("logits"), int(header["logits"]["n_vocab"]))
+        state = decode_state(header["state"], pipeline, f.section, int(raw["bytes"]))
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, NxkvError):
+            raise
+        raise FormatError(f"{f.source}: malformed header: {e!r}") from None
+    blob = write_state(state)
+    exact = crc32(blob) == raw["crc32"] and len(blob) == raw["bytes"]
+    if pipeline.lossless and not exact:
+        raise ChecksumError(f"{f.source}: the restored state does not match the saved one (CRC of the rebuilt state)")
+    timer.lap("decode")
+    _restore_or_roll_back(llm, blob, f.source)
+    bridge.set_prompt(llm, tokens, logits)
+    timer.lap("llama_set")
+    return LoadReport(f.source, n_tokens, int(raw["bytes"]), f.file_bytes, exact, timer.seconds, logits)
+
+
+def _restore_or_roll_back(llm, blob: bytes, source: str) -> None:
+    backup = bridge.get_seq_state(llm, 0) if llm.n_tokens > 0 else None
+    if bridge.set_seq_state(llm, blob, 0):
+        return
+    # llama.cpp cleared the sequence when it gave up; put back what was there.
+    if backup is None or not bridge.set_seq_state(llm, backup, 0):
+        bridge.clear_seq(llm, 0)
+        llm.n_tokens = 0
+    raise RestoreError(f"llama.cpp refused the state in {source} (its log says why); the Llama was left as before")
+
+
+def read_info(path, verify: bool = False) -> dict[str, Any]:
+    """The header of a .nxkv file plus its sizes. With verify=True every section's checksum is
+    checked too (the header's own checksum always is)."""
+    f = NxkvFile.open(path)
+    if verify:
+        f.verify()
+    info = dict(f.header)
+    info["file_bytes"] = f.file_bytes
+    info["ratio"] = info["raw"]["bytes"] / f.file_bytes
+    info["sections"] = {name: s.length for name, s in f.sections.items()}
+    info["verified"] = verify
+    return info

@@ -1,0 +1,89 @@
+"""The native library (native/, built by CMake) bound with cffi in ABI mode. The declarations are
+read from nxkv.h between its NXKV_CDEF markers, never copied by hand."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import NativeLibraryError
+
+ABI_VERSION = 1
+_PKG = Path(__file__).resolve().parent.parent
+_lib = _ffi = None
+
+
+def _library_names() -> list[str]:
+    if sys.platform == "darwin":
+        return ["libnxkv.dylib"]
+    if os.name == "nt":
+        return ["nxkv.dll", "libnxkv.dll"]
+    return ["libnxkv.so"]
+
+
+def _find(env: str, candidates: list[Path]) -> Path:
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    for c in candidates:
+        if c.exists():
+            return c
+    raise NativeLibraryError(
+        f"nexus-gguf's native library is not built (looked in {', '.join(map(str, candidates))}); "
+        "reinstall with `pip install .` or build in place with `cmake -S . -B build && cmake --build build`"
+    )
+
+
+def _cdef(header: Path) -> str:
+    text = header.read_text()
+    try:
+        body = text.split("/* NXKV_CDEF_BEGIN */", 1)[1].split("/* NXKV_CDEF_END */", 1)[0]
+    except IndexError:
+        raise NativeLibraryError(f"{header} has no NXKV_CDEF markers") from None
+    return body
+
+
+def load():
+    """(ffi, lib), loading once. Raises NativeLibraryError with the reason if it cannot."""
+    global _lib, _ffi
+    if _lib is not None:
+        return _ffi, _lib
+    import cffi
+
+    native_dir = _PKG / "_native"
+    lib_path = _find("NEXUS_GGUF_NATIVE_LIB", [native_dir / n for n in _library_names()])
+    header = _find("NEXUS_GGUF_NATIVE_HEADER", [native_dir / "nxkv.h", _PKG.parent / "native/include/nxkv.h"])
+    ffi = cffi.FFI()
+    ffi.cdef(_cdef(header))
+    try:
+        lib = ffi.dlopen(str(lib_path))
+    except OSError as e:
+        raise NativeLibraryError(f"cannot load {lib_path}: {e}") from None
+    if lib.nxkv_abi_version() != ABI_VERSION:
+        raise NativeLibraryError(
+            f"{lib_path} has ABI version {lib.nxkv_abi_version()}, this package needs {ABI_VERSION}; rebuild it"
+        )
+    _ffi, _lib = ffi, lib
+    return ffi, lib
+
+
+def _ptr(ffi, a: np.ndarray):
+    return ffi.from_buffer("uint8_t[]", a, require_writable=False)
+
+
+def byteplane_split(src: np.ndarray, element_size: int) -> np.ndarray:
+    ffi, lib = load()
+    src = np.ascontiguousarray(src, dtype=np.uint8).reshape(-1)
+    dst = np.empty_like(src)
+    lib.nxkv_byteplane_split(_ptr(ffi, src), ffi.from_buffer("uint8_t[]", dst), src.size // element_size, element_size)
+    return dst
+
+
+def byteplane_merge(src: np.ndarray, element_size: int) -> np.ndarray:
+    ffi, lib = load()
+    src = np.ascontiguousarray(src, dtype=np.uint8).reshape(-1)
+    dst = np.empty_like(src)
+    lib.nxkv_byteplane_merge(_ptr(ffi, src), ffi.from_buffer("uint8_t[]", dst), src.size // element_size, element_size)
+    return dst

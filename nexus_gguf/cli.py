@@ -1,0 +1,234 @@
+"""The `nexus-gguf` command line: save-state, generate, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import NxkvError
+from .progress import Progress
+
+
+def _open_llama(model: str, n_ctx: int, threads: Optional[int], n_gpu_layers: int = 0, **kw):
+    import llama_cpp
+
+    _check_model_file(model)
+    return llama_cpp.Llama(
+        model,
+        n_ctx=n_ctx,
+        n_threads=threads or max(1, os.cpu_count() or 1),
+        n_gpu_layers=n_gpu_layers,
+        verbose=False,
+        **kw,
+    )
+
+
+def _check_model_file(model: str) -> None:
+    if not os.path.isfile(model):
+        raise NxkvError(f"{model}: no such model file")
+
+
+def _tokenize(llm, text: str, add_bos: bool) -> list[int]:
+    return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+
+def _count_tokens(model: str, text: str) -> int:
+    import llama_cpp
+
+    _check_model_file(model)
+    vocab_llm = llama_cpp.Llama(model, vocab_only=True, verbose=False)
+    return len(_tokenize(vocab_llm, text, add_bos=True))
+
+
+def cmd_save_state(args) -> int:
+    from .api import save_state
+    from .llama_bridge import prefill
+
+    text = Path(args.prompt_file).read_text(encoding="utf-8")
+    n = _count_tokens(args.model, text)
+    llm = _open_llama(args.model, max(args.n_ctx or 0, n + 1), args.threads, args.n_gpu_layers)
+    tokens = _tokenize(llm, text, add_bos=True)
+    prefill(llm, tokens, Progress("prefill", "tok"))
+    out = args.output or str(Path(args.prompt_file).with_suffix(".nxkv"))
+    report = save_state(llm, out, preset=args.preset)
+    print(report.summary())
+    return 0
+
+
+def _generate(llm, tokens: list[int], n: int, temp: float, stream=None) -> str:
+    stream = stream or sys.stdout
+    pieces = []
+    for chunk in llm.create_completion(prompt=tokens, max_tokens=n, temperature=temp, stream=True):
+        piece = chunk["choices"][0]["text"]
+        pieces.append(piece)
+        stream.write(piece)
+        stream.flush()
+    stream.write("\n")
+    return "".join(pieces)
+
+
+def cmd_generate(args) -> int:
+    from .api import load_state, read_info
+
+    info = read_info(args.state)
+    extra_text = args.prompt or ""
+    n_extra = _count_tokens(args.model, extra_text) if extra_text else 0
+    need = int(info["prompt"]["n_ctx_required"]) + n_extra + args.n + 1
+    ctx = info["context"]
+    llm = _open_llama(
+        args.model,
+        max(args.n_ctx or 0, need),
+        args.threads,
+        args.n_gpu_layers,
+        flash_attn=ctx["flash_attn"] == "enabled",
+        type_k=ctx["type_k"],
+        type_v=ctx["type_v"],
+    )
+    report = load_state(llm, args.state)
+    print(
+        f"restored {report.n_tokens} tokens from {report.file_bytes:,} B in {sum(report.seconds.values()):.2f}s",
+        file=sys.stderr,
+    )
+    extra = _tokenize(llm, extra_text, add_bos=False) if extra_text else []
+    continue_restored(llm, report, extra, args.n, args.temp)
+    return 0
+
+
+def continue_restored(llm, report, extra: list[int], n: int, temp: float, stream=None) -> str:
+    """Generate after load_state exactly as if the prompt had just been read: the first token
+    comes from the logits saved with the prompt (greedy), or from decoding the appended text;
+    only without either does llama-cpp-python replay the last prompt token (which can change
+    the last digits of the logits, and so a near tie)."""
+    stream = stream or sys.stdout
+    tokens = list(llm.input_ids[: llm.n_tokens])
+    head = ""
+    if extra:
+        llm.eval(extra)
+        tokens += extra
+    elif report.logits is not None and temp <= 0 and n > 0:
+        first = int(np.argmax(report.logits))
+        head = llm.detokenize([first], prev_tokens=tokens).decode("utf-8", errors="replace")
+        stream.write(head)
+        llm.eval([first])
+        tokens.append(first)
+        n -= 1
+        if first == llm.token_eos() or n == 0:
+            stream.write("\n")
+            return head
+    return head + _generate(llm, tokens, n, temp, stream)
+
+
+def cmd_info(args) -> int:
+    from .api import read_info
+
+    info = read_info(args.state, verify=args.verify)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    m, p = info["model"], info["prompt"]
+    print(f"file       {args.state}: {info['file_bytes']:,} B, raw state {info['raw']['bytes']:,} B, ratio {info['ratio']:.2f}x")
+    print(f"model      {m['file_name']} ({m['arch']}, {m['n_layer']} layers, fingerprint {m['fingerprint'][:12]})")
+    print(f"prompt     {p['n_tokens']} tokens, needs n_ctx >= {p['n_ctx_required']}")
+    print(f"pipeline   {info['pipeline']['preset']}: " + " -> ".join(s["id"] for s in info["pipeline"]["stages"]))
+    print(f"context    {info['context']}")
+    print(f"written by {info['software']} at {info['created']}")
+    if args.verify:
+        print("checksums  all sections verified")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import importlib.resources
+
+    from .api import load_state, save_state
+    from .default_model import default_model_path
+    from .llama_bridge import prefill
+
+    model = args.model or default_model_path()
+    text = importlib.resources.files("nexus_gguf").joinpath("data/demo_prompt.txt").read_text(encoding="utf-8")
+    out = args.output or "demo.nxkv"
+    llm = _open_llama(model, 2048, args.threads)
+    tokens = _tokenize(llm, text, add_bos=True)
+    print(f"model: {os.path.basename(model)}; prompt: {len(tokens)} tokens of the bundled demo text")
+    prefill(llm, tokens, Progress("prefill", "tok", enabled=True))
+    report = save_state(llm, out, preset=args.preset)
+    print(report.summary())
+    print("\n--- continuation after reading the prompt directly ---")
+    direct = _generate(llm, tokens, args.n, 0.0)
+    llm2 = _open_llama(model, 2048, args.threads)
+    lr = load_state(llm2, out)
+    print(f"\n--- continuation after restoring {out} ({lr.file_bytes:,} B, {sum(lr.seconds.values()):.2f}s) ---")
+    restored = continue_restored(llm2, lr, [], args.n, 0.0)
+    print(f"\nsame text: {direct == restored}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import DEFAULT_PRESET, PRESETS
+
+    p = argparse.ArgumentParser(prog="nexus-gguf", description="Compressed llama.cpp prompt states (.nxkv).")
+    p.add_argument("--version", action="version", version=f"nexus-gguf {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+        sp.add_argument("--n-gpu-layers", type=int, default=0)
+        sp.add_argument("--n-ctx", type=int, default=None, help="context size (default: what the prompt needs)")
+
+    s = sub.add_parser("save-state", help="read a prompt and store its state in a .nxkv file")
+    s.add_argument("model")
+    s.add_argument("prompt_file")
+    s.add_argument("-o", "--output", help="output path (default: PROMPT_FILE with .nxkv)")
+    s.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    common(s)
+    s.set_defaults(func=cmd_save_state)
+
+    g = sub.add_parser("generate", help="restore a .nxkv state and generate a continuation")
+    g.add_argument("model")
+    g.add_argument("state")
+    g.add_argument("--prompt", help="text appended after the stored prompt")
+    g.add_argument("-n", type=int, default=128, help="tokens to generate")
+    g.add_argument("--temp", type=float, default=0.0, help="temperature (0: greedy)")
+    common(g)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="show what a .nxkv file holds")
+    i.add_argument("state")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--verify", action="store_true", help="check every section's checksum")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="save the bundled prompt with the default model and generate from it")
+    d.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    d.add_argument("-o", "--output")
+    d.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    d.add_argument("-n", type=int, default=48)
+    d.add_argument("--threads", type=int, default=None)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (NxkvError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"nexus-gguf: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nexus-gguf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

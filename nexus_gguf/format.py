@@ -1,0 +1,182 @@
+"""The .nxkv container: reader and writer. The spec is docs/FORMAT.md; keep the two in step.
+
+    magic      8 bytes   b"NXKV\\r\\n\\x1a\\n"
+    version    u32 LE    FORMAT_VERSION
+    header_len u64 LE    length of the JSON header, at most MAX_HEADER_BYTES
+    header     JSON      UTF-8 object; its "sections" list describes the data area
+    header_crc u32 LE    CRC-32 of every byte before it
+    data       sections back to back, in the order of "sections", no holes, ending at EOF
+
+Each section entry: {"name": str, "offset": int, "length": int, "crc32": int}, offsets relative
+to the start of the data area. This module knows nothing of what sections mean."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from .errors import ChecksumError, FormatError, UnsupportedVersionError
+
+MAGIC = b"NXKV\r\n\x1a\n"
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 16 << 20
+_PRELUDE = struct.Struct("<8sIQ")
+
+
+def crc32(data) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def pack(header: Mapping[str, Any], sections: Iterable[tuple[str, bytes]]) -> list:
+    """The file as a list of buffers (header first); `header` must not hold "sections"."""
+    if "sections" in header:
+        raise ValueError("the section table is written by format.pack")
+    table, payloads, offset = [], [], 0
+    for name, data in sections:
+        data = memoryview(data).cast("B")
+        table.append({"name": name, "offset": offset, "length": len(data), "crc32": crc32(data)})
+        payloads.append(data)
+        offset += len(data)
+    if len({t["name"] for t in table}) != len(table):
+        raise ValueError("section names must be unique")
+    body = json.dumps({**header, "sections": table}, separators=(",", ":"), allow_nan=False).encode()
+    if len(body) > MAX_HEADER_BYTES:
+        raise ValueError(f"header of {len(body)} bytes exceeds the {MAX_HEADER_BYTES}-byte cap")
+    head = _PRELUDE.pack(MAGIC, FORMAT_VERSION, len(body)) + body
+    return [head + struct.pack("<I", crc32(head))] + payloads
+
+
+def to_bytes(header: Mapping[str, Any], sections: Iterable[tuple[str, bytes]]) -> bytes:
+    return b"".join(pack(header, sections))
+
+
+def write_atomic(path: str | os.PathLike, buffers: Iterable) -> int:
+    """Write buffers to path so that readers see the old file or the whole new one, never a
+    part: temporary file in the same directory, fsync, rename, fsync of the directory."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    n = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for b in buffers:
+                f.write(b)
+                n += len(b)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable; not possible on every platform
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return n
+
+
+@dataclass
+class Section:
+    name: str
+    offset: int
+    length: int
+    crc32: int
+
+
+class NxkvFile:
+    """A parsed, bounds-checked .nxkv file held in memory. Section bytes are checked against
+    their CRC on every access (`section`) or all at once (`verify`)."""
+
+    def __init__(self, buf, source: str = "<bytes>"):
+        self.source = source
+        self._buf = memoryview(buf).cast("B")
+        self.header, self.sections, self._data_start = _parse(self._buf, source)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "NxkvFile":
+        path = os.fspath(path)
+        with open(path, "rb") as f:
+            return cls(f.read(), path)
+
+    @property
+    def file_bytes(self) -> int:
+        return len(self._buf)
+
+    def names(self) -> list[str]:
+        return list(self.sections)
+
+    def section(self, name: str) -> memoryview:
+        try:
+            s = self.sections[name]
+        except KeyError:
+            raise FormatError(f"{self.source}: no section {name!r}") from None
+        data = self._buf[self._data_start + s.offset : self._data_start + s.offset + s.length]
+        if crc32(data) != s.crc32:
+            raise ChecksumError(f"{self.source}: section {name!r} is damaged (CRC mismatch)")
+        return data
+
+    def verify(self) -> None:
+        for name in self.sections:
+            self.section(name)
+
+
+def _parse(buf: memoryview, source: str):
+    if len(buf) < _PRELUDE.size:
+        raise FormatError(f"{source}: {len(buf)} bytes is too short for a .nxkv file")
+    magic, version, header_len = _PRELUDE.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise FormatError(f"{source}: not a .nxkv file (bad magic)")
+    if version > FORMAT_VERSION:
+        raise UnsupportedVersionError(
+            f"{source}: format version {version} is newer than this nexus-gguf reads ({FORMAT_VERSION}); upgrade nexus-gguf"
+        )
+    if version < 1:
+        raise FormatError(f"{source}: invalid format version {version}")
+    if header_len > MAX_HEADER_BYTES:
+        raise FormatError(f"{source}: header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap")
+    end = _PRELUDE.size + header_len
+    if end + 4 > len(buf):
+        raise FormatError(f"{source}: file is truncated inside its header")
+    (stored_crc,) = struct.unpack_from("<I", buf, end)
+    if crc32(buf[:end]) != stored_crc:
+        raise ChecksumError(f"{source}: header is damaged (CRC mismatch)")
+    try:
+        header = json.loads(bytes(buf[_PRELUDE.size : end]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{source}: header is not valid JSON: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("sections"), list):
+        raise FormatError(f"{source}: header has no section table")
+    data_start = end + 4
+    data_len = len(buf) - data_start
+    sections: dict[str, Section] = {}
+    expected = 0
+    for i, s in enumerate(header.pop("sections")):
+        if not isinstance(s, dict):
+            raise FormatError(f"{source}: section entry {i} is not an object")
+        name, off, length, c = s.get("name"), s.get("offset"), s.get("length"), s.get("crc32")
+        if not isinstance(name, str) or name in sections:
+            raise FormatError(f"{source}: section {i} has a missing or repeated name")
+        for v in (off, length, c):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise FormatError(f"{source}: section {name!r} has an invalid offset, length or CRC")
+        if off != expected:
+            raise FormatError(f"{source}: section {name!r} starts at {off}, expected {expected} (holes or overlap)")
+        if off + length > data_len:
+            raise FormatError(f"{source}: file is truncated: section {name!r} ends past the end of the file")
+        expected = off + length
+        sections[name] = Section(name, off, length, c)
+    if expected != data_len:
+        raise FormatError(f"{source}: {data_len - expected} unexpected bytes after the last section")
+    return header, sections, data_start

@@ -1,0 +1,228 @@
+"""Everything that touches llama-cpp-python: model facts, state get/set, logits, prefill.
+Other modules work on bytes and arrays and never import llama_cpp."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .errors import NxkvError, RestoreError
+from .gguf_file import read_gguf_header
+from .llama_state import StateLayout, check_supported_memory
+
+ROPE_TYPES = {-1: "none", 0: "norm", 2: "neox", 8: "mrope", 40: "imrope", 24: "vision"}
+FLASH_ATTN_TYPES = {-1: "auto", 0: "disabled", 1: "enabled"}
+
+# Sliding-window pattern each architecture's loader sets when the GGUF does not say
+# (llama.cpp src/models/*.cpp load_swa_pattern): arch -> (n_pattern, dense_first)
+SWA_PATTERN_DEFAULTS = {
+    "gemma2": (2, False), "gemma3": (6, False), "gemma3n": (5, False), "gemma-embedding": (6, False),
+    "cohere2": (4, False), "llama4": (4, False), "gpt-oss": (2, False), "exaone4": (4, False),
+    "olmo2": (4, False), "smallthinker": (4, True), "plamo3": (8, False), "afmoe": (4, False),
+}
+
+
+@dataclass
+class ModelFacts:
+    fingerprint: str
+    file_name: str
+    arch: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_embd: int
+    n_embd_head_k: int
+    n_embd_head_v: int
+    n_vocab: int
+    n_ctx_train: int
+    n_swa: int
+    rope: dict[str, Any]
+    sliding_layers: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def state_layout(self) -> StateLayout:
+        has_ext = self.rope["type"] in ("mrope", "imrope", "vision") or None  # else: let the parser find out
+        if self.n_swa > 0:
+            swa = set(self.sliding_layers)
+            base = [i for i in range(self.n_layer) if i not in swa]
+            return StateLayout(has_ext, [base, sorted(swa)], [False, True])
+        return StateLayout(has_ext, [list(range(self.n_layer))], [False])
+
+
+def _sliding_layers(header, n_layer: int, n_swa: int) -> list[int]:
+    if n_swa <= 0:
+        return []
+    pattern = header.arch_key("attention.sliding_window_pattern")
+    if isinstance(pattern, list) and len(pattern) >= n_layer:
+        return [i for i in range(n_layer) if pattern[i]]
+    dense_first = False
+    if isinstance(pattern, int):
+        n_pattern = pattern
+    elif header.arch in SWA_PATTERN_DEFAULTS:
+        n_pattern, dense_first = SWA_PATTERN_DEFAULTS[header.arch]
+    else:
+        return []  # unknown: layers stay unnamed rather than guessed
+    if dense_first:
+        return [i for i in range(n_layer) if n_pattern == 0 or i % n_pattern != 0]
+    return [i for i in range(n_layer) if n_pattern == 0 or i % n_pattern < n_pattern - 1]
+
+
+def model_facts(llm) -> ModelFacts:
+    import llama_cpp
+
+    cached = getattr(llm, "_nexus_gguf_facts", None)
+    if cached is not None:
+        return cached
+    model = llm._model.model
+    header = read_gguf_header(llm.model_path)
+    arch = header.arch
+    check_supported_memory(
+        bool(llama_cpp.llama_model_is_recurrent(model)), bool(llama_cpp.llama_model_is_hybrid(model)), arch
+    )
+    n_layer = int(llama_cpp.llama_model_n_layer(model))
+    n_head = int(llama_cpp.llama_model_n_head(model))
+    n_embd = int(llama_cpp.llama_model_n_embd(model))
+    n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
+    head_k = int(header.arch_key("attention.key_length", n_embd // max(n_head, 1)))
+    head_v = int(header.arch_key("attention.value_length", n_embd // max(n_head, 1)))
+    n_swa = int(llama_cpp.llama_model_n_swa(model))
+    rope = {
+        "type": ROPE_TYPES.get(int(llama_cpp.llama_model_rope_type(model)), "unknown"),
+        "n_rot": int(header.arch_key("rope.dimension_count", head_k)),
+        "freq_base": float(header.arch_key("rope.freq_base", 10000.0)),
+        "freq_base_swa": header.arch_key("rope.freq_base_swa"),
+        "freq_scale_train": float(llama_cpp.llama_model_rope_freq_scale_train(model)),
+        "scaling_type": header.arch_key("rope.scaling.type"),
+        "scaling_factor": header.arch_key("rope.scaling.factor"),
+        "original_context_length": header.arch_key("rope.scaling.original_context_length"),
+    }
+    facts = ModelFacts(
+        fingerprint=header.fingerprint,
+        file_name=llm.model_path.replace("\\", "/").rsplit("/", 1)[-1],
+        arch=arch,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        n_embd=n_embd,
+        n_embd_head_k=head_k,
+        n_embd_head_v=head_v,
+        n_vocab=int(llm.n_vocab()),
+        n_ctx_train=int(llama_cpp.llama_model_n_ctx_train(model)),
+        n_swa=n_swa,
+        rope=rope,
+        sliding_layers=_sliding_layers(header, n_layer, n_swa),
+    )
+    llm._nexus_gguf_facts = facts
+    return facts
+
+
+def context_facts(llm) -> dict[str, Any]:
+    p = llm.context_params
+    return {
+        "n_ctx": int(llm.n_ctx()),
+        "type_k": int(p.type_k),
+        "type_v": int(p.type_v),
+        "flash_attn": FLASH_ATTN_TYPES.get(int(p.flash_attn_type), str(p.flash_attn_type)),
+        "swa_full": bool(p.swa_full),
+    }
+
+
+def get_seq_state(llm, seq_id: int = 0) -> bytes:
+    """llama_state_seq_get_data for one sequence, as bytes."""
+    import llama_cpp
+
+    ctx = llm._ctx.ctx
+    size = int(llama_cpp.llama_state_seq_get_size(ctx, seq_id))
+    if size == 0:
+        raise NxkvError("llama.cpp could not size the sequence state (see its log)")
+    buf = (ctypes.c_uint8 * size)()
+    n = int(llama_cpp.llama_state_seq_get_data(ctx, buf, size, seq_id))
+    if n == 0 or n > size:
+        raise NxkvError("llama.cpp failed to copy the sequence state (see its log)")
+    return ctypes.string_at(buf, n)
+
+
+def set_seq_state(llm, blob: bytes, seq_id: int = 0) -> bool:
+    """llama_state_seq_set_data; True on success. On failure llama.cpp has cleared the sequence."""
+    import llama_cpp
+
+    buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+    return int(llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, len(blob), seq_id)) == len(blob)
+
+
+def clear_seq(llm, seq_id: int = 0) -> None:
+    import llama_cpp
+
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm._ctx.ctx), seq_id, -1, -1)
+
+
+def last_logits(llm) -> Optional[np.ndarray]:
+    """The next-token logits of the last evaluated token, or None when the context's logits do
+    not belong to it (a Llama restored from a state has not decoded anything since)."""
+    import llama_cpp
+
+    if llm.n_tokens == 0 or getattr(llm, "_requires_eval", False):
+        return None
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    if not ptr:
+        return None
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float32, copy=True)
+
+
+def set_prompt(llm, tokens: np.ndarray, logits: Optional[np.ndarray]) -> None:
+    """Make the Llama's bookkeeping agree with a restored cache of `tokens`, as
+    llama-cpp-python's own Llama.load_state does: the context's logits are stale, so the next
+    generate() replays the last token before sampling; eval() continues at position n."""
+    n = int(tokens.shape[0])
+    llm.input_ids[:n] = tokens
+    llm.n_tokens = n
+    llm._requires_eval = True
+    if logits is not None and getattr(llm, "_logits_all", False) and n <= llm.scores.shape[0]:
+        llm.scores[n - 1, :] = logits
+
+
+def prefill(llm, tokens: Sequence[int], progress: Optional[Callable[[int, int], None]] = None) -> None:
+    """llm.eval in n_batch chunks, reporting (done, total) after each."""
+    tokens = list(tokens)
+    if len(tokens) > llm.n_ctx():
+        raise NxkvError(f"the prompt has {len(tokens)} tokens but the context holds {llm.n_ctx()}; raise n_ctx")
+    step = max(1, int(llm.n_batch))
+    for i in range(0, len(tokens), step):
+        llm.eval(tokens[i : i + step])
+        if progress:
+            progress(min(i + step, len(tokens)), len(tokens))
+
+
+def software_versions() -> dict[str, str]:
+    import llama_cpp
+
+    from . import __version__
+
+    return {"nexus_gguf": __version__, "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown")}
+
+
+def require_restorable(llm, header: dict) -> None:
+    """Checks that need no llama.cpp call: the context is big enough and its cache types match."""
+    need = max(int(header["prompt"]["n_ctx_required"]), int(header["prompt"]["n_tokens"]))
+    # llama.cpp may round n_ctx up; the Llama's own token buffer keeps the size asked for
+    capacity = min(int(llm.n_ctx()), int(llm.input_ids.shape[0]))
+    if capacity < need:
+        raise RestoreError(f"the state needs a context of at least {need} tokens; this Llama holds {capacity} (n_ctx)")
+    saved, here = header["context"], context_facts(llm)
+    for key in ("type_k", "type_v"):
+        if saved[key] != here[key]:
+            raise RestoreError(
+                f"the state was saved from a cache with {key}={saved[key]} but this Llama has {key}={here[key]}; "
+                f"create the Llama with {key}={saved[key]}"
+            )
+    fa = {"enabled": True, "disabled": False}
+    if saved["flash_attn"] in fa and here["flash_attn"] in fa and saved["flash_attn"] != here["flash_attn"]:
+        raise RestoreError(
+            f"the state was saved with flash attention {saved['flash_attn']} (V {'not ' if fa[saved['flash_attn']] else ''}"
+            f"transposed); create the Llama with flash_attn={fa[saved['flash_attn']]}"
+        )

@@ -1,0 +1,357 @@
+"""llama.cpp state blobs <-> arrays, byte-exact both ways.
+
+Covers what the pinned llama.cpp writes for attention KV caches (llama-context.cpp
+state_write_data / state_seq_get_data, llama-kv-cache.cpp state_write / state_write_meta /
+state_write_data, llama-kv-cache-iswa.cpp state_write):
+
+    context blob   := u32 len, arch bytes, cache+            (llama_state_get_data)
+    sequence blob  := u32 0xaf143cd8, i32 seq_id, cache+     (llama_state_seq_get_data)
+    cache          := u32 n_stream, stream * n_stream        (iSWA: the base cache, then the SWA one)
+    stream         := u32 cell_count, [cell_meta * cell_count, data]   (nothing more if empty)
+    cell_meta      := i32 pos, u32 n_seq, [12-byte ext if M-RoPE/PLE], i32 seq_id * n_seq
+    data           := u32 v_trans, u32 n_layer, k_layer * n_layer, v_layer * n_layer
+    k_layer        := i32 type, u64 row_bytes, row_bytes * cell_count bytes
+    v_layer        := as k_layer                                  (v_trans == 0)
+                    | i32 type, u32 el_bytes, u32 n_embd_v, n_embd_v * cell_count * el_bytes
+                                                                  (v_trans == 1: one row per channel)
+
+Arrays are views into the blob where possible (no copies on parse).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import StateLayoutError, UnsupportedModelError
+from .ggml_types import GgmlType, ggml_type
+
+SEQ_STATE_MAGIC = 0xAF143CD8
+CELL_EXT_BYTES = 12  # llama_kv_cell_ext: i32 x, i32 y, i32 tok
+_MAX_STREAMS = 1 << 16
+_MAX_LAYERS = 1 << 12
+
+
+@dataclass
+class StateLayout:
+    """What the blob itself does not say, taken from the model (see model_facts.state_layout).
+
+    has_cell_ext: None lets the parser find out (it tries without the ext record, then with).
+    cache_layers: per cache, the model layer index of each cache layer, if known.
+    cache_sliding: per cache, whether its layers are sliding-window layers."""
+
+    has_cell_ext: Optional[bool] = None
+    cache_layers: Optional[list[list[int]]] = None
+    cache_sliding: Optional[list[bool]] = None
+
+
+@dataclass
+class Cells:
+    """Per-cell metadata of one stream, in cell order."""
+
+    pos: np.ndarray  # int32 [n]
+    seq_ids: list[np.ndarray]  # int32 arrays, one per cell
+    ext: Optional[np.ndarray] = None  # int32 [n, 3] (x, y, tok) where the cache keeps it
+
+    def __len__(self) -> int:
+        return int(self.pos.shape[0])
+
+    def to_bytes(self) -> bytes:
+        n = len(self)
+        if all(s.shape[0] == 1 for s in self.seq_ids):
+            # fast path: every cell in one sequence, fixed-size records
+            cols = [self.pos.astype("<i4").reshape(n, 1), np.ones((n, 1), "<i4")]
+            if self.ext is not None:
+                cols.append(self.ext.astype("<i4").reshape(n, 3))
+            cols.append(np.array([s[0] for s in self.seq_ids], "<i4").reshape(n, 1))
+            return np.concatenate(cols, axis=1).tobytes()
+        parts = []
+        for i in range(n):
+            parts.append(struct.pack("<iI", int(self.pos[i]), self.seq_ids[i].shape[0]))
+            if self.ext is not None:
+                parts.append(self.ext[i].astype("<i4").tobytes())
+            parts.append(self.seq_ids[i].astype("<i4").tobytes())
+        return b"".join(parts)
+
+
+@dataclass
+class LayerKV:
+    """One cache layer of one stream. K rows are cells; V rows are cells unless v_trans, where
+    V is stored as n_embd_v rows of cell_count elements."""
+
+    cache_layer: int
+    model_layer: Optional[int]
+    sliding_window: bool
+    k_type: GgmlType
+    k: np.ndarray  # uint8 [n_cells, k_row_bytes]
+    v_type: GgmlType
+    v: np.ndarray  # uint8 [n_cells, v_row_bytes] or, transposed, [n_embd_v, n_cells * el_bytes]
+
+    @property
+    def k_row_bytes(self) -> int:
+        return int(self.k.shape[1])
+
+
+@dataclass
+class Stream:
+    cells: Cells
+    v_trans: bool
+    layers: list[LayerKV]
+
+
+@dataclass
+class Cache:
+    """One llama_kv_cache: `kv` for a plain model, `base` and `swa` for iSWA models."""
+
+    name: str
+    streams: list[Optional[Stream]]  # None: an empty stream (cell_count 0)
+
+
+@dataclass
+class LlamaState:
+    kind: str  # "context" or "sequence"
+    caches: list[Cache]
+    arch: Optional[str] = None  # context blobs only
+    seq_id: Optional[int] = None  # sequence blobs only
+    has_cell_ext: bool = False
+
+    @property
+    def n_cells(self) -> int:
+        """Cells of the first cache (the full-attention one): the prompt length for one sequence."""
+        return sum(len(s.cells) for s in self.caches[0].streams if s is not None)
+
+    def layers(self):
+        """(cache, stream index, layer) for every stored layer."""
+        for c in self.caches:
+            for si, s in enumerate(c.streams):
+                if s is not None:
+                    for layer in s.layers:
+                        yield c, si, layer
+
+    @property
+    def n_pos(self) -> int:
+        """One more than the largest position stored (where the next token goes)."""
+        best = -1
+        for c in self.caches:
+            for s in c.streams:
+                if s is not None and len(s.cells):
+                    best = max(best, int(s.cells.pos.max()))
+        return best + 1
+
+
+class _Reader:
+    def __init__(self, blob):
+        self.buf = memoryview(blob).cast("B")
+        self.pos = 0
+
+    def remaining(self) -> int:
+        return len(self.buf) - self.pos
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or n > self.remaining():
+            raise StateLayoutError(
+                f"state blob ends early: {what} needs {n} bytes at offset {self.pos}, {self.remaining()} left"
+            )
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u32(self, what: str) -> int:
+        return struct.unpack("<I", self.take(4, what))[0]
+
+    def i32(self, what: str) -> int:
+        return struct.unpack("<i", self.take(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack("<Q", self.take(8, what))[0]
+
+    def array(self, n_bytes: int, what: str) -> np.ndarray:
+        start = self.pos
+        self.take(n_bytes, what)
+        return np.frombuffer(self.buf, dtype=np.uint8, count=n_bytes, offset=start)
+
+
+def _parse_cells(r: _Reader, n: int, has_ext: bool) -> Cells:
+    rec = 4 * (3 + (3 if has_ext else 0))
+    # Fast path: all cells hold exactly one sequence (fixed-size records); checked, not assumed.
+    if n * rec <= r.remaining():
+        a = np.frombuffer(r.buf, dtype="<i4", count=n * rec // 4, offset=r.pos).reshape(n, rec // 4)
+        if np.all(a[:, 1] == 1):
+            r.take(n * rec, "cell metadata")
+            ext = a[:, 2:5].astype(np.int32) if has_ext else None
+            seqs = a[:, -1].astype(np.int32)
+            return Cells(a[:, 0].astype(np.int32), [seqs[i : i + 1] for i in range(n)], ext)
+    pos = np.empty(n, np.int32)
+    ext = np.empty((n, 3), np.int32) if has_ext else None
+    seq_ids = []
+    for i in range(n):
+        pos[i] = r.i32("cell position")
+        n_seq = r.u32("cell sequence count")
+        if n_seq > 1 << 16:
+            raise StateLayoutError(f"cell {i} claims {n_seq} sequences")
+        if has_ext:
+            ext[i] = np.frombuffer(r.take(CELL_EXT_BYTES, "cell ext"), "<i4")
+        seq_ids.append(np.frombuffer(r.take(4 * n_seq, "cell sequence ids"), "<i4").astype(np.int32))
+    return Cells(pos, seq_ids, ext)
+
+
+def parse_cells(data, n: int, has_ext: bool) -> Cells:
+    """Cell records on their own (as stored in a .nxkv cells section)."""
+    r = _Reader(data)
+    cells = _parse_cells(r, n, has_ext)
+    if r.remaining():
+        raise StateLayoutError(f"{r.remaining()} bytes after {n} cell records")
+    return cells
+
+
+def _parse_stream(r: _Reader, n_cells: int, has_ext: bool, layer_ids, sliding: bool) -> Stream:
+    cells = _parse_cells(r, n_cells, has_ext)
+    v_trans = r.u32("v_trans")
+    if v_trans not in (0, 1):
+        raise StateLayoutError(f"v_trans flag is {v_trans}, expected 0 or 1")
+    n_layer = r.u32("layer count")
+    if n_layer == 0 or n_layer > _MAX_LAYERS:
+        raise StateLayoutError(f"implausible layer count {n_layer}")
+    if layer_ids is not None and len(layer_ids) != n_layer:
+        layer_ids = None  # the model's layer map does not fit this cache: leave layers unnamed
+    ks = []
+    for il in range(n_layer):
+        t = ggml_type(r.i32("K type"))
+        row = r.u64("K row size")
+        if row == 0 or row % t.type_size:
+            raise StateLayoutError(f"K row of {row} bytes is not a whole number of {t.name} blocks")
+        ks.append((t, r.array(row * n_cells, "K rows").reshape(n_cells, row)))
+    layers = []
+    for il in range(n_layer):
+        t = ggml_type(r.i32("V type"))
+        if not v_trans:
+            row = r.u64("V row size")
+            if row == 0 or row % t.type_size:
+                raise StateLayoutError(f"V row of {row} bytes is not a whole number of {t.name} blocks")
+            v = r.array(row * n_cells, "V rows").reshape(n_cells, row)
+        else:
+            el = r.u32("V element size")
+            n_embd_v = r.u32("V channel count")
+            if t.block_size != 1 or el != t.type_size:
+                raise StateLayoutError(f"transposed V of type {t.name} with {el}-byte elements")
+            if n_embd_v == 0 or n_embd_v > 1 << 20:
+                raise StateLayoutError(f"implausible V width {n_embd_v}")
+            v = r.array(n_embd_v * n_cells * el, "V columns").reshape(n_embd_v, n_cells * el)
+        kt, k = ks[il]
+        layers.append(
+            LayerKV(il, None if layer_ids is None else int(layer_ids[il]), sliding, kt, k, t, v)
+        )
+    return Stream(cells, bool(v_trans), layers)
+
+
+def _parse_cache(r: _Reader, name: str, has_ext: bool, layer_ids, sliding: bool) -> Cache:
+    n_stream = r.u32("stream count")
+    if n_stream == 0 or n_stream > _MAX_STREAMS:
+        raise StateLayoutError(f"implausible stream count {n_stream}")
+    streams: list[Optional[Stream]] = []
+    for _ in range(n_stream):
+        n_cells = r.u32("cell count")
+        if n_cells == 0:
+            streams.append(None)
+            continue
+        if n_cells * 12 > r.remaining():
+            raise StateLayoutError(f"cell count {n_cells} does not fit in the remaining blob")
+        streams.append(_parse_stream(r, n_cells, has_ext, layer_ids, sliding))
+    return Cache(name, streams)
+
+
+def _parse_with(blob, layout: StateLayout, has_ext: bool, kind: str) -> LlamaState:
+    r = _Reader(blob)
+    arch = seq_id = None
+    if kind == "sequence":
+        magic = r.u32("magic")
+        if magic != SEQ_STATE_MAGIC:
+            raise StateLayoutError(f"not a sequence state (magic {magic:#x})")
+        seq_id = r.i32("sequence id")
+    else:
+        n = r.u32("arch length")
+        if n > 256:
+            raise StateLayoutError(f"implausible arch string length {n}")
+        arch = bytes(r.take(n, "arch")).decode("utf-8", errors="strict")
+    layers = layout.cache_layers or []
+    sliding = layout.cache_sliding or []
+    caches = []
+    while r.remaining() and len(caches) < 2:
+        i = len(caches)
+        lids = layers[i] if i < len(layers) else None
+        swa = sliding[i] if i < len(sliding) else (i == 1)
+        caches.append(_parse_cache(r, "kv", has_ext, lids, swa))
+    if r.remaining():
+        raise StateLayoutError(f"{r.remaining()} bytes left after the last cache")
+    if not caches:
+        raise StateLayoutError("the state holds no memory (no KV cache)")
+    if len(caches) == 2:
+        caches[0].name, caches[1].name = "base", "swa"
+    return LlamaState(kind, caches, arch, seq_id, has_ext)
+
+
+def parse_state(blob, kind: str = "context", layout: Optional[StateLayout] = None) -> LlamaState:
+    """Parse a blob from llama_state_get_data (kind="context") or llama_state_seq_get_data
+    (kind="sequence"). Raises StateLayoutError on anything it does not understand."""
+    if kind not in ("context", "sequence"):
+        raise ValueError(f"kind must be 'context' or 'sequence', not {kind!r}")
+    layout = layout or StateLayout()
+    tries = [layout.has_cell_ext] if layout.has_cell_ext is not None else [False, True]
+    err = None
+    for has_ext in tries:
+        try:
+            return _parse_with(blob, layout, has_ext, kind)
+        except StateLayoutError as e:
+            err = err or e
+    raise err
+
+
+def _emit_cache(out: list, cache: Cache) -> None:
+    out.append(struct.pack("<I", len(cache.streams)))
+    for s in cache.streams:
+        if s is None:
+            out.append(struct.pack("<I", 0))
+            continue
+        n = len(s.cells)
+        out.append(struct.pack("<I", n))
+        out.append(s.cells.to_bytes())
+        out.append(struct.pack("<II", int(s.v_trans), len(s.layers)))
+        for layer in s.layers:
+            if layer.k.shape[0] != n:
+                raise StateLayoutError("K rows and cells disagree")
+            out.append(struct.pack("<iQ", layer.k_type.id, layer.k.shape[1]))
+            out.append(np.ascontiguousarray(layer.k).data)
+        for layer in s.layers:
+            if not s.v_trans:
+                out.append(struct.pack("<iQ", layer.v_type.id, layer.v.shape[1]))
+            else:
+                el = layer.v_type.type_size
+                if layer.v.shape[1] != n * el:
+                    raise StateLayoutError("transposed V columns and cells disagree")
+                out.append(struct.pack("<iII", layer.v_type.id, el, layer.v.shape[0]))
+            out.append(np.ascontiguousarray(layer.v).data)
+
+
+def write_state(state: LlamaState) -> bytes:
+    """The exact bytes llama.cpp would have written for this state."""
+    out: list = []
+    if state.kind == "sequence":
+        out.append(struct.pack("<Ii", SEQ_STATE_MAGIC, state.seq_id))
+    else:
+        arch = (state.arch or "").encode()
+        out.append(struct.pack("<I", len(arch)))
+        out.append(arch)
+    for c in state.caches:
+        _emit_cache(out, c)
+    return b"".join(out)
+
+
+def check_supported_memory(is_recurrent: bool, is_hybrid: bool, arch: str = "") -> None:
+    if is_recurrent or is_hybrid:
+        what = "recurrent" if is_recurrent else "hybrid (attention + recurrent)"
+        raise UnsupportedModelError(
+            f"{arch or 'this model'} keeps a {what} memory; nexus-gguf stores attention KV caches only"
+        )

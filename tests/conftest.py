@@ -1,0 +1,61 @@
+"""Shared fixtures: the real SmolLM2-135M GGUF through real llama-cpp-python, a tiny random
+Gemma 3 GGUF for iSWA layouts, and helpers to read states and logits."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import llama_cpp  # noqa: E402
+
+from nexus_gguf.default_model import default_model_path  # noqa: E402
+from tiny_models import write_tiny_gemma3  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+THREADS = max(1, min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def gemma3_path(tmp_path_factory) -> str:
+    return write_tiny_gemma3(tmp_path_factory.mktemp("models") / "tiny-gemma3.gguf")
+
+
+@pytest.fixture(scope="session")
+def prompt_text() -> str:
+    with open(os.path.join(DATA, "prose.txt"), encoding="utf-8") as f:
+        return f.read()
+
+
+def open_llama(path: str, n_ctx: int = 512, **kw) -> llama_cpp.Llama:
+    return llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=THREADS, n_batch=256, verbose=False, **kw)
+
+
+def prompt_tokens(llm, text: str, n: int) -> list[int]:
+    toks = llm.tokenize(text.encode(), add_bos=True)
+    assert len(toks) >= n, "test text too short"
+    return toks[:n]
+
+
+def context_blob(llm) -> bytes:
+    ctx = llm._ctx.ctx
+    size = llama_cpp.llama_state_get_size(ctx)
+    buf = (ctypes.c_uint8 * size)()
+    n = llama_cpp.llama_state_get_data(ctx, buf, size)
+    assert 0 < n <= size
+    return ctypes.string_at(buf, n)
+
+
+def logits_now(llm) -> np.ndarray:
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()

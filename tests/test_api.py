@@ -1,0 +1,181 @@
+"""save_state / load_state / read_info end to end on the real model, and every way a bad file
+is refused without touching the Llama."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from conftest import logits_now, open_llama, prompt_tokens
+
+import nexus_gguf as ng
+from nexus_gguf import format as fmt
+from nexus_gguf import llama_bridge as bridge
+
+N_PROMPT = 40
+
+
+@pytest.fixture(scope="module")
+def saved(smollm2_path, prompt_text, tmp_path_factory):
+    """A prompt evaluated once; its raw llama-cpp-python state and its .nxkv file."""
+    llm = open_llama(smollm2_path, logits_all=True)
+    toks = prompt_tokens(llm, prompt_text, N_PROMPT)
+    llm.eval(toks)
+    path = tmp_path_factory.mktemp("states") / "prompt.nxkv"
+    report = ng.save_state(llm, path, preset="lossless")
+    return {"tokens": toks, "raw": llm.save_state(), "path": path, "report": report,
+            "last_logits": np.array(llm.scores[N_PROMPT - 1])}
+
+
+def test_report_and_info(saved):
+    r = saved["report"]
+    assert r.n_tokens == N_PROMPT and r.file_bytes == saved["path"].stat().st_size
+    assert r.raw_bytes > N_PROMPT * 30 * 2 * 384  # at least the f16 K and V rows of 30 layers
+    assert r.ratio == r.raw_bytes / r.file_bytes
+    assert set(r.seconds) == {"state_get", "encode", "write"}
+    info = ng.read_info(saved["path"], verify=True)
+    assert info["prompt"]["n_tokens"] == N_PROMPT
+    assert info["model"]["arch"] == "llama" and info["model"]["n_layer"] == 30
+    assert info["pipeline"]["preset"] == "lossless"
+    assert info["file_bytes"] == r.file_bytes and info["verified"]
+    assert info["raw"]["bytes"] == r.raw_bytes
+
+
+def test_lossless_continuation_is_bit_identical(smollm2_path, saved):
+    cont = [1, 504, 2443, 314, 253, 1435, 30, 486]  # arbitrary token ids as the continuation
+    ref = open_llama(smollm2_path, logits_all=True)
+    ref.load_state(saved["raw"])  # the restore of the raw llama.cpp state is the reference
+    ref.eval(cont)
+    llm = open_llama(smollm2_path, logits_all=True)
+    report = ng.load_state(llm, saved["path"])
+    assert report.exact and report.n_tokens == N_PROMPT
+    assert llm.n_tokens == N_PROMPT and list(llm.input_ids[:N_PROMPT]) == saved["tokens"]
+    assert np.array_equal(llm.scores[N_PROMPT - 1], saved["last_logits"])  # stored logits put back
+    llm.eval(cont)
+    n = N_PROMPT + len(cont)
+    assert np.array_equal(llm.scores[N_PROMPT:n], ref.scores[N_PROMPT:n])
+
+
+def test_cli_generate_matches_direct_prompt(smollm2_path, saved, capsys):
+    from nexus_gguf.cli import main
+
+    direct = open_llama(smollm2_path)
+    want = direct.create_completion(prompt=saved["tokens"], max_tokens=16, temperature=0)["choices"][0]["text"]
+    assert main(["generate", smollm2_path, str(saved["path"]), "-n", "16", "--threads", "2"]) == 0
+    got = capsys.readouterr().out
+    assert got == want + "\n" and len(want) > 0
+
+
+def _busy_llama(path, prompt):
+    """A Llama holding another prompt, with the logits it gives for a fixed next token."""
+    llm = open_llama(path)
+    llm.eval(prompt)
+    raw = llm.save_state()
+    llm.eval([42])
+    expect = logits_now(llm)
+    llm.load_state(raw)
+    return llm, expect
+
+
+def _assert_untouched(llm, prompt, expect):
+    assert llm.n_tokens == len(prompt) and list(llm.input_ids[: len(prompt)]) == prompt
+    llm.eval([42])
+    assert np.array_equal(logits_now(llm), expect)
+
+
+def test_damaged_files_never_touch_the_llama(smollm2_path, saved, tmp_path):
+    data = saved["path"].read_bytes()
+    other = [1, 9, 8, 7, 6, 5]
+    llm, expect = _busy_llama(smollm2_path, other)
+    header_end = 20 + struct.unpack_from("<Q", data, 12)[0] + 4
+    positions = sorted(set(range(0, header_end, max(1, header_end // 40))) | set(range(header_end, len(data), max(1, len(data) // 60))) | {len(data) - 1})
+    bad = tmp_path / "bad.nxkv"
+    for i in positions:
+        d = bytearray(data)
+        d[i] ^= 0x10
+        bad.write_bytes(bytes(d))
+        with pytest.raises(ng.FormatError):
+            ng.load_state(llm, bad)
+    for n in (0, 7, 20, header_end - 1, header_end + 10, len(data) // 2, len(data) - 1):
+        bad.write_bytes(data[:n])
+        with pytest.raises(ng.FormatError):
+            ng.load_state(llm, bad)
+    _assert_untouched(llm, other, expect)
+
+
+def test_newer_format_version(smollm2_path, saved, tmp_path):
+    d = bytearray(saved["path"].read_bytes())
+    d[8:12] = struct.pack("<I", fmt.FORMAT_VERSION + 1)
+    (tmp_path / "v.nxkv").write_bytes(bytes(d))
+    llm, expect = _busy_llama(smollm2_path, [1, 2, 3])
+    with pytest.raises(ng.UnsupportedVersionError):
+        ng.load_state(llm, tmp_path / "v.nxkv")
+    _assert_untouched(llm, [1, 2, 3], expect)
+
+
+def test_file_from_another_model(smollm2_path, gemma3_path, saved, tmp_path):
+    g = open_llama(gemma3_path, n_ctx=128)
+    g.eval(g.tokenize(b"hello there", add_bos=False))
+    ng.save_state(g, tmp_path / "g.nxkv")
+    llm, expect = _busy_llama(smollm2_path, [1, 2, 3])
+    with pytest.raises(ng.ModelMismatchError, match="tiny-gemma3"):
+        ng.load_state(llm, tmp_path / "g.nxkv")
+    _assert_untouched(llm, [1, 2, 3], expect)
+    with pytest.raises(ng.ModelMismatchError):
+        ng.load_state(g, saved["path"])
+
+
+def test_incompatible_context_is_refused_before_llama(smollm2_path, saved):
+    small = open_llama(smollm2_path, n_ctx=32)
+    with pytest.raises(ng.RestoreError, match="n_ctx"):
+        ng.load_state(small, saved["path"])
+    q8 = open_llama(smollm2_path, flash_attn=True, type_k=8, type_v=8)
+    with pytest.raises(ng.RestoreError, match="type_k"):
+        ng.load_state(q8, saved["path"])
+    fa = open_llama(smollm2_path, flash_attn=True)
+    with pytest.raises(ng.RestoreError, match="flash_attn=False"):
+        ng.load_state(fa, saved["path"])
+
+
+def test_llama_refusal_rolls_back(smollm2_path, saved, monkeypatch):
+    # Skip our own pre-check so that llama.cpp itself refuses (V transposition differs): the
+    # Llama must come back as it was.
+    monkeypatch.setattr(bridge, "require_restorable", lambda llm, header: None)
+    llm, expect = _busy_llama(smollm2_path, [1, 2, 3, 4])
+    llm2 = open_llama(smollm2_path, flash_attn=True)
+    llm2.eval([1, 2, 3, 4])
+    raw = llm2.save_state()
+    llm2.eval([42])
+    expect2 = logits_now(llm2)
+    llm2.load_state(raw)
+    with pytest.raises(ng.RestoreError, match="left as before"):
+        ng.load_state(llm2, saved["path"])
+    _assert_untouched(llm2, [1, 2, 3, 4], expect2)
+
+
+def test_iswa_lossless_restore(gemma3_path, tmp_path):
+    toks = open_llama(gemma3_path, n_ctx=256).tokenize(b"sliding windows keep only the recent cells. " * 3, add_bos=False)
+    a = open_llama(gemma3_path, n_ctx=256, swa_full=False)
+    a.eval(toks)
+    ng.save_state(a, tmp_path / "g.nxkv")
+    a.eval([65, 66])
+    want = logits_now(a)
+    b = open_llama(gemma3_path, n_ctx=256, swa_full=False)
+    assert ng.load_state(b, tmp_path / "g.nxkv").exact
+    b.eval([65, 66])
+    assert np.array_equal(logits_now(b), want)
+
+
+def test_presets_and_overrides(smollm2_path, tmp_path):
+    llm = open_llama(smollm2_path)
+    with pytest.raises(ng.NxkvError, match="no evaluated tokens"):
+        ng.save_state(llm, tmp_path / "x.nxkv")
+    llm.eval([1, 2, 3])
+    with pytest.raises(ng.ConfigError, match="unknown preset 'high'"):
+        ng.save_state(llm, tmp_path / "x.nxkv", preset="high")
+    with pytest.raises(ng.ConfigError, match="no option"):
+        ng.save_state(llm, tmp_path / "x.nxkv", zstd_window=3)
+    r = ng.save_state(llm, tmp_path / "x.nxkv", zstd_level=19)
+    assert ng.read_info(tmp_path / "x.nxkv")["pipeline"]["stages"][-1] == {"id": "zstd", "level": 19}
+    assert r.n_tokens == 3

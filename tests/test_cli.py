@@ -1,0 +1,51 @@
+"""The nexus-gguf command line, run in-process through cli.main."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nexus_gguf.cli import main
+
+
+@pytest.fixture(scope="module")
+def short_prompt(tmp_path_factory, prompt_text):
+    p = tmp_path_factory.mktemp("cli") / "prompt.txt"
+    p.write_text(prompt_text[:300], encoding="utf-8")
+    return p
+
+
+def test_save_state_then_info(smollm2_path, short_prompt, capsys):
+    assert main(["save-state", smollm2_path, str(short_prompt), "--threads", "2"]) == 0
+    out_file = short_prompt.with_suffix(".nxkv")
+    assert out_file.exists()
+    line = capsys.readouterr().out.strip()
+    assert "tokens" in line and "lossless" in line and "x," in line
+    assert main(["info", str(out_file), "--json", "--verify"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["verified"] and info["model"]["file_name"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert main(["info", str(out_file)]) == 0
+    assert "pipeline   lossless: byteplane -> zstd" in capsys.readouterr().out
+
+
+def test_generate_with_appended_prompt(smollm2_path, short_prompt, capsys):
+    out_file = short_prompt.with_suffix(".nxkv")
+    if not out_file.exists():
+        assert main(["save-state", smollm2_path, str(short_prompt), "--threads", "2"]) == 0
+    capsys.readouterr()
+    assert main(["generate", smollm2_path, str(out_file), "--prompt", " The keeper", "-n", "8", "--threads", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "restored" in captured.err
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.nxkv"
+    bad.write_bytes(b"not a state file at all, just text")
+    assert main(["info", str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nexus-gguf: error:") and "magic" in err[0]
+    assert main(["save-state", str(tmp_path / "missing.gguf"), str(bad)]) == 1
+    assert "no such model file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["save-state", "m.gguf", "p.txt", "--preset", "high"])  # not a preset yet

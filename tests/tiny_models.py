@@ -1,0 +1,77 @@
+"""Tiny random-weight GGUF models written with the gguf package, for layouts SmolLM2 does not
+have (iSWA). Byte-level BPE vocabulary of 256 tokens plus an end-of-text token."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _byte_level_tokens() -> list[str]:
+    # GPT-2's bytes_to_unicode: every byte gets a printable character
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def write_tiny_gemma3(path, n_layer: int = 6, n_embd: int = 64, n_head: int = 2, n_head_kv: int = 1,
+                      head_dim: int = 32, n_ff: int = 128, sliding_window: int = 8, seed: int = 0) -> str:
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    tokens = _byte_level_tokens() + ["he", "<|endoftext|>"]
+    n_vocab = len(tokens)
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_context_length(1024)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_sliding_window(sliding_window)
+    w.add_rope_freq_base(1_000_000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * 257 + [3])
+    w.add_token_merges(["h e"])  # the reader needs at least one merge
+    w.add_eos_token_id(n_vocab - 1)
+    w.add_bos_token_id(n_vocab - 1)
+    w.add_add_bos_token(False)
+
+    def t(name, *shape, scale=0.05):
+        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+
+    def ones(name, n):
+        w.add_tensor(name, np.ones(n, np.float32))
+
+    t("token_embd.weight", n_vocab, n_embd, scale=1.0)
+    ones("output_norm.weight", n_embd)
+    for i in range(n_layer):
+        ones(f"blk.{i}.attn_norm.weight", n_embd)
+        t(f"blk.{i}.attn_q.weight", n_head * head_dim, n_embd)
+        t(f"blk.{i}.attn_k.weight", n_head_kv * head_dim, n_embd)
+        t(f"blk.{i}.attn_v.weight", n_head_kv * head_dim, n_embd)
+        t(f"blk.{i}.attn_output.weight", n_embd, n_head * head_dim)
+        ones(f"blk.{i}.post_attention_norm.weight", n_embd)
+        ones(f"blk.{i}.attn_k_norm.weight", head_dim)
+        ones(f"blk.{i}.attn_q_norm.weight", head_dim)
+        ones(f"blk.{i}.ffn_norm.weight", n_embd)
+        t(f"blk.{i}.ffn_gate.weight", n_ff, n_embd)
+        t(f"blk.{i}.ffn_up.weight", n_ff, n_embd)
+        t(f"blk.{i}.ffn_down.weight", n_embd, n_ff)
+        ones(f"blk.{i}.post_ffw_norm.weight", n_embd)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
