@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -157,7 +158,9 @@ def cmd_demo(args) -> int:
     llm = _open_llama(model, 2048, args.threads)
     tokens = _tokenize(llm, text, add_bos=True)
     print(f"model: {os.path.basename(model)}; prompt: {len(tokens)} tokens of the bundled demo text")
+    t0 = time.perf_counter()
     prefill(llm, tokens, Progress("prefill", "tok", enabled=True))
+    prefill_s = time.perf_counter() - t0
     report = save_state(llm, out, preset=args.preset)
     print(report.summary())
     print("\n--- continuation after reading the prompt directly ---")
@@ -166,7 +169,8 @@ def cmd_demo(args) -> int:
     lr = load_state(llm2, out)
     print(f"\n--- continuation after restoring {out} ({lr.file_bytes:,} B, {sum(lr.seconds.values()):.2f}s) ---")
     restored = continue_restored(llm2, lr, [], args.n, 0.0)
-    print(f"\nsame text: {direct == restored}")
+    load_s = sum(lr.seconds.values())
+    print(f"\nsame text: {direct == restored}; load {load_s:.2f}s vs prefill {prefill_s:.2f}s ({prefill_s / load_s:.0f}x faster)")
     return 0
 
 

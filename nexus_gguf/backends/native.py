@@ -69,21 +69,22 @@ def load():
     return ffi, lib
 
 
-def _ptr(ffi, a: np.ndarray):
-    return ffi.from_buffer("uint8_t[]", a, require_writable=False)
+def _byteplane(fn_name: str, src: np.ndarray, element_size: int) -> np.ndarray:
+    ffi, lib = load()
+    src = np.ascontiguousarray(src, dtype=np.uint8).reshape(-1)
+    dst = np.empty_like(src)
+    getattr(lib, fn_name)(
+        ffi.from_buffer("uint8_t[]", src, require_writable=False),
+        ffi.from_buffer("uint8_t[]", dst),
+        src.size // element_size,
+        element_size,
+    )
+    return dst
 
 
 def byteplane_split(src: np.ndarray, element_size: int) -> np.ndarray:
-    ffi, lib = load()
-    src = np.ascontiguousarray(src, dtype=np.uint8).reshape(-1)
-    dst = np.empty_like(src)
-    lib.nxkv_byteplane_split(_ptr(ffi, src), ffi.from_buffer("uint8_t[]", dst), src.size // element_size, element_size)
-    return dst
+    return _byteplane("nxkv_byteplane_split", src, element_size)
 
 
 def byteplane_merge(src: np.ndarray, element_size: int) -> np.ndarray:
-    ffi, lib = load()
-    src = np.ascontiguousarray(src, dtype=np.uint8).reshape(-1)
-    dst = np.empty_like(src)
-    lib.nxkv_byteplane_merge(_ptr(ffi, src), ffi.from_buffer("uint8_t[]", dst), src.size // element_size, element_size)
-    return dst
+    return _byteplane("nxkv_byteplane_merge", src, element_size)
