@@ -21,8 +21,8 @@ Arrays are views into the blob where possible (no copies on parse).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
