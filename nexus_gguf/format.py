@@ -103,6 +103,7 @@ class NxkvFile:
         self.source = source
         self._buf = memoryview(buf).cast("B")
         self.header, self.sections, self._data_start = _parse(self._buf, source)
+        self._verified: set[str] = set()  # sections whose CRC was already checked
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "NxkvFile":
@@ -123,8 +124,10 @@ class NxkvFile:
         except KeyError:
             raise FormatError(f"{self.source}: no section {name!r}") from None
         data = self._buf[self._data_start + s.offset : self._data_start + s.offset + s.length]
-        if crc32(data) != s.crc32:
-            raise ChecksumError(f"{self.source}: section {name!r} is damaged (CRC mismatch)")
+        if name not in self._verified:
+            if crc32(data) != s.crc32:
+                raise ChecksumError(f"{self.source}: section {name!r} is damaged (CRC mismatch)")
+            self._verified.add(name)
         return data
 
     def verify(self) -> None:
