@@ -12,7 +12,7 @@ import numpy as np
 
 from . import llama_bridge as bridge
 from .errors import ChecksumError, FormatError, ModelMismatchError, NxkvError, RestoreError
-from .format import NxkvFile, crc32, pack, write_atomic
+from .format import NxkvFile, crc32, pack, read_header, write_atomic
 from .llama_state import parse_state, write_state
 from .pipeline import DEFAULT_PRESET, Pipeline, build_pipeline
 from .state_file import decode_logits, decode_state, decode_tokens, encode_logits, encode_state, encode_tokens
@@ -137,9 +137,9 @@ def load_state(llm, path) -> LoadReport:
         if header.get("logits"):
             logits = decode_logits(f.section("logits"), int(header["logits"]["n_vocab"]))
         state = decode_state(header["state"], pipeline, f.section, int(raw["bytes"]))
+    except NxkvError:
+        raise
     except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, NxkvError):
-            raise
         raise FormatError(f"{f.source}: malformed header: {e!r}") from None
     blob = write_state(state)
     exact = crc32(blob) == raw["crc32"] and len(blob) == raw["bytes"]
@@ -164,14 +164,17 @@ def _restore_or_roll_back(llm, blob: bytes, source: str) -> None:
 
 
 def read_info(path, verify: bool = False) -> dict[str, Any]:
-    """The header of a .nxkv file plus its sizes. With verify=True every section's checksum is
-    checked too (the header's own checksum always is)."""
-    f = NxkvFile.open(path)
+    """The header of a .nxkv file plus its sizes, reading only the header unless verify=True,
+    which checks every section's checksum too (the header's own checksum always is)."""
     if verify:
+        f = NxkvFile.open(path)
         f.verify()
-    info = dict(f.header)
-    info["file_bytes"] = f.file_bytes
-    info["ratio"] = info["raw"]["bytes"] / f.file_bytes
-    info["sections"] = {name: s.length for name, s in f.sections.items()}
+        header, sections, file_bytes = f.header, f.sections, f.file_bytes
+    else:
+        header, sections, file_bytes = read_header(path)
+    info = dict(header)
+    info["file_bytes"] = file_bytes
+    info["ratio"] = info["raw"]["bytes"] / file_bytes
+    info["sections"] = {name: s.length for name, s in sections.items()}
     info["verified"] = verify
     return info

@@ -167,9 +167,9 @@ def cmd_demo(args) -> int:
     direct = _generate(llm, tokens, args.n, 0.0)
     llm2 = _open_llama(model, 2048, args.threads)
     lr = load_state(llm2, out)
-    print(f"\n--- continuation after restoring {out} ({lr.file_bytes:,} B, {sum(lr.seconds.values()):.2f}s) ---")
-    restored = continue_restored(llm2, lr, [], args.n, 0.0)
     load_s = sum(lr.seconds.values())
+    print(f"\n--- continuation after restoring {out} ({lr.file_bytes:,} B, {load_s:.2f}s) ---")
+    restored = continue_restored(llm2, lr, [], args.n, 0.0)
     print(f"\nsame text: {direct == restored}; load {load_s:.2f}s vs prefill {prefill_s:.2f}s ({prefill_s / load_s:.0f}x faster)")
     return 0
 

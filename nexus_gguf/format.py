@@ -135,7 +135,25 @@ class NxkvFile:
             self.section(name)
 
 
-def _parse(buf: memoryview, source: str):
+def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Section], int]:
+    """(header, section table, file size) of a .nxkv file, reading only its header bytes.
+    The same checks as NxkvFile apply, except that section CRCs are not checked."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prelude = f.read(_PRELUDE.size)
+        n = 0
+        if len(prelude) == _PRELUDE.size:
+            n = _PRELUDE.unpack(prelude)[2]
+            n = n + 4 if n <= min(MAX_HEADER_BYTES, size) else 0  # _parse reports a bad length
+        buf = memoryview(prelude + f.read(n))
+    header, sections, _ = _parse(buf, path, size)
+    return header, sections, size
+
+
+def _parse(buf: memoryview, source: str, total: int | None = None):
+    """Parse the header in buf; `total` is the file's size when buf holds only its start."""
+    total = len(buf) if total is None else total
     if len(buf) < _PRELUDE.size:
         raise FormatError(f"{source}: {len(buf)} bytes is too short for a .nxkv file")
     magic, version, header_len = _PRELUDE.unpack_from(buf, 0)
@@ -162,7 +180,7 @@ def _parse(buf: memoryview, source: str):
     if not isinstance(header, dict) or not isinstance(header.get("sections"), list):
         raise FormatError(f"{source}: header has no section table")
     data_start = end + 4
-    data_len = len(buf) - data_start
+    data_len = total - data_start
     sections: dict[str, Section] = {}
     expected = 0
     for i, s in enumerate(header.pop("sections")):
