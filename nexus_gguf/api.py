@@ -11,7 +11,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import llama_bridge as bridge
-from .errors import ChecksumError, FormatError, ModelMismatchError, NxkvError, RestoreError
+from .errors import ChecksumError, ConfigError, FormatError, ModelMismatchError, NxkvError, RestoreError
 from .format import NxkvFile, crc32, pack, read_header, write_atomic
 from .llama_state import parse_state, write_state
 from .pipeline import DEFAULT_PRESET, Pipeline, build_pipeline
@@ -66,11 +66,17 @@ class _Timer:
         self._t = now
 
 
-def save_state(llm, path, preset: str = DEFAULT_PRESET, **stage_overrides: Any) -> SaveReport:
+def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, **stage_overrides: Any) -> SaveReport:
     """Store the prompt state of `llm` (sequence 0: its KV cache, prompt tokens and last
     logits) in the .nxkv file `path`, written atomically. Options of the preset's stages are
-    overridden as `<stage>_<option>=value`, e.g. zstd_level=19."""
-    pipeline = build_pipeline(preset, **stage_overrides)
+    overridden as `<stage>_<option>=value`, e.g. zstd_level=19; `preset` may also be a
+    Pipeline built by hand (then without overrides)."""
+    if isinstance(preset, Pipeline):
+        if stage_overrides:
+            raise ConfigError("stage options go into the Pipeline itself when one is given")
+        pipeline = preset
+    else:
+        pipeline = build_pipeline(preset, **stage_overrides)
     timer = _Timer()
     facts = bridge.model_facts(llm)
     n_tokens = int(llm.n_tokens)
@@ -104,7 +110,7 @@ def save_state(llm, path, preset: str = DEFAULT_PRESET, **stage_overrides: Any) 
     }
     file_bytes = write_atomic(path, pack(header, sections))
     timer.lap("write")
-    return SaveReport(os.fspath(path), preset, n_tokens, len(blob), file_bytes, timer.seconds)
+    return SaveReport(os.fspath(path), pipeline.preset or "custom", n_tokens, len(blob), file_bytes, timer.seconds)
 
 
 def _check_model(header: dict, facts, source: str) -> None:

@@ -1,4 +1,4 @@
-"""The `nexus-gguf` command line: save-state, generate, info, demo."""
+"""The `nexus-gguf` command line: save-state, generate, info, eval, demo."""
 
 from __future__ import annotations
 
@@ -174,6 +174,46 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _list(value: str, typ=str) -> list:
+    try:
+        return [typ(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise NxkvError(f"{value!r} is not a comma-separated list of {typ.__name__}") from None
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import context_needed, evaluate
+    from .pipeline import PRESETS
+    from .report import pareto_plot, text_table
+
+    text = Path(args.text_file).read_text(encoding="utf-8")
+    prefixes = _list(args.prefix_tokens, int)
+    presets = _list(args.presets) if args.presets is not None else list(PRESETS)
+    llm = _open_llama(args.model, max(args.n_ctx or 0, context_needed(prefixes, args.eval_tokens)), args.threads, args.n_gpu_layers)
+    rows = evaluate(
+        llm,
+        text,
+        text_name=Path(args.text_file).stem,
+        presets=presets,
+        prefix_tokens=prefixes,
+        eval_tokens=args.eval_tokens,
+        baselines=not args.no_baselines,
+        ablate=_list(args.ablate) if args.ablate else [],
+        recall_trials=args.recall_trials,
+        seed=args.seed,
+        progress_factory=lambda label: Progress(label, "tok"),
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    print(text_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+        print(f"rows written to {args.json}", file=sys.stderr)
+    if args.plot:
+        pareto_plot(rows, args.plot, f"{os.path.basename(args.model)}, {Path(args.text_file).name}")
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .pipeline import DEFAULT_PRESET, PRESETS
 
@@ -209,6 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.add_argument("--verify", action="store_true", help="check every section's checksum")
     i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("eval", help="measure size, quality and speed of every preset against llama.cpp's own options")
+    e.add_argument("model")
+    e.add_argument("text_file", help="the text whose prefixes are stored and continued")
+    e.add_argument("--presets", help=f"comma-separated presets (default: all: {','.join(PRESETS)})")
+    e.add_argument("--prefix-tokens", default="1024", help="comma-separated prefix lengths (default 1024)")
+    e.add_argument("--eval-tokens", type=int, default=256, help="continuation tokens compared (default 256)")
+    e.add_argument("--ablate", help="comma-separated presets to re-run with each stage left out in turn")
+    e.add_argument("--no-baselines", action="store_true", help="only the raw state, no zstd / Q8_0 / Q5_0 / Q4_0 rows")
+    e.add_argument("--recall-trials", type=int, default=4, help="pass-key documents per prefix (0: skip)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the pass-key positions and keys")
+    e.add_argument("--json", metavar="OUT", help="write the rows as JSON")
+    e.add_argument("--plot", metavar="OUT.png", help="write the Pareto plot (needs matplotlib)")
+    common(e)
+    e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="save the bundled prompt with the default model and generate from it")
     d.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")

@@ -198,6 +198,25 @@ def prefill(llm, tokens: Sequence[int], progress: Optional[Callable[[int, int], 
             progress(min(i + step, len(tokens)), len(tokens))
 
 
+def eval_logits(llm, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+    """Decode `tokens` into sequence 0 at positions start_pos, start_pos + 1, ... and return
+    the next-token logits after each, float32 [len(tokens), n_vocab]. Low level: the Llama's
+    own bookkeeping (n_tokens, input_ids) is not updated; callers clear the sequence after."""
+    import llama_cpp
+
+    tokens = list(tokens)
+    n_vocab = int(llm.n_vocab())
+    out = np.empty((len(tokens), n_vocab), np.float32)
+    step = max(1, int(llm.n_batch))
+    for i in range(0, len(tokens), step):
+        chunk = tokens[i : i + step]
+        llm._batch.set_batch(chunk, n_past=start_pos + i, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        ptr = llama_cpp.llama_get_logits(llm._ctx.ctx)
+        out[i : i + len(chunk)] = np.ctypeslib.as_array(ptr, shape=(len(chunk), n_vocab))
+    return out
+
+
 def software_versions() -> dict[str, str]:
     import llama_cpp
 

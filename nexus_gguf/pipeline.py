@@ -68,3 +68,12 @@ def build_pipeline(preset: str = DEFAULT_PRESET, **overrides: Any) -> Pipeline:
 
 def meta_pipeline() -> Pipeline:
     return Pipeline([stage_from_config(c) for c in META_STAGES], None)
+
+
+def ablations(preset: str) -> list[Pipeline]:
+    """The preset once per stage, with that stage left out (named `<preset>-no-<stage>`)."""
+    full = build_pipeline(preset)
+    return [
+        Pipeline(full.stages[:i] + full.stages[i + 1 :], f"{preset}-no-{s.stage_id}")
+        for i, s in enumerate(full.stages)
+    ]

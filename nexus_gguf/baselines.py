@@ -1,0 +1,136 @@
+"""What a user could store instead of a .nxkv file, measured in the same eval run: the raw
+llama.cpp state, zstd of it, and the state as llama.cpp writes it from a quantized cache (Q8_0,
+Q5_0, Q4_0 rows), with or without the Hadamard rotation llama.cpp applies to quantized caches.
+
+Each baseline turns a raw sequence-state blob into the bytes it would store, and those bytes back
+into a blob the context can take (here: the context's own f16/f32 cache types)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import zstandard
+
+from .backends.reference import hadamard_blocks
+from .cache_values import layer_values, with_values
+from .ggml_types import ggml_type_by_name
+from .llama_state import Cache, LlamaState, StateLayout, Stream, parse_state, write_state
+
+ZSTD_LEVEL = 3
+
+
+def llama_rotation_blocks(head_dim: int, kind: str) -> int:
+    """The Hadamard block llama.cpp uses for a quantized cache (llama-kv-cache.cpp
+    build_input_k_rot / build_input_v_rot), or 0 where it does not rotate: K takes the largest
+    power of two >= 64 dividing the head size, V always 64; head sizes not divisible by 64 are
+    left alone."""
+    if head_dim <= 0 or head_dim % 64:
+        return 0
+    if kind == "v":
+        return 64
+    n = 64
+    while head_dim % (2 * n) == 0:
+        n *= 2
+    return n
+
+
+@dataclass(frozen=True)
+class Baseline:
+    name: str
+    lossless: bool
+
+    def encode(self, blob: bytes, layout: StateLayout) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, stored: bytes, original: LlamaState, layout: StateLayout) -> bytes:
+        raise NotImplementedError
+
+
+class RawBaseline(Baseline):
+    def encode(self, blob, layout):
+        return blob
+
+    def decode(self, stored, original, layout):
+        return stored
+
+
+class ZstdBaseline(Baseline):
+    def encode(self, blob, layout):
+        return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(blob)
+
+    def decode(self, stored, original, layout):
+        return zstandard.ZstdDecompressor().decompress(stored)
+
+
+@dataclass(frozen=True)
+class GgmlRowsBaseline(Baseline):
+    """The blob llama.cpp itself writes for a cache of `cache_type` (with flash attention, so V
+    is stored by rows), optionally rotated as llama.cpp rotates quantized caches."""
+
+    cache_type: str = "q8_0"
+    hadamard: bool = False
+    head_dim_k: int = 0
+    head_dim_v: int = 0
+
+    def _rotate(self, x: np.ndarray, kind: str) -> np.ndarray:
+        block = llama_rotation_blocks(self.head_dim_k if kind == "k" else self.head_dim_v, kind)
+        return hadamard_blocks(x, block) if self.hadamard and block else x
+
+    def encode(self, blob, layout):
+        t = ggml_type_by_name(self.cache_type)
+
+        def quantize(key, layer, v_trans):
+            k = self._rotate(layer_values(layer, "k", v_trans), "k")
+            v = self._rotate(layer_values(layer, "v", v_trans), "v")
+            return with_values(layer, False, k, v, t, t), False
+
+        return write_state(_map_layers(parse_state(blob, "sequence", layout), quantize))
+
+    def decode(self, stored, original, layout):
+        types = {key: (layer.k_type, layer.v_type, v_trans) for key, layer, v_trans in _layers(original)}
+
+        def restore(key, layer, _):
+            k_type, v_type, v_trans = types[key]
+            k = self._rotate(layer_values(layer, "k", False), "k")  # the rotation is its own inverse
+            v = self._rotate(layer_values(layer, "v", False), "v")
+            return with_values(layer, v_trans, k, v, k_type, v_type), v_trans
+
+        return write_state(_map_layers(parse_state(stored, "sequence", layout), restore))
+
+
+def _layers(state: LlamaState):
+    """((cache name, stream index, cache layer), layer, v_trans) for every stored layer."""
+    for c in state.caches:
+        for si, s in enumerate(c.streams):
+            if s is not None:
+                for layer in s.layers:
+                    yield (c.name, si, layer.cache_layer), layer, s.v_trans
+
+
+def _map_layers(state: LlamaState, fn) -> LlamaState:
+    """A copy of `state` with every layer replaced by fn(key, layer, v_trans) -> (layer, v_trans)."""
+    caches = []
+    for c in state.caches:
+        streams = []
+        for si, s in enumerate(c.streams):
+            if s is None:
+                streams.append(None)
+                continue
+            mapped = [fn((c.name, si, layer.cache_layer), layer, s.v_trans) for layer in s.layers]
+            v_trans = mapped[0][1] if mapped else s.v_trans
+            streams.append(Stream(s.cells, v_trans, [m[0] for m in mapped]))
+        caches.append(Cache(c.name, streams))
+    return replace(state, caches=caches)
+
+
+def default_baselines(head_dim_k: int, head_dim_v: int) -> list[Baseline]:
+    """raw, zstd, then q8_0 / q5_0 / q4_0 rows each plain and rotated."""
+    out: list[Baseline] = [RawBaseline("raw", True), ZstdBaseline("zstd", True)]
+    for t in ("q8_0", "q5_0", "q4_0"):
+        for rot in (False, True):
+            out.append(GgmlRowsBaseline(t + ("+hadamard" if rot else ""), False, t, rot, head_dim_k, head_dim_v))
+    return out
+
+
+BASELINE_NAMES = [b.name for b in default_baselines(64, 64)]
