@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -15,7 +15,8 @@ from .errors import ChecksumError, ConfigError, FormatError, ModelMismatchError,
 from .format import NxkvFile, crc32, pack, read_header, write_atomic
 from .llama_state import parse_state, write_state
 from .pipeline import DEFAULT_PRESET, Pipeline, build_pipeline
-from .state_file import decode_logits, decode_state, decode_tokens, encode_logits, encode_state, encode_tokens
+from .stages import ModelBinding
+from .state_file import decode_logits, decode_state, decode_tokens, encode_logits, encode_state, encode_tokens, value_dims
 
 
 @dataclass
@@ -66,19 +67,22 @@ class _Timer:
         self._t = now
 
 
-def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, **stage_overrides: Any) -> SaveReport:
+def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequence[str] = (),
+               **stage_overrides: Any) -> SaveReport:
     """Store the prompt state of `llm` (sequence 0: its KV cache, prompt tokens and last
-    logits) in the .nxkv file `path`, written atomically. Options of the preset's stages are
-    overridden as `<stage>_<option>=value`, e.g. zstd_level=19; `preset` may also be a
-    Pipeline built by hand (then without overrides)."""
+    logits) in the .nxkv file `path`, written atomically. Stages named in `without` are left
+    out of the preset and options overridden as `<stage>_<option>=value`, e.g.
+    lattice_k_bits=4 or zstd_level=19; `preset` may also be a Pipeline built by hand (then
+    without either)."""
     if isinstance(preset, Pipeline):
-        if stage_overrides:
+        if stage_overrides or without:
             raise ConfigError("stage options go into the Pipeline itself when one is given")
         pipeline = preset
     else:
-        pipeline = build_pipeline(preset, **stage_overrides)
+        pipeline = build_pipeline(preset, without, **stage_overrides)
     timer = _Timer()
     facts = bridge.model_facts(llm)
+    pipeline = pipeline.bind(ModelBinding(facts, bridge.context_facts(llm, rope=True)))
     n_tokens = int(llm.n_tokens)
     if n_tokens == 0:
         raise NxkvError("the Llama has no evaluated tokens: evaluate the prompt first (llm.eval(tokens))")
@@ -92,10 +96,12 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, **stage_overr
             f"the Llama reports {n_tokens} evaluated tokens but its KV cache holds positions up to {state.n_pos - 1}; "
             "save right after evaluating the prompt"
         )
-    layout, sections = encode_state(state, pipeline)
+    layout, sections = encode_state(state, pipeline, value_dims(facts.n_embd_head_k, facts.n_embd_head_v))
     sections.insert(0, ("tokens", encode_tokens(tokens)))
+    # a lossy state cannot reproduce the prompt's logits to the last bit anyway; f16 halves them
+    logits_dtype = "f32" if pipeline.lossless else "f16"
     if logits is not None:
-        sections.insert(1, ("logits", encode_logits(logits)))
+        sections.insert(1, ("logits", encode_logits(logits, logits_dtype)))
     timer.lap("encode")
     header = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -103,7 +109,7 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, **stage_overr
         "model": facts.to_json(),
         "context": bridge.context_facts(llm),
         "prompt": {"n_tokens": n_tokens, "n_pos": state.n_pos, "n_ctx_required": state.n_pos},
-        "logits": None if logits is None else {"dtype": "f32", "n_vocab": int(logits.shape[0])},
+        "logits": None if logits is None else {"dtype": logits_dtype, "n_vocab": int(logits.shape[0])},
         "pipeline": pipeline.get_config(),
         "raw": {"bytes": len(blob), "crc32": crc32(blob), "kind": "sequence"},
         "state": layout,
@@ -141,7 +147,7 @@ def load_state(llm, path) -> LoadReport:
         tokens = decode_tokens(f.section("tokens"), n_tokens)
         logits = None
         if header.get("logits"):
-            logits = decode_logits(f.section("logits"), int(header["logits"]["n_vocab"]))
+            logits = decode_logits(f.section("logits"), int(header["logits"]["n_vocab"]), header["logits"]["dtype"])
         state = decode_state(header["state"], pipeline, f.section, int(raw["bytes"]))
     except NxkvError:
         raise

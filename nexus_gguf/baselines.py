@@ -13,26 +13,11 @@ import numpy as np
 import zstandard
 
 from .backends.reference import hadamard_blocks
-from .cache_values import layer_values, with_values
+from .cache_values import layer_values, llama_rotation_blocks, with_values
 from .ggml_types import ggml_type_by_name
 from .llama_state import Cache, LlamaState, StateLayout, Stream, parse_state, write_state
 
 ZSTD_LEVEL = 3
-
-
-def llama_rotation_blocks(head_dim: int, kind: str) -> int:
-    """The Hadamard block llama.cpp uses for a quantized cache (llama-kv-cache.cpp
-    build_input_k_rot / build_input_v_rot), or 0 where it does not rotate: K takes the largest
-    power of two >= 64 dividing the head size, V always 64; head sizes not divisible by 64 are
-    left alone."""
-    if head_dim <= 0 or head_dim % 64:
-        return 0
-    if kind == "v":
-        return 64
-    n = 64
-    while head_dim % (2 * n) == 0:
-        n *= 2
-    return n
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,21 @@ from .llama_state import LayerKV
 from .errors import StateLayoutError
 
 
+def llama_rotation_blocks(head_dim: int, kind: str) -> int:
+    """The Hadamard block llama.cpp uses for a quantized cache (llama-kv-cache.cpp
+    build_input_k_rot / build_input_v_rot), or 0 where it does not rotate: K takes the largest
+    power of two >= 64 dividing the head size, V always 64; head sizes not divisible by 64 are
+    left alone."""
+    if head_dim <= 0 or head_dim % 64:
+        return 0
+    if kind == "v":
+        return 64
+    n = 64
+    while head_dim % (2 * n) == 0:
+        n *= 2
+    return n
+
+
 def n_embd_of(layer: LayerKV, kind: str, v_trans: bool) -> int:
     t: GgmlType = layer.k_type if kind == "k" else layer.v_type
     arr = layer.k if kind == "k" else layer.v

@@ -58,9 +58,28 @@ def cmd_save_state(args) -> int:
     tokens = _tokenize(llm, text, add_bos=True)
     prefill(llm, tokens, Progress("prefill", "tok"))
     out = args.output or str(Path(args.prompt_file).with_suffix(".nxkv"))
-    report = save_state(llm, out, preset=args.preset)
+    report = save_state(llm, out, preset=args.preset, without=args.no or (), **stage_options(args))
     print(report.summary())
     return 0
+
+
+def stage_options(args) -> dict:
+    """--k-bits / --v-bits / --set STAGE.OPTION=VALUE as save_state's keyword arguments."""
+    out = {}
+    if args.k_bits is not None:
+        out["lattice_k_bits"] = args.k_bits
+    if args.v_bits is not None:
+        out["lattice_v_bits"] = args.v_bits
+    for item in args.set or ():
+        key, sep, value = item.partition("=")
+        stage, dot, option = key.partition(".")
+        if not (sep and dot and stage and option):
+            raise NxkvError(f"--set {item!r}: expected STAGE.OPTION=VALUE, e.g. lattice.k_bits=3.5")
+        try:
+            out[f"{stage}_{option}"] = json.loads(value)
+        except json.JSONDecodeError:
+            out[f"{stage}_{option}"] = value
+    return out
 
 
 def _generate(llm, tokens: list[int], n: int, temp: float, stream=None) -> str:
@@ -231,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("prompt_file")
     s.add_argument("-o", "--output", help="output path (default: PROMPT_FILE with .nxkv)")
-    s.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    s.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help=f"how much to compress (default {DEFAULT_PRESET}; see the README's table)")
+    s.add_argument("--k-bits", type=float, help="lattice bits per K value (lossy presets)")
+    s.add_argument("--v-bits", type=float, help="lattice bits per V value (lossy presets)")
+    s.add_argument("--no", action="append", metavar="STAGE", help="leave a stage of the preset out (repeatable)")
+    s.add_argument("--set", action="append", metavar="STAGE.OPTION=VALUE", help="override a stage option (repeatable)")
     common(s)
     s.set_defaults(func=cmd_save_state)
 
@@ -268,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="save the bundled prompt with the default model and generate from it")
     d.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     d.add_argument("-o", "--output")
-    d.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    d.add_argument("--preset", default="lossless", choices=sorted(PRESETS),
+                   help="lossless (default: the continuation is then identical) or a lossy preset")
     d.add_argument("-n", type=int, default=48)
     d.add_argument("--threads", type=int, default=None)
     d.set_defaults(func=cmd_demo)

@@ -121,15 +121,22 @@ def model_facts(llm) -> ModelFacts:
     return facts
 
 
-def context_facts(llm) -> dict[str, Any]:
+def context_facts(llm, rope: bool = False) -> dict[str, Any]:
+    """The context parameters a state depends on; with rope=True also the RoPE overrides the
+    context was made with (0 or negative: the model's own value)."""
     p = llm.context_params
-    return {
+    out = {
         "n_ctx": int(llm.n_ctx()),
         "type_k": int(p.type_k),
         "type_v": int(p.type_v),
         "flash_attn": FLASH_ATTN_TYPES.get(int(p.flash_attn_type), str(p.flash_attn_type)),
         "swa_full": bool(p.swa_full),
     }
+    if rope:
+        for key in ("rope_freq_base", "rope_freq_scale", "yarn_ext_factor", "yarn_beta_fast", "yarn_beta_slow"):
+            out[key] = float(getattr(p, key))
+        out["yarn_orig_ctx"] = int(p.yarn_orig_ctx)
+    return out
 
 
 def get_seq_state(llm, seq_id: int = 0) -> bytes:

@@ -6,24 +6,67 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
-from .stages import REGISTRY, Stage, TensorInfo, stage_from_config
+from .errors import ConfigError, FormatError
+from .stages import REGISTRY, ModelBinding, Stage, TensorInfo, stage_from_config
 
 # preset name -> stage configs, in encoding order. Lossy presets arrive with the lossy pipeline;
 # naming one before then is a clear error, not a placeholder.
 PRESETS: dict[str, list[dict[str, Any]]] = {
     "lossless": [{"id": "byteplane"}, {"id": "zstd", "level": 3}],
+    # RoPE removed, Hadamard, E8 lattice (channel means subtracted, f16 attention sinks, one step
+    # per head), rANS. Bits chosen on the benchmark (4096-token prefixes): see README.md
+    "high": [
+        {"id": "rope"}, {"id": "hadamard"},
+        {"id": "lattice", "k_bits": 3.5, "v_bits": 3.5, "scale_scope": "head"}, {"id": "entropy"},
+    ],
+    "balanced": [
+        {"id": "rope"}, {"id": "hadamard"},
+        {"id": "lattice", "k_bits": 2.5, "v_bits": 2.75, "scale_scope": "head"}, {"id": "entropy"},
+    ],
+    "max": [
+        {"id": "rope"}, {"id": "hadamard"},
+        {"id": "lattice", "k_bits": 1.0, "v_bits": 1.0, "scale_scope": "head"}, {"id": "entropy"},
+    ],
+    # NexusQuant's pipeline taken literally, for comparison: group-8 fp16 max scales, K3V3,
+    # delta coding of lattice symbols along tokens, zstd
+    "seed": [
+        {"id": "rope"}, {"id": "hadamard"},
+        {"id": "lattice", "k_bits": 3.0, "v_bits": 3.0, "sinks": 0, "center": False, "scale_block": 8, "scale_stat": "max",
+         "scale_format": "f16"},
+        {"id": "delta"}, {"id": "entropy", "coder": "zstd", "level": 3},
+    ],
 }
-DEFAULT_PRESET = "lossless"
+DEFAULT_PRESET = "high"
 
 # Metadata sections (tokens, cell records, logits) are always coded so; FORMAT.md says the same.
 META_STAGES: list[dict[str, Any]] = [{"id": "zstd", "level": 9}]
 
 
 class Pipeline:
+    """Stages in encoding order: either only `bytes` stages (whole sections as llama.cpp wrote
+    them), or the value path: values* quantizer symbols* coder (see Stage)."""
+
     def __init__(self, stages: Sequence[Stage], preset: str | None = None):
         self.stages = list(stages)
         self.preset = preset
+        kinds = [s.kind for s in self.stages]
+        if self.values_path:
+            q = kinds.index("quantizer") if "quantizer" in kinds else -1
+            ok = (
+                q >= 0
+                and all(k == "values" for k in kinds[:q])
+                and kinds[-1] == "coder"
+                and all(k == "symbols" for k in kinds[q + 1 : -1])
+            )
+            if not ok:
+                raise ConfigError(
+                    f"stages {[s.stage_id for s in self.stages]} do not form a pipeline: "
+                    "value stages, one quantizer, symbol stages, one coder"
+                )
+
+    @property
+    def values_path(self) -> bool:
+        return any(s.kind != "bytes" for s in self.stages)
 
     @property
     def lossless(self) -> bool:
@@ -34,7 +77,14 @@ class Pipeline:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "Pipeline":
-        return cls([stage_from_config(c) for c in config.get("stages", [])], config.get("preset"))
+        try:
+            return cls([stage_from_config(c) for c in config.get("stages", [])], config.get("preset"))
+        except ConfigError as e:
+            raise FormatError(f"the file's pipeline is invalid: {e}") from None
+
+    def bind(self, model: ModelBinding) -> "Pipeline":
+        """The pipeline with model-dependent options resolved (what a file records)."""
+        return Pipeline([s.bind(model) for s in self.stages], self.preset)
 
     def encode(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
         for s in self.stages:
@@ -46,13 +96,27 @@ class Pipeline:
             data = s.decode(data, info)
         return data
 
+    def encode_values(self, values: np.ndarray, info: TensorInfo) -> np.ndarray:
+        """float32 [n_cells, n_heads * head_dim] -> the section's bytes (value path)."""
+        return self.encode(values.reshape(info.n_cells, info.n_heads, info.head_dim), info)
 
-def build_pipeline(preset: str = DEFAULT_PRESET, **overrides: Any) -> Pipeline:
-    """The stages of `preset`, with options overridden as `<stage>_<option>=value`
-    (e.g. zstd_level=19). Unknown presets, stages and options are ConfigErrors."""
+    def decode_values(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
+        """The section's bytes -> float32 [n_cells, n_heads * head_dim] (value path)."""
+        values = self.decode(data, info)
+        return np.asarray(values, np.float32).reshape(info.n_cells, info.n_heads * info.head_dim)
+
+
+def build_pipeline(preset: str = DEFAULT_PRESET, without: Sequence[str] = (), **overrides: Any) -> Pipeline:
+    """The stages of `preset` less those named in `without`, with options overridden as
+    `<stage>_<option>=value` (e.g. lattice_k_bits=4, zstd_level=19). Unknown presets, stages and
+    options are ConfigErrors."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
     configs = [dict(c) for c in PRESETS[preset]]
+    for stage_id in without:
+        if stage_id not in {c["id"] for c in configs}:
+            raise ConfigError(f"preset {preset!r} has no {stage_id!r} stage to leave out")
+    configs = [c for c in configs if c["id"] not in without]
     by_id = {c["id"]: c for c in configs}
     for key, value in overrides.items():
         stage_id, _, option = key.partition("_")
@@ -71,9 +135,17 @@ def meta_pipeline() -> Pipeline:
 
 
 def ablations(preset: str) -> list[Pipeline]:
-    """The preset once per stage, with that stage left out (named `<preset>-no-<stage>`)."""
+    """The preset once per stage with that stage left out (`<preset>-no-<stage>`); a value
+    path cannot lose its quantizer, and instead of dropping its coder, rANS is swapped for zstd
+    (`<preset>-zstd`)."""
     full = build_pipeline(preset)
-    return [
-        Pipeline(full.stages[:i] + full.stages[i + 1 :], f"{preset}-no-{s.stage_id}")
-        for i, s in enumerate(full.stages)
-    ]
+    out = []
+    for i, s in enumerate(full.stages):
+        if s.kind == "quantizer" or (s.kind == "coder" and getattr(s, "coder", "") != "rans"):
+            continue
+        if s.kind == "coder":
+            swapped = type(s).from_config({**s.get_config(), "coder": "zstd"})
+            out.append(Pipeline(full.stages[:i] + [swapped] + full.stages[i + 1 :], f"{preset}-zstd"))
+        else:
+            out.append(Pipeline(full.stages[:i] + full.stages[i + 1 :], f"{preset}-no-{s.stage_id}"))
+    return out

@@ -3,10 +3,13 @@ turned into named sections plus the header's "state" layout, and back."""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Optional
 
 import numpy as np
 
+from .backends.reference import hadamard_blocks
+from .cache_values import layer_values, llama_rotation_blocks, with_values
 from .errors import FormatError, StateLayoutError
 from .ggml_types import ggml_type_by_name
 from .llama_state import Cache, Cells, LayerKV, LlamaState, Stream, parse_cells
@@ -20,8 +23,40 @@ def _meta_info(name: str, n_bytes: int) -> TensorInfo:
     return TensorInfo(name, "raw", 0, n_bytes)
 
 
-def encode_state(state: LlamaState, pipeline: Pipeline) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
-    """(layout for the header, sections) of a parsed state."""
+def value_dims(head_dim_k: int, head_dim_v: int) -> dict[str, int]:
+    """What the value path needs to know about a model's cache rows: head sizes, and the
+    Hadamard block llama.cpp rotated the rows of a quantized cache with (0: none), which is
+    undone before the stages and redone when rows go back into a quantized cache."""
+    disabled = os.environ.get("LLAMA_ATTN_ROT_DISABLE", "0").strip() not in ("", "0")
+    return {
+        "head_dim_k": head_dim_k,
+        "head_dim_v": head_dim_v,
+        "llama_rot_k": 0 if disabled else llama_rotation_blocks(head_dim_k, "k"),
+        "llama_rot_v": 0 if disabled else llama_rotation_blocks(head_dim_v, "v"),
+    }
+
+
+def _tensor_info(name, kind, t, n_bytes, cells: Cells, layer_model, sliding, n_embd, dims) -> TensorInfo:
+    head_dim = dims[f"head_dim_{kind}"] if dims else 0
+    if dims and (head_dim <= 0 or n_embd % head_dim):
+        raise StateLayoutError(f"{name}: rows of {n_embd} values are not whole heads of {head_dim}")
+    # symbol streams hold at most one value per cache value, whatever the cache type's size
+    return TensorInfo(
+        name, t.name, t.float_bytes, max(n_bytes, len(cells) * n_embd), kind=kind, positions=cells.pos, model_layer=layer_model,
+        sliding=sliding, n_cells=len(cells), n_heads=n_embd // head_dim if dims else 0, head_dim=head_dim,
+    )
+
+
+def _llama_rotation(values: np.ndarray, t, kind: str, dims) -> np.ndarray:
+    block = dims[f"llama_rot_{kind}"]
+    return hadamard_blocks(values, block) if block and not t.float_bytes else values
+
+
+def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str, int]] = None) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
+    """(layout for the header, sections) of a parsed state. The value path needs `dims`
+    (value_dims of the model)."""
+    if pipeline.values_path and not dims:
+        raise StateLayoutError("the lossy stages need the model's head sizes")
     meta = meta_pipeline()
     sections = []
     caches = []
@@ -38,9 +73,15 @@ def encode_state(state: LlamaState, pipeline: Pipeline) -> tuple[dict[str, Any],
             for layer in s.layers:
                 for kind, arr, t in (("k", layer.k, layer.k_type), ("v", layer.v, layer.v_type)):
                     name = f"{kind}.{ci}.{si}.{layer.cache_layer}"
-                    flat = np.ascontiguousarray(arr).reshape(-1)
-                    info = TensorInfo(name, t.name, t.float_bytes, flat.size)
-                    sections.append((name, pipeline.encode(flat, info)))
+                    if pipeline.values_path:
+                        values = _llama_rotation(layer_values(layer, kind, s.v_trans), t, kind, dims)
+                        info = _tensor_info(name, kind, t, arr.size, s.cells, layer.model_layer, layer.sliding_window,
+                                            values.shape[1], dims)
+                        sections.append((name, pipeline.encode_values(values, info)))
+                    else:
+                        flat = np.ascontiguousarray(arr).reshape(-1)
+                        info = TensorInfo(name, t.name, t.float_bytes, flat.size)
+                        sections.append((name, pipeline.encode(flat, info)))
                 layers.append(
                     {
                         "model_layer": layer.model_layer,
@@ -60,6 +101,8 @@ def encode_state(state: LlamaState, pipeline: Pipeline) -> tuple[dict[str, Any],
         "has_cell_ext": state.has_cell_ext,
         "caches": caches,
     }
+    if pipeline.values_path:
+        layout["values"] = dict(dims)
     return layout, sections
 
 
@@ -75,6 +118,9 @@ def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limit: int
     """Rebuild the LlamaState from the header layout and a `section(name) -> bytes` accessor.
     `limit` bounds every allocation (the raw size the header states)."""
     meta = meta_pipeline()
+    dims = layout.get("values") if pipeline.values_path else None
+    if pipeline.values_path and not isinstance(dims, dict):
+        raise FormatError("the file's lossy pipeline has no value layout in its header")
     try:
         caches = []
         for ci, c in enumerate(layout["caches"]):
@@ -87,18 +133,33 @@ def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limit: int
                 cell_bytes = meta.decode(np.frombuffer(section(name), np.uint8), _meta_info(name, int(s["cell_bytes"])))
                 cells = _cells_from_bytes(cell_bytes, int(s["n_cells"]), bool(layout["has_cell_ext"]))
                 layers = []
+                v_trans = bool(s["v_trans"])
                 for li, L in enumerate(s["layers"]):
                     arrays = []
                     for kind in ("k", "v"):
                         name = f"{kind}.{ci}.{si}.{li}"
                         t = ggml_type_by_name(L[f"{kind}_type"])
                         rows, cols = _shape(L[f"{kind}_shape"], name, limit)
+                        if dims:
+                            n_embd = rows if (kind == "v" and v_trans) else cols // t.type_size * t.block_size
+                            info = _tensor_info(name, kind, t, rows * cols, cells, L["model_layer"],
+                                                bool(L["sliding_window"]), n_embd, dims)
+                            if info.n_cells * n_embd > limit:
+                                raise FormatError(f"section {name!r}: shape larger than the state")
+                            values = pipeline.decode_values(np.frombuffer(section(name), np.uint8), info)
+                            arrays.append((t, values))
+                            continue
                         info = TensorInfo(name, t.name, t.float_bytes, rows * cols)
                         data = pipeline.decode(np.frombuffer(section(name), np.uint8), info)
                         if data.size != rows * cols:
                             raise FormatError(f"section {name!r} decodes to {data.size} bytes, expected {rows * cols}")
                         arrays.append((t, data.reshape(rows, cols)))
                     (kt, k), (vt, v) = arrays
+                    if dims:
+                        layer = LayerKV(li, L["model_layer"], bool(L["sliding_window"]), kt, None, vt, None)
+                        layer = with_values(layer, v_trans, _llama_rotation(k, kt, "k", dims), _llama_rotation(v, vt, "v", dims))
+                        layers.append(layer)
+                        continue
                     layers.append(LayerKV(li, L["model_layer"], bool(L["sliding_window"]), kt, k, vt, v))
                 streams.append(Stream(cells, bool(s["v_trans"]), layers))
             caches.append(Cache(c["name"], streams))
@@ -130,13 +191,19 @@ def decode_tokens(data, n_tokens: int) -> np.ndarray:
     return raw.view("<i4").astype(np.int32)
 
 
-def encode_logits(logits: np.ndarray) -> np.ndarray:
-    raw = np.ascontiguousarray(logits, dtype="<f4").view(np.uint8).reshape(-1)
+LOGITS_DTYPES = {"f32": "<f4", "f16": "<f2"}
+
+
+def encode_logits(logits: np.ndarray, dtype: str = "f32") -> np.ndarray:
+    raw = np.ascontiguousarray(logits, dtype=LOGITS_DTYPES[dtype]).view(np.uint8).reshape(-1)
     return meta_pipeline().encode(raw, _meta_info("logits", raw.size))
 
 
-def decode_logits(data, n_vocab: int) -> np.ndarray:
-    raw = meta_pipeline().decode(np.frombuffer(data, np.uint8), _meta_info("logits", 4 * n_vocab))
-    if raw.size != 4 * n_vocab:
+def decode_logits(data, n_vocab: int, dtype: str = "f32") -> np.ndarray:
+    if dtype not in LOGITS_DTYPES:
+        raise FormatError(f"unknown logits dtype {dtype!r}")
+    width = np.dtype(LOGITS_DTYPES[dtype]).itemsize
+    raw = meta_pipeline().decode(np.frombuffer(data, np.uint8), _meta_info("logits", width * n_vocab))
+    if raw.size != width * n_vocab:
         raise FormatError("logits section does not hold one row of the vocabulary")
-    return raw.view("<f4").astype(np.float32)
+    return raw.view(LOGITS_DTYPES[dtype]).astype(np.float32)

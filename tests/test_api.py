@@ -158,7 +158,7 @@ def test_iswa_lossless_restore(gemma3_path, tmp_path):
     toks = open_llama(gemma3_path, n_ctx=256).tokenize(b"sliding windows keep only the recent cells. " * 3, add_bos=False)
     a = open_llama(gemma3_path, n_ctx=256, swa_full=False)
     a.eval(toks)
-    ng.save_state(a, tmp_path / "g.nxkv")
+    ng.save_state(a, tmp_path / "g.nxkv", preset="lossless")
     a.eval([65, 66])
     want = logits_now(a)
     b = open_llama(gemma3_path, n_ctx=256, swa_full=False)
@@ -172,10 +172,13 @@ def test_presets_and_overrides(smollm2_path, tmp_path):
     with pytest.raises(ng.NxkvError, match="no evaluated tokens"):
         ng.save_state(llm, tmp_path / "x.nxkv")
     llm.eval([1, 2, 3])
-    with pytest.raises(ng.ConfigError, match="unknown preset 'high'"):
-        ng.save_state(llm, tmp_path / "x.nxkv", preset="high")
+    with pytest.raises(ng.ConfigError, match="unknown preset 'nope'"):
+        ng.save_state(llm, tmp_path / "x.nxkv", preset="nope")
     with pytest.raises(ng.ConfigError, match="no option"):
-        ng.save_state(llm, tmp_path / "x.nxkv", zstd_window=3)
-    r = ng.save_state(llm, tmp_path / "x.nxkv", zstd_level=19)
+        ng.save_state(llm, tmp_path / "x.nxkv", preset="lossless", zstd_window=3)
+    with pytest.raises(ng.ConfigError, match="has no 'zstd' stage"):
+        ng.save_state(llm, tmp_path / "x.nxkv", zstd_level=3)  # the default preset, high, codes with rANS
+    assert ng.save_state(llm, tmp_path / "d.nxkv").preset == "high"
+    r = ng.save_state(llm, tmp_path / "x.nxkv", preset="lossless", zstd_level=19)
     assert ng.read_info(tmp_path / "x.nxkv")["pipeline"]["stages"][-1] == {"id": "zstd", "level": 19}
     assert r.n_tokens == 3

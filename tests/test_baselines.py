@@ -9,8 +9,8 @@ from conftest import open_llama, prompt_tokens
 
 from nexus_gguf import llama_bridge as bridge
 from nexus_gguf.backends.reference import hadamard_blocks, hadamard_matrix
-from nexus_gguf.baselines import GgmlRowsBaseline, ZstdBaseline, default_baselines, llama_rotation_blocks
-from nexus_gguf.cache_values import layer_values
+from nexus_gguf.baselines import GgmlRowsBaseline, ZstdBaseline, default_baselines
+from nexus_gguf.cache_values import layer_values, llama_rotation_blocks
 from nexus_gguf.llama_state import parse_state
 
 GGML_Q8_0, GGML_Q4_0 = 8, 2

@@ -21,12 +21,12 @@ def test_save_state_then_info(smollm2_path, short_prompt, capsys):
     out_file = short_prompt.with_suffix(".nxkv")
     assert out_file.exists()
     line = capsys.readouterr().out.strip()
-    assert "tokens" in line and "lossless" in line and "x," in line
+    assert "tokens" in line and "high" in line and "x," in line  # the default preset
     assert main(["info", str(out_file), "--json", "--verify"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["verified"] and info["model"]["file_name"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert main(["info", str(out_file)]) == 0
-    assert "pipeline   lossless: byteplane -> zstd" in capsys.readouterr().out
+    assert "pipeline   high: rope -> hadamard -> lattice -> entropy" in capsys.readouterr().out
 
 
 def test_generate_with_appended_prompt(smollm2_path, short_prompt, capsys):
@@ -48,4 +48,4 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert main(["save-state", str(tmp_path / "missing.gguf"), str(bad)]) == 1
     assert "no such model file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["save-state", "m.gguf", "p.txt", "--preset", "high"])  # not a preset yet
+        main(["save-state", "m.gguf", "p.txt", "--preset", "nope"])

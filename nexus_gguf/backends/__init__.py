@@ -64,3 +64,17 @@ def backend_features() -> dict[str, str]:
         except (NativeLibraryError, ImportError) as e:
             out[n] = f"unavailable: {e}"
     return out
+
+
+def kernel(op: str):
+    """The implementation of kernel `op` in the chosen backend. Kernels the native library
+    does not have yet (E8, rANS: README, "What does not work yet") come from Numba; that is a
+    coverage gap of the native library, not a fallback hiding a failure."""
+    mod = backend()
+    impl = getattr(mod, op, None)
+    if impl is None and backend_name() == "native":
+        impl = getattr(_resolve("numba")[1], op, None)
+    if impl is None:
+        raise ConfigError(f"no backend provides kernel {op!r}")
+    return impl
+

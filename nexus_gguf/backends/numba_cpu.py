@@ -33,3 +33,120 @@ def byteplane_merge(src: np.ndarray, element_size: int) -> np.ndarray:
     dst = np.empty_like(src)
     _merge(src, dst, src.size // element_size, element_size)
     return dst
+
+
+@njit(cache=True, nogil=True)
+def _d8(x, out):
+    s = 0.0
+    worst, worst_err = 0, -1.0
+    for j in range(8):
+        v = x[j]
+        r = np.floor(abs(v) + 0.5) * (1.0 if v >= 0 else -1.0)
+        out[j] = r
+        s += r
+        e = abs(v - r)
+        if e > worst_err:
+            worst_err, worst = e, j
+    if s % 2 != 0:
+        out[worst] += 1.0 if x[worst] - out[worst] >= 0 else -1.0
+
+
+@njit(cache=True, nogil=True)
+def _e8(x, out):
+    a = np.empty(8)
+    b = np.empty(8)
+    xs = np.empty(8)
+    _d8(x, a)
+    for j in range(8):
+        xs[j] = x[j] - 0.5
+    _d8(xs, b)
+    da = 0.0
+    db = 0.0
+    for j in range(8):
+        b[j] += 0.5
+        da += (x[j] - a[j]) ** 2
+        db += (x[j] - b[j]) ** 2
+    src = b if db < da else a
+    for j in range(8):
+        out[j] = src[j]
+
+
+@njit(cache=True, nogil=True)
+def _e8_rows(x, out):
+    for i in range(x.shape[0]):
+        _e8(x[i], out[i])
+
+
+def e8_nearest(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, np.float64).reshape(-1, 8)
+    out = np.empty_like(x)
+    _e8_rows(x, out)
+    return out
+
+
+RANS_PROB_BITS = 14
+RANS_L = 1 << 23
+
+
+@njit(cache=True, nogil=True)
+def _rans_encode(symbols, freqs, cum, out):
+    x = np.uint64(RANS_L)
+    p = out.shape[0]
+    for i in range(symbols.shape[0] - 1, -1, -1):
+        s = symbols[i]
+        f = np.uint64(freqs[s])
+        x_max = np.uint64((RANS_L >> RANS_PROB_BITS) << 8) * f
+        while x >= x_max:
+            p -= 1
+            out[p] = np.uint8(x & np.uint64(0xFF))
+            x >>= np.uint64(8)
+        x = ((x // f) << np.uint64(RANS_PROB_BITS)) + (x % f) + np.uint64(cum[s])
+    for k in range(4):
+        p -= 1
+        out[p] = np.uint8(x & np.uint64(0xFF))
+        x >>= np.uint64(8)
+    return p
+
+
+@njit(cache=True, nogil=True)
+def _rans_decode(data, freqs, cum, lookup, out):
+    mask = np.uint64((1 << RANS_PROB_BITS) - 1)
+    if data.shape[0] < 4:
+        return -1
+    x = np.uint64(0)
+    for k in range(4):
+        x = (x << np.uint64(8)) | np.uint64(data[k])
+    p = 4
+    for i in range(out.shape[0]):
+        slot = x & mask
+        s = lookup[slot]
+        out[i] = s
+        x = np.uint64(freqs[s]) * (x >> np.uint64(RANS_PROB_BITS)) + slot - np.uint64(cum[s])
+        while x < np.uint64(RANS_L):
+            if p >= data.shape[0]:
+                return -1
+            x = (x << np.uint64(8)) | np.uint64(data[p])
+            p += 1
+    if x != np.uint64(RANS_L) or p != data.shape[0]:
+        return -1
+    return 0
+
+
+def rans_encode(symbols: np.ndarray, freqs: np.ndarray) -> bytes:
+    symbols = np.ascontiguousarray(symbols, np.int64)
+    freqs = np.ascontiguousarray(freqs, np.int64)
+    cum = np.concatenate([[0], np.cumsum(freqs)]).astype(np.int64)
+    # each symbol emits at most (32 - RANS_PROB_BITS + 7) // 8 + 1 bytes; plus the state
+    out = np.empty(symbols.shape[0] * 4 + 8, np.uint8)
+    p = _rans_encode(symbols, freqs, cum, out)
+    return out[p:].tobytes()
+
+
+def rans_decode(data: bytes, freqs: np.ndarray, n: int) -> np.ndarray:
+    freqs = np.ascontiguousarray(freqs, np.int64)
+    cum = np.concatenate([[0], np.cumsum(freqs)]).astype(np.int64)
+    lookup = np.repeat(np.arange(freqs.shape[0]), freqs).astype(np.int64)
+    out = np.empty(n, np.int64)
+    if _rans_decode(np.frombuffer(data, np.uint8), freqs, cum, lookup, out) != 0:
+        raise ValueError("rANS stream is corrupt (ends early or does not decode to its start state)")
+    return out

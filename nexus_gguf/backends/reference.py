@@ -34,3 +34,80 @@ def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
     if shape[-1] % block:
         raise ValueError(f"rows of {shape[-1]} values are not whole {block}-value blocks")
     return (np.asarray(x, np.float32).reshape(-1, block) @ hadamard_matrix(block)).reshape(shape)
+
+
+def e8_nearest(x: np.ndarray) -> np.ndarray:
+    """The nearest point of the E8 lattice (D8 ∪ D8 + ½) to each row of float x[n, 8]
+    (Conway & Sloane, "Fast quantizing and decoding algorithms for lattice quantizers").
+    Ties break towards the integer coset and the lower index, as the other backends do."""
+    x = np.asarray(x, np.float64).reshape(-1, 8)
+    a = _d8_nearest(x)
+    b = _d8_nearest(x - 0.5) + 0.5
+    da = ((x - a) ** 2).sum(axis=1)
+    db = ((x - b) ** 2).sum(axis=1)
+    return np.where((db < da)[:, None], b, a)
+
+
+def _d8_nearest(x: np.ndarray) -> np.ndarray:
+    """Nearest point of D8 (integer vectors with an even sum): round every coordinate, and if
+    the sum is odd, round the worst-rounded coordinate the other way."""
+    f = _round_half_away(x)
+    odd = (f.sum(axis=1) % 2) != 0
+    err = x - f
+    worst = np.abs(err).argmax(axis=1)
+    rows = np.nonzero(odd)[0]
+    cols = worst[rows]
+    f[rows, cols] += np.where(err[rows, cols] >= 0, 1.0, -1.0)
+    return f
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+RANS_PROB_BITS = 14
+RANS_L = 1 << 23  # lower bound of the normalised state (byte-wise renormalisation)
+
+
+def rans_encode(symbols: np.ndarray, freqs: np.ndarray) -> bytes:
+    """rANS (byte-wise, 32-bit state; Duda's rANS as in ryg_rans) of symbols in [0, len(freqs))
+    with static frequencies summing to 2**RANS_PROB_BITS. Output: the final state (4 bytes,
+    big-endian), then the renormalisation bytes in decoding order."""
+    cum = np.concatenate([[0], np.cumsum(freqs)]).astype(np.int64)
+    x = RANS_L
+    out = bytearray()
+    for s in reversed(np.asarray(symbols, np.int64).tolist()):
+        f = int(freqs[s])
+        x_max = ((RANS_L >> RANS_PROB_BITS) << 8) * f
+        while x >= x_max:
+            out.append(x & 0xFF)
+            x >>= 8
+        x = ((x // f) << RANS_PROB_BITS) + (x % f) + int(cum[s])
+    out += bytes([x & 0xFF, (x >> 8) & 0xFF, (x >> 16) & 0xFF, (x >> 24) & 0xFF])
+    return bytes(reversed(out))
+
+
+def rans_decode(data: bytes, freqs: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of rans_encode; raises ValueError on data that runs out or does not end where
+    the encoder started."""
+    cum = np.concatenate([[0], np.cumsum(freqs)]).astype(np.int64)
+    lookup = np.repeat(np.arange(len(freqs)), freqs)
+    mask = (1 << RANS_PROB_BITS) - 1
+    if len(data) < 4:
+        raise ValueError("rANS stream shorter than its state")
+    x = int.from_bytes(data[:4], "big")
+    p = 4
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        slot = x & mask
+        s = int(lookup[slot])
+        out[i] = s
+        x = int(freqs[s]) * (x >> RANS_PROB_BITS) + slot - int(cum[s])
+        while x < RANS_L:
+            if p >= len(data):
+                raise ValueError("rANS stream ends early")
+            x = (x << 8) | data[p]
+            p += 1
+    if x != RANS_L or p != len(data):
+        raise ValueError("rANS stream does not decode to its start state")
+    return out

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 
@@ -10,20 +10,47 @@ from ..errors import ConfigError
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """What a stage may know about the bytes it is given."""
+    """What a stage may know about the data it is given."""
 
     name: str  # section name, e.g. "k.0.0.12"
     ggml_type: str  # "f16", "q8_0", ... or "raw" for non-tensor payloads
     element_size: int  # bytes per value for plain float types, 0 for block-quantized or raw data
     max_bytes: int  # no decoded intermediate may be larger (checked before allocating)
+    # K/V sections on the value path (lossy stages):
+    kind: str = ""  # "k" or "v"
+    positions: Optional[np.ndarray] = None  # int32 [n_cells]: each cell's position
+    model_layer: Optional[int] = None
+    sliding: bool = False  # a sliding-window layer
+    n_cells: int = 0
+    n_heads: int = 0
+    head_dim: int = 0
+
+
+STAGE_KINDS = ("bytes", "values", "quantizer", "symbols", "coder")
+
+
+@dataclass(frozen=True)
+class ModelBinding:
+    """What stages may learn about the model and context a state comes from."""
+
+    facts: Any  # llama_bridge.ModelFacts
+    context: dict  # llama_bridge.context_facts plus the context's RoPE parameters
 
 
 class Stage:
-    """A byte-to-byte transform. Subclasses set stage_id and lossless, and declare their options
-    in PARAMS (name -> (type, default)); get_config/from_config are derived from it."""
+    """One step of a pipeline. Subclasses set stage_id, lossless and kind, and declare their
+    options in PARAMS (name -> (type, default)); get_config/from_config are derived from it.
+
+    kind says what the stage maps (encoding direction):
+      bytes:     uint8 -> uint8 (the lossless path: whole sections as llama.cpp wrote them)
+      values:    float32 [n_cells, n_heads, head_dim] -> the same shape (rope, hadamard)
+      quantizer: float32 values -> symbols, a dict of named integer arrays (lattice)
+      symbols:   symbols -> symbols (delta)
+      coder:     symbols -> uint8 (entropy)"""
 
     stage_id: ClassVar[str]
     lossless: ClassVar[bool]
+    kind: ClassVar[str] = "bytes"
     PARAMS: ClassVar[dict[str, tuple[type, Any]]] = {}
 
     def __init__(self, **params: Any):
@@ -32,6 +59,8 @@ class Stage:
             raise ConfigError(f"stage {self.stage_id!r} has no option(s) {', '.join(sorted(unknown))}")
         for name, (typ, default) in self.PARAMS.items():
             value = params.get(name, default)
+            if typ is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # JSON and keyword arguments may give 3 for 3.0
             if not isinstance(value, typ) or isinstance(value, bool) != (typ is bool):
                 raise ConfigError(f"stage {self.stage_id!r}: {name} must be {typ.__name__}, got {value!r}")
             setattr(self, name, value)
@@ -39,6 +68,11 @@ class Stage:
 
     def validate(self) -> None:
         """Range checks; raise ConfigError."""
+
+    def bind(self, model: "ModelBinding") -> "Stage":
+        """This stage with the options that depend on the model resolved (done once at save
+        time; the resolved options are what the file stores)."""
+        return self
 
     def get_config(self) -> dict[str, Any]:
         return {"id": self.stage_id, **{name: getattr(self, name) for name in self.PARAMS}}

@@ -1,0 +1,175 @@
+"""Entropy coding of symbol streams, each on its own: rANS with a static frequency table per
+stream (stored compactly in front of it), or zstd of the symbols as little-endian integers.
+
+Section layout (all integers little-endian):
+    u8 n_streams, then per stream:
+    u8 name length, name (ASCII), u8 dtype code, u8 ndim, u32 * ndim shape,
+    u8 method (0: zstd, 1: rANS, 2: empty), u32 payload length, payload
+    zstd payload: a zstd frame of the values as int8/int16/int32 (u8 width byte first)
+    rANS payload: i32 smallest symbol, varint alphabet size, varint * size frequencies
+                  (summing to 2^14), then the rANS bytes"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import zstandard
+
+from ..backends import kernel
+from ..backends.reference import RANS_PROB_BITS
+from ..errors import ConfigError, FormatError
+from .base import Stage, TensorInfo
+
+DTYPES = {0: np.uint8, 1: np.int16, 2: np.uint16, 3: np.int32}
+DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+MAX_ALPHABET = 1 << 12  # wider streams (rare outliers) go to zstd
+METHOD_ZSTD, METHOD_RANS, METHOD_EMPTY = 0, 1, 2
+
+
+def normalized_freqs(counts: np.ndarray, total_bits: int = RANS_PROB_BITS) -> np.ndarray:
+    """Frequencies summing to 2^total_bits, each symbol that occurs keeping at least 1."""
+    total = 1 << total_bits
+    counts = np.asarray(counts, np.int64)
+    f = np.where(counts > 0, np.maximum(1, np.round(counts * (total / counts.sum()))), 0).astype(np.int64)
+    while f.sum() != total:
+        diff = total - f.sum()
+        i = int(np.argmax(f))
+        step = diff if diff > 0 else max(diff, 1 - f[i])  # never take a symbol below 1
+        f[i] += step
+        if step == 0:
+            raise ValueError("cannot normalise frequencies")  # more symbols than slots
+    return f
+
+
+def _varints(values) -> bytes:
+    out = bytearray()
+    for v in values:
+        v = int(v)
+        while True:
+            byte = v & 0x7F
+            v >>= 7
+            out.append(byte | (0x80 if v else 0))
+            if not v:
+                break
+    return bytes(out)
+
+
+class _Reader:
+    def __init__(self, data: bytes, where: str):
+        self.data, self.pos, self.where = data, 0, where
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise FormatError(f"{self.where}: entropy-coded section is truncated")
+        b = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return b
+
+    def unpack(self, fmt: str):
+        v = struct.unpack(fmt, self.take(struct.calcsize(fmt)))
+        return v[0] if len(v) == 1 else v
+
+    def varint(self) -> int:
+        v, shift = 0, 0
+        while True:
+            b = self.take(1)[0]
+            v |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return v
+            shift += 7
+            if shift > 35:
+                raise FormatError(f"{self.where}: bad varint")
+
+
+class Entropy(Stage):
+    stage_id = "entropy"
+    lossless = True
+    kind = "coder"
+    PARAMS = {"coder": (str, "rans"), "level": (int, 3)}
+
+    def validate(self) -> None:
+        if self.coder not in ("rans", "zstd"):
+            raise ConfigError(f"entropy coder must be rans or zstd, got {self.coder!r}")
+        if not 1 <= self.level <= 22:
+            raise ConfigError("entropy: zstd level must be 1..22")
+
+    def _stream(self, values: np.ndarray) -> tuple[int, bytes]:
+        flat = values.reshape(-1).astype(np.int64)
+        if flat.size == 0:
+            return METHOD_EMPTY, b""
+        lo, hi = int(flat.min()), int(flat.max())
+        if self.coder == "rans" and hi - lo < MAX_ALPHABET:
+            counts = np.bincount(flat - lo, minlength=hi - lo + 1)
+            freqs = normalized_freqs(counts)
+            body = kernel("rans_encode")(flat - lo, freqs)
+            return METHOD_RANS, struct.pack("<i", lo) + _varints([freqs.size]) + _varints(freqs) + body
+        width = next(w for w, t in ((1, np.int8), (2, np.int16), (4, np.int32)) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
+        raw = flat.astype({1: "<i1", 2: "<i2", 4: "<i4"}[width]).tobytes()
+        return METHOD_ZSTD, bytes([width]) + zstandard.ZstdCompressor(level=self.level).compress(raw)
+
+    def encode(self, symbols: dict, info: TensorInfo) -> np.ndarray:
+        parts = [bytes([len(symbols)])]
+        for name, values in symbols.items():
+            values = np.asarray(values)
+            dtype = np.dtype(values.dtype)
+            if dtype not in DTYPE_CODES:
+                values = values.astype(np.int32)
+                dtype = np.dtype(np.int32)
+            method, payload = self._stream(values)
+            key = name.encode("ascii")
+            parts += [bytes([len(key)]), key, bytes([DTYPE_CODES[dtype], values.ndim]),
+                      struct.pack(f"<{values.ndim}I", *values.shape), bytes([method]), struct.pack("<I", len(payload)), payload]
+        return np.frombuffer(b"".join(parts), np.uint8)
+
+    def decode(self, data: np.ndarray, info: TensorInfo) -> dict:
+        r = _Reader(np.asarray(data, np.uint8).tobytes(), info.name)
+        limit = max(info.max_bytes, 1)  # no stream may hold more values than the section's raw size
+        out = {}
+        for _ in range(r.unpack("<B")):
+            name = r.take(r.unpack("<B")).decode("ascii", errors="replace")
+            code, ndim = r.unpack("<BB")
+            if code not in DTYPES or ndim > 4:
+                raise FormatError(f"{info.name}: stream {name!r} has an unknown dtype or rank")
+            shape = struct.unpack(f"<{ndim}I", r.take(4 * ndim))
+            n = int(np.prod(shape, dtype=np.int64))
+            if n > limit:
+                raise FormatError(f"{info.name}: stream {name!r} claims {n} values, more than the section can hold")
+            method = r.unpack("<B")
+            payload = r.take(r.unpack("<I"))
+            values = self._decode_stream(method, payload, n, f"{info.name}/{name}")
+            out[name] = values.astype(DTYPES[code]).reshape(shape)
+        if r.pos != len(r.data):
+            raise FormatError(f"{info.name}: trailing bytes after the symbol streams")
+        return out
+
+    def _decode_stream(self, method: int, payload: bytes, n: int, where: str) -> np.ndarray:
+        if method == METHOD_EMPTY:
+            if n:
+                raise FormatError(f"{where}: empty stream with {n} values")
+            return np.zeros(0, np.int64)
+        r = _Reader(payload, where)
+        if method == METHOD_ZSTD:
+            width = r.unpack("<B")
+            if width not in (1, 2, 4):
+                raise FormatError(f"{where}: bad integer width {width}")
+            try:
+                raw = zstandard.ZstdDecompressor().decompress(payload[1:], max_output_size=n * width)
+            except zstandard.ZstdError as e:
+                raise FormatError(f"{where}: zstd data is corrupt: {e}") from None
+            if len(raw) != n * width:
+                raise FormatError(f"{where}: zstd stream holds {len(raw)} bytes, expected {n * width}")
+            return np.frombuffer(raw, {1: "<i1", 2: "<i2", 4: "<i4"}[width]).astype(np.int64)
+        if method == METHOD_RANS:
+            lo = r.unpack("<i")
+            size = r.varint()
+            if not 0 < size <= MAX_ALPHABET:
+                raise FormatError(f"{where}: rANS alphabet of {size} symbols")
+            freqs = np.array([r.varint() for _ in range(size)], np.int64)
+            if freqs.sum() != 1 << RANS_PROB_BITS:
+                raise FormatError(f"{where}: rANS frequencies do not sum to 2^{RANS_PROB_BITS}")
+            try:
+                return kernel("rans_decode")(payload[r.pos :], freqs, n) + lo
+            except ValueError as e:
+                raise FormatError(f"{where}: {e}") from None
+        raise FormatError(f"{where}: unknown coding method {method}")

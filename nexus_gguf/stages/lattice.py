@@ -1,0 +1,168 @@
+"""E8 lattice vector quantization of 8-value groups, with scales taken from the data itself.
+
+Each channel's mean over the cells is subtracted first (`center`). Each block of `scale_block`
+values of a head vector (0: the whole vector), or each head as a whole (`scale_scope="head"`),
+gets one scale, its RMS or its largest magnitude, stored as a log2 step in 1/8 octaves (or, as the seed did, as
+f16). The values divided by step = scale * 2^(2.047 - bits) (RMS; 2.047 = h(N(0,1)) in bits,
+so `bits` is about what an ideal entropy coder spends per value on Gaussian data) or by
+scale / 2^(bits - 1) (max: the largest value lands on 2^(bits-1)) are rounded to the nearest
+point of E8 = D8 ∪ (D8 + ½).
+
+A point is stored as its coset (integer or half-integer) and eight integers z = p - coset/2.
+Their sum is always even, so the last one is stored halved and its parity implied: one bit per
+group that a coordinate-by-coordinate coder would otherwise spend."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backends import kernel
+from ..errors import ConfigError, FormatError
+from .base import ModelBinding, Stage, TensorInfo
+
+GAUSS_BITS = 0.5 * np.log2(2 * np.pi * np.e)  # differential entropy of N(0, 1) in bits
+LOG_STEPS = 8  # log-scale resolution: steps per octave
+LOG_ZERO = -32768  # the log scale of an all-zero block
+
+
+class Lattice(Stage):
+    stage_id = "lattice"
+    lossless = False
+    kind = "quantizer"
+    PARAMS = {
+        "k_bits": (float, 3.0),
+        "v_bits": (float, 3.0),
+        "sinks": (int, 4),  # cells at positions below this are stored as f16 (attention sinks)
+        "center": (bool, True),  # subtract each head channel's mean over the cells first
+        "scale_scope": (str, "vector"),  # vector: scales per head vector (and block) | head: one per head
+        "scale_block": (int, 0),  # values per scale within a head vector; 0: the whole vector
+        "scale_stat": (str, "rms"),  # rms | max
+        "scale_format": (str, "log"),  # log (int16 log2 in 1/8 octaves) | f16
+        "edge_layers": (int, 0),  # the first and last this many model layers ...
+        "edge_bits": (float, 0.0),  # ... get this many more bits
+        "n_layer": (int, 0),  # the model's layer count (set at save time; for edge_layers)
+    }
+
+    def validate(self) -> None:
+        if self.scale_stat not in ("rms", "max") or self.scale_format not in ("log", "f16"):
+            raise ConfigError("lattice: scale_stat is rms or max, scale_format log or f16")
+        if self.scale_scope not in ("vector", "head"):
+            raise ConfigError("lattice: scale_scope is vector or head")
+        if self.scale_block < 0 or (self.scale_block and self.scale_block % 8):
+            raise ConfigError("lattice: scale_block must be 0 or a multiple of 8")
+        for b in (self.k_bits, self.v_bits, self.k_bits + self.edge_bits, self.v_bits + self.edge_bits):
+            if not 0.5 <= b <= 12:
+                raise ConfigError(f"lattice: bits must lie in 0.5 .. 12, got {b}")
+
+    def bind(self, model: ModelBinding) -> "Lattice":
+        return Lattice(**{**{k: getattr(self, k) for k in self.PARAMS}, "n_layer": int(model.facts.n_layer)})
+
+    def bits(self, info: TensorInfo) -> float:
+        b = self.k_bits if info.kind == "k" else self.v_bits
+        L = info.model_layer
+        if self.edge_layers and L is not None and (L < self.edge_layers or L >= self.n_layer - self.edge_layers):
+            b += self.edge_bits
+        return b
+
+    def _block(self, head_dim: int, name: str) -> int:
+        if head_dim % 8:
+            raise ConfigError(f"{name}: head size {head_dim} is not a multiple of 8 (E8 groups)")
+        block = self.scale_block or head_dim
+        if head_dim % block:
+            raise ConfigError(f"{name}: scale_block {block} does not divide the head size {head_dim}")
+        return block
+
+    def _steps(self, scale_symbols: np.ndarray, info: TensorInfo) -> np.ndarray:
+        """float64 quantizer step per block from the stored scale symbols."""
+        if self.scale_format == "log":
+            q = scale_symbols.astype(np.float64)
+            scale = np.where(scale_symbols == LOG_ZERO, 0.0, np.exp2(q / LOG_STEPS))
+        else:
+            scale = scale_symbols.astype(np.uint16).view(np.float16).astype(np.float64)
+        b = self.bits(info)
+        return scale * (2.0 ** (GAUSS_BITS - b) if self.scale_stat == "rms" else 2.0 ** (1.0 - b))
+
+    def _scale_shape(self, n: int, h: int, d: int, block: int) -> tuple[int, ...]:
+        return (h, 1) if self.scale_scope == "head" else (n, h, d // block)
+
+    def encode(self, x: np.ndarray, info: TensorInfo) -> dict[str, np.ndarray]:
+        n, h, d = x.shape
+        block = self._block(d, info.name)
+        x = np.asarray(x, np.float64)
+        out = {}
+        sink = self._sink_rows(info, n)
+        if self.sinks:
+            # the first tokens draw most of the attention (sinks) and lie far from the others:
+            # quantized like the rest they cost more KLD than all other tokens together
+            out["sink"] = x[sink].astype(np.float16).view(np.uint16)
+        if self.center:
+            # K without RoPE shares a large per-channel offset across tokens (most of its energy
+            # in SmolLM2); stored once, it leaves a much smaller residual to quantize
+            rest = x[~sink] if (~sink).any() else x
+            mean = rest.mean(axis=0).astype(np.float16)
+            out["mean"] = mean.view(np.uint16)
+            x = x - mean.astype(np.float64)
+        xb = x.reshape(n, h, d // block, block)
+        if self.scale_scope == "head":
+            sq = (xb**2).mean(axis=(0, 2, 3)) if self.scale_stat == "rms" else None
+            stat = np.sqrt(sq) if sq is not None else np.abs(xb).max(axis=(0, 2, 3))
+            stat = stat.reshape(h, 1)
+        else:
+            stat = np.sqrt((xb**2).mean(axis=-1)) if self.scale_stat == "rms" else np.abs(xb).max(axis=-1)
+        if self.scale_format == "log":
+            with np.errstate(divide="ignore"):
+                q = np.round(LOG_STEPS * np.log2(stat))
+            scale_symbols = np.where(stat > 0, np.clip(q, -32767, 32767), LOG_ZERO).astype(np.int16)
+        else:
+            scale_symbols = stat.astype(np.float16).view(np.uint16)
+        step = self._broadcast(self._steps(scale_symbols, info), n)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = np.where(step[..., None] > 0, xb / step[..., None], 0.0)
+        p = kernel("e8_nearest")(u.reshape(-1, 8))
+        coset = (p[:, 0] != np.floor(p[:, 0])).astype(np.uint8)
+        z = (p - 0.5 * coset[:, None]).astype(np.int64)
+        parity = z[:, :7].sum(axis=1) & 1
+        g = h * d // 8
+        return {
+            **out,
+            "scale": scale_symbols,
+            "coset": coset.reshape(n, g),
+            "coord": z[:, :7].astype(np.int32).reshape(n, g, 7),
+            "coord_last": ((z[:, 7] - parity) // 2).astype(np.int32).reshape(n, g),
+        }
+
+    def decode(self, symbols: dict[str, np.ndarray], info: TensorInfo) -> np.ndarray:
+        n, h, d = info.n_cells, info.n_heads, info.head_dim
+        block = self._block(d, info.name)
+        g = h * d // 8
+        want = {"scale": self._scale_shape(n, h, d, block), "coset": (n, g), "coord": (n, g, 7), "coord_last": (n, g)}
+        if self.center:
+            want["mean"] = (h, d)
+        sink = self._sink_rows(info, n)
+        if self.sinks:
+            want["sink"] = (int(sink.sum()), h, d)
+        for name, shape in want.items():
+            if name not in symbols or symbols[name].shape != shape:
+                raise FormatError(f"{info.name}: lattice symbols {name!r} missing or not of shape {shape}")
+        coset = symbols["coset"].reshape(-1).astype(np.int64)
+        if np.any(coset > 1):
+            raise FormatError(f"{info.name}: lattice coset symbols must be 0 or 1")
+        z7 = symbols["coord"].reshape(-1, 7).astype(np.int64)
+        last = 2 * symbols["coord_last"].reshape(-1).astype(np.int64) + (z7.sum(axis=1) & 1)
+        p = np.concatenate([z7, last[:, None]], axis=1) + 0.5 * coset[:, None]
+        step = self._broadcast(self._steps(symbols["scale"], info), n)
+        x = (p.reshape(n, h, d // block, block) * step[..., None]).reshape(n, h, d)
+        if self.center:
+            x = x + symbols["mean"].astype(np.uint16).view(np.float16).astype(np.float64)
+        if self.sinks:
+            x[sink] = symbols["sink"].astype(np.uint16).view(np.float16)
+        return x.astype(np.float32)
+
+    def _sink_rows(self, info: TensorInfo, n: int) -> np.ndarray:
+        if not self.sinks or info.positions is None:
+            return np.zeros(n, bool)
+        return np.asarray(info.positions)[:n] < self.sinks
+
+    def _broadcast(self, step: np.ndarray, n: int) -> np.ndarray:
+        """Steps as [n, h, blocks] whatever the scale scope."""
+        return np.broadcast_to(step[None], (n,) + step.shape) if self.scale_scope == "head" else step

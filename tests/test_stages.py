@@ -1,0 +1,277 @@
+"""Each stage's decode(encode(x)) against its numpy reference, kernels across backends, and the
+pipeline's rules."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from nexus_gguf.backends import backend_features
+from nexus_gguf.backends import numba_cpu, reference
+from nexus_gguf.errors import ConfigError, FormatError
+from nexus_gguf.pipeline import PRESETS, Pipeline, ablations, build_pipeline
+from nexus_gguf.stages import REGISTRY, TensorInfo, stage_from_config
+from nexus_gguf.stages.delta import Delta
+from nexus_gguf.stages.entropy import MAX_ALPHABET, Entropy, normalized_freqs
+from nexus_gguf.stages.hadamard import Hadamard, power_of_two_blocks
+from nexus_gguf.stages.lattice import Lattice
+from nexus_gguf.stages.rope import Rope
+
+
+def _info(kind="k", n=40, h=2, d=64, pos=None, layer=3, sliding=False):
+    pos = np.arange(n, dtype=np.int32) if pos is None else pos
+    return TensorInfo(f"{kind}.0.0.{layer}", "f16", 2, n * h * d * 4, kind=kind, positions=pos, model_layer=layer,
+                      sliding=sliding, n_cells=n, n_heads=h, head_dim=d)
+
+
+def _values(n=40, h=2, d=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, h, d)) + 3 * rng.standard_normal((1, h, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("stage_id", sorted(REGISTRY))
+def test_every_config_round_trips_through_json(stage_id):
+    stage = REGISTRY[stage_id]()
+    config = json.loads(json.dumps(stage.get_config()))
+    assert stage_from_config(config).get_config() == stage.get_config()
+
+
+# ------------------------------------------------------------------ rope
+
+
+def _rope(mode, n_rot=64, **kw):
+    return Rope(mode=mode, n_rot=n_rot, freq_base=10000.0, **kw)
+
+
+def test_rope_norm_angles_are_ggmls():
+    r = _rope("norm", n_rot=8)
+    theta = r.angles(np.array([0, 1, 5]), sliding=False)
+    want = np.array([[p * 10000.0 ** (-2 * i / 8) for i in range(4)] for p in (0, 1, 5)])
+    np.testing.assert_allclose(theta, want)
+    # NORM rotates adjacent pairs: (x0, x1) of position 1 turned by theta_0 = 1 rad
+    x = np.zeros((2, 1, 8), np.float32)
+    x[:, 0, 0] = 1.0
+    y = r.decode(x, _info(n=2, h=1, d=8))
+    np.testing.assert_allclose(y[1, 0, :2], [np.cos(1.0), np.sin(1.0)], rtol=1e-6)
+    assert np.all(y[0] == x[0])
+
+
+@pytest.mark.parametrize("mode", ["norm", "neox"])
+@pytest.mark.parametrize("n_rot", [64, 32, 16])
+@pytest.mark.parametrize("extra", [{}, {"freq_scale": 0.25, "ext_factor": 1.0, "n_ctx_orig": 4096}])
+def test_rope_round_trip(mode, n_rot, extra):
+    x = _values()
+    r = _rope(mode, n_rot, **extra)
+    info = _info(pos=np.arange(1000, 1040, dtype=np.int32))
+    y = r.encode(x, info)
+    assert not np.allclose(y[..., :n_rot], x[..., :n_rot])
+    np.testing.assert_array_equal(y[..., n_rot:], x[..., n_rot:])  # partial rotary: the rest stays
+    np.testing.assert_allclose(r.decode(y, info), x, atol=1e-4)
+    v = r.encode(x, _info("v"))  # values have no RoPE
+    assert v is x
+
+
+def test_rope_neox_pairs_halves():
+    r = _rope("neox", n_rot=8)
+    x = np.zeros((2, 1, 8), np.float32)
+    x[:, 0, 0] = 1.0
+    y = r.decode(x, _info(n=2, h=1, d=8))
+    np.testing.assert_allclose(y[1, 0, [0, 4]], [np.cos(1.0), np.sin(1.0)], rtol=1e-6)
+
+
+def test_rope_sliding_layers_use_their_base():
+    r = Rope(mode="neox", n_rot=16, freq_base=1e6, freq_base_swa=1e4)
+    pos = np.array([7])
+    assert r.angles(pos, True)[0, 1] == pytest.approx(7 * 1e4 ** (-2 / 16))
+    assert r.angles(pos, False)[0, 1] == pytest.approx(7 * 1e6 ** (-2 / 16))
+
+
+# ------------------------------------------------------------------ hadamard
+
+
+@pytest.mark.parametrize("d", [64, 128, 80, 96, 192, 72])
+def test_hadamard_round_trip_any_head_size(d):
+    x = _values(d=d)
+    info = _info(d=d)
+    y = Hadamard().encode(x, info)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(Hadamard().decode(y, info), x, atol=1e-5)
+    assert sum(power_of_two_blocks(d)) == d
+
+
+# ------------------------------------------------------------------ E8 and the lattice stage
+
+
+def _e8_roots() -> np.ndarray:
+    roots = []
+    for i, j in itertools.combinations(range(8), 2):
+        for si, sj in itertools.product((1, -1), repeat=2):
+            v = np.zeros(8)
+            v[i], v[j] = si, sj
+            roots.append(v)
+    for signs in itertools.product((0.5, -0.5), repeat=8):
+        if sum(s < 0 for s in signs) % 2 == 0:
+            roots.append(np.array(signs))
+    return np.array(roots)
+
+
+@pytest.mark.parametrize("impl", ["reference", "numba"])
+def test_e8_nearest_is_nearest(impl):
+    x = np.random.default_rng(1).standard_normal((3000, 8)) * 2.5
+    p = (reference if impl == "reference" else numba_cpu).e8_nearest(x)
+    # a point of E8: all integers or all half-integers, even sum
+    frac = p - np.floor(p)
+    assert np.all((frac == 0).all(axis=1) | (frac == 0.5).all(axis=1)) and np.all(p.sum(axis=1) % 2 == 0)
+    # the 240 roots are E8's Voronoi-relevant vectors: no neighbour may be closer
+    roots = _e8_roots()
+    assert roots.shape == (240, 8)
+    d0 = ((x - p) ** 2).sum(axis=1)
+    for r in roots:
+        assert np.all(((x - p - r) ** 2).sum(axis=1) >= d0 - 1e-9)
+    np.testing.assert_array_equal(p, reference.e8_nearest(x))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"scale_scope": "head"},
+    {"center": False, "sinks": 0, "scale_block": 8, "scale_stat": "max", "scale_format": "f16"},
+    {"scale_block": 16, "k_bits": 5.0},
+    {"edge_layers": 1, "edge_bits": 2.0, "n_layer": 4},
+])
+def test_lattice_round_trip(kwargs):
+    x = _values()
+    info = _info()
+    lat = Lattice(**kwargs)
+    symbols = lat.encode(x, info)
+    y = lat.decode(Entropy().decode(Entropy().encode(symbols, info), info), info)
+    rms = np.sqrt(np.mean((x - x.mean(axis=0) * lat.center) ** 2))  # what the lattice sees
+    err = np.sqrt(np.mean((y - x) ** 2))
+    assert 0 < err < 0.3 * rms
+    if lat.sinks:  # the sink cells come back as f16 of what went in
+        np.testing.assert_array_equal(y[: lat.sinks], x[: lat.sinks].astype(np.float16).astype(np.float32))
+    # more bits, less error
+    finer = Lattice(**{**kwargs, "k_bits": lat.k_bits + 2})
+    y2 = finer.decode(finer.encode(x, info), info)
+    assert np.sqrt(np.mean((y2 - x) ** 2)) < err / 2
+
+
+def test_lattice_stores_half_the_last_coordinate():
+    x = _values()
+    info = _info()
+    s = Lattice().encode(x, info)
+    z7 = 2 * s["coord_last"] + (s["coord"].sum(axis=2) & 1)
+    assert np.all((s["coord"].sum(axis=2) + z7) % 2 == 0)
+    assert np.abs(s["coord_last"]).max() < np.abs(s["coord"]).max()
+
+
+def test_lattice_edge_layers_get_more_bits():
+    lat = Lattice(k_bits=2.0, edge_layers=2, edge_bits=1.5, n_layer=10)
+    assert [lat.bits(_info(layer=L)) for L in (0, 1, 2, 7, 8, 9)] == [3.5, 3.5, 2.0, 2.0, 3.5, 3.5]
+
+
+def test_lattice_rejects_bad_symbols():
+    info = _info()
+    s = Lattice().encode(_values(), info)
+    s["coord"] = s["coord"][:, :-1]
+    with pytest.raises(FormatError, match="coord"):
+        Lattice().decode(s, info)
+
+
+# ------------------------------------------------------------------ entropy and delta
+
+
+def test_rans_backends_agree_byte_for_byte():
+    rng = np.random.default_rng(3)
+    sym = np.minimum(rng.geometric(0.3, 20000) - 1, 40)
+    freqs = normalized_freqs(np.bincount(sym))
+    a, b = reference.rans_encode(sym, freqs), numba_cpu.rans_encode(sym, freqs)
+    assert a == b
+    np.testing.assert_array_equal(numba_cpu.rans_decode(a, freqs, sym.size), sym)
+    np.testing.assert_array_equal(reference.rans_decode(a, freqs, sym.size), sym)
+    p = np.bincount(sym) / sym.size
+    ideal = -(p[p > 0] * np.log2(p[p > 0])).sum() * sym.size / 8
+    assert len(a) < ideal * 1.01 + 16
+
+
+def test_normalized_freqs():
+    f = normalized_freqs(np.array([1, 0, 10**6, 3]))
+    assert f.sum() == 1 << 14 and f[1] == 0 and f[0] >= 1 and f[3] >= 1
+
+
+@pytest.mark.parametrize("coder", ["rans", "zstd"])
+def test_entropy_round_trip(coder):
+    rng = np.random.default_rng(4)
+    symbols = {
+        "coord": rng.integers(-5, 6, (30, 4, 7)).astype(np.int32),
+        "wide": rng.integers(-(MAX_ALPHABET * 4), MAX_ALPHABET * 4, 100).astype(np.int32),  # goes to zstd
+        "bits": rng.integers(0, 2, 50).astype(np.uint8),
+        "f16": rng.standard_normal(9).astype(np.float16).view(np.uint16),
+        "empty": np.zeros((0, 3), np.int16),
+    }
+    e = Entropy(coder=coder)
+    info = TensorInfo("k.0.0.0", "f16", 2, 10**6)
+    back = e.decode(e.encode(symbols, info), info)
+    assert list(back) == list(symbols)
+    for k in symbols:
+        assert back[k].dtype == symbols[k].dtype and back[k].shape == symbols[k].shape
+        np.testing.assert_array_equal(back[k], symbols[k])
+
+
+def test_entropy_rejects_damage():
+    e = Entropy()
+    info = TensorInfo("k.0.0.0", "f16", 2, 10**6)
+    data = e.encode({"coord": np.arange(-50, 50, dtype=np.int32).reshape(10, 10)}, info)
+    for bad in (data[:-3], np.concatenate([data, data[:2]])):
+        with pytest.raises(FormatError):
+            e.decode(bad, info)
+    flipped = data.copy()
+    flipped[-1] ^= 0x5A
+    with pytest.raises(FormatError):
+        e.decode(flipped, info)
+    with pytest.raises(FormatError, match="more than the section"):
+        e.decode(data, TensorInfo("k.0.0.0", "f16", 2, 10))
+
+
+def test_delta_round_trip():
+    s = {"coord": np.random.default_rng(5).integers(-4, 5, (20, 3, 7)).astype(np.int32), "scale": np.arange(20)}
+    d = Delta()
+    enc = d.encode(s, None)
+    np.testing.assert_array_equal(enc["coord"][1:], np.diff(s["coord"], axis=0))
+    assert enc["scale"] is s["scale"]
+    np.testing.assert_array_equal(d.decode(enc, None)["coord"], s["coord"])
+
+
+# ------------------------------------------------------------------ pipelines and presets
+
+
+def test_presets_build_and_are_valid():
+    for name in PRESETS:
+        p = build_pipeline(name)
+        assert Pipeline.from_config(json.loads(json.dumps(p.get_config()))).get_config() == p.get_config()
+    assert build_pipeline("lossless").lossless and not build_pipeline("high").lossless
+    assert build_pipeline("high", lattice_k_bits=5).stages[-2].k_bits == 5.0
+
+
+def test_pipeline_order_is_checked():
+    with pytest.raises(ConfigError):
+        Pipeline([Lattice()])  # no coder
+    with pytest.raises(ConfigError):
+        Pipeline([Entropy(), Lattice()])
+    with pytest.raises(ConfigError):
+        Pipeline([Lattice(), Hadamard(), Entropy()])
+    with pytest.raises(FormatError):
+        Pipeline.from_config({"stages": [{"id": "entropy"}]})
+
+
+def test_ablations_of_a_lossy_preset():
+    names = [p.preset for p in ablations("high")]
+    assert "high-no-rope" in names and "high-zstd" in names and not any("lattice" in n for n in names)
+    for p in ablations("high"):
+        assert p.values_path
+
+
+def test_numba_available():
+    assert backend_features()["numba"] == "available"
