@@ -3,8 +3,6 @@ state holds them in, and back: the form lossy stages and baselines work on."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from .ggml_quants import dequantize, quantize
@@ -48,17 +46,23 @@ def layer_values(layer: LayerKV, kind: str, v_trans: bool) -> np.ndarray:
     return dequantize(arr, t, n_embd_of(layer, kind, v_trans))
 
 
+def _rows(values: np.ndarray, t: GgmlType, transposed: bool) -> np.ndarray:
+    if not transposed:
+        return quantize(values, t.name)
+    if not t.float_bytes:
+        raise StateLayoutError(f"a transposed V cache cannot hold {t.name}")
+    return quantize(np.ascontiguousarray(values.T), t.name)
+
+
+def layer_from_values(cache_layer: int, model_layer, sliding: bool, v_trans: bool, k_type: GgmlType, k: np.ndarray,
+                      v_type: GgmlType, v: np.ndarray) -> LayerKV:
+    """A cache layer holding float32 K and V [n_cells, n_embd], written as k_type / v_type."""
+    return LayerKV(cache_layer, model_layer, sliding, k_type, _rows(k, k_type, False), v_type, _rows(v, v_type, v_trans))
+
+
 def with_values(layer: LayerKV, v_trans: bool, k: np.ndarray, v: np.ndarray,
                 k_type: GgmlType | None = None, v_type: GgmlType | None = None) -> LayerKV:
     """A copy of `layer` holding float32 K and V [n_cells, n_embd], written as k_type / v_type
     (default: the layer's own types) in the layer's layout."""
-    k_type = k_type or layer.k_type
-    v_type = v_type or layer.v_type
-    k_rows = quantize(k, k_type.name)
-    if v_trans:
-        if not v_type.float_bytes:
-            raise StateLayoutError(f"a transposed V cache cannot hold {v_type.name}")
-        v_rows = quantize(np.ascontiguousarray(v.T), v_type.name)
-    else:
-        v_rows = quantize(v, v_type.name)
-    return replace(layer, k_type=k_type, k=k_rows, v_type=v_type, v=v_rows)
+    return layer_from_values(layer.cache_layer, layer.model_layer, layer.sliding_window, v_trans,
+                             k_type or layer.k_type, k, v_type or layer.v_type, v)

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .backends.reference import hadamard_blocks
-from .cache_values import layer_values, llama_rotation_blocks, with_values
+from .cache_values import layer_from_values, layer_values, llama_rotation_blocks
 from .errors import FormatError, StateLayoutError
 from .ggml_types import ggml_type_by_name
 from .llama_state import Cache, Cells, LayerKV, LlamaState, Stream, parse_cells
@@ -155,12 +155,11 @@ def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limit: int
                             raise FormatError(f"section {name!r} decodes to {data.size} bytes, expected {rows * cols}")
                         arrays.append((t, data.reshape(rows, cols)))
                     (kt, k), (vt, v) = arrays
-                    if dims:
-                        layer = LayerKV(li, L["model_layer"], bool(L["sliding_window"]), kt, None, vt, None)
-                        layer = with_values(layer, v_trans, _llama_rotation(k, kt, "k", dims), _llama_rotation(v, vt, "v", dims))
-                        layers.append(layer)
-                        continue
-                    layers.append(LayerKV(li, L["model_layer"], bool(L["sliding_window"]), kt, k, vt, v))
+                    if dims:  # values: back into the rows and layout the context expects
+                        layers.append(layer_from_values(li, L["model_layer"], bool(L["sliding_window"]), v_trans, kt,
+                                                        _llama_rotation(k, kt, "k", dims), vt, _llama_rotation(v, vt, "v", dims)))
+                    else:
+                        layers.append(LayerKV(li, L["model_layer"], bool(L["sliding_window"]), kt, k, vt, v))
                 streams.append(Stream(cells, bool(s["v_trans"]), layers))
             caches.append(Cache(c["name"], streams))
         return LlamaState(layout["kind"], caches, layout["arch"], layout["seq_id"], bool(layout["has_cell_ext"]))
