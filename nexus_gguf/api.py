@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Optional, Sequence
@@ -96,6 +97,10 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
             f"the Llama reports {n_tokens} evaluated tokens but its KV cache holds positions up to {state.n_pos - 1}; "
             "save right after evaluating the prompt"
         )
+    timer.lap("parse")
+    if pipeline.evict is not None:
+        state, pipeline = _evict(llm, blob, state, tokens, pipeline)
+        timer.lap("scoring")
     layout, sections = encode_state(state, pipeline, value_dims(facts.n_embd_head_k, facts.n_embd_head_v))
     sections.insert(0, ("tokens", encode_tokens(tokens)))
     # a lossy state cannot reproduce the prompt's logits to the last bit anyway; f16 halves them
@@ -117,6 +122,20 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
     file_bytes = write_atomic(path, pack(header, sections))
     timer.lap("write")
     return SaveReport(os.fspath(path), pipeline.preset or "custom", n_tokens, len(blob), file_bytes, timer.seconds)
+
+
+def _evict(llm, blob: bytes, state, tokens, pipeline: Pipeline):
+    """Score the cells, drop the least important; the evict stage records what it did."""
+    from .scoring import score_cells
+
+    stage = pipeline.evict
+    scores = score_cells(llm, blob, state, tokens, stage.window, stage.scorer)
+    pos = next(s for s in state.caches[0].streams if s is not None).cells.pos
+    keep = stage.choose(scores.importance, pos)
+    if scores.note:
+        warnings.warn(f"nexus-gguf: {scores.note}", RuntimeWarning, stacklevel=3)
+    done = type(stage).from_config({**stage.get_config(), "used": scores.scorer, "note": scores.note, "kept": int(keep.size)})
+    return stage.apply(state, keep), pipeline.replace_stage(0, done)
 
 
 def _check_model(header: dict, facts, source: str) -> None:

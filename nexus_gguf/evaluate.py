@@ -88,7 +88,7 @@ class Candidate:
     """One way of storing a state: a pipeline written as a .nxkv file, or a baseline."""
 
     name: str
-    kind: str  # "preset", "ablation" or "baseline"
+    kind: str  # "preset", "ablation", "variant" or "baseline"
     pipeline: Optional[Pipeline] = None
     baseline: Optional[Baseline] = None
 
@@ -101,14 +101,17 @@ class _Stored:
     payload: Optional[bytes] = None  # baselines
 
 
-def candidates(presets: Sequence[str], ablate: Sequence[str], baselines: bool, head_dims: tuple[int, int]) -> list[Candidate]:
-    """raw first (it is also the recall reference), then the baselines, presets and ablations."""
+def candidates(presets: Sequence[str], ablate: Sequence[str], baselines: bool, head_dims: tuple[int, int],
+               variants: Sequence[Pipeline] = ()) -> list[Candidate]:
+    """raw first (it is also the recall reference), then the baselines, presets, ablations and
+    variants (pipelines built by hand, named by their `preset`)."""
     out = [Candidate("raw", "baseline", baseline=RawBaseline("raw", True))]
     if baselines:
         out += [Candidate(b.name, "baseline", baseline=b) for b in default_baselines(*head_dims) if b.name != "raw"]
     out += [Candidate(p, "preset", pipeline=build_pipeline(p)) for p in presets]
     for p in ablate:
         out += [Candidate(pl.preset, "ablation", pipeline=pl) for pl in ablations(p)]
+    out += [Candidate(pl.preset, "variant", pipeline=pl) for pl in variants]
     names = [c.name for c in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"candidate names repeat: {names}")
@@ -230,6 +233,8 @@ def evaluate(
     eval_tokens: int = 256,
     baselines: bool = True,
     ablate: Sequence[str] = (),
+    variants: Sequence[Pipeline] = (),
+    variant_prefixes: Optional[Sequence[int]] = None,
     recall_trials: int = 4,
     recall_prefixes: Optional[Sequence[int]] = None,
     seed: int = 0,
@@ -238,7 +243,8 @@ def evaluate(
 ) -> list[dict]:
     """Rows of figures, one per prefix length and candidate (see the module docstring). `llm`
     needs n_ctx >= context_needed(prefix_tokens, eval_tokens); recall runs at the prefix lengths in
-    recall_prefixes (default: all)."""
+    recall_prefixes (default: all); `variants` (pipelines named by their preset) are measured
+    at variant_prefixes (default: all)."""
     if eval_tokens < 1 or not prefix_tokens or min(prefix_tokens) < 1:
         raise ConfigError("eval needs at least one prefix and one evaluated token")
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)
@@ -248,12 +254,15 @@ def evaluate(
     if llm.n_ctx() < context_needed(prefix_tokens, eval_tokens):
         raise ConfigError(f"the Llama's context ({llm.n_ctx()}) is too small: eval needs {context_needed(prefix_tokens, eval_tokens)}")
     facts = bridge.model_facts(llm)
-    cands = candidates(presets, ablate, baselines, (facts.n_embd_head_k, facts.n_embd_head_v))
+    head_dims = (facts.n_embd_head_k, facts.n_embd_head_v)
+    all_cands = candidates(presets, ablate, baselines, head_dims, variants)
+    fixed = candidates(presets, ablate, baselines, head_dims)
     recall_at = set(prefix_tokens if recall_prefixes is None else recall_prefixes)
     rows = []
     with tempfile.TemporaryDirectory(prefix="nexus-gguf-eval-") as workdir:
         bench = _Bench(llm, workdir)
         for n in prefix_tokens:
+            cands = all_cands if variant_prefixes is None or n in variant_prefixes else fixed
             progress = progress_factory(f"prefill {n}") if progress_factory else None
             prefill_seconds = bench.prefill(tokens[:n], progress)
             raw_blob, raw_state, stored = bench.store_all(cands)

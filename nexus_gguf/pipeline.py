@@ -14,18 +14,19 @@ from .stages import REGISTRY, ModelBinding, Stage, TensorInfo, stage_from_config
 PRESETS: dict[str, list[dict[str, Any]]] = {
     "lossless": [{"id": "byteplane"}, {"id": "zstd", "level": 3}],
     # RoPE removed, Hadamard, E8 lattice (channel means subtracted, f16 attention sinks, one step
-    # per head), rANS. Bits chosen on the benchmark (4096-token prefixes): see README.md
+    # per head), rANS; balanced and max first evict the tokens the prompt's last 32 queries attend
+    # to least. Bits and keep fractions chosen on the benchmark (4096-token prefixes): README.md
     "high": [
         {"id": "rope"}, {"id": "hadamard"},
         {"id": "lattice", "k_bits": 3.5, "v_bits": 3.5, "scale_scope": "head"}, {"id": "entropy"},
     ],
     "balanced": [
-        {"id": "rope"}, {"id": "hadamard"},
-        {"id": "lattice", "k_bits": 2.5, "v_bits": 2.75, "scale_scope": "head"}, {"id": "entropy"},
+        {"id": "evict", "keep": 0.5, "scorer": "attention"}, {"id": "rope"}, {"id": "hadamard"},
+        {"id": "lattice", "k_bits": 3.0, "v_bits": 3.0, "scale_scope": "head"}, {"id": "entropy"},
     ],
     "max": [
-        {"id": "rope"}, {"id": "hadamard"},
-        {"id": "lattice", "k_bits": 1.0, "v_bits": 1.0, "scale_scope": "head"}, {"id": "entropy"},
+        {"id": "evict", "keep": 0.25, "scorer": "attention"}, {"id": "rope"}, {"id": "hadamard"},
+        {"id": "lattice", "k_bits": 1.5, "v_bits": 1.5, "scale_scope": "head"}, {"id": "entropy"},
     ],
     # NexusQuant's pipeline taken literally, for comparison: group-8 fp16 max scales, K3V3,
     # delta coding of lattice symbols along tokens, zstd
@@ -43,13 +44,19 @@ META_STAGES: list[dict[str, Any]] = [{"id": "zstd", "level": 9}]
 
 
 class Pipeline:
-    """Stages in encoding order: either only `bytes` stages (whole sections as llama.cpp wrote
-    them), or the value path: values* quantizer symbols* coder (see Stage)."""
+    """Stages in encoding order: optionally `evict` first (it works on the whole state), then
+    either only `bytes` stages (whole sections as llama.cpp wrote them), or the value path:
+    values* quantizer symbols* coder (see Stage)."""
 
     def __init__(self, stages: Sequence[Stage], preset: str | None = None):
         self.stages = list(stages)
         self.preset = preset
         kinds = [s.kind for s in self.stages]
+        if "cells" in kinds[1:] or kinds.count("cells") > 1:
+            raise ConfigError("an evict stage can only come first, once")
+        # the stages that code sections (evict works on the whole state before them)
+        self.section_stages = [s for s in self.stages if s.kind != "cells"]
+        kinds = [s.kind for s in self.section_stages]
         if self.values_path:
             q = kinds.index("quantizer") if "quantizer" in kinds else -1
             ok = (
@@ -60,13 +67,13 @@ class Pipeline:
             )
             if not ok:
                 raise ConfigError(
-                    f"stages {[s.stage_id for s in self.stages]} do not form a pipeline: "
+                    f"stages {[s.stage_id for s in self.stages]} do not form a pipeline: evict first if any, then "
                     "value stages, one quantizer, symbol stages, one coder"
                 )
 
     @property
     def values_path(self) -> bool:
-        return any(s.kind != "bytes" for s in self.stages)
+        return any(s.kind != "bytes" for s in self.section_stages)
 
     @property
     def lossless(self) -> bool:
@@ -86,13 +93,21 @@ class Pipeline:
         """The pipeline with model-dependent options resolved (what a file records)."""
         return Pipeline([s.bind(model) for s in self.stages], self.preset)
 
+    @property
+    def evict(self):
+        """The evict stage, or None."""
+        return self.stages[0] if self.stages and self.stages[0].kind == "cells" else None
+
+    def replace_stage(self, index: int, stage: Stage) -> "Pipeline":
+        return Pipeline(self.stages[:index] + [stage] + self.stages[index + 1 :], self.preset)
+
     def encode(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
-        for s in self.stages:
+        for s in self.section_stages:
             data = s.encode(data, info)
         return data
 
     def decode(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
-        for s in reversed(self.stages):
+        for s in reversed(self.section_stages):
             data = s.decode(data, info)
         return data
 

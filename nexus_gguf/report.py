@@ -30,6 +30,7 @@ COLUMNS = [
     ("Δp RMS", 7, lambda r: f"{100 * r['dp_rms']:.2f}%"),
     ("PPL ratio", 9, lambda r: f"{r['ppl_ratio']:.4f}"),
     ("save s", 7, lambda r: f"{r['save_seconds']:.2f}"),
+    ("score s", 7, lambda r: f"{r['save_scoring_seconds']:.2f}" if r.get("save_scoring_seconds") else ""),
     ("load s", 7, lambda r: f"{r['load_seconds']:.2f}"),
     ("recall", 6, _recall),
 ]
@@ -78,7 +79,7 @@ def frontier(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]
 
 def pareto_plot(rows: list[dict], path: str, title: Optional[str] = None) -> None:
     """Stored-size ratio against mean KLD, one panel per text and prefix: baselines grey with
-    their frontier drawn, presets in colour, ablations hollow."""
+    their frontier drawn, presets in colour, ablations and variants hollow."""
     try:
         import matplotlib
 
@@ -102,7 +103,8 @@ def pareto_plot(rows: list[dict], path: str, title: Optional[str] = None) -> Non
                 label="baseline frontier")
         for r in group:
             style = {"baseline": dict(color="0.5", marker="o"), "preset": dict(color="C0", marker="D", s=40),
-                     "ablation": dict(facecolors="none", edgecolors="C1", marker="s")}[r["kind"]]
+                     "ablation": dict(facecolors="none", edgecolors="C1", marker="s"),
+                     "variant": dict(facecolors="none", edgecolors="C2", marker="^")}[r["kind"]]
             ax.scatter([x(r)], [r["ratio"]], zorder=3, **style)
             ax.annotate(r["name"], (x(r), r["ratio"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")

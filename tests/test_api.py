@@ -33,7 +33,7 @@ def test_report_and_info(saved):
     assert r.n_tokens == N_PROMPT and r.file_bytes == saved["path"].stat().st_size
     assert r.raw_bytes > N_PROMPT * 30 * 2 * 384  # at least the f16 K and V rows of 30 layers
     assert r.ratio == r.raw_bytes / r.file_bytes
-    assert set(r.seconds) == {"state_get", "encode", "write"}
+    assert set(r.seconds) == {"state_get", "parse", "encode", "write"}  # and "scoring" when evicting
     info = ng.read_info(saved["path"], verify=True)
     assert info["prompt"]["n_tokens"] == N_PROMPT
     assert info["model"]["arch"] == "llama" and info["model"]["n_layer"] == 30

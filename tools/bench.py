@@ -27,9 +27,23 @@ TEXTS = {"prose": ROOT / "tests/data/prose_long.txt", "code": ROOT / "tests/data
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 FULL = dict(texts=["prose", "code"], prefixes=[1024, 4096, 7680], eval_tokens=256, recall_trials=4,
-            recall={"prose": [1024, 4096]}, ablate=["high", "seed"])
+            recall={"prose": [4096]}, ablate=["high", "seed"], eviction_at=[4096])
 QUICK = dict(texts=["prose"], prefixes=[1024], eval_tokens=128, recall_trials=2, recall={"prose": [1024]},
-             ablate=["high"])
+             ablate=["high"], eviction_at=[1024])
+
+
+def eviction_variants():
+    """`high`'s lattice after evicting 25 / 50 / 75 % of the tokens, chosen by the real
+    attention of the last 32 prompt tokens or by the key-key proxy."""
+    from nexus_gguf.pipeline import Pipeline, build_pipeline
+    from nexus_gguf.stages.evict import Evict
+
+    out = []
+    for evicted in (25, 50, 75):
+        for scorer in ("attention", "key-proxy"):
+            stages = [Evict(keep=1 - evicted / 100, scorer=scorer)] + build_pipeline("high").stages
+            out.append(Pipeline(stages, f"high+evict{evicted}/{scorer}"))
+    return out
 
 
 def _machine() -> str:
@@ -89,6 +103,7 @@ def main(argv=None) -> int:
             llm, TEXTS[name].read_text(encoding="utf-8"), text_name=name, presets=presets,
             prefix_tokens=plan["prefixes"], eval_tokens=plan["eval_tokens"],
             ablate=[p for p in plan["ablate"] if p in presets],
+            variants=eviction_variants(), variant_prefixes=plan["eviction_at"],
             recall_trials=plan["recall_trials"], recall_prefixes=plan["recall"].get(name, []),
             progress_factory=lambda label: Progress(label, "tok"), log=lambda s: print(s, file=sys.stderr),
         )

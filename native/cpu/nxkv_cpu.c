@@ -2,7 +2,7 @@
 #include "nxkv.h"
 #include "../core/byteplane.h"
 
-#define NXKV_ABI_VERSION 1
+#define NXKV_ABI_VERSION 2
 
 int nxkv_abi_version(void) { return NXKV_ABI_VERSION; }
 

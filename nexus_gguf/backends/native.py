@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import NativeLibraryError
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 _PKG = Path(__file__).resolve().parent.parent
 _lib = _ffi = None
 
@@ -88,3 +88,35 @@ def byteplane_split(src: np.ndarray, element_size: int) -> np.ndarray:
 
 def byteplane_merge(src: np.ndarray, element_size: int) -> np.ndarray:
     return _byteplane("nxkv_byteplane_merge", src, element_size)
+
+
+class Capture:
+    """The C query-capture callback (nxkv_capture_eval) with its state and output buffer.
+    `accessors` maps the nxkv_capture field names to ggml function addresses."""
+
+    def __init__(self, accessors: dict[str, int], n_layer: int, per_layer: int):
+        ffi, lib = load()
+        self._ffi, self._lib = ffi, lib
+        self.out = np.zeros(n_layer * per_layer, np.float32)
+        self.filled = np.zeros(n_layer, np.int64)
+        c = ffi.new("nxkv_capture *")
+        for field, address in accessors.items():
+            setattr(c, field, ffi.cast(ffi.typeof(getattr(c, field)), address))
+        c.n_layer, c.per_layer = n_layer, per_layer
+        c.out = ffi.cast("float *", ffi.from_buffer(self.out))
+        c.filled = ffi.cast("int64_t *", ffi.from_buffer(self.filled))
+        self.struct = c  # keeps the struct alive as long as this object
+        self.callback_address = int(ffi.cast("uintptr_t", lib.nxkv_capture_eval))
+        self.user_data = int(ffi.cast("uintptr_t", c))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.struct.enabled)
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.struct.enabled = int(value)
+
+    @property
+    def errors(self) -> int:
+        return int(self.struct.errors)

@@ -11,12 +11,13 @@ from .base import STAGE_KINDS, ModelBinding, Stage, TensorInfo
 from .byteplane import BytePlane
 from .delta import Delta
 from .entropy import Entropy
+from .evict import Evict
 from .hadamard import Hadamard
 from .lattice import Lattice
 from .rope import Rope
 from .zstd import Zstd
 
-REGISTRY: dict[str, type[Stage]] = {cls.stage_id: cls for cls in (BytePlane, Zstd, Rope, Hadamard, Lattice, Delta, Entropy)}
+REGISTRY: dict[str, type[Stage]] = {cls.stage_id: cls for cls in (BytePlane, Zstd, Evict, Rope, Hadamard, Lattice, Delta, Entropy)}
 
 
 def stage_from_config(config: Mapping[str, Any]) -> Stage:

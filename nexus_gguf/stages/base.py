@@ -26,7 +26,7 @@ class TensorInfo:
     head_dim: int = 0
 
 
-STAGE_KINDS = ("bytes", "values", "quantizer", "symbols", "coder")
+STAGE_KINDS = ("cells", "bytes", "values", "quantizer", "symbols", "coder")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Stage:
     options in PARAMS (name -> (type, default)); get_config/from_config are derived from it.
 
     kind says what the stage maps (encoding direction):
+      cells:     the parsed state, before any section is coded (evict; first in a pipeline)
       bytes:     uint8 -> uint8 (the lossless path: whole sections as llama.cpp wrote them)
       values:    float32 [n_cells, n_heads, head_dim] -> the same shape (rope, hadamard)
       quantizer: float32 values -> symbols, a dict of named integer arrays (lattice)

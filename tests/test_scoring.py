@@ -1,0 +1,146 @@
+"""Query capture through llama.cpp's eval callback, attention importance, and eviction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import open_llama, prompt_tokens
+
+from nexus_gguf import llama_bridge as bridge
+from nexus_gguf import load_state, read_info, save_state
+from nexus_gguf.backends import backend_features
+from nexus_gguf.evaluate import continuation_metrics
+from nexus_gguf.llama_state import parse_state
+from nexus_gguf.stages import TensorInfo
+from nexus_gguf.stages.evict import Evict
+from nexus_gguf.stages.rope import Rope
+from nexus_gguf import scoring
+
+N, W = 160, 32
+
+
+@pytest.fixture(scope="module")
+def prompt(smollm2_path, prompt_text):
+    llm = open_llama(smollm2_path)
+    tokens = prompt_tokens(llm, prompt_text, N + 17)
+    llm.eval(tokens[:N])
+    return llm, tokens, bridge.get_seq_state(llm, 0)
+
+
+def test_captured_queries_are_the_models(prompt, smollm2_path):
+    """Layer 0's queries recomputed from the GGUF weights: RMS norm, W_q, RoPE (NORM)."""
+    import gguf
+
+    llm, tokens, blob = prompt
+    q = scoring.capture_queries(llm, blob, tokens[:N], W)
+    assert sorted(q) == list(range(30)) and q[0].shape == (W, 9, 64)
+    reader = gguf.GGUFReader(smollm2_path)
+    t = {x.name: x for x in reader.tensors}
+    deq = lambda name: gguf.quants.dequantize(t[name].data, t[name].tensor_type).astype(np.float64)  # noqa: E731
+    eps = float(reader.fields["llama.attention.layer_norm_rms_epsilon"].parts[-1][0])
+    x = deq("token_embd.weight")[tokens[N - W : N]]
+    x = x / np.sqrt((x**2).mean(axis=1, keepdims=True) + eps) * deq("blk.0.attn_norm.weight")
+    want = (x @ deq("blk.0.attn_q.weight").T).reshape(W, 9, 64).astype(np.float32)
+    pos = np.arange(N - W, N, dtype=np.int32)
+    want = Rope(mode="norm", n_rot=64, freq_base=100000.0).decode(want, TensorInfo("q", "f32", 4, 0, kind="k", positions=pos))
+    # llama.cpp multiplies by the Q4_1 weights with Q8 activations: agreement to about 1%
+    assert np.abs(q[0] - want).max() < 0.02 * np.abs(want).max()
+    assert np.corrcoef(q[0].ravel(), want.ravel())[0, 1] > 0.9999
+
+
+def test_native_and_ctypes_callbacks_agree(prompt):
+    if backend_features()["native"] != "available":
+        pytest.skip(backend_features()["native"])
+    llm, tokens, blob = prompt
+    a = scoring.capture_queries(llm, blob, tokens[:N], W, impl="native")
+    b = scoring.capture_queries(llm, blob, tokens[:N], W, impl="ctypes")
+    assert all(np.array_equal(a[layer], b[layer]) for layer in a)
+
+
+def test_attention_importance_by_hand():
+    # one query head, two keys: logits 0 and ln 3 -> weights 1/4, 3/4; a key after the query is masked
+    q = np.array([[[1.0, 0.0]]])
+    k = np.array([[[0.0, 0.0]], [[np.log(3), 0.0]], [[50.0, 0.0]]])
+    imp = scoring.attention_importance(q, np.array([1]), k, np.array([0, 1, 2]), 1.0)
+    np.testing.assert_allclose(imp, [0.25, 0.75, 0.0])
+    # GQA: two query heads share the single KV head, so the mass doubles
+    q2 = np.concatenate([q, q], axis=1)
+    np.testing.assert_allclose(scoring.attention_importance(q2, np.array([1]), k, np.array([0, 1, 2]), 1.0), [0.5, 1.5, 0.0])
+
+
+def test_choose_protects_sinks_and_window():
+    pos = np.arange(100)
+    imp = np.linspace(1, 0, 100)  # early tokens matter most
+    keep = Evict(keep=0.3, sinks=4, window=10).choose(imp, pos)
+    assert keep.size == 30 and set(range(4)) <= set(keep) and set(range(90, 100)) <= set(keep)
+    assert set(keep) - set(range(4)) - set(range(90, 100)) == set(range(4, 20))
+    assert Evict(keep=5.0, sinks=4, window=10).choose(imp, pos).size == 14  # never below the protected cells
+
+
+def test_real_attention_scores(prompt):
+    llm, tokens, blob = prompt
+    state = parse_state(blob, "sequence", bridge.model_facts(llm).state_layout())
+    s = scoring.score_cells(llm, blob, state, tokens[:N], W, "attention")
+    assert s.scorer == "attention" and s.importance.shape == (N,) and s.importance.sum() == pytest.approx(1.0)
+    assert s.importance.argmax() == 0  # the first token is the attention sink
+    p = scoring.score_cells(llm, blob, state, tokens[:N], W, "key-proxy")
+    assert p.scorer == "key-proxy" and not np.allclose(p.importance, s.importance)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_evicted_state_restores_and_continues(smollm2_path, prompt_text, tmp_path, flash_attn):
+    llm = open_llama(smollm2_path, flash_attn=flash_attn)
+    tokens = prompt_tokens(llm, prompt_text, N + 17)
+    llm.eval(tokens[:N])
+    path = tmp_path / "b.nxkv"
+    report = save_state(llm, path, "balanced")
+    assert report.seconds["scoring"] > 0
+    info = read_info(path)
+    ev = info["pipeline"]["stages"][0]
+    assert ev["id"] == "evict" and ev["used"] == "attention" and ev["kept"] == N // 2
+    assert info["prompt"]["n_pos"] == N
+    other = open_llama(smollm2_path, flash_attn=flash_attn)
+    load_state(other, path)
+    blob = bridge.get_seq_state(other, 0)
+    cells = parse_state(blob, "sequence", bridge.model_facts(other).state_layout()).caches[0].streams[0].cells
+    assert len(cells) == N // 2 and cells.pos[0] == 0 and cells.pos[-1] == N - 1
+    # the next tokens go at positions N.. and llama.cpp accepts them
+    got = bridge.eval_logits(other, tokens[N : N + 16], N)
+    raw = bridge.get_seq_state(llm, 0)
+    bridge.clear_seq(llm, 0)
+    assert bridge.set_seq_state(llm, raw, 0)
+    ref = bridge.eval_logits(llm, tokens[N : N + 16], N)
+    m = continuation_metrics(ref, got, np.asarray(tokens[N + 1 : N + 17]))
+    assert m["kld_mean"] < 0.5 and m["top1"] >= 0.5
+
+
+def test_capture_failure_falls_back_to_the_proxy_and_says_so(smollm2_path, prompt_text, tmp_path, monkeypatch):
+    llm = open_llama(smollm2_path)
+    llm.eval(prompt_tokens(llm, prompt_text, 80))
+
+    def broken(*a, **k):
+        raise scoring.NxkvError("no queries")
+
+    monkeypatch.setattr(scoring, "capture_queries", broken)
+    with pytest.warns(RuntimeWarning, match="key-key proxy"):
+        save_state(llm, tmp_path / "p.nxkv", "balanced")
+    ev = read_info(tmp_path / "p.nxkv")["pipeline"]["stages"][0]
+    assert ev["used"] == "key-proxy" and "no queries" in ev["note"]
+
+
+def test_iswa_eviction_leaves_the_window_cache(gemma3_path, tmp_path):
+    llm = open_llama(gemma3_path, n_ctx=256)
+    tokens = [2] + list(range(10, 90))
+    llm.eval(tokens)
+    facts = bridge.model_facts(llm)
+    before = parse_state(bridge.get_seq_state(llm, 0), "sequence", facts.state_layout())
+    save_state(llm, tmp_path / "g.nxkv", "max")
+    other = open_llama(gemma3_path, n_ctx=256)
+    load_state(other, tmp_path / "g.nxkv")
+    after = parse_state(bridge.get_seq_state(other, 0), "sequence", facts.state_layout())
+    kept = after.caches[0].streams[0].cells.pos
+    # a quarter of 81 is less than the protected cells: the 4 sinks and the 32-token window stay
+    assert list(kept) == list(range(4)) + list(range(len(tokens) - 32, len(tokens)))
+    assert np.array_equal(after.caches[1].streams[0].cells.pos, before.caches[1].streams[0].cells.pos)
+    other.eval([91, 92])
+    assert other.n_tokens == len(tokens) + 2
