@@ -256,7 +256,7 @@ def evaluate(
     facts = bridge.model_facts(llm)
     head_dims = (facts.n_embd_head_k, facts.n_embd_head_v)
     all_cands = candidates(presets, ablate, baselines, head_dims, variants)
-    fixed = candidates(presets, ablate, baselines, head_dims)
+    fixed = [c for c in all_cands if c.kind != "variant"]
     recall_at = set(prefix_tokens if recall_prefixes is None else recall_prefixes)
     rows = []
     with tempfile.TemporaryDirectory(prefix="nexus-gguf-eval-") as workdir:
