@@ -3,8 +3,11 @@ state holds them in, and back: the form lossy stages and baselines work on."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from .backends.reference import hadamard_blocks
 from .ggml_quants import dequantize, quantize
 from .ggml_types import GgmlType
 from .llama_state import LayerKV
@@ -24,6 +27,17 @@ def llama_rotation_blocks(head_dim: int, kind: str) -> int:
     while head_dim % (2 * n) == 0:
         n *= 2
     return n
+
+
+def llama_rotation_disabled() -> bool:
+    """LLAMA_ATTN_ROT_DISABLE, which turns llama.cpp's rotation of quantized caches off."""
+    return os.environ.get("LLAMA_ATTN_ROT_DISABLE", "0").strip() not in ("", "0")
+
+
+def toggle_llama_rotation(values: np.ndarray, t: GgmlType, block: int) -> np.ndarray:
+    """Undo (or redo: it is its own inverse) the rotation llama.cpp applied to the rows of a
+    quantized cache of type t with Hadamard block `block` (0: none)."""
+    return hadamard_blocks(values, block) if block and not t.float_bytes else values
 
 
 def n_embd_of(layer: LayerKV, kind: str, v_trans: bool) -> int:

@@ -20,10 +20,10 @@ from typing import Optional
 import numpy as np
 
 from . import llama_bridge as bridge
-from .cache_values import layer_values, llama_rotation_blocks
-from .backends.reference import hadamard_blocks
+from .cache_values import layer_values, toggle_llama_rotation
 from .errors import NxkvError
 from .llama_state import LlamaState
+from .state_file import value_dims
 
 def _ggml():
     """ggml's exported accessors, from the library llama-cpp-python loaded (no struct layout
@@ -223,7 +223,7 @@ def score_cells(llm, blob: bytes, state: LlamaState, tokens, window: int, scorer
     n = len(tokens)
     q_pos = np.arange(n - min(window, n), n)
     hd = facts.n_embd_head_k
-    rot = llama_rotation_blocks(hd, "k") if not s.layers[0].k_type.float_bytes else 0
+    rot = value_dims(hd, facts.n_embd_head_v)["llama_rot_k"]
     note = ""
     queries = None
     if scorer == "attention":
@@ -233,10 +233,7 @@ def score_cells(llm, blob: bytes, state: LlamaState, tokens, window: int, scorer
             note = f"query capture failed ({e}); used the key-key proxy"
     total = np.zeros(len(pos))
     for layer in s.layers:
-        k = layer_values(layer, "k", s.v_trans)
-        if rot:
-            k = hadamard_blocks(k, rot)  # llama.cpp's rotation of quantized caches, undone
-        k = k.reshape(len(pos), -1, hd)
+        k = toggle_llama_rotation(layer_values(layer, "k", s.v_trans), layer.k_type, rot).reshape(len(pos), -1, hd)
         if queries is not None:
             q = queries[layer.model_layer]
         else:

@@ -3,13 +3,11 @@ turned into named sections plus the header's "state" layout, and back."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import numpy as np
 
-from .backends.reference import hadamard_blocks
-from .cache_values import layer_from_values, layer_values, llama_rotation_blocks
+from .cache_values import layer_from_values, layer_values, llama_rotation_blocks, llama_rotation_disabled, toggle_llama_rotation
 from .errors import FormatError, StateLayoutError
 from .ggml_types import ggml_type_by_name
 from .llama_state import Cache, Cells, LayerKV, LlamaState, Stream, parse_cells
@@ -27,7 +25,7 @@ def value_dims(head_dim_k: int, head_dim_v: int) -> dict[str, int]:
     """What the value path needs to know about a model's cache rows: head sizes, and the
     Hadamard block llama.cpp rotated the rows of a quantized cache with (0: none), which is
     undone before the stages and redone when rows go back into a quantized cache."""
-    disabled = os.environ.get("LLAMA_ATTN_ROT_DISABLE", "0").strip() not in ("", "0")
+    disabled = llama_rotation_disabled()
     return {
         "head_dim_k": head_dim_k,
         "head_dim_v": head_dim_v,
@@ -48,8 +46,7 @@ def _tensor_info(name, kind, t, n_bytes, cells: Cells, layer_model, sliding, n_e
 
 
 def _llama_rotation(values: np.ndarray, t, kind: str, dims) -> np.ndarray:
-    block = dims[f"llama_rot_{kind}"]
-    return hadamard_blocks(values, block) if block and not t.float_bytes else values
+    return toggle_llama_rotation(values, t, dims[f"llama_rot_{kind}"])
 
 
 def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str, int]] = None) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
