@@ -101,6 +101,21 @@ class Pipeline:
     def replace_stage(self, index: int, stage: Stage) -> "Pipeline":
         return Pipeline(self.stages[:index] + [stage] + self.stages[index + 1 :], self.preset)
 
+    def absorbs_rotation(self, info: TensorInfo, block: int) -> bool:
+        """Whether a value stage applies exactly llama.cpp's rotation of this section's rows
+        (Hadamard block `block`) with only pass-through stages before it; the rows then stay
+        rotated and that stage skips its own matmul (the two would cancel)."""
+        if not block or not self.values_path:
+            return False
+        for s in self.section_stages:
+            if s.kind != "values":
+                return False
+            if s.absorbs_rotation(info, block):
+                return True
+            if not s.passes_through(info):
+                return False
+        return False
+
     def encode(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
         for s in self.section_stages:
             data = s.encode(data, info)

@@ -3,6 +3,7 @@ turned into named sections plus the header's "state" layout, and back."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional
 
 import numpy as np
@@ -45,8 +46,16 @@ def _tensor_info(name, kind, t, n_bytes, cells: Cells, layer_model, sliding, n_e
     )
 
 
-def _llama_rotation(values: np.ndarray, t, kind: str, dims) -> np.ndarray:
-    return toggle_llama_rotation(values, t, dims[f"llama_rot_{kind}"])
+def _absorbed_rotation(pipeline: Pipeline, info: TensorInfo, t, dims) -> TensorInfo:
+    """info with llama_rot set when a stage absorbs llama.cpp's rotation of these rows (they
+    then stay rotated); unchanged when the rows must be un-rotated first (_llama_rotation)."""
+    block = dims[f"llama_rot_{info.kind}"] if not t.float_bytes else 0
+    return replace(info, llama_rot=block) if pipeline.absorbs_rotation(info, block) else info
+
+
+def _llama_rotation(values: np.ndarray, t, info: TensorInfo, dims) -> np.ndarray:
+    """Undo (or redo) llama.cpp's rotation of a quantized cache's rows, unless a stage absorbs it."""
+    return values if info.llama_rot else toggle_llama_rotation(values, t, dims[f"llama_rot_{info.kind}"])
 
 
 def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str, int]] = None) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
@@ -71,10 +80,11 @@ def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str,
                 for kind, arr, t in (("k", layer.k, layer.k_type), ("v", layer.v, layer.v_type)):
                     name = f"{kind}.{ci}.{si}.{layer.cache_layer}"
                     if pipeline.values_path:
-                        values = _llama_rotation(layer_values(layer, kind, s.v_trans), t, kind, dims)
+                        values = layer_values(layer, kind, s.v_trans)
                         info = _tensor_info(name, kind, t, arr.size, s.cells, layer.model_layer, layer.sliding_window,
                                             values.shape[1], dims)
-                        sections.append((name, pipeline.encode_values(values, info)))
+                        info = _absorbed_rotation(pipeline, info, t, dims)
+                        sections.append((name, pipeline.encode_values(_llama_rotation(values, t, info, dims), info)))
                     else:
                         flat = np.ascontiguousarray(arr).reshape(-1)
                         info = TensorInfo(name, t.name, t.float_bytes, flat.size)
@@ -143,8 +153,9 @@ def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limit: int
                                                 bool(L["sliding_window"]), n_embd, dims)
                             if info.n_cells * n_embd > limit:
                                 raise FormatError(f"section {name!r}: shape larger than the state")
+                            info = _absorbed_rotation(pipeline, info, t, dims)
                             values = pipeline.decode_values(np.frombuffer(section(name), np.uint8), info)
-                            arrays.append((t, values))
+                            arrays.append((t, _llama_rotation(values, t, info, dims)))
                             continue
                         info = TensorInfo(name, t.name, t.float_bytes, rows * cols)
                         data = pipeline.decode(np.frombuffer(section(name), np.uint8), info)
@@ -153,8 +164,7 @@ def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limit: int
                         arrays.append((t, data.reshape(rows, cols)))
                     (kt, k), (vt, v) = arrays
                     if dims:  # values: back into the rows and layout the context expects
-                        layers.append(layer_from_values(li, L["model_layer"], bool(L["sliding_window"]), v_trans, kt,
-                                                        _llama_rotation(k, kt, "k", dims), vt, _llama_rotation(v, vt, "v", dims)))
+                        layers.append(layer_from_values(li, L["model_layer"], bool(L["sliding_window"]), v_trans, kt, k, vt, v))
                     else:
                         layers.append(LayerKV(li, L["model_layer"], bool(L["sliding_window"]), kt, k, vt, v))
                 streams.append(Stream(cells, bool(s["v_trans"]), layers))

@@ -275,3 +275,24 @@ def test_ablations_of_a_lossy_preset():
 
 def test_numba_available():
     assert backend_features()["numba"] == "available"
+
+
+def test_value_path_absorbs_llamas_rotation_instead_of_undoing_it():
+    """llama.cpp stores a quantized cache's rows Hadamard-rotated (block 64 for V); the hadamard
+    stage would apply the same matrix again right after it was undone. The pipeline skips both,
+    and the result is the same up to float rounding."""
+    from dataclasses import replace
+
+    from nexus_gguf.backends.reference import hadamard_blocks
+
+    x = _values(h=3)
+    high = build_pipeline("high").replace_stage(0, Rope(mode="norm", n_rot=64))  # as bound to a model
+    v = _info("v", h=3)
+    assert high.absorbs_rotation(v, 64) and not high.absorbs_rotation(v, 0)
+    assert not high.absorbs_rotation(_info("k", h=3), 64)  # RoPE removal needs the unrotated keys
+    assert build_pipeline("high", without=["rope"]).absorbs_rotation(_info("k", h=3), 64)
+    assert not high.absorbs_rotation(_info("v", h=3, d=128), 64)  # the stage would use a 128 block
+    stored = hadamard_blocks(x, 64)  # what a q8_0 cache holds (before its own rounding)
+    absorbed = high.decode(high.encode(stored, replace(v, llama_rot=64)), replace(v, llama_rot=64))
+    undone = high.decode(high.encode(hadamard_blocks(stored, 64), v), v)
+    np.testing.assert_allclose(hadamard_blocks(absorbed, 64), undone, atol=1e-3 * np.abs(x).max())

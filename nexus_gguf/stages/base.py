@@ -15,7 +15,9 @@ class TensorInfo:
     name: str  # section name, e.g. "k.0.0.12"
     ggml_type: str  # "f16", "q8_0", ... or "raw" for non-tensor payloads
     element_size: int  # bytes per value for plain float types, 0 for block-quantized or raw data
-    max_bytes: int  # no decoded intermediate may be larger (checked before allocating)
+    # no decoded intermediate may hold more items than this (bytes of a byte stream, values of a
+    # symbol stream): checked before allocating
+    max_items: int
     # K/V sections on the value path (lossy stages):
     kind: str = ""  # "k" or "v"
     positions: Optional[np.ndarray] = None  # int32 [n_cells]: each cell's position
@@ -24,6 +26,9 @@ class TensorInfo:
     n_cells: int = 0
     n_heads: int = 0
     head_dim: int = 0
+    # the Hadamard block llama.cpp rotated these rows with and that is still on them (0: none):
+    # set only when a stage of the pipeline absorbs it (see Stage.absorbs_rotation)
+    llama_rot: int = 0
 
 
 STAGE_KINDS = ("cells", "bytes", "values", "quantizer", "symbols", "coder")
@@ -74,6 +79,16 @@ class Stage:
         """This stage with the options that depend on the model resolved (done once at save
         time; the resolved options are what the file stores)."""
         return self
+
+    def passes_through(self, info: TensorInfo) -> bool:
+        """True when encode and decode leave this section's values exactly as they are."""
+        return False
+
+    def absorbs_rotation(self, info: TensorInfo, block: int) -> bool:
+        """True when this stage would apply the very Hadamard rotation (block `block`) that
+        llama.cpp already applied to a quantized cache's rows: the value path then keeps the rows
+        rotated and the stage does nothing, instead of undoing and redoing the same matmul."""
+        return False
 
     def get_config(self) -> dict[str, Any]:
         return {"id": self.stage_id, **{name: getattr(self, name) for name in self.PARAMS}}

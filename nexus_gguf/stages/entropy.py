@@ -124,7 +124,7 @@ class Entropy(Stage):
 
     def decode(self, data: np.ndarray, info: TensorInfo) -> dict:
         r = _Reader(np.asarray(data, np.uint8).tobytes(), info.name)
-        limit = max(info.max_bytes, 1)  # no stream may hold more values than the section's raw size
+        limit = max(info.max_items, 1)
         out = {}
         for _ in range(r.unpack("<B")):
             name = r.take(r.unpack("<B")).decode("ascii", errors="replace")

@@ -22,8 +22,14 @@ class Hadamard(Stage):
     kind = "values"
     PARAMS = {"keys": (bool, True), "values": (bool, True)}
 
+    def passes_through(self, info: TensorInfo) -> bool:
+        return not (self.keys if info.kind == "k" else self.values)
+
+    def absorbs_rotation(self, info: TensorInfo, block: int) -> bool:
+        return not self.passes_through(info) and power_of_two_blocks(info.head_dim) == [block]
+
     def _apply(self, x: np.ndarray, info: TensorInfo) -> np.ndarray:
-        if not (self.keys if info.kind == "k" else self.values):
+        if self.passes_through(info) or (info.llama_rot and self.absorbs_rotation(info, info.llama_rot)):
             return x
         d = x.shape[-1]
         if d < 1:

@@ -83,8 +83,11 @@ class Rope(Stage):
             theta = theta * (1.0 - ramp) + extrap * ramp
         return theta
 
+    def passes_through(self, info: TensorInfo) -> bool:
+        return self.mode in ("off", "auto") or info.kind != "k"
+
     def _rotate(self, x: np.ndarray, info: TensorInfo, sign: float) -> np.ndarray:
-        if self.mode in ("off", "auto") or info.kind != "k":
+        if self.passes_through(info):
             return x
         if info.positions is None or x.shape[-1] < self.n_rot:
             raise ConfigError(f"{info.name}: rope needs cell positions and head_dim >= n_rot")

@@ -27,8 +27,8 @@ class Zstd(Stage):
             size = zstandard.frame_content_size(memoryview(np.ascontiguousarray(data)))
         except zstandard.ZstdError:
             size = -1
-        if size < 0 or size > info.max_bytes:
-            raise FormatError(f"section {info.name!r}: zstd frame declares {size} bytes, expected at most {info.max_bytes}")
+        if size < 0 or size > info.max_items:
+            raise FormatError(f"section {info.name!r}: zstd frame declares {size} bytes, expected at most {info.max_items}")
         try:
             out = zstandard.ZstdDecompressor().decompress(memoryview(np.ascontiguousarray(data)))
         except zstandard.ZstdError as e:
