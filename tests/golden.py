@@ -1,0 +1,189 @@
+"""Golden files (numcodecs' habit): committed inputs and the exact bytes every stage and every
+preset encoded them to, so a port or a refactor that changes one encoded byte, or the way an old
+file decodes, fails a test that names the case.
+
+Shared by tests/test_golden.py (which needs no llama.cpp) and tools/make_fixtures.py (which writes
+the fixtures, by decision only: a changed fixture is a format change).
+
+    tests/fixtures/v<N>/manifest.json   the cases: stage configs, tensor infos, hashes
+    tests/fixtures/v<N>/stages/*.npz    per stage case: input arrays and encoded output
+    tests/fixtures/v<N>/files/*.nxkv    complete files written by the version's writer
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from nexus_gguf.format import NxkvFile
+from nexus_gguf.llama_state import parse_state, write_state
+from nexus_gguf.pipeline import Pipeline
+from nexus_gguf.stages import TensorInfo, stage_from_config
+from nexus_gguf.state_file import decode_logits, decode_state, decode_tokens, encode_logits, encode_state, encode_tokens
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def sha256(data) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else data).hexdigest()
+
+
+def version_dir(version: int) -> str:
+    return os.path.join(FIXTURES, f"v{version}")
+
+
+def load_manifest(version: int) -> dict[str, Any]:
+    with open(os.path.join(version_dir(version), "manifest.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- stage cases
+
+
+def info_to_json(info: TensorInfo) -> dict[str, Any]:
+    d = asdict(info)
+    d.pop("positions")  # stored in the case's npz
+    return d
+
+
+def info_from_json(d: dict[str, Any], positions) -> TensorInfo:
+    return TensorInfo(**d, positions=positions)
+
+
+def _pack(prefix: str, value) -> dict[str, np.ndarray]:
+    """A stage's input or output (an array, or a dict of named arrays) as npz entries."""
+    if isinstance(value, dict):
+        return {f"{prefix}.{name}": np.asarray(v) for name, v in value.items()}
+    return {prefix: np.asarray(value)}
+
+
+def _unpack(npz, prefix: str):
+    if prefix in npz.files:
+        return npz[prefix]
+    names = [k for k in npz.files if k.startswith(prefix + ".")]
+    if not names:
+        raise KeyError(prefix)
+    # npz keeps insertion order; streams are coded in their dict order, so keep it
+    return {k[len(prefix) + 1 :]: npz[k] for k in names}
+
+
+def run_stages(configs, value, info: TensorInfo, direction: str):
+    stages = [stage_from_config(c) for c in configs]
+    if direction == "encode":
+        for s in stages:
+            value = s.encode(value, info)
+    else:
+        for s in reversed(stages):
+            value = s.decode(value, info)
+    return value
+
+
+def write_stage_case(version: int, case: dict[str, Any], inputs, info: TensorInfo) -> dict[str, Any]:
+    """Encode `inputs` with the case's stages, decode the result, store all of it; returns the
+    manifest entry."""
+    encoded = run_stages(case["stages"], inputs, info, "encode")
+    decoded = run_stages(case["stages"], encoded, info, "decode")
+    path = os.path.join(version_dir(version), "stages", case["case"] + ".npz")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    arrays = {**_pack("input", inputs), **_pack("encoded", encoded), **_pack("decoded", decoded)}
+    if info.positions is not None:
+        arrays["positions"] = np.asarray(info.positions)
+    np.savez_compressed(path, **arrays)
+    return {**case, "info": info_to_json(info), "data": os.path.relpath(path, version_dir(version))}
+
+
+def load_stage_case(version: int, entry: dict[str, Any]):
+    """(inputs, expected encoded, expected decoded, info) of a stored stage case."""
+    npz = np.load(os.path.join(version_dir(version), entry["data"]))
+    positions = npz["positions"] if "positions" in npz.files else None
+    info = info_from_json(entry["info"], positions)
+    return _unpack(npz, "input"), _unpack(npz, "encoded"), _unpack(npz, "decoded"), info
+
+
+def same(got, want, exact: bool = True) -> str:
+    """'' if got equals want (arrays or dicts of arrays, dtype and shape included), else why not."""
+    if isinstance(want, dict):
+        if not isinstance(got, dict) or list(got) != list(want):
+            return f"streams {list(got) if isinstance(got, dict) else type(got).__name__} != {list(want)}"
+        for name in want:
+            why = same(got[name], want[name], exact)
+            if why:
+                return f"stream {name!r}: {why}"
+        return ""
+    got, want = np.asarray(got), np.asarray(want)
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return f"{got.dtype}{got.shape} != {want.dtype}{want.shape}"
+    if exact or want.dtype.kind not in "fc":
+        if not np.array_equal(got, want):
+            diff = np.nonzero((got != want).reshape(-1))[0]
+            return f"{diff.size} of {want.size} values differ (first at flat index {diff[0]})"
+        return ""
+    # float outputs of value stages are not stored in files: equal up to float32 rounding of
+    # the platform's libm, which is what a port of them must reproduce
+    scale = max(float(np.abs(want).max()), 1e-30)
+    err = float(np.abs(got.astype(np.float64) - want).max())
+    return "" if err <= 1e-6 * scale else f"max difference {err:.3g} at scale {scale:.3g}"
+
+
+# ---------------------------------------------------------------- complete files
+
+
+def decode_file(path: str) -> dict[str, Any]:
+    """Everything load_state would hand to llama.cpp, decoded without a model: the rebuilt state
+    blob, the prompt tokens and the saved logits row."""
+    f = NxkvFile.open(path)
+    f.verify()
+    h = f.header
+    pipeline = Pipeline.from_config(h["pipeline"])
+    state = decode_state(h["state"], pipeline, f.section, int(h["raw"]["bytes"]))
+    tokens = decode_tokens(f.section("tokens"), int(h["prompt"]["n_tokens"]))
+    logits = None
+    if h.get("logits"):
+        logits = decode_logits(f.section("logits"), int(h["logits"]["n_vocab"]), h["logits"]["dtype"])
+    return {"file": f, "pipeline": pipeline, "blob": write_state(state), "tokens": tokens, "logits": logits}
+
+
+def reencode_file(path: str, raw_blob: bytes) -> dict[str, bytes]:
+    """The sections today's writer makes of `raw_blob` (the state the file was saved from) with
+    the file's own stages and options, as {name: bytes}. Cells an evicting preset dropped are
+    dropped again: the file's cell records say which it kept."""
+    d = decode_file(path)
+    f, pipeline = d["file"], d["pipeline"]
+    h = f.header
+    state = parse_state(raw_blob, h["state"]["kind"], _layout_of(h))
+    if len(d["blob"]) != len(raw_blob):  # evicted: keep the positions the file kept
+        kept = parse_state(d["blob"], h["state"]["kind"], _layout_of(h))
+        state = keep_positions(state, kept)
+    layout, sections = encode_state(state, pipeline, h["state"].get("values"))
+    out = {"tokens": encode_tokens(d["tokens"])}
+    if d["logits"] is not None:
+        out["logits"] = encode_logits(d["logits"], h["logits"]["dtype"])
+    out.update(sections)
+    return {name: bytes(np.ascontiguousarray(v).tobytes()) for name, v in out.items()}
+
+
+def _layout_of(header: dict[str, Any]):
+    from nexus_gguf.llama_state import StateLayout
+
+    s = header["state"]
+    caches = s["caches"]
+    return StateLayout(
+        bool(s["has_cell_ext"]),
+        [[L["model_layer"] for L in next(st for st in c["streams"] if st)["layers"]] for c in caches],
+        [bool(next(st for st in c["streams"] if st)["layers"][0]["sliding_window"]) for c in caches],
+    )
+
+
+def keep_positions(state, kept):
+    """`state` with, in its first cache, only the cells whose positions `kept` has there."""
+    from nexus_gguf.stages.evict import Evict
+
+    full = next(s for s in state.caches[0].streams if s is not None).cells.pos
+    want = next(s for s in kept.caches[0].streams if s is not None).cells.pos
+    idx = np.nonzero(np.isin(full, want))[0]
+    return Evict().apply(state, idx)

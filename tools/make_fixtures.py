@@ -1,0 +1,185 @@
+"""Write the golden files of the current format version under tests/fixtures/v<N>/.
+
+Run only by decision: the fixtures pin every encoded byte, so a fixture that has to change means
+the format changed (bump FORMAT_VERSION, keep the old fixtures loading). Needs llama-cpp-python,
+the gguf package and the default model (the complete files come from real llama.cpp states).
+
+    python tools/make_fixtures.py            # refuses to overwrite an existing version
+    python tools/make_fixtures.py --force    # rewrite it (a format change)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # this checkout, not an installed copy
+
+import golden  # noqa: E402
+
+from nexus_gguf.format import FORMAT_VERSION  # noqa: E402
+from nexus_gguf.pipeline import PRESETS, META_STAGES  # noqa: E402
+from nexus_gguf.stages import TensorInfo  # noqa: E402
+
+
+def _preset_stage(preset: str, stage_id: str) -> dict:
+    return next(dict(c) for c in PRESETS[preset] if c["id"] == stage_id)
+
+
+def _values(rng, n, h, d, offset=3.0) -> np.ndarray:
+    """Cache-like values: a per-channel offset (what centring removes), heavy-ish tails."""
+    x = rng.standard_normal((n, h, d)) * rng.exponential(1.0, (1, h, d)) + offset * rng.standard_normal((1, h, d))
+    x[0] *= 8  # a sink-like first token
+    return x.astype(np.float32)
+
+
+def _info(kind, n, h, d, pos=None, layer=3, sliding=False, name=None):
+    pos = np.arange(n, dtype=np.int32) if pos is None else np.asarray(pos, np.int32)
+    return TensorInfo(name or f"{kind}.0.0.{layer}", "f16", 2, n * h * d * 4, kind=kind, positions=pos,
+                      model_layer=layer, sliding=sliding, n_cells=n, n_heads=h, head_dim=d)
+
+
+def stage_cases(rng):
+    """(case, inputs, info) for every stage and every option set the presets use, plus the
+    option sets a measured ablation needs."""
+    out = []
+    n, h, d = 40, 3, 64
+    # bytes -> bytes: f16 / f32 / block-quantized sections, and the metadata coder
+    for es in (1, 2, 4):
+        raw = rng.integers(0, 256, 4096 * es, dtype=np.uint8)
+        raw[1::2] &= 0x3F  # structure worth compressing
+        info = TensorInfo(f"k.0.0.{es}", {1: "q8_0", 2: "f16", 4: "f32"}[es], {1: 0, 2: 2, 4: 4}[es], raw.size)
+        out.append(({"case": f"lossless-es{es}", "stages": PRESETS["lossless"]}, raw, info))
+    meta = rng.integers(0, 50, 3000, dtype=np.int32).view(np.uint8)
+    out.append(({"case": "meta-zstd", "stages": META_STAGES}, meta, TensorInfo("tokens", "raw", 0, meta.size)))
+    # value stages
+    x = _values(rng, n, h, d)
+    pos = np.arange(1000, 1000 + n, dtype=np.int32)
+    rope_norm = {"id": "rope", "mode": "norm", "n_rot": 64, "freq_base": 100000.0}
+    rope_neox_swa = {"id": "rope", "mode": "neox", "n_rot": 64, "freq_base": 1e6, "freq_base_swa": 10000.0}
+    rope_yarn_partial = {"id": "rope", "mode": "neox", "n_rot": 32, "freq_base": 10000.0, "freq_scale": 0.25,
+                         "ext_factor": 1.0, "n_ctx_orig": 4096}
+    out.append(({"case": "rope-norm", "stages": [rope_norm]}, x, _info("k", n, h, d, pos)))
+    out.append(({"case": "rope-neox-sliding", "stages": [rope_neox_swa]}, x, _info("k", n, h, d, pos, sliding=True)))
+    out.append(({"case": "rope-yarn-partial", "stages": [rope_yarn_partial]}, x, _info("k", n, h, d, pos)))
+    out.append(({"case": "hadamard-64", "stages": [{"id": "hadamard"}]}, x, _info("v", n, h, d)))
+    x80 = _values(rng, n, 2, 80)
+    out.append(({"case": "hadamard-80", "stages": [{"id": "hadamard"}]}, x80, _info("k", n, 2, 80)))
+    # the quantizer of every lossy preset, on K and V, from the same kind of values
+    for preset in ("high", "balanced", "max", "seed"):
+        lat = _preset_stage(preset, "lattice")
+        for kind in ("k", "v"):
+            info = _info(kind, n, h, d, pos=np.arange(n), layer=0 if kind == "k" else 29)
+            out.append(({"case": f"lattice-{preset}-{kind}", "stages": [lat]}, x, info))
+    # options no preset uses but a measured ablation or the README names
+    lat_vec = {"id": "lattice", "k_bits": 3.0, "v_bits": 3.0, "scale_scope": "vector", "scale_block": 16}
+    out.append(({"case": "lattice-vector-block16", "stages": [lat_vec]}, x, _info("k", n, h, d)))
+    # symbol stages and coders, from the lattice symbols of `high` and `seed`
+    from nexus_gguf.stages import stage_from_config
+
+    sym_high = stage_from_config(_preset_stage("high", "lattice")).encode(x, _info("k", n, h, d))
+    sym_seed = stage_from_config(_preset_stage("seed", "lattice")).encode(x, _info("k", n, h, d))
+    out.append(({"case": "entropy-rans", "stages": [_preset_stage("high", "entropy")]}, sym_high, _info("k", n, h, d)))
+    out.append(({"case": "delta-seed", "stages": [_preset_stage("seed", "delta")]}, sym_seed, _info("k", n, h, d)))
+    out.append(({"case": "entropy-zstd-seed", "stages": [_preset_stage("seed", "entropy")]}, sym_seed, _info("k", n, h, d)))
+    # rANS with a wide alphabet (falls back to zstd) and an empty stream
+    wide = {"coord": rng.integers(-9000, 9000, (20, 3)).astype(np.int32), "empty": np.zeros((0, 2), np.int16),
+            "bits": rng.integers(0, 2, 33).astype(np.uint8)}
+    out.append(({"case": "entropy-rans-mixed", "stages": [{"id": "entropy"}]}, wide, _info("k", n, h, d)))
+    return out
+
+
+def e8_ties(rng) -> np.ndarray:
+    """Inputs exactly halfway between lattice points, so the tie rule is pinned: multiples of
+    1/4 (between the two cosets and between D8 neighbours), exactly representable."""
+    fixed = np.array([
+        [0.25] * 8, [-0.25] * 8, [0.5, 0, 0, 0, 0, 0, 0, 0], [-0.5, 0, 0, 0, 0, 0, 0, 0], [0.5] * 8,
+        [0.5, 0.5, 0, 0, 0, 0, 0, 0], [1.5, 0.5, -0.5, 0, 0, 0, 0, 0], [0.75, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25],
+        [1, 0, 0, 0, 0, 0, 0, 0], [0.5, -0.5, 0.5, -0.5, 0, 0, 0, 0],
+    ])
+    random = rng.integers(-12, 13, (2000, 8)) / 4.0
+    return np.concatenate([fixed, random])
+
+
+def write_files(vdir: str) -> list[dict]:
+    import llama_cpp
+
+    import nexus_gguf as ng
+    from nexus_gguf.default_model import default_model_path
+    from tiny_models import write_tiny_gemma3
+
+    files_dir = os.path.join(vdir, "files")
+    os.makedirs(files_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="nxkv-fixtures-")
+    gemma = write_tiny_gemma3(os.path.join(tmp, "tiny-gemma3.gguf"))
+    text = open(os.path.join(ROOT, "tests", "data", "prose.txt"), encoding="utf-8").read()
+
+    def llama(path, **kw):
+        return llama_cpp.Llama(path, n_ctx=256, n_threads=2, n_batch=256, verbose=False, **kw)
+
+    setups = [
+        # (prefix, model, Llama kwargs, tokens, presets)
+        ("gemma3", gemma, {"swa_full": False}, lambda m: m.tokenize(text[:400].encode(), add_bos=False)[:48],
+         ["lossless", "high", "balanced", "max", "seed"]),
+        ("smollm2-f16-vtrans", default_model_path(), {"flash_attn": False},
+         lambda m: m.tokenize(text.encode(), add_bos=True)[:16], ["lossless", "high"]),
+        ("smollm2-q8_0", default_model_path(), {"flash_attn": True, "type_k": 8, "type_v": 8},
+         lambda m: m.tokenize(text.encode(), add_bos=True)[:16], ["lossless", "high"]),
+    ]
+    entries = []
+    for prefix, model, kw, toks, presets in setups:
+        llm = llama(model, **kw)
+        llm.eval(toks(llm))
+        for preset in presets:
+            name = f"{prefix}-{preset}.nxkv"
+            path = os.path.join(files_dir, name)
+            ng.save_state(llm, path, preset)
+            d = golden.decode_file(path)
+            entries.append({
+                "file": f"files/{name}",
+                "preset": preset,
+                # the raw state this file was saved from: the lossless file of the same prompt
+                "source": f"files/{prefix}-lossless.nxkv",
+                "blob_sha256": golden.sha256(d["blob"]),
+                "tokens_sha256": golden.sha256(d["tokens"]),
+                "logits_sha256": None if d["logits"] is None else golden.sha256(d["logits"]),
+            })
+    shutil.rmtree(tmp, ignore_errors=True)
+    return entries
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--force", action="store_true", help="overwrite the fixtures of the current version")
+    ap.add_argument("--seed", type=int, default=20261129)
+    args = ap.parse_args()
+    vdir = golden.version_dir(FORMAT_VERSION)
+    if os.path.exists(os.path.join(vdir, "manifest.json")) and not args.force:
+        print(f"{vdir} exists: fixtures pin released bytes; pass --force only for a format change", file=sys.stderr)
+        return 1
+    shutil.rmtree(vdir, ignore_errors=True)
+    os.makedirs(vdir)
+    rng = np.random.default_rng(args.seed)
+    stages = [golden.write_stage_case(FORMAT_VERSION, case, inputs, info) for case, inputs, info in stage_cases(rng)]
+    from nexus_gguf.backends import reference
+
+    ties = e8_ties(rng)
+    np.savez_compressed(os.path.join(vdir, "e8_ties.npz"), input=ties, nearest=reference.e8_nearest(ties))
+    files = write_files(vdir)
+    manifest = {"format_version": FORMAT_VERSION, "stages": stages, "e8_ties": "e8_ties.npz", "files": files}
+    with open(os.path.join(vdir, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+    print(f"wrote {len(stages)} stage cases and {len(files)} files to {vdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
