@@ -136,6 +136,7 @@ def context_facts(llm, rope: bool = False) -> dict[str, Any]:
         for key in ("rope_freq_base", "rope_freq_scale", "yarn_ext_factor", "yarn_beta_fast", "yarn_beta_slow"):
             out[key] = float(getattr(p, key))
         out["yarn_orig_ctx"] = int(p.yarn_orig_ctx)
+        out["rope_scaling_type"] = int(p.rope_scaling_type)
     return out
 
 

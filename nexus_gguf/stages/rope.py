@@ -20,6 +20,9 @@ from .base import ModelBinding, Stage, TensorInfo
 
 # archs whose sliding-window layers use the global base and scale (llama.cpp src/models/*.cpp);
 # elsewhere they use rope.freq_base_swa, default 10000, and scale 1
+# llama_rope_scaling_type: what GGUF's rope.scaling.type names map to
+ROPE_SCALING_TYPES = {"none": 0, "linear": 1, "yarn": 2, "longrope": 3}
+
 SWA_USES_GLOBAL_ROPE = {"gemma2", "cohere2", "cohere2moe", "llama4", "exaone4", "exaone-moe", "afmoe", "dflash"}
 
 
@@ -55,14 +58,19 @@ class Rope(Stage):
         if rope["type"] not in ("norm", "neox"):
             return Rope(mode="off", skipped=f"RoPE type {rope['type']!r} is not inverted by this stage")
         base = float(ctx.get("rope_freq_base") or rope["freq_base"])
-        scale = float(ctx.get("rope_freq_scale") or rope["freq_scale_train"] or 1.0)
+        # the context's scaling type wins over the model's (llama-context.cpp, llama_context()):
+        # "none" never scales, "yarn" turns the YaRN mix on unless yarn_ext_factor says otherwise
+        scaling = ctx.get("rope_scaling_type")
+        if scaling is None or scaling < 0:
+            scaling = ROPE_SCALING_TYPES.get(rope.get("scaling_type") or "linear", 1)
+        scale = 1.0 if scaling == 0 else float(ctx.get("rope_freq_scale") or rope["freq_scale_train"] or 1.0)
         if facts.arch in SWA_USES_GLOBAL_ROPE:
             base_swa, scale_swa = base, scale
         else:
             base_swa, scale_swa = float(rope.get("freq_base_swa") or 10000.0), 1.0
         ext = ctx.get("yarn_ext_factor", -1.0)
         if ext is None or ext < 0:
-            ext = 1.0 if rope.get("scaling_type") == "yarn" else 0.0
+            ext = 1.0 if scaling == 2 else 0.0
         n_ctx_orig = int(ctx.get("yarn_orig_ctx") or rope.get("original_context_length") or facts.n_ctx_train or 0)
         return Rope(
             mode=rope["type"], n_rot=int(rope["n_rot"]), freq_base=base, freq_scale=scale,
