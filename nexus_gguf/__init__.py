@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .api import LoadReport, SaveReport, load_state, read_info, save_state  # noqa: E402
+from .backends import backend_features  # noqa: E402
 from .errors import (  # noqa: E402
     ChecksumError,
     ConfigError,
@@ -18,6 +19,8 @@ from .errors import (  # noqa: E402
 from .pipeline import PRESETS  # noqa: E402
 
 __all__ = [
+    "backend",
+    "backend_features",
     "save_state",
     "load_state",
     "read_info",
@@ -35,3 +38,12 @@ __all__ = [
     "ConfigError",
     "NativeLibraryError",
 ]
+
+
+def __getattr__(name: str):
+    # `nexus_gguf.backend`: resolved on first use, so importing the package never loads a backend
+    if name == "backend":
+        from .backends import backend_name
+
+        return backend_name()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

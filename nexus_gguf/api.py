@@ -12,8 +12,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from . import llama_bridge as bridge
-from .errors import ChecksumError, ConfigError, FormatError, ModelMismatchError, NxkvError, RestoreError
+from .backends import recording
+from .errors import ChecksumError, ConfigError, FormatError, NxkvError, RestoreError
+from .eviction import EvictionRecord
 from .format import NxkvFile, crc32, pack, read_header, write_atomic
+from .header import Header, build_header
 from .llama_state import parse_state, write_state
 from .pipeline import DEFAULT_PRESET, Pipeline, build_pipeline
 from .stages import ModelBinding
@@ -28,6 +31,8 @@ class SaveReport:
     raw_bytes: int  # the llama.cpp state blob
     file_bytes: int  # the .nxkv file, every header byte counted
     seconds: dict[str, float] = field(default_factory=dict)
+    backends: dict[str, str] = field(default_factory=dict)  # kernel op -> the backend that ran it
+    eviction: Optional[dict] = None  # what eviction did (the header's "eviction"), if the preset evicts
 
     @property
     def ratio(self) -> float:
@@ -48,6 +53,7 @@ class LoadReport:
     file_bytes: int
     exact: bool  # the restored cache is byte-identical to the one saved
     seconds: dict[str, float] = field(default_factory=dict)
+    backends: dict[str, str] = field(default_factory=dict)  # kernel op -> the backend that ran it
     # next-token logits saved with the prompt (None if the file has none): sampling can start
     # from them without decoding the last prompt token again
     logits: Optional[np.ndarray] = field(default=None, repr=False)
@@ -73,8 +79,8 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
     """Store the prompt state of `llm` (sequence 0: its KV cache, prompt tokens and last
     logits) in the .nxkv file `path`, written atomically. Stages named in `without` are left
     out of the preset and options overridden as `<stage>_<option>=value`, e.g.
-    lattice_k_bits=4 or zstd_level=19; `preset` may also be a Pipeline built by hand (then
-    without either)."""
+    lattice_k_bits=4, zstd_level=19 or evict_keep=0.3; `preset` may also be a Pipeline built
+    by hand (then without either)."""
     if isinstance(preset, Pipeline):
         if stage_overrides or without:
             raise ConfigError("stage options go into the Pipeline itself when one is given")
@@ -98,53 +104,42 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
             "save right after evaluating the prompt"
         )
     timer.lap("parse")
-    if pipeline.evict is not None:
-        state, pipeline = _evict(llm, blob, state, tokens, pipeline)
+    eviction = None
+    if pipeline.eviction is not None:
+        state, eviction = _evict(llm, blob, state, tokens, pipeline)
         timer.lap("scoring")
-    layout, sections = encode_state(state, pipeline, value_dims(facts.n_embd_head_k, facts.n_embd_head_v))
-    sections.insert(0, ("tokens", encode_tokens(tokens)))
-    # a lossy state cannot reproduce the prompt's logits to the last bit anyway; f16 halves them
-    logits_dtype = "f32" if pipeline.lossless else "f16"
-    if logits is not None:
-        sections.insert(1, ("logits", encode_logits(logits, logits_dtype)))
+    with recording() as backends:
+        layout, sections = encode_state(state, pipeline, value_dims(facts.n_embd_head_k, facts.n_embd_head_v))
+        sections.insert(0, ("tokens", encode_tokens(tokens)))
+        # a lossy state cannot reproduce the prompt's logits to the last bit anyway; f16 halves them
+        logits_dtype = "f32" if pipeline.lossless else "f16"
+        if logits is not None:
+            sections.insert(1, ("logits", encode_logits(logits, logits_dtype)))
     timer.lap("encode")
-    header = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "software": bridge.software_versions(),
-        "model": facts.to_json(),
-        "context": bridge.context_facts(llm),
-        "prompt": {"n_tokens": n_tokens, "n_pos": state.n_pos, "n_ctx_required": state.n_pos},
-        "logits": None if logits is None else {"dtype": logits_dtype, "n_vocab": int(logits.shape[0])},
-        "pipeline": pipeline.get_config(),
-        "raw": {"bytes": len(blob), "crc32": crc32(blob), "kind": "sequence"},
-        "state": layout,
-    }
+    header = build_header(
+        facts=facts, context=bridge.context_facts(llm), software=bridge.software_versions(), n_tokens=n_tokens,
+        n_pos=state.n_pos, logits=None if logits is None else {"dtype": logits_dtype, "n_vocab": int(logits.shape[0])},
+        pipeline=pipeline, eviction=None if eviction is None else eviction.to_json(),
+        notes={s.stage_id: s.note for s in pipeline.stages if s.note},
+        raw={"bytes": len(blob), "crc32": crc32(blob), "kind": "sequence"}, state=layout,
+    )
     file_bytes = write_atomic(path, pack(header, sections))
     timer.lap("write")
-    return SaveReport(os.fspath(path), pipeline.preset or "custom", n_tokens, len(blob), file_bytes, timer.seconds)
+    return SaveReport(os.fspath(path), pipeline.preset or "custom", n_tokens, len(blob), file_bytes, timer.seconds,
+                      dict(backends), header.get("eviction"))
 
 
 def _evict(llm, blob: bytes, state, tokens, pipeline: Pipeline):
-    """Score the cells, drop the least important; the evict stage records what it did."""
+    """Score the cells, keep the most important: (the smaller state, what was done)."""
     from .scoring import score_cells
 
-    stage = pipeline.evict
-    scores = score_cells(llm, blob, state, tokens, stage.window, stage.scorer)
+    options = pipeline.eviction
+    scores = score_cells(llm, blob, state, tokens, options.window, options.scorer)
     pos = next(s for s in state.caches[0].streams if s is not None).cells.pos
-    keep = stage.choose(scores.importance, pos)
+    keep = options.choose(scores.importance, pos)
     if scores.note:
         warnings.warn(f"nexus-gguf: {scores.note}", RuntimeWarning, stacklevel=3)
-    done = type(stage).from_config({**stage.get_config(), "used": scores.scorer, "note": scores.note, "kept": int(keep.size)})
-    return stage.apply(state, keep), pipeline.replace_stage(0, done)
-
-
-def _check_model(header: dict, facts, source: str) -> None:
-    saved = header.get("model", {})
-    if saved.get("fingerprint") != facts.fingerprint:
-        raise ModelMismatchError(
-            f"{source} was saved from {saved.get('file_name', '?')} ({saved.get('arch', '?')}, fingerprint "
-            f"{str(saved.get('fingerprint'))[:12]}), not from {facts.file_name} ({facts.arch}, {facts.fingerprint[:12]})"
-        )
+    return state.keep_cells(keep), EvictionRecord(options, scores.scorer, int(pos.size), int(keep.size), scores.note)
 
 
 def load_state(llm, path) -> LoadReport:
@@ -155,32 +150,27 @@ def load_state(llm, path) -> LoadReport:
     f = NxkvFile.open(path)
     f.verify()
     timer.lap("read")
-    header = f.header
-    try:
-        _check_model(header, bridge.model_facts(llm), f.source)
-        bridge.require_restorable(llm, header)
-        pipeline = Pipeline.from_config(header["pipeline"])
-        raw = header["raw"]
-        prompt = header["prompt"]
-        n_tokens = int(prompt["n_tokens"])
-        tokens = decode_tokens(f.section("tokens"), n_tokens)
-        logits = None
-        if header.get("logits"):
-            logits = decode_logits(f.section("logits"), int(header["logits"]["n_vocab"]), header["logits"]["dtype"])
-        state = decode_state(header["state"], pipeline, f.section, int(raw["bytes"]))
-    except NxkvError:
-        raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{f.source}: malformed header: {e!r}") from None
-    blob = write_state(state)
-    exact = crc32(blob) == raw["crc32"] and len(blob) == raw["bytes"]
-    if pipeline.lossless and not exact:
+    header = Header(f.header, f.source)
+    limits = header.check_model(bridge.model_facts(llm), bridge.context_capacity(llm))
+    bridge.require_restorable(llm, header)
+    with recording() as backends:
+        try:
+            tokens = decode_tokens(f.section("tokens"), header.n_tokens, limits)
+            logits = None
+            if header.logits is not None:
+                logits = decode_logits(f.section("logits"), header.logits["n_vocab"], header.logits["dtype"], limits)
+            state = decode_state(header.state, header.pipeline, f.section, limits)
+        except FormatError as e:
+            raise FormatError(f"{f.source}: {e}") from None
+        blob = write_state(state)
+    exact = crc32(blob) == header.raw_crc32 and len(blob) == header.raw_bytes
+    if header.pipeline.lossless and not exact:
         raise ChecksumError(f"{f.source}: the restored state does not match the saved one (CRC of the rebuilt state)")
     timer.lap("decode")
     _restore_or_roll_back(llm, blob, f.source)
     bridge.set_prompt(llm, tokens, logits)
     timer.lap("llama_set")
-    return LoadReport(f.source, n_tokens, int(raw["bytes"]), f.file_bytes, exact, timer.seconds, logits)
+    return LoadReport(f.source, header.n_tokens, header.raw_bytes, f.file_bytes, exact, timer.seconds, dict(backends), logits)
 
 
 def _restore_or_roll_back(llm, blob: bytes, source: str) -> None:
@@ -200,12 +190,14 @@ def read_info(path, verify: bool = False) -> dict[str, Any]:
     if verify:
         f = NxkvFile.open(path)
         f.verify()
-        header, sections, file_bytes = f.header, f.sections, f.file_bytes
+        raw_header, sections, file_bytes = f.header, f.sections, f.file_bytes
     else:
-        header, sections, file_bytes = read_header(path)
-    info = dict(header)
+        raw_header, sections, file_bytes = read_header(path)
+    header = Header(raw_header, os.fspath(path))
+    info = dict(raw_header)
+    info["eviction"] = header.eviction
     info["file_bytes"] = file_bytes
-    info["ratio"] = info["raw"]["bytes"] / file_bytes
+    info["ratio"] = header.raw_bytes / file_bytes
     info["sections"] = {name: s.length for name, s in sections.items()}
     info["verified"] = verify
     return info

@@ -12,9 +12,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import zstandard
 
-from .backends.reference import hadamard_blocks
-from .cache_values import layer_values, llama_rotation_blocks, with_values
+from .backends import kernel
 from .ggml_types import ggml_type_by_name
+from .llama_rotation import llama_rotation_blocks
 from .llama_state import Cache, LlamaState, StateLayout, Stream, parse_state, write_state
 
 ZSTD_LEVEL = 3
@@ -60,51 +60,44 @@ class GgmlRowsBaseline(Baseline):
 
     def _rotate(self, x: np.ndarray, kind: str) -> np.ndarray:
         block = llama_rotation_blocks(self.head_dim_k if kind == "k" else self.head_dim_v, kind)
-        return hadamard_blocks(x, block) if self.hadamard and block else x
+        return kernel("hadamard_blocks")(x, block) if self.hadamard and block else x
 
     def encode(self, blob, layout):
         t = ggml_type_by_name(self.cache_type)
 
-        def quantize(key, layer, v_trans):
-            k = self._rotate(layer_values(layer, "k", v_trans), "k")
-            v = self._rotate(layer_values(layer, "v", v_trans), "v")
-            return with_values(layer, False, k, v, t, t), False
+        def quantize(key, layer):
+            k, v = self._rotate(layer.values("k"), "k"), self._rotate(layer.values("v"), "v")
+            return layer.with_values(k, v, t, t, v_trans=False)
 
         return write_state(_map_layers(parse_state(blob, "sequence", layout), quantize))
 
     def decode(self, stored, original, layout):
-        types = {key: (layer.k_type, layer.v_type, v_trans) for key, layer, v_trans in _layers(original)}
+        types = {key: layer for key, layer in _layers(original)}
 
-        def restore(key, layer, _):
-            k_type, v_type, v_trans = types[key]
-            k = self._rotate(layer_values(layer, "k", False), "k")  # the rotation is its own inverse
-            v = self._rotate(layer_values(layer, "v", False), "v")
-            return with_values(layer, v_trans, k, v, k_type, v_type), v_trans
+        def restore(key, layer):
+            # the rotation is its own inverse
+            k, v = self._rotate(layer.values("k"), "k"), self._rotate(layer.values("v"), "v")
+            like = types[key]
+            return layer.with_values(k, v, like.k_type, like.v_type, like.v_trans)
 
         return write_state(_map_layers(parse_state(stored, "sequence", layout), restore))
 
 
 def _layers(state: LlamaState):
-    """((cache name, stream index, cache layer), layer, v_trans) for every stored layer."""
+    """((cache name, stream index, cache layer), layer) for every stored layer."""
     for c in state.caches:
         for si, s in enumerate(c.streams):
             if s is not None:
                 for layer in s.layers:
-                    yield (c.name, si, layer.cache_layer), layer, s.v_trans
+                    yield (c.name, si, layer.cache_layer), layer
 
 
 def _map_layers(state: LlamaState, fn) -> LlamaState:
-    """A copy of `state` with every layer replaced by fn(key, layer, v_trans) -> (layer, v_trans)."""
+    """A copy of `state` with every layer replaced by fn(key, layer)."""
     caches = []
     for c in state.caches:
-        streams = []
-        for si, s in enumerate(c.streams):
-            if s is None:
-                streams.append(None)
-                continue
-            mapped = [fn((c.name, si, layer.cache_layer), layer, s.v_trans) for layer in s.layers]
-            v_trans = mapped[0][1] if mapped else s.v_trans
-            streams.append(Stream(s.cells, v_trans, [m[0] for m in mapped]))
+        streams = [None if s is None else Stream(s.cells, [fn((c.name, si, layer.cache_layer), layer) for layer in s.layers])
+                   for si, s in enumerate(c.streams)]
         caches.append(Cache(c.name, streams))
     return replace(state, caches=caches)
 
@@ -116,6 +109,3 @@ def default_baselines(head_dim_k: int, head_dim_v: int) -> list[Baseline]:
         for rot in (False, True):
             out.append(GgmlRowsBaseline(t + ("+hadamard" if rot else ""), False, t, rot, head_dim_k, head_dim_v))
     return out
-
-
-BASELINE_NAMES = [b.name for b in default_baselines(64, 64)]

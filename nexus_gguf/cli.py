@@ -13,50 +13,19 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import __version__
+from . import llama_bridge as bridge
 from .errors import NxkvError
 from .progress import Progress
 
 
-def _open_llama(model: str, n_ctx: int, threads: Optional[int], n_gpu_layers: int = 0, **kw):
-    import llama_cpp
-
-    _check_model_file(model)
-    return llama_cpp.Llama(
-        model,
-        n_ctx=n_ctx,
-        n_threads=threads or max(1, os.cpu_count() or 1),
-        n_gpu_layers=n_gpu_layers,
-        verbose=False,
-        **kw,
-    )
-
-
-def _check_model_file(model: str) -> None:
-    if not os.path.isfile(model):
-        raise NxkvError(f"{model}: no such model file")
-
-
-def _tokenize(llm, text: str, add_bos: bool) -> list[int]:
-    return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
-
-
-def _count_tokens(model: str, text: str) -> int:
-    import llama_cpp
-
-    _check_model_file(model)
-    vocab_llm = llama_cpp.Llama(model, vocab_only=True, verbose=False)
-    return len(_tokenize(vocab_llm, text, add_bos=True))
-
-
 def cmd_save_state(args) -> int:
     from .api import save_state
-    from .llama_bridge import prefill
 
     text = Path(args.prompt_file).read_text(encoding="utf-8")
-    n = _count_tokens(args.model, text)
-    llm = _open_llama(args.model, max(args.n_ctx or 0, n + 1), args.threads, args.n_gpu_layers)
-    tokens = _tokenize(llm, text, add_bos=True)
-    prefill(llm, tokens, Progress("prefill", "tok"))
+    n = bridge.count_tokens(args.model, text)
+    llm = bridge.open_llama(args.model, max(args.n_ctx or 0, n + 1), args.threads, args.n_gpu_layers)
+    tokens = bridge.tokenize(llm, text, add_bos=True)
+    bridge.prefill(llm, tokens, Progress("prefill", "tok"))
     out = args.output or str(Path(args.prompt_file).with_suffix(".nxkv"))
     report = save_state(llm, out, preset=args.preset, without=args.no or (), **stage_options(args))
     print(report.summary())
@@ -99,10 +68,10 @@ def cmd_generate(args) -> int:
 
     info = read_info(args.state)
     extra_text = args.prompt or ""
-    n_extra = _count_tokens(args.model, extra_text) if extra_text else 0
+    n_extra = bridge.count_tokens(args.model, extra_text) if extra_text else 0
     need = int(info["prompt"]["n_ctx_required"]) + n_extra + args.n + 1
     ctx = info["context"]
-    llm = _open_llama(
+    llm = bridge.open_llama(
         args.model,
         max(args.n_ctx or 0, need),
         args.threads,
@@ -116,7 +85,7 @@ def cmd_generate(args) -> int:
         f"restored {report.n_tokens} tokens from {report.file_bytes:,} B in {sum(report.seconds.values()):.2f}s",
         file=sys.stderr,
     )
-    extra = _tokenize(llm, extra_text, add_bos=False) if extra_text else []
+    extra = bridge.tokenize(llm, extra_text, add_bos=False) if extra_text else []
     continue_restored(llm, report, extra, args.n, args.temp)
     return 0
 
@@ -156,7 +125,14 @@ def cmd_info(args) -> int:
     print(f"file       {args.state}: {info['file_bytes']:,} B, raw state {info['raw']['bytes']:,} B, ratio {info['ratio']:.2f}x")
     print(f"model      {m['file_name']} ({m['arch']}, {m['n_layer']} layers, fingerprint {m['fingerprint'][:12]})")
     print(f"prompt     {p['n_tokens']} tokens, needs n_ctx >= {p['n_ctx_required']}")
-    print(f"pipeline   {info['pipeline']['preset']}: " + " -> ".join(s["id"] for s in info["pipeline"]["stages"]))
+    stages = [s["id"] for s in info["pipeline"]["stages"] if s.get("id") != "evict"]  # 0.1 files listed it there
+    print(f"pipeline   {info['pipeline']['preset']}: " + " -> ".join(stages))
+    ev = info["eviction"]
+    if ev:
+        print(f"eviction   kept {ev['kept']} cells by {ev['used']} importance (keep {ev['keep']}, {ev['sinks']} sinks, "
+              f"{ev['window']}-token window){'; ' + ev['note'] if ev.get('note') else ''}")
+    for stage, note in (info.get("notes") or {}).items():
+        print(f"note       {stage}: {note}")
     print(f"context    {info['context']}")
     print(f"written by {info['software']} at {info['created']}")
     if args.verify:
@@ -169,22 +145,21 @@ def cmd_demo(args) -> int:
 
     from .api import load_state, save_state
     from .default_model import default_model_path
-    from .llama_bridge import prefill
 
     model = args.model or default_model_path()
     text = importlib.resources.files("nexus_gguf").joinpath("data/demo_prompt.txt").read_text(encoding="utf-8")
     out = args.output or "demo.nxkv"
-    llm = _open_llama(model, 2048, args.threads)
-    tokens = _tokenize(llm, text, add_bos=True)
+    llm = bridge.open_llama(model, 2048, args.threads)
+    tokens = bridge.tokenize(llm, text, add_bos=True)
     print(f"model: {os.path.basename(model)}; prompt: {len(tokens)} tokens of the bundled demo text")
     t0 = time.perf_counter()
-    prefill(llm, tokens, Progress("prefill", "tok", enabled=True))
+    bridge.prefill(llm, tokens, Progress("prefill", "tok", enabled=True))
     prefill_s = time.perf_counter() - t0
     report = save_state(llm, out, preset=args.preset)
     print(report.summary())
     print("\n--- continuation after reading the prompt directly ---")
     direct = _generate(llm, tokens, args.n, 0.0)
-    llm2 = _open_llama(model, 2048, args.threads)
+    llm2 = bridge.open_llama(model, 2048, args.threads)
     lr = load_state(llm2, out)
     load_s = sum(lr.seconds.values())
     print(f"\n--- continuation after restoring {out} ({lr.file_bytes:,} B, {load_s:.2f}s) ---")
@@ -208,7 +183,7 @@ def cmd_eval(args) -> int:
     text = Path(args.text_file).read_text(encoding="utf-8")
     prefixes = _list(args.prefix_tokens, int)
     presets = _list(args.presets) if args.presets is not None else list(PRESETS)
-    llm = _open_llama(args.model, max(args.n_ctx or 0, context_needed(prefixes, args.eval_tokens)), args.threads, args.n_gpu_layers)
+    llm = bridge.open_llama(args.model, max(args.n_ctx or 0, context_needed(prefixes, args.eval_tokens)), args.threads, args.n_gpu_layers)
     rows = evaluate(
         llm,
         text,

@@ -51,10 +51,6 @@ def pack(header: Mapping[str, Any], sections: Iterable[tuple[str, bytes]]) -> li
     return [head + struct.pack("<I", crc32(head))] + payloads
 
 
-def to_bytes(header: Mapping[str, Any], sections: Iterable[tuple[str, bytes]]) -> bytes:
-    return b"".join(pack(header, sections))
-
-
 def write_atomic(path: str | os.PathLike, buffers: Iterable) -> int:
     """Write buffers to path so that readers see the old file or the whole new one, never a
     part: temporary file in the same directory, fsync, rename, fsync of the directory."""

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from .byte_reader import ByteReader
 from .errors import FormatError
 
 _SCALARS = {
@@ -42,46 +43,60 @@ class GgufHeader:
         return self.metadata.get(f"{self.arch}.{key}", default)
 
 
-class _Cursor:
-    def __init__(self, buf, path: str):
-        self.buf, self.pos, self.path = buf, 0, path
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.buf):
-            raise FormatError(f"{self.path}: GGUF header runs past the end of the file")
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def unpack(self, fmt: str):
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+class _GgufReader(ByteReader):
+    """ByteReader plus GGUF's typed values (strings, arrays)."""
 
     def string(self) -> str:
-        n = self.unpack("<Q")
-        return self.take(n).decode("utf-8", errors="replace")
+        n = self.unpack("<Q", "string length")
+        return bytes(self.take(n, "string")).decode("utf-8", errors="replace")
 
     def value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
+            return self.unpack(_SCALARS[vtype], "value")
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            etype, count = self.unpack("<I"), self.unpack("<Q")
+            etype, count = self.unpack("<I", "array type"), self.unpack("<Q", "array length")
             if count > _MAX_KEPT_ARRAY:
                 self.skip_array(etype, count)
                 return None
             return [self.value(etype) for _ in range(count)]
-        raise FormatError(f"{self.path}: unknown GGUF value type {vtype}")
+        raise FormatError(f"{self.where}: unknown GGUF value type {vtype}")
 
     def skip_array(self, etype: int, count: int) -> None:
         if etype in _SCALARS:
-            self.take(struct.calcsize(_SCALARS[etype]) * count)
+            self.take(struct.calcsize(_SCALARS[etype]) * count, "array")
         elif etype == _STRING:
             for _ in range(count):
-                self.take(self.unpack("<Q"))
+                self.take(self.unpack("<Q", "string length"), "string")
         else:
             for _ in range(count):
                 self.value(etype)
+
+
+def _parse(cur: _GgufReader, path: str):
+    """(metadata, tensor table, version, bytes up to the end of the tensor table)."""
+    if bytes(cur.take(4, "magic")) != b"GGUF":
+        raise FormatError(f"{path}: not a GGUF file (bad magic)")
+    version = cur.unpack("<I", "version")
+    if version not in (2, 3):
+        raise FormatError(f"{path}: GGUF version {version} is not supported")
+    n_tensors, n_kv = cur.unpack("<Q", "tensor count"), cur.unpack("<Q", "metadata count")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        k = cur.string()
+        metadata[k] = cur.value(cur.unpack("<I", "value type"))
+    tensors = {}
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.unpack("<I", "tensor rank")
+        if n_dims > 8:
+            raise FormatError(f"{path}: tensor {name!r} has {n_dims} dimensions")
+        shape = tuple(cur.unpack("<Q", "tensor shape") for _ in range(n_dims))
+        ttype = cur.unpack("<I", "tensor type")
+        cur.unpack("<Q", "tensor offset")  # into the data section
+        tensors[name] = (shape, ttype)
+    return metadata, tensors, version, cur.pos
 
 
 _cache: dict[tuple[str, int, int], GgufHeader] = {}
@@ -98,35 +113,13 @@ def read_gguf_header(path: str | os.PathLike) -> GgufHeader:
         if st.st_size < 24:
             raise FormatError(f"{path}: too small to be a GGUF file")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            cur = _Cursor(mm, path)
-            if cur.take(4) != b"GGUF":
-                raise FormatError(f"{path}: not a GGUF file (bad magic)")
-            version = cur.unpack("<I")
-            if version not in (2, 3):
-                raise FormatError(f"{path}: GGUF version {version} is not supported")
-            n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
-            metadata: dict[str, Any] = {}
-            for _ in range(n_kv):
-                k = cur.string()
-                metadata[k] = cur.value(cur.unpack("<I"))
-            tensors = {}
-            for _ in range(n_tensors):
-                name = cur.string()
-                n_dims = cur.unpack("<I")
-                if n_dims > 8:
-                    raise FormatError(f"{path}: tensor {name!r} has {n_dims} dimensions")
-                shape = tuple(cur.unpack("<Q") for _ in range(n_dims))
-                ttype = cur.unpack("<I")
-                cur.unpack("<Q")  # offset into the data section
-                tensors[name] = (shape, ttype)
-            end = cur.pos
-            digest = hashlib.blake2b(mm[:end], digest_size=16).hexdigest()
+            view = memoryview(mm)
+            try:
+                metadata, tensors, version, end = _parse(_GgufReader(view, path, FormatError), path)
+                digest = hashlib.blake2b(view[:end], digest_size=16).hexdigest()
+            finally:
+                view.release()  # the mmap cannot close while a view of it is alive
     header = GgufHeader(path, version, metadata, tensors, end, digest)
     _cache[key] = header
     return header
 
-
-def model_fingerprint(path: str | os.PathLike) -> str:
-    """blake2b-128 of the GGUF header (metadata + tensor table): tells models and their
-    quantizations apart without hashing gigabytes of weights."""
-    return read_gguf_header(path).fingerprint

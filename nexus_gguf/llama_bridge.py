@@ -72,8 +72,37 @@ def _sliding_layers(header, n_layer: int, n_swa: int) -> list[int]:
     return [i for i in range(n_layer) if n_pattern == 0 or i % n_pattern < n_pattern - 1]
 
 
+def _llama_cpp():
+    """The llama_cpp module, or a clear error where llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise NxkvError(f"llama-cpp-python is not installed ({e}); run: pip install nexus-gguf") from None
+    return llama_cpp
+
+
+def open_llama(model: str, n_ctx: int, threads: Optional[int] = None, n_gpu_layers: int = 0, **kw):
+    """A llama_cpp.Llama of the GGUF file `model`, quiet, on `threads` CPU threads (default: all)."""
+    import os
+
+    if not os.path.isfile(model):
+        raise NxkvError(f"{model}: no such model file")
+    return _llama_cpp().Llama(model, n_ctx=n_ctx, n_threads=threads or max(1, os.cpu_count() or 1),
+                              n_gpu_layers=n_gpu_layers, verbose=False, **kw)
+
+
+def tokenize(llm, text: str, add_bos: bool) -> list[int]:
+    """Tokens of `text` as the model reads a prompt (special tokens parsed)."""
+    return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+
+def count_tokens(model: str, text: str) -> int:
+    """Tokens `text` takes as a prompt, from the model's vocabulary alone (no weights loaded)."""
+    return len(tokenize(open_llama(model, 512, vocab_only=True), text, add_bos=True))
+
+
 def model_facts(llm) -> ModelFacts:
-    import llama_cpp
+    llama_cpp = _llama_cpp()
 
     cached = getattr(llm, "_nexus_gguf_facts", None)
     if cached is not None:
@@ -142,7 +171,7 @@ def context_facts(llm, rope: bool = False) -> dict[str, Any]:
 
 def get_seq_state(llm, seq_id: int = 0) -> bytes:
     """llama_state_seq_get_data for one sequence, as bytes."""
-    import llama_cpp
+    llama_cpp = _llama_cpp()
 
     ctx = llm._ctx.ctx
     size = int(llama_cpp.llama_state_seq_get_size(ctx, seq_id))
@@ -233,22 +262,28 @@ def software_versions() -> dict[str, str]:
     return {"nexus_gguf": __version__, "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown")}
 
 
-def require_restorable(llm, header: dict) -> None:
-    """Checks that need no llama.cpp call: the context is big enough and its cache types match."""
-    need = max(int(header["prompt"]["n_ctx_required"]), int(header["prompt"]["n_tokens"]))
-    # llama.cpp may round n_ctx up; the Llama's own token buffer keeps the size asked for
-    capacity = min(int(llm.n_ctx()), int(llm.input_ids.shape[0]))
+def context_capacity(llm) -> int:
+    """How many cells a restored prompt may hold: llama.cpp may round n_ctx up, the Llama's own
+    token buffer keeps the size asked for."""
+    return min(int(llm.n_ctx()), int(llm.input_ids.shape[0]))
+
+
+def require_restorable(llm, header) -> None:
+    """Checks that need no llama.cpp call: the context is big enough and its cache types match
+    (header: a header.Header)."""
+    need = max(header.n_ctx_required, header.n_tokens)
+    capacity = context_capacity(llm)
     if capacity < need:
         raise RestoreError(f"the state needs a context of at least {need} tokens; this Llama holds {capacity} (n_ctx)")
-    saved, here = header["context"], context_facts(llm)
+    saved, here = header.context, context_facts(llm)
     for key in ("type_k", "type_v"):
-        if saved[key] != here[key]:
+        if saved.get(key) != here[key]:
             raise RestoreError(
-                f"the state was saved from a cache with {key}={saved[key]} but this Llama has {key}={here[key]}; "
-                f"create the Llama with {key}={saved[key]}"
+                f"the state was saved from a cache with {key}={saved.get(key)} but this Llama has {key}={here[key]}; "
+                f"create the Llama with {key}={saved.get(key)}"
             )
     fa = {"enabled": True, "disabled": False}
-    if saved["flash_attn"] in fa and here["flash_attn"] in fa and saved["flash_attn"] != here["flash_attn"]:
+    if saved.get("flash_attn") in fa and here["flash_attn"] in fa and saved["flash_attn"] != here["flash_attn"]:
         raise RestoreError(
             f"the state was saved with flash attention {saved['flash_attn']} (V {'not ' if fa[saved['flash_attn']] else ''}"
             f"transposed); create the Llama with flash_attn={fa[saved['flash_attn']]}"

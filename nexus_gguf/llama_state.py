@@ -21,11 +21,12 @@ Arrays are views into the blob where possible (no copies on parse).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
 
+from .byte_reader import ByteReader
 from .errors import StateLayoutError, UnsupportedModelError
 from .ggml_types import GgmlType, ggml_type
 
@@ -79,8 +80,10 @@ class Cells:
 
 @dataclass
 class LayerKV:
-    """One cache layer of one stream. K rows are cells; V rows are cells unless v_trans, where
-    V is stored as n_embd_v rows of cell_count elements."""
+    """One cache layer of one stream, in the layout llama.cpp stores it. K rows are cells; V rows
+    are cells too unless v_trans (flash attention off), where V is stored as n_embd_v rows of
+    n_cells elements. The layer knows its own layout: values() reads K or V as floats whatever
+    the type and layout, with_values() writes them back."""
 
     cache_layer: int
     model_layer: Optional[int]
@@ -89,17 +92,71 @@ class LayerKV:
     k: np.ndarray  # uint8 [n_cells, k_row_bytes]
     v_type: GgmlType
     v: np.ndarray  # uint8 [n_cells, v_row_bytes] or, transposed, [n_embd_v, n_cells * el_bytes]
+    v_trans: bool = False
 
     @property
-    def k_row_bytes(self) -> int:
-        return int(self.k.shape[1])
+    def n_cells(self) -> int:
+        return int(self.k.shape[0])
+
+    def n_embd(self, kind: str) -> int:
+        """Values per cell of K (kind 'k') or V ('v'): n_head_kv * head size."""
+        if kind == "v" and self.v_trans:
+            return int(self.v.shape[0])
+        t, arr = (self.k_type, self.k) if kind == "k" else (self.v_type, self.v)
+        return int(arr.shape[1]) // t.type_size * t.block_size
+
+    def values(self, kind: str) -> np.ndarray:
+        """float32 [n_cells, n_embd] of K (kind 'k') or V ('v')."""
+        from .ggml_quants import dequantize
+
+        if kind == "v" and self.v_trans:
+            return np.ascontiguousarray(dequantize(self.v, self.v_type, self.n_cells).T)
+        t, arr = (self.k_type, self.k) if kind == "k" else (self.v_type, self.v)
+        return dequantize(arr, t, self.n_embd(kind))
+
+    @classmethod
+    def from_values(cls, cache_layer: int, model_layer: Optional[int], sliding_window: bool, k_type: GgmlType,
+                    k: np.ndarray, v_type: GgmlType, v: np.ndarray, v_trans: bool) -> "LayerKV":
+        """A layer holding float32 K and V [n_cells, n_embd], written as k_type / v_type in the
+        layout v_trans."""
+        from .ggml_quants import quantize
+
+        if v_trans and not v_type.float_bytes:
+            raise StateLayoutError(f"a transposed V cache cannot hold {v_type.name}")
+        v_rows = quantize(np.ascontiguousarray(v.T), v_type.name) if v_trans else quantize(v, v_type.name)
+        return cls(cache_layer, model_layer, sliding_window, k_type, quantize(k, k_type.name), v_type, v_rows, v_trans)
+
+    def with_values(self, k: np.ndarray, v: np.ndarray, k_type: Optional[GgmlType] = None,
+                    v_type: Optional[GgmlType] = None, v_trans: Optional[bool] = None) -> "LayerKV":
+        """This layer holding float32 K and V [n_cells, n_embd] instead, written as k_type /
+        v_type in the layout v_trans (default: the layer's own types and layout)."""
+        return LayerKV.from_values(self.cache_layer, self.model_layer, self.sliding_window, k_type or self.k_type, k,
+                                   v_type or self.v_type, v, self.v_trans if v_trans is None else v_trans)
+
+    def take_cells(self, idx: np.ndarray) -> "LayerKV":
+        """This layer holding only the cells idx, in that order."""
+        if self.v_trans:
+            el = self.v_type.type_size
+            v = self.v.reshape(self.v.shape[0], self.n_cells, el)[:, idx, :].reshape(self.v.shape[0], -1)
+        else:
+            v = self.v[idx]
+        return replace(self, k=np.ascontiguousarray(self.k[idx]), v=np.ascontiguousarray(v))
 
 
 @dataclass
 class Stream:
     cells: Cells
-    v_trans: bool
     layers: list[LayerKV]
+
+    @property
+    def v_trans(self) -> bool:
+        return self.layers[0].v_trans
+
+    def take_cells(self, idx: np.ndarray) -> "Stream":
+        """This stream holding only the cells idx (positions and everything else kept)."""
+        c = self.cells
+        cells = Cells(c.pos[idx], [c.seq_ids[i] for i in idx], None if c.ext is None else c.ext[idx])
+        return Stream(cells, [layer.take_cells(idx) for layer in self.layers])
 
 
 @dataclass
@@ -131,6 +188,12 @@ class LlamaState:
                     for layer in s.layers:
                         yield c, si, layer
 
+    def keep_cells(self, idx: np.ndarray) -> "LlamaState":
+        """The state with only the cells idx of its first (full-attention) cache, in every
+        stream of it; other caches (sliding-window ones hold only the window) stay whole."""
+        first = Cache(self.caches[0].name, [None if s is None else s.take_cells(idx) for s in self.caches[0].streams])
+        return replace(self, caches=[first] + list(self.caches[1:]))
+
     @property
     def n_pos(self) -> int:
         """One more than the largest position stored (where the next token goes)."""
@@ -142,39 +205,11 @@ class LlamaState:
         return best + 1
 
 
-class _Reader:
-    def __init__(self, blob):
-        self.buf = memoryview(blob).cast("B")
-        self.pos = 0
-
-    def remaining(self) -> int:
-        return len(self.buf) - self.pos
-
-    def take(self, n: int, what: str) -> memoryview:
-        if n < 0 or n > self.remaining():
-            raise StateLayoutError(
-                f"state blob ends early: {what} needs {n} bytes at offset {self.pos}, {self.remaining()} left"
-            )
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def u32(self, what: str) -> int:
-        return struct.unpack("<I", self.take(4, what))[0]
-
-    def i32(self, what: str) -> int:
-        return struct.unpack("<i", self.take(4, what))[0]
-
-    def u64(self, what: str) -> int:
-        return struct.unpack("<Q", self.take(8, what))[0]
-
-    def array(self, n_bytes: int, what: str) -> np.ndarray:
-        start = self.pos
-        self.take(n_bytes, what)
-        return np.frombuffer(self.buf, dtype=np.uint8, count=n_bytes, offset=start)
+def _reader(blob) -> ByteReader:
+    return ByteReader(blob, "state blob", StateLayoutError)
 
 
-def _parse_cells(r: _Reader, n: int, has_ext: bool) -> Cells:
+def _parse_cells(r: ByteReader, n: int, has_ext: bool) -> Cells:
     rec = 4 * (3 + (3 if has_ext else 0))
     # Fast path: all cells hold exactly one sequence (fixed-size records); checked, not assumed.
     if n * rec <= r.remaining():
@@ -200,14 +235,14 @@ def _parse_cells(r: _Reader, n: int, has_ext: bool) -> Cells:
 
 def parse_cells(data, n: int, has_ext: bool) -> Cells:
     """Cell records on their own (as stored in a .nxkv cells section)."""
-    r = _Reader(data)
+    r = _reader(data)
     cells = _parse_cells(r, n, has_ext)
     if r.remaining():
         raise StateLayoutError(f"{r.remaining()} bytes after {n} cell records")
     return cells
 
 
-def _parse_stream(r: _Reader, n_cells: int, has_ext: bool, layer_ids, sliding: bool) -> Stream:
+def _parse_stream(r: ByteReader, n_cells: int, has_ext: bool, layer_ids, sliding: bool) -> Stream:
     cells = _parse_cells(r, n_cells, has_ext)
     v_trans = r.u32("v_trans")
     if v_trans not in (0, 1):
@@ -241,13 +276,11 @@ def _parse_stream(r: _Reader, n_cells: int, has_ext: bool, layer_ids, sliding: b
                 raise StateLayoutError(f"implausible V width {n_embd_v}")
             v = r.array(n_embd_v * n_cells * el, "V columns").reshape(n_embd_v, n_cells * el)
         kt, k = ks[il]
-        layers.append(
-            LayerKV(il, None if layer_ids is None else int(layer_ids[il]), sliding, kt, k, t, v)
-        )
-    return Stream(cells, bool(v_trans), layers)
+        layers.append(LayerKV(il, None if layer_ids is None else int(layer_ids[il]), sliding, kt, k, t, v, bool(v_trans)))
+    return Stream(cells, layers)
 
 
-def _parse_cache(r: _Reader, name: str, has_ext: bool, layer_ids, sliding: bool) -> Cache:
+def _parse_cache(r: ByteReader, name: str, has_ext: bool, layer_ids, sliding: bool) -> Cache:
     n_stream = r.u32("stream count")
     if n_stream == 0 or n_stream > _MAX_STREAMS:
         raise StateLayoutError(f"implausible stream count {n_stream}")
@@ -264,7 +297,7 @@ def _parse_cache(r: _Reader, name: str, has_ext: bool, layer_ids, sliding: bool)
 
 
 def _parse_with(blob, layout: StateLayout, has_ext: bool, kind: str) -> LlamaState:
-    r = _Reader(blob)
+    r = _reader(blob)
     arch = seq_id = None
     if kind == "sequence":
         magic = r.u32("magic")
@@ -318,6 +351,8 @@ def _emit_cache(out: list, cache: Cache) -> None:
         n = len(s.cells)
         out.append(struct.pack("<I", n))
         out.append(s.cells.to_bytes())
+        if any(layer.v_trans != s.v_trans for layer in s.layers):
+            raise StateLayoutError("the layers of one stream disagree on V's layout")
         out.append(struct.pack("<II", int(s.v_trans), len(s.layers)))
         for layer in s.layers:
             if layer.k.shape[0] != n:

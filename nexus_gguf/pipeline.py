@@ -2,40 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .errors import ConfigError, FormatError
+from .eviction import Eviction
 from .stages import REGISTRY, ModelBinding, Stage, TensorInfo, stage_from_config
 
-# preset name -> stage configs, in encoding order. Lossy presets arrive with the lossy pipeline;
-# naming one before then is a clear error, not a placeholder.
-PRESETS: dict[str, list[dict[str, Any]]] = {
-    "lossless": [{"id": "byteplane"}, {"id": "zstd", "level": 3}],
-    # RoPE removed, Hadamard, E8 lattice (channel means subtracted, f16 attention sinks, one step
-    # per head), rANS; balanced and max first evict the tokens the prompt's last 32 queries attend
-    # to least. Bits and keep fractions chosen on the benchmark (4096-token prefixes): README.md
-    "high": [
+# preset name -> {"stages": stage configs in encoding order, "evict": eviction options (optional)}.
+# Lossy presets: RoPE removed, Hadamard, E8 lattice (channel means subtracted, f16 attention
+# sinks, one step per head), rANS; balanced and max first evict the tokens the prompt's last 32
+# queries attend to least. Bits and keep fractions chosen on the benchmark (4096-token
+# prefixes): README.md
+PRESETS: dict[str, dict[str, Any]] = {
+    "lossless": {"stages": [{"id": "byteplane"}, {"id": "zstd", "level": 3}]},
+    "high": {"stages": [
         {"id": "rope"}, {"id": "hadamard"},
         {"id": "lattice", "k_bits": 3.5, "v_bits": 3.5, "scale_scope": "head"}, {"id": "entropy"},
-    ],
-    "balanced": [
-        {"id": "evict", "keep": 0.5, "scorer": "attention"}, {"id": "rope"}, {"id": "hadamard"},
+    ]},
+    "balanced": {"evict": {"keep": 0.5, "scorer": "attention"}, "stages": [
+        {"id": "rope"}, {"id": "hadamard"},
         {"id": "lattice", "k_bits": 3.0, "v_bits": 3.0, "scale_scope": "head"}, {"id": "entropy"},
-    ],
-    "max": [
-        {"id": "evict", "keep": 0.25, "scorer": "attention"}, {"id": "rope"}, {"id": "hadamard"},
+    ]},
+    "max": {"evict": {"keep": 0.25, "scorer": "attention"}, "stages": [
+        {"id": "rope"}, {"id": "hadamard"},
         {"id": "lattice", "k_bits": 1.5, "v_bits": 1.5, "scale_scope": "head"}, {"id": "entropy"},
-    ],
+    ]},
     # NexusQuant's pipeline taken literally, for comparison: group-8 fp16 max scales, K3V3,
     # delta coding of lattice symbols along tokens, zstd
-    "seed": [
+    "seed": {"stages": [
         {"id": "rope"}, {"id": "hadamard"},
         {"id": "lattice", "k_bits": 3.0, "v_bits": 3.0, "sinks": 0, "center": False, "scale_block": 8, "scale_stat": "max",
          "scale_format": "f16"},
         {"id": "delta"}, {"id": "entropy", "coder": "zstd", "level": 3},
-    ],
+    ]},
 }
 DEFAULT_PRESET = "high"
 
@@ -44,19 +45,16 @@ META_STAGES: list[dict[str, Any]] = [{"id": "zstd", "level": 9}]
 
 
 class Pipeline:
-    """Stages in encoding order: optionally `evict` first (it works on the whole state), then
-    either only `bytes` stages (whole sections as llama.cpp wrote them), or the value path:
-    values* quantizer symbols* coder (see Stage)."""
+    """How a state's K/V sections are coded: either only `bytes` stages (whole sections as
+    llama.cpp wrote them), or the value path: values* quantizer symbols* coder (see Stage). An
+    optional Eviction runs before, on the whole state; it is not part of the coding and a file
+    records what it did apart from the stages."""
 
-    def __init__(self, stages: Sequence[Stage], preset: str | None = None):
+    def __init__(self, stages: Sequence[Stage], preset: str | None = None, eviction: Optional[Eviction] = None):
         self.stages = list(stages)
         self.preset = preset
+        self.eviction = eviction
         kinds = [s.kind for s in self.stages]
-        if "cells" in kinds[1:] or kinds.count("cells") > 1:
-            raise ConfigError("an evict stage can only come first, once")
-        # the stages that code sections (evict works on the whole state before them)
-        self.section_stages = [s for s in self.stages if s.kind != "cells"]
-        kinds = [s.kind for s in self.section_stages]
         if self.values_path:
             q = kinds.index("quantizer") if "quantizer" in kinds else -1
             ok = (
@@ -67,39 +65,37 @@ class Pipeline:
             )
             if not ok:
                 raise ConfigError(
-                    f"stages {[s.stage_id for s in self.stages]} do not form a pipeline: evict first if any, then "
+                    f"stages {[s.stage_id for s in self.stages]} do not form a pipeline: "
                     "value stages, one quantizer, symbol stages, one coder"
                 )
 
     @property
     def values_path(self) -> bool:
-        return any(s.kind != "bytes" for s in self.section_stages)
+        return any(s.kind != "bytes" for s in self.stages)
 
     @property
     def lossless(self) -> bool:
-        return all(s.lossless for s in self.stages)
+        return self.eviction is None and all(s.lossless for s in self.stages)
 
     def get_config(self) -> dict[str, Any]:
         return {"preset": self.preset, "stages": [s.get_config() for s in self.stages]}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "Pipeline":
+        """The coding stages a file names. Files of format 1 written by nexus-gguf 0.1 may
+        start with an {"id": "evict"} entry: decoding has nothing to undo for it (see
+        eviction.legacy_stage_record for what it recorded)."""
+        configs = list(config.get("stages", []))
+        if configs and isinstance(configs[0], Mapping) and configs[0].get("id") == "evict":
+            configs = configs[1:]
         try:
-            return cls([stage_from_config(c) for c in config.get("stages", [])], config.get("preset"))
+            return cls([stage_from_config(c) for c in configs], config.get("preset"))
         except ConfigError as e:
             raise FormatError(f"the file's pipeline is invalid: {e}") from None
 
     def bind(self, model: ModelBinding) -> "Pipeline":
         """The pipeline with model-dependent options resolved (what a file records)."""
-        return Pipeline([s.bind(model) for s in self.stages], self.preset)
-
-    @property
-    def evict(self):
-        """The evict stage, or None."""
-        return self.stages[0] if self.stages and self.stages[0].kind == "cells" else None
-
-    def replace_stage(self, index: int, stage: Stage) -> "Pipeline":
-        return Pipeline(self.stages[:index] + [stage] + self.stages[index + 1 :], self.preset)
+        return Pipeline([s.bind(model) for s in self.stages], self.preset, self.eviction)
 
     def absorbs_rotation(self, info: TensorInfo, block: int) -> bool:
         """Whether a value stage applies exactly llama.cpp's rotation of this section's rows
@@ -107,7 +103,7 @@ class Pipeline:
         rotated and that stage skips its own matmul (the two would cancel)."""
         if not block or not self.values_path:
             return False
-        for s in self.section_stages:
+        for s in self.stages:
             if s.kind != "values":
                 return False
             if s.absorbs_rotation(info, block):
@@ -117,12 +113,12 @@ class Pipeline:
         return False
 
     def encode(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
-        for s in self.section_stages:
+        for s in self.stages:
             data = s.encode(data, info)
         return data
 
     def decode(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
-        for s in reversed(self.section_stages):
+        for s in reversed(self.stages):
             data = s.decode(data, info)
         return data
 
@@ -137,27 +133,38 @@ class Pipeline:
 
 
 def build_pipeline(preset: str = DEFAULT_PRESET, without: Sequence[str] = (), **overrides: Any) -> Pipeline:
-    """The stages of `preset` less those named in `without`, with options overridden as
-    `<stage>_<option>=value` (e.g. lattice_k_bits=4, zstd_level=19). Unknown presets, stages and
-    options are ConfigErrors."""
+    """The stages of `preset` less those named in `without` ("evict" leaves eviction out), with
+    options overridden as `<stage>_<option>=value` (e.g. lattice_k_bits=4, zstd_level=19,
+    evict_keep=0.3). Unknown presets, stages and options are ConfigErrors."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
-    configs = [dict(c) for c in PRESETS[preset]]
+    definition = PRESETS[preset]
+    configs = [dict(c) for c in definition["stages"]]
+    evict = dict(definition["evict"]) if "evict" in definition else None
+    names = {c["id"] for c in configs} | ({"evict"} if evict is not None else set())
     for stage_id in without:
-        if stage_id not in {c["id"] for c in configs}:
+        if stage_id not in names:
             raise ConfigError(f"preset {preset!r} has no {stage_id!r} stage to leave out")
     configs = [c for c in configs if c["id"] not in without]
+    if "evict" in without:
+        evict = None
     by_id = {c["id"]: c for c in configs}
     for key, value in overrides.items():
         stage_id, _, option = key.partition("_")
+        if stage_id == "evict":
+            if evict is None:
+                raise ConfigError(f"{key}: preset {preset!r} does not evict")
+            evict[option] = value
+            continue
         if stage_id not in REGISTRY:
-            raise ConfigError(f"{key}: no stage {stage_id!r} (stages: {', '.join(REGISTRY)})")
+            raise ConfigError(f"{key}: no stage {stage_id!r} (stages: {', '.join(REGISTRY)}, evict)")
         if stage_id not in by_id:
             raise ConfigError(f"{key}: preset {preset!r} has no {stage_id!r} stage")
         if option not in REGISTRY[stage_id].PARAMS:
             raise ConfigError(f"{key}: stage {stage_id!r} has no option {option!r}")
         by_id[stage_id][option] = value
-    return Pipeline([REGISTRY[c["id"]].from_config(c) for c in configs], preset)
+    eviction = Eviction.from_config(evict) if evict is not None else None
+    return Pipeline([REGISTRY[c["id"]].from_config(c) for c in configs], preset, eviction)
 
 
 def meta_pipeline() -> Pipeline:
@@ -165,17 +172,19 @@ def meta_pipeline() -> Pipeline:
 
 
 def ablations(preset: str) -> list[Pipeline]:
-    """The preset once per stage with that stage left out (`<preset>-no-<stage>`); a value
-    path cannot lose its quantizer, and instead of dropping its coder, rANS is swapped for zstd
-    (`<preset>-zstd`)."""
+    """The preset once per stage with that stage left out (`<preset>-no-<stage>`, eviction
+    too); a value path cannot lose its quantizer, and instead of dropping its coder, rANS is
+    swapped for zstd (`<preset>-zstd`)."""
     full = build_pipeline(preset)
     out = []
+    if full.eviction is not None:
+        out.append(Pipeline(full.stages, f"{preset}-no-evict"))
     for i, s in enumerate(full.stages):
         if s.kind == "quantizer" or (s.kind == "coder" and getattr(s, "coder", "") != "rans"):
             continue
         if s.kind == "coder":
             swapped = type(s).from_config({**s.get_config(), "coder": "zstd"})
-            out.append(Pipeline(full.stages[:i] + [swapped] + full.stages[i + 1 :], f"{preset}-zstd"))
+            out.append(Pipeline(full.stages[:i] + [swapped] + full.stages[i + 1 :], f"{preset}-zstd", full.eviction))
         else:
-            out.append(Pipeline(full.stages[:i] + full.stages[i + 1 :], f"{preset}-no-{s.stage_id}"))
+            out.append(Pipeline(full.stages[:i] + full.stages[i + 1 :], f"{preset}-no-{s.stage_id}", full.eviction))
     return out

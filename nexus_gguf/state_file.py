@@ -8,14 +8,18 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .cache_values import layer_from_values, layer_values, llama_rotation_blocks, llama_rotation_disabled, toggle_llama_rotation
 from .errors import FormatError, StateLayoutError
-from .ggml_types import ggml_type_by_name
+from .ggml_types import GgmlType, ggml_type_by_name
+from .header import LOGITS_DTYPES, Limits
+from .llama_rotation import llama_rotation, toggle_llama_rotation
 from .llama_state import Cache, Cells, LayerKV, LlamaState, Stream, parse_cells
 from .pipeline import Pipeline, meta_pipeline
 from .stages import TensorInfo
 
-_MAX_TOKENS = 1 << 26
+# largest cell record: pos, n_seq, the 12-byte extension and this many sequence ids
+_MAX_SEQ_PER_CELL = 256
+_MAX_CELL_BYTES = 4 * (2 + 3 + _MAX_SEQ_PER_CELL)
+_NUMPY_LOGITS = {"f32": "<f4", "f16": "<f2"}
 
 
 def _meta_info(name: str, n_bytes: int) -> TensorInfo:
@@ -24,36 +28,32 @@ def _meta_info(name: str, n_bytes: int) -> TensorInfo:
 
 def value_dims(head_dim_k: int, head_dim_v: int) -> dict[str, int]:
     """What the value path needs to know about a model's cache rows: head sizes, and the
-    Hadamard block llama.cpp rotated the rows of a quantized cache with (0: none), which is
-    undone before the stages and redone when rows go back into a quantized cache."""
-    disabled = llama_rotation_disabled()
+    Hadamard block llama.cpp rotated the rows of a quantized cache with (0: none)."""
     return {
         "head_dim_k": head_dim_k,
         "head_dim_v": head_dim_v,
-        "llama_rot_k": 0 if disabled else llama_rotation_blocks(head_dim_k, "k"),
-        "llama_rot_v": 0 if disabled else llama_rotation_blocks(head_dim_v, "v"),
+        "llama_rot_k": llama_rotation(head_dim_k, "k"),
+        "llama_rot_v": llama_rotation(head_dim_v, "v"),
     }
 
 
-def _tensor_info(name, kind, t, n_bytes, cells: Cells, layer_model, sliding, n_embd, dims) -> TensorInfo:
-    head_dim = dims[f"head_dim_{kind}"] if dims else 0
-    if dims and (head_dim <= 0 or n_embd % head_dim):
+def _value_info(pipeline: Pipeline, name: str, kind: str, t: GgmlType, cells: Cells, layer_model, sliding: bool,
+                n_embd: int, dims) -> TensorInfo:
+    """The TensorInfo of a K or V section on the value path; llama_rot is set when a stage
+    absorbs llama.cpp's rotation of these rows (they then stay rotated, see
+    Pipeline.absorbs_rotation)."""
+    head_dim = dims[f"head_dim_{kind}"]
+    if head_dim <= 0 or n_embd % head_dim:
         raise StateLayoutError(f"{name}: rows of {n_embd} values are not whole heads of {head_dim}")
     # symbol streams hold at most one value per cache value, whatever the cache type's size
-    return TensorInfo(
-        name, t.name, t.float_bytes, max(n_bytes, len(cells) * n_embd), kind=kind, positions=cells.pos, model_layer=layer_model,
-        sliding=sliding, n_cells=len(cells), n_heads=n_embd // head_dim if dims else 0, head_dim=head_dim,
-    )
-
-
-def _absorbed_rotation(pipeline: Pipeline, info: TensorInfo, t, dims) -> TensorInfo:
-    """info with llama_rot set when a stage absorbs llama.cpp's rotation of these rows (they
-    then stay rotated); unchanged when the rows must be un-rotated first (_llama_rotation)."""
-    block = dims[f"llama_rot_{info.kind}"] if not t.float_bytes else 0
+    info = TensorInfo(name, t.name, t.float_bytes, len(cells) * n_embd, kind=kind, positions=cells.pos,
+                      model_layer=layer_model, sliding=sliding, n_cells=len(cells), n_heads=n_embd // head_dim,
+                      head_dim=head_dim)
+    block = dims[f"llama_rot_{kind}"] if not t.float_bytes else 0
     return replace(info, llama_rot=block) if pipeline.absorbs_rotation(info, block) else info
 
 
-def _llama_rotation(values: np.ndarray, t, info: TensorInfo, dims) -> np.ndarray:
+def _unrotated(values: np.ndarray, t: GgmlType, info: TensorInfo, dims) -> np.ndarray:
     """Undo (or redo) llama.cpp's rotation of a quantized cache's rows, unless a stage absorbs it."""
     return values if info.llama_rot else toggle_llama_rotation(values, t, dims[f"llama_rot_{info.kind}"])
 
@@ -77,28 +77,24 @@ def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str,
             sections.append((name, meta.encode(cells, _meta_info(name, cells.size))))
             layers = []
             for layer in s.layers:
-                for kind, arr, t in (("k", layer.k, layer.k_type), ("v", layer.v, layer.v_type)):
+                for kind, t in (("k", layer.k_type), ("v", layer.v_type)):
                     name = f"{kind}.{ci}.{si}.{layer.cache_layer}"
                     if pipeline.values_path:
-                        values = layer_values(layer, kind, s.v_trans)
-                        info = _tensor_info(name, kind, t, arr.size, s.cells, layer.model_layer, layer.sliding_window,
-                                            values.shape[1], dims)
-                        info = _absorbed_rotation(pipeline, info, t, dims)
-                        sections.append((name, pipeline.encode_values(_llama_rotation(values, t, info, dims), info)))
+                        info = _value_info(pipeline, name, kind, t, s.cells, layer.model_layer, layer.sliding_window,
+                                           layer.n_embd(kind), dims)
+                        values = _unrotated(layer.values(kind), t, info, dims)
+                        sections.append((name, pipeline.encode_values(values, info)))
                     else:
-                        flat = np.ascontiguousarray(arr).reshape(-1)
-                        info = TensorInfo(name, t.name, t.float_bytes, flat.size)
-                        sections.append((name, pipeline.encode(flat, info)))
-                layers.append(
-                    {
-                        "model_layer": layer.model_layer,
-                        "sliding_window": layer.sliding_window,
-                        "k_type": layer.k_type.name,
-                        "k_shape": list(layer.k.shape),
-                        "v_type": layer.v_type.name,
-                        "v_shape": list(layer.v.shape),
-                    }
-                )
+                        flat = np.ascontiguousarray(layer.k if kind == "k" else layer.v).reshape(-1)
+                        sections.append((name, pipeline.encode(flat, TensorInfo(name, t.name, t.float_bytes, flat.size))))
+                layers.append({
+                    "model_layer": layer.model_layer,
+                    "sliding_window": layer.sliding_window,
+                    "k_type": layer.k_type.name,
+                    "k_shape": list(layer.k.shape),
+                    "v_type": layer.v_type.name,
+                    "v_shape": list(layer.v.shape),
+                })
             streams.append({"n_cells": len(s.cells), "cell_bytes": int(cells.size), "v_trans": s.v_trans, "layers": layers})
         caches.append({"name": cache.name, "streams": streams})
     layout = {
@@ -113,61 +109,78 @@ def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str,
     return layout, sections
 
 
-def _shape(v, what: str, limit: int) -> tuple[int, int]:
-    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and 0 < x for x in v)):
+def _shape(v, what: str, rows: int, row_bytes: int) -> tuple[int, int]:
+    """A [rows, row bytes] shape from the header, each bounded before anything is allocated."""
+    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and 0 < x for x in v)):
         raise FormatError(f"{what}: invalid shape {v!r}")
-    if v[0] * v[1] > limit:
-        raise FormatError(f"{what}: shape {v!r} is larger than the file could hold")
+    if v[0] > rows or v[1] > row_bytes:
+        raise FormatError(f"{what}: shape {v!r} is larger than the model's rows ({rows} x {row_bytes} bytes at most)")
     return v[0], v[1]
 
 
-def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limit: int) -> LlamaState:
+def _check_dims(dims, limits: Limits) -> None:
+    if not isinstance(dims, dict):
+        raise FormatError("the file's lossy pipeline has no value layout in its header")
+    for kind in ("k", "v"):
+        head_dim, rot = dims.get(f"head_dim_{kind}"), dims.get(f"llama_rot_{kind}")
+        want = limits.head_dim_k if kind == "k" else limits.head_dim_v
+        if head_dim != want or not isinstance(rot, int) or rot not in (0, 64, 128, 256, 512, 1024) or rot > head_dim:
+            raise FormatError(f"value layout {dims!r} does not fit the model's {kind.upper()} heads of {want}")
+
+
+def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limits: Limits) -> LlamaState:
     """Rebuild the LlamaState from the header layout and a `section(name) -> bytes` accessor.
-    `limit` bounds every allocation (the raw size the header states)."""
+    Every count and shape is checked against `limits` before it is used."""
     meta = meta_pipeline()
     dims = layout.get("values") if pipeline.values_path else None
-    if pipeline.values_path and not isinstance(dims, dict):
-        raise FormatError("the file's lossy pipeline has no value layout in its header")
+    if pipeline.values_path:
+        _check_dims(dims, limits)
     try:
         caches = []
+        if not isinstance(layout["caches"], list) or not 1 <= len(layout["caches"]) <= 2:
+            raise FormatError(f"a state has one or two caches, not {len(layout['caches'])!r}")
         for ci, c in enumerate(layout["caches"]):
             streams = []
-            for si, s in enumerate(c["streams"]):
+            for si, s in enumerate(c["streams"][: 1 << 16]):
                 if s is None:
                     streams.append(None)
                     continue
+                n_cells, cell_bytes = int(s["n_cells"]), int(s["cell_bytes"])
+                if not 0 < n_cells <= limits.n_ctx or not 0 < cell_bytes <= n_cells * _MAX_CELL_BYTES:
+                    raise FormatError(f"stream {ci}.{si}: {n_cells} cells in {cell_bytes} bytes, the context holds {limits.n_ctx}")
+                if not 0 < len(s["layers"]) <= limits.n_layer:
+                    raise FormatError(f"stream {ci}.{si}: {len(s['layers'])} layers, the model has {limits.n_layer}")
                 name = f"cells.{ci}.{si}"
-                cell_bytes = meta.decode(np.frombuffer(section(name), np.uint8), _meta_info(name, int(s["cell_bytes"])))
-                cells = _cells_from_bytes(cell_bytes, int(s["n_cells"]), bool(layout["has_cell_ext"]))
-                layers = []
+                cell_data = meta.decode(np.frombuffer(section(name), np.uint8), _meta_info(name, cell_bytes))
+                cells = _cells_from_bytes(cell_data, n_cells, bool(layout["has_cell_ext"]))
                 v_trans = bool(s["v_trans"])
+                layers = []
                 for li, L in enumerate(s["layers"]):
                     arrays = []
                     for kind in ("k", "v"):
                         name = f"{kind}.{ci}.{si}.{li}"
                         t = ggml_type_by_name(L[f"{kind}_type"])
-                        rows, cols = _shape(L[f"{kind}_shape"], name, limit)
-                        if dims:
-                            n_embd = rows if (kind == "v" and v_trans) else cols // t.type_size * t.block_size
-                            info = _tensor_info(name, kind, t, rows * cols, cells, L["model_layer"],
-                                                bool(L["sliding_window"]), n_embd, dims)
-                            if info.n_cells * n_embd > limit:
-                                raise FormatError(f"section {name!r}: shape larger than the state")
-                            info = _absorbed_rotation(pipeline, info, t, dims)
+                        if kind == "v" and v_trans:
+                            n_embd_max = limits.n_embd_v
+                            rows, cols = _shape(L["v_shape"], name, n_embd_max, n_cells * t.type_size)
+                            n_embd = rows
+                        else:
+                            rows, cols = _shape(L[f"{kind}_shape"], name, n_cells, limits.row_bytes(t, kind))
+                            n_embd = cols // t.type_size * t.block_size
+                        if dims:  # values: back into the rows and layout the context expects
+                            info = _value_info(pipeline, name, kind, t, cells, L["model_layer"], bool(L["sliding_window"]),
+                                               n_embd, dims)
                             values = pipeline.decode_values(np.frombuffer(section(name), np.uint8), info)
-                            arrays.append((t, _llama_rotation(values, t, info, dims)))
+                            arrays.append((t, _unrotated(values, t, info, dims)))
                             continue
-                        info = TensorInfo(name, t.name, t.float_bytes, rows * cols)
-                        data = pipeline.decode(np.frombuffer(section(name), np.uint8), info)
+                        data = pipeline.decode(np.frombuffer(section(name), np.uint8), TensorInfo(name, t.name, t.float_bytes, rows * cols))
                         if data.size != rows * cols:
                             raise FormatError(f"section {name!r} decodes to {data.size} bytes, expected {rows * cols}")
                         arrays.append((t, data.reshape(rows, cols)))
                     (kt, k), (vt, v) = arrays
-                    if dims:  # values: back into the rows and layout the context expects
-                        layers.append(layer_from_values(li, L["model_layer"], bool(L["sliding_window"]), v_trans, kt, k, vt, v))
-                    else:
-                        layers.append(LayerKV(li, L["model_layer"], bool(L["sliding_window"]), kt, k, vt, v))
-                streams.append(Stream(cells, bool(s["v_trans"]), layers))
+                    make = LayerKV.from_values if dims else LayerKV
+                    layers.append(make(li, L["model_layer"], bool(L["sliding_window"]), kt, k, vt, v, v_trans))
+                streams.append(Stream(cells, layers))
             caches.append(Cache(c["name"], streams))
         return LlamaState(layout["kind"], caches, layout["arch"], layout["seq_id"], bool(layout["has_cell_ext"]))
     except FormatError:
@@ -188,28 +201,25 @@ def encode_tokens(tokens: np.ndarray) -> np.ndarray:
     return meta_pipeline().encode(raw, _meta_info("tokens", raw.size))
 
 
-def decode_tokens(data, n_tokens: int) -> np.ndarray:
-    if not 0 < n_tokens <= _MAX_TOKENS:
-        raise FormatError(f"implausible token count {n_tokens}")
+def decode_tokens(data, n_tokens: int, limits: Limits) -> np.ndarray:
+    if not 0 < n_tokens <= limits.n_ctx:
+        raise FormatError(f"{n_tokens} prompt tokens, the context holds {limits.n_ctx}")
     raw = meta_pipeline().decode(np.frombuffer(data, np.uint8), _meta_info("tokens", 4 * n_tokens))
     if raw.size != 4 * n_tokens:
         raise FormatError("tokens section does not hold the stated token count")
     return raw.view("<i4").astype(np.int32)
 
 
-LOGITS_DTYPES = {"f32": "<f4", "f16": "<f2"}
-
-
 def encode_logits(logits: np.ndarray, dtype: str = "f32") -> np.ndarray:
-    raw = np.ascontiguousarray(logits, dtype=LOGITS_DTYPES[dtype]).view(np.uint8).reshape(-1)
+    raw = np.ascontiguousarray(logits, dtype=_NUMPY_LOGITS[dtype]).view(np.uint8).reshape(-1)
     return meta_pipeline().encode(raw, _meta_info("logits", raw.size))
 
 
-def decode_logits(data, n_vocab: int, dtype: str = "f32") -> np.ndarray:
-    if dtype not in LOGITS_DTYPES:
-        raise FormatError(f"unknown logits dtype {dtype!r}")
-    width = np.dtype(LOGITS_DTYPES[dtype]).itemsize
+def decode_logits(data, n_vocab: int, dtype: str, limits: Limits) -> np.ndarray:
+    if dtype not in LOGITS_DTYPES or n_vocab != limits.n_vocab:
+        raise FormatError(f"a logits row of {n_vocab} {dtype} values does not fit a vocabulary of {limits.n_vocab}")
+    width = np.dtype(_NUMPY_LOGITS[dtype]).itemsize
     raw = meta_pipeline().decode(np.frombuffer(data, np.uint8), _meta_info("logits", width * n_vocab))
     if raw.size != width * n_vocab:
         raise FormatError("logits section does not hold one row of the vocabulary")
-    return raw.view(LOGITS_DTYPES[dtype]).astype(np.float32)
+    return raw.view(_NUMPY_LOGITS[dtype]).astype(np.float32)

@@ -1,5 +1,10 @@
 """Shared fixtures: the real SmolLM2-135M GGUF through real llama-cpp-python, a tiny random
-Gemma 3 GGUF for iSWA layouts, and helpers to read states and logits."""
+Gemma 3 GGUF for iSWA layouts, and helpers to read states and logits.
+
+Two tiers. Tests that need llama-cpp-python (every test using a model fixture, and modules
+marked `llama`) are marked `llama`; `pytest -m "not llama"` runs the rest from a source checkout
+in an environment without llama-cpp-python. A llama test selected where llama-cpp-python is
+missing fails with that reason instead of skipping silently."""
 
 from __future__ import annotations
 
@@ -12,10 +17,25 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import llama_cpp  # noqa: E402
-
 from nexus_gguf.default_model import default_model_path  # noqa: E402
 from tiny_models import write_tiny_gemma3  # noqa: E402
+
+# fixtures that load a model through llama-cpp-python: a test using any of them is a llama test
+MODEL_FIXTURES = {"smollm2_path", "gemma3_path"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.llama)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("llama") is not None:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError as e:
+            pytest.fail(f"this test needs llama-cpp-python ({e}); the fast tier is pytest -m 'not llama'", pytrace=False)
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 THREADS = max(1, min(2, os.cpu_count() or 1))
@@ -37,7 +57,9 @@ def prompt_text() -> str:
         return f.read()
 
 
-def open_llama(path: str, n_ctx: int = 512, **kw) -> llama_cpp.Llama:
+def open_llama(path: str, n_ctx: int = 512, **kw):
+    import llama_cpp
+
     return llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=THREADS, n_batch=256, verbose=False, **kw)
 
 
@@ -48,6 +70,8 @@ def prompt_tokens(llm, text: str, n: int) -> list[int]:
 
 
 def context_blob(llm) -> bytes:
+    import llama_cpp
+
     ctx = llm._ctx.ctx
     size = llama_cpp.llama_state_get_size(ctx)
     buf = (ctypes.c_uint8 * size)()
@@ -57,5 +81,7 @@ def context_blob(llm) -> bytes:
 
 
 def logits_now(llm) -> np.ndarray:
+    import llama_cpp
+
     ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()

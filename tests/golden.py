@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from nexus_gguf.format import NxkvFile
+from nexus_gguf.header import Header
 from nexus_gguf.llama_state import parse_state, write_state
-from nexus_gguf.pipeline import Pipeline
 from nexus_gguf.stages import TensorInfo, stage_from_config
 from nexus_gguf.state_file import decode_logits, decode_state, decode_tokens, encode_logits, encode_state, encode_tokens
 
@@ -134,18 +134,19 @@ def same(got, want, exact: bool = True) -> str:
 
 
 def decode_file(path: str) -> dict[str, Any]:
-    """Everything load_state would hand to llama.cpp, decoded without a model: the rebuilt state
-    blob, the prompt tokens and the saved logits row."""
+    """Everything load_state would hand to llama.cpp, decoded without a model (sizes bounded by
+    the model record in the file's header): the rebuilt state blob, the prompt tokens and the
+    saved logits row."""
     f = NxkvFile.open(path)
     f.verify()
-    h = f.header
-    pipeline = Pipeline.from_config(h["pipeline"])
-    state = decode_state(h["state"], pipeline, f.section, int(h["raw"]["bytes"]))
-    tokens = decode_tokens(f.section("tokens"), int(h["prompt"]["n_tokens"]))
+    h = Header(f.header, path)
+    limits = h.limits()
+    state = decode_state(h.state, h.pipeline, f.section, limits)
+    tokens = decode_tokens(f.section("tokens"), h.n_tokens, limits)
     logits = None
-    if h.get("logits"):
-        logits = decode_logits(f.section("logits"), int(h["logits"]["n_vocab"]), h["logits"]["dtype"])
-    return {"file": f, "pipeline": pipeline, "blob": write_state(state), "tokens": tokens, "logits": logits}
+    if h.logits is not None:
+        logits = decode_logits(f.section("logits"), h.logits["n_vocab"], h.logits["dtype"], limits)
+    return {"file": f, "header": h, "blob": write_state(state), "tokens": tokens, "logits": logits}
 
 
 def reencode_file(path: str, raw_blob: bytes) -> dict[str, bytes]:
@@ -153,37 +154,33 @@ def reencode_file(path: str, raw_blob: bytes) -> dict[str, bytes]:
     the file's own stages and options, as {name: bytes}. Cells an evicting preset dropped are
     dropped again: the file's cell records say which it kept."""
     d = decode_file(path)
-    f, pipeline = d["file"], d["pipeline"]
-    h = f.header
-    state = parse_state(raw_blob, h["state"]["kind"], _layout_of(h))
-    if len(d["blob"]) != len(raw_blob):  # evicted: keep the positions the file kept
-        kept = parse_state(d["blob"], h["state"]["kind"], _layout_of(h))
+    h = d["header"]
+    state = parse_state(raw_blob, h.state["kind"], _layout_of(h.state))
+    if h.eviction is not None:  # keep the positions the file kept
+        kept = parse_state(d["blob"], h.state["kind"], _layout_of(h.state))
         state = keep_positions(state, kept)
-    layout, sections = encode_state(state, pipeline, h["state"].get("values"))
+    layout, sections = encode_state(state, h.pipeline, h.state.get("values"))
     out = {"tokens": encode_tokens(d["tokens"])}
     if d["logits"] is not None:
-        out["logits"] = encode_logits(d["logits"], h["logits"]["dtype"])
+        out["logits"] = encode_logits(d["logits"], h.logits["dtype"])
     out.update(sections)
     return {name: bytes(np.ascontiguousarray(v).tobytes()) for name, v in out.items()}
 
 
-def _layout_of(header: dict[str, Any]):
+def _layout_of(state_layout: dict[str, Any]):
     from nexus_gguf.llama_state import StateLayout
 
-    s = header["state"]
-    caches = s["caches"]
+    caches = state_layout["caches"]
+    first_stream = [next(st for st in c["streams"] if st) for c in caches]
     return StateLayout(
-        bool(s["has_cell_ext"]),
-        [[L["model_layer"] for L in next(st for st in c["streams"] if st)["layers"]] for c in caches],
-        [bool(next(st for st in c["streams"] if st)["layers"][0]["sliding_window"]) for c in caches],
+        bool(state_layout["has_cell_ext"]),
+        [[L["model_layer"] for L in st["layers"]] for st in first_stream],
+        [bool(st["layers"][0]["sliding_window"]) for st in first_stream],
     )
 
 
 def keep_positions(state, kept):
     """`state` with, in its first cache, only the cells whose positions `kept` has there."""
-    from nexus_gguf.stages.evict import Evict
-
     full = next(s for s in state.caches[0].streams if s is not None).cells.pos
     want = next(s for s in kept.caches[0].streams if s is not None).cells.pos
-    idx = np.nonzero(np.isin(full, want))[0]
-    return Evict().apply(state, idx)
+    return state.keep_cells(np.nonzero(np.isin(full, want))[0])

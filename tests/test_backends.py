@@ -1,47 +1,132 @@
-"""Every backend's kernels against the numpy reference."""
+"""The op table: every op of every available backend against its numpy reference, with the op's
+own tolerance; and the backend policy."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from nexus_gguf.backends import backend, backend_features, backend_name
+from nexus_gguf.backends import BACKENDS, OPS, backend_features, backend_name, backend_status, implementation, kernel, recording
+from nexus_gguf.backends.reference import RANS_PROB_BITS
 
-OTHER_BACKENDS = ["native", "numba"]
+
+def _rans_freqs(symbols):
+    from nexus_gguf.stages.entropy import normalized_freqs
+
+    return normalized_freqs(np.bincount(symbols))
+
+
+def _inputs(op: str, seed: int):
+    """Argument tuples for `op`: edge cases first, then random ones."""
+    rng = np.random.default_rng(seed)
+    if op in ("byteplane_split", "byteplane_merge"):
+        return [(rng.integers(0, 256, n * es, dtype=np.uint8), es) for es in (1, 2, 4) for n in (0, 1, 7, 4099)]
+    if op == "e8_nearest":
+        ties = rng.integers(-12, 13, (500, 8)) / 4.0  # exactly halfway cases
+        return [(rng.standard_normal((3000, 8)) * 2.5,), (ties,), (np.zeros((0, 8)),)]
+    if op in ("rans_encode", "rans_decode"):
+        out = []
+        for n, p in ((1, 0.5), (20000, 0.3), (5000, 0.9)):
+            sym = np.minimum(rng.geometric(p, n) - 1, 40)
+            freqs = _rans_freqs(sym)
+            if op == "rans_encode":
+                out.append((sym, freqs))
+            else:
+                out.append((OPS["rans_encode"].reference(sym, freqs), freqs, n))
+        return out
+    if op == "hadamard_blocks":
+        return [(rng.standard_normal((50, 3, 128)).astype(np.float32), b) for b in (1, 16, 64, 128)]
+    raise AssertionError(f"no test inputs for op {op!r}: add them here")
+
+
+def _available(name: str) -> bool:
+    return backend_status()[name] == "available"
+
+
+@pytest.mark.parametrize("name", [b for b in BACKENDS if b != "numpy"])
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_op_matches_its_reference(op, name):
+    if not _available(name):
+        pytest.skip(backend_status()[name])
+    impl = implementation(op, name)
+    if impl is None:
+        pytest.skip(f"the {name} backend has no {op} kernel")
+    spec = OPS[op]
+    for i, args in enumerate(_inputs(op, seed=len(op))):
+        want, got = spec.reference(*args), impl(*args)
+        if isinstance(want, bytes):
+            assert got == want, f"{op} case {i}: bytes differ"
+        elif spec.exact:
+            assert got.dtype == want.dtype and np.array_equal(got, want), f"{op} case {i}: not bit-identical"
+        else:
+            np.testing.assert_allclose(got, want, rtol=spec.rtol, atol=spec.rtol * float(np.abs(want).max() or 1))
+
+
+def test_every_op_has_test_inputs():
+    for op in OPS:
+        assert _inputs(op, 0)
+
+
+def test_reference_byteplane_layout():
+    x = np.array([1, 2, 3, 4, 5, 6], np.uint8)  # three 2-byte elements
+    assert OPS["byteplane_split"].reference(x, 2).tolist() == [1, 3, 5, 2, 4, 6]
+
+
+def test_reference_rans_rejects_a_stream_that_does_not_end_where_it_began():
+    sym = np.array([0, 1, 1, 0, 2] * 50)
+    freqs = _rans_freqs(sym)
+    data = OPS["rans_encode"].reference(sym, freqs)
+    assert sum(freqs) == 1 << RANS_PROB_BITS
+    for name in [b for b in BACKENDS if _available(b) and implementation("rans_decode", b)]:
+        with pytest.raises(ValueError):
+            implementation("rans_decode", name)(data[:-1], freqs, sym.size)
 
 
 def test_native_library_is_built():
     # pip install . compiles native/; a missing library must fail here, not hide behind Numba.
     if os.environ.get("NEXUS_GGUF_ALLOW_NO_NATIVE") == "1":
         pytest.skip("NEXUS_GGUF_ALLOW_NO_NATIVE=1")
-    assert backend_features()["native"] == "available"
+    assert backend_status()["native"] == "available"
     assert backend_name("auto") == "native"
 
 
-@pytest.mark.parametrize("name", OTHER_BACKENDS)
-@pytest.mark.parametrize("element_size", [1, 2, 4])
-@pytest.mark.parametrize("n", [0, 1, 7, 4099])
-def test_byteplane_matches_reference(name, element_size, n):
-    if backend_features()[name] != "available":
-        pytest.skip(backend_features()[name])
-    ref, impl = backend("reference"), backend(name)
-    x = np.random.default_rng(n).integers(0, 256, n * element_size, dtype=np.uint8)
-    planes = ref.byteplane_split(x, element_size)
-    assert np.array_equal(impl.byteplane_split(x, element_size), planes)
-    assert np.array_equal(impl.byteplane_merge(planes, element_size), x)
-    assert np.array_equal(ref.byteplane_merge(planes, element_size), x)
+def test_features_name_the_backend_that_runs_each_op():
+    for policy in [b for b in BACKENDS if _available(b)]:
+        features = backend_features(policy)
+        assert set(features) == set(OPS)
+        for op, runs in features.items():
+            # the chosen backend if it has the op, else the next one down the list
+            chain = BACKENDS[BACKENDS.index(policy):]
+            assert runs == next(b for b in chain if _available(b) and implementation(op, b) is not None)
+    assert set(backend_features("numpy").values()) == {"numpy"}
 
 
-def test_reference_byteplane_layout():
-    x = np.array([1, 2, 3, 4, 5, 6], np.uint8)  # three 2-byte elements
-    assert backend("reference").byteplane_split(x, 2).tolist() == [1, 3, 5, 2, 4, 6]
+def test_recording_says_which_backend_ran_each_op():
+    with recording() as used:
+        kernel("byteplane_split")(np.zeros(4, np.uint8), 2)
+        kernel("e8_nearest")(np.zeros((1, 8)))
+    assert used == {op: backend_features()[op] for op in ("byteplane_split", "e8_nearest")}
 
 
-def test_unknown_backend_policy_is_an_error(monkeypatch):
-    from nexus_gguf.errors import ConfigError
+def test_package_exposes_the_backend():
+    import nexus_gguf
 
-    monkeypatch.setenv("NEXUS_GGUF_BACKEND", "gpu-magic")
-    with pytest.raises(ConfigError):
-        backend()
+    assert nexus_gguf.backend == backend_name() and nexus_gguf.backend_features() == backend_features()
+
+
+def _policy_in_subprocess(policy: str) -> subprocess.CompletedProcess:
+    code = "import nexus_gguf; print(nexus_gguf.backend, sorted(set(nexus_gguf.backend_features().values())))"
+    env = {**os.environ, "NEXUS_GGUF_BACKEND": policy}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_policy_names_the_backend():
+    out = _policy_in_subprocess("numpy")
+    assert out.returncode == 0 and out.stdout.split()[0] == "numpy"
+    assert _policy_in_subprocess("reference").stdout.split()[0] == "numpy"  # the old name still works
+    bad = _policy_in_subprocess("gpu-magic")
+    assert bad.returncode != 0 and "NEXUS_GGUF_BACKEND='gpu-magic'" in bad.stderr

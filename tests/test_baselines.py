@@ -9,8 +9,8 @@ from conftest import open_llama, prompt_tokens
 
 from nexus_gguf import llama_bridge as bridge
 from nexus_gguf.backends.reference import hadamard_blocks, hadamard_matrix
+from nexus_gguf.llama_rotation import llama_rotation_blocks
 from nexus_gguf.baselines import GgmlRowsBaseline, ZstdBaseline, default_baselines
-from nexus_gguf.cache_values import layer_values, llama_rotation_blocks
 from nexus_gguf.llama_state import parse_state
 
 GGML_Q8_0, GGML_Q4_0 = 8, 2
@@ -71,8 +71,8 @@ def test_llama_rotates_quantized_caches_as_we_do(states):
     ref = next(f16.layers())[2]
     got = next(q8.layers())[2]
     for kind in ("k", "v"):
-        want = layer_values(ref, kind, False)
-        stored = layer_values(got, kind, False)
+        want = ref.values(kind)
+        stored = got.values(kind)
         unrotated = hadamard_blocks(stored, llama_rotation_blocks(64, kind))
         scale = np.abs(want).max()
         assert np.abs(unrotated - want).max() < 0.02 * scale
@@ -91,7 +91,7 @@ def test_baselines_restore_into_the_original_context(states, baseline):
     if baseline.lossless:
         assert restored == blob
     else:
-        k0, k1 = (layer_values(next(s.layers())[2], "k", True) for s in (state, back))
+        k0, k1 = (next(s.layers())[2].values("k") for s in (state, back))
         assert 0 < np.abs(k0 - k1).max() < 0.2 * np.abs(k0).max()
     assert bridge.set_seq_state(llm, restored, 0)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 
-import llama_cpp
 import numpy as np
 import pytest
 from conftest import THREADS, context_blob, open_llama, prompt_tokens
@@ -59,6 +58,8 @@ def test_cache_types_with_flash_attention(smollm2_path, prompt_text, cache_type)
 def _multi_seq_context(llm, unified: bool):
     """A raw context with two sequences: seq 0 holds 20 tokens, seq 1 shares its first 8 cells
     (seq_cp) and adds 6 of its own."""
+    import llama_cpp
+
     p = llama_cpp.llama_context_default_params()
     p.n_ctx, p.n_batch, p.n_seq_max, p.kv_unified = 256, 64, 2, unified
     p.n_threads = p.n_threads_batch = THREADS
@@ -89,6 +90,8 @@ def _multi_seq_context(llm, unified: bool):
 
 
 def _ctx_blob(ctx, seq=None) -> bytes:
+    import llama_cpp
+
     if seq is None:
         size = llama_cpp.llama_state_get_size(ctx)
         buf = (ctypes.c_uint8 * size)()
@@ -103,6 +106,8 @@ def _ctx_blob(ctx, seq=None) -> bytes:
 
 @pytest.mark.parametrize("unified", [True, False])
 def test_two_sequences(smollm2_path, unified):
+    import llama_cpp
+
     llm = open_llama(smollm2_path, n_ctx=64)
     ctx = _multi_seq_context(llm, unified)
     try:
@@ -123,6 +128,8 @@ def test_two_sequences(smollm2_path, unified):
 
 
 def test_empty_stream(smollm2_path):
+    import llama_cpp
+
     llm = open_llama(smollm2_path, n_ctx=64)
     p = llama_cpp.llama_context_default_params()
     p.n_ctx, p.n_seq_max, p.kv_unified = 128, 2, False

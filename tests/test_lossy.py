@@ -9,7 +9,6 @@ from conftest import open_llama, prompt_tokens
 
 from nexus_gguf import load_state, read_info, save_state
 from nexus_gguf import llama_bridge as bridge
-from nexus_gguf.cache_values import layer_values
 from nexus_gguf.cli import main
 from nexus_gguf.errors import ChecksumError, ConfigError, FormatError
 from nexus_gguf.evaluate import continuation_metrics
@@ -31,7 +30,7 @@ def _rope_free_layer0(llm, tokens):
     cache, _, layer = next((c, si, L) for c, si, L in state.layers() if L.model_layer == 0)
     stream = next(s for s in cache.streams if s is not None)
     hd = facts.n_embd_head_k
-    k = layer_values(layer, "k", stream.v_trans).reshape(len(stream.cells), -1, hd)
+    k = layer.values("k").reshape(len(stream.cells), -1, hd)
     rope = Rope().bind(ModelBinding(facts, bridge.context_facts(llm, rope=True)))
     info = TensorInfo("k", "f16", 2, 0, kind="k", positions=stream.cells.pos, model_layer=0, sliding=layer.sliding_window,
                       n_cells=k.shape[0], n_heads=k.shape[1], head_dim=hd)

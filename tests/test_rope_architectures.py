@@ -15,7 +15,6 @@ from conftest import open_llama
 from tiny_models import write_tiny_model
 
 from nexus_gguf import llama_bridge as bridge
-from nexus_gguf.cache_values import layer_values
 from nexus_gguf.llama_state import parse_state
 from nexus_gguf.stages import ModelBinding, TensorInfo
 from nexus_gguf.stages.rope import Rope
@@ -115,7 +114,7 @@ def _layer0(llm, tokens):
     cache, _, layer = next((c, si, L) for c, si, L in state.layers() if L.model_layer == 0)
     stream = next(s for s in cache.streams if s is not None)
     hd = facts.n_embd_head_k
-    k = layer_values(layer, "k", stream.v_trans).reshape(len(stream.cells), -1, hd)
+    k = layer.values("k").reshape(len(stream.cells), -1, hd)
     return k, np.asarray(stream.cells.pos), bool(layer.sliding_window)
 
 

@@ -8,11 +8,11 @@ from conftest import open_llama, prompt_tokens
 
 from nexus_gguf import llama_bridge as bridge
 from nexus_gguf import load_state, read_info, save_state
-from nexus_gguf.backends import backend_features
+from nexus_gguf.backends import backend_status
 from nexus_gguf.evaluate import continuation_metrics
 from nexus_gguf.llama_state import parse_state
 from nexus_gguf.stages import TensorInfo
-from nexus_gguf.stages.evict import Evict
+from nexus_gguf.eviction import Eviction
 from nexus_gguf.stages.rope import Rope
 from nexus_gguf import scoring
 
@@ -49,8 +49,8 @@ def test_captured_queries_are_the_models(prompt, smollm2_path):
 
 
 def test_native_and_ctypes_callbacks_agree(prompt):
-    if backend_features()["native"] != "available":
-        pytest.skip(backend_features()["native"])
+    if backend_status()["native"] != "available":
+        pytest.skip(backend_status()["native"])
     llm, tokens, blob = prompt
     a = scoring.capture_queries(llm, blob, tokens[:N], W, impl="native")
     b = scoring.capture_queries(llm, blob, tokens[:N], W, impl="ctypes")
@@ -71,10 +71,10 @@ def test_attention_importance_by_hand():
 def test_choose_protects_sinks_and_window():
     pos = np.arange(100)
     imp = np.linspace(1, 0, 100)  # early tokens matter most
-    keep = Evict(keep=0.3, sinks=4, window=10).choose(imp, pos)
+    keep = Eviction(keep=0.3, sinks=4, window=10).choose(imp, pos)
     assert keep.size == 30 and set(range(4)) <= set(keep) and set(range(90, 100)) <= set(keep)
     assert set(keep) - set(range(4)) - set(range(90, 100)) == set(range(4, 20))
-    assert Evict(keep=5.0, sinks=4, window=10).choose(imp, pos).size == 14  # never below the protected cells
+    assert Eviction(keep=5.0, sinks=4, window=10).choose(imp, pos).size == 14  # never below the protected cells
 
 
 def test_real_attention_scores(prompt):
@@ -96,8 +96,10 @@ def test_evicted_state_restores_and_continues(smollm2_path, prompt_text, tmp_pat
     report = save_state(llm, path, "balanced")
     assert report.seconds["scoring"] > 0
     info = read_info(path)
-    ev = info["pipeline"]["stages"][0]
-    assert ev["id"] == "evict" and ev["used"] == "attention" and ev["kept"] == N // 2
+    ev = info["eviction"]
+    assert ev["used"] == "attention" and ev["kept"] == N // 2 and ev["n_cells"] == N and ev["keep"] == 0.5
+    assert [s["id"] for s in info["pipeline"]["stages"]] == ["rope", "hadamard", "lattice", "entropy"]
+    assert report.eviction == ev
     assert info["prompt"]["n_pos"] == N
     other = open_llama(smollm2_path, flash_attn=flash_attn)
     load_state(other, path)
@@ -124,8 +126,8 @@ def test_capture_failure_falls_back_to_the_proxy_and_says_so(smollm2_path, promp
     monkeypatch.setattr(scoring, "capture_queries", broken)
     with pytest.warns(RuntimeWarning, match="key-key proxy"):
         save_state(llm, tmp_path / "p.nxkv", "balanced")
-    ev = read_info(tmp_path / "p.nxkv")["pipeline"]["stages"][0]
-    assert ev["used"] == "key-proxy" and "no queries" in ev["note"]
+    ev = read_info(tmp_path / "p.nxkv")["eviction"]
+    assert ev["used"] == "key-proxy" and ev["scorer"] == "attention" and "no queries" in ev["note"]
 
 
 def test_iswa_eviction_leaves_the_window_cache(gemma3_path, tmp_path):

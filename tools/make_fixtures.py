@@ -30,7 +30,7 @@ from nexus_gguf.stages import TensorInfo  # noqa: E402
 
 
 def _preset_stage(preset: str, stage_id: str) -> dict:
-    return next(dict(c) for c in PRESETS[preset] if c["id"] == stage_id)
+    return next(dict(c) for c in PRESETS[preset]["stages"] if c["id"] == stage_id)
 
 
 def _values(rng, n, h, d, offset=3.0) -> np.ndarray:
@@ -56,7 +56,7 @@ def stage_cases(rng):
         raw = rng.integers(0, 256, 4096 * es, dtype=np.uint8)
         raw[1::2] &= 0x3F  # structure worth compressing
         info = TensorInfo(f"k.0.0.{es}", {1: "q8_0", 2: "f16", 4: "f32"}[es], {1: 0, 2: 2, 4: 4}[es], raw.size)
-        out.append(({"case": f"lossless-es{es}", "stages": PRESETS["lossless"]}, raw, info))
+        out.append(({"case": f"lossless-es{es}", "stages": PRESETS["lossless"]["stages"]}, raw, info))
     meta = rng.integers(0, 50, 3000, dtype=np.int32).view(np.uint8)
     out.append(({"case": "meta-zstd", "stages": META_STAGES}, meta, TensorInfo("tokens", "raw", 0, meta.size)))
     # value stages

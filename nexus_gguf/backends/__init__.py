@@ -1,80 +1,168 @@
-"""Kernel backends, chosen by an explicit policy (python-zstandard's habit).
+"""Kernel ops and the backends that run them: one table, resolved once (bitsandbytes' one op name,
+python-zstandard's explicit backend policy).
 
-NEXUS_GGUF_BACKEND = auto (default) | native | numba | reference
-  auto: the native library if it loads, else Numba, with a warning that says why.
-  native / numba / reference: that one, or a clear error.
-`backend()` returns the kernel module in use, `backend_name()` its name, `backend_features()`
-what each candidate reported."""
+OPS declares each op once: its numpy reference (backends/reference.py, the readable truth) and
+the tolerance every other implementation must meet. Backends, fastest first:
+
+    native   the C library built from native/ (backends/native.py binds it with cffi)
+    numba    Numba CPU kernels (backends/numba_cpu.py)
+    numpy    the references themselves
+
+NEXUS_GGUF_BACKEND = auto (default) | native | numba | numpy  ("reference" is an alias of numpy)
+  auto: native if the library loads, else numba, with a warning that says why.
+  native / numba / numpy: that backend, or a clear error if it cannot load.
+Each op runs in the chosen backend if it has it, else in the next one down the list: today the
+native library has the byte-plane kernels, so under `native` E8 and rANS run on Numba and the
+Hadamard rotation on numpy. That is a coverage gap, named by backend_features(), not a fallback
+that hides a failure: a backend that fails to load is an error or a warning, never silent.
+
+    backend_name()      the chosen backend ("native", "numba" or "numpy"); also nexus_gguf.backend
+    backend_features()  op -> the backend that runs it
+    backend_status()    backend -> "available" or why not
+    kernel(op)          the implementation of op that runs
+    recording()         a context that collects op -> backend for the ops actually run
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import os
 import warnings
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Callable, Iterator
 
 from ..errors import ConfigError, NativeLibraryError
+from . import reference
 
-_MODULES = {"native": "native", "numba": "numba_cpu", "reference": "reference"}
-_resolved: dict[str, tuple[str, ModuleType]] = {}
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    reference: Callable
+    exact: bool  # other backends must give the same bits; else they must be within rtol
+    rtol: float = 0.0
+
+
+OPS: dict[str, Op] = {op.name: op for op in (
+    Op("byteplane_split", reference.byteplane_split, exact=True),
+    Op("byteplane_merge", reference.byteplane_merge, exact=True),
+    Op("e8_nearest", reference.e8_nearest, exact=True),
+    Op("rans_encode", reference.rans_encode, exact=True),
+    Op("rans_decode", reference.rans_decode, exact=True),
+    # float32 matmuls: summation order may differ between implementations
+    Op("hadamard_blocks", reference.hadamard_blocks, exact=False, rtol=1e-5),
+)}
+
+BACKENDS = ("native", "numba", "numpy")
+_MODULES = {"native": "native", "numba": "numba_cpu", "numpy": "reference"}
+_ALIASES = {"reference": "numpy"}
+_loaded: dict[str, ModuleType | Exception] = {}
+_resolved: dict[str, tuple[str, dict[str, tuple[str, Callable]]]] = {}
+_recorder: contextvars.ContextVar[dict | None] = contextvars.ContextVar("nexus_gguf_kernel_recorder", default=None)
 
 
 def _load(name: str) -> ModuleType:
-    mod = importlib.import_module(f"{__name__}.{_MODULES[name]}")
-    if name == "native":
-        mod.load()
-    return mod
-
-
-def _resolve(policy: str) -> tuple[str, ModuleType]:
-    if policy not in _resolved:
-        if policy == "auto":
-            try:
-                _resolved[policy] = ("native", _load("native"))
-            except NativeLibraryError as e:
-                warnings.warn(f"nexus-gguf: using the Numba backend: {e}", RuntimeWarning, stacklevel=3)
-                _resolved[policy] = ("numba", _load("numba"))
-        elif policy in _MODULES:
-            _resolved[policy] = (policy, _load(policy))
-        else:
-            raise ConfigError(f"NEXUS_GGUF_BACKEND={policy!r}; choose one of auto, {', '.join(_MODULES)}")
-    return _resolved[policy]
+    """The backend's module, loaded once; raises NativeLibraryError / ImportError if it cannot."""
+    if name not in _loaded:
+        try:
+            mod = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+            if name == "native":
+                mod.load()
+            _loaded[name] = mod
+        except (NativeLibraryError, ImportError) as e:
+            _loaded[name] = e
+    got = _loaded[name]
+    if isinstance(got, Exception):
+        raise got
+    return got
 
 
 def _policy(name: str | None) -> str:
-    return (name or os.environ.get("NEXUS_GGUF_BACKEND") or "auto").lower()
+    p = (name or os.environ.get("NEXUS_GGUF_BACKEND") or "auto").lower()
+    return _ALIASES.get(p, p)
 
 
-def backend(name: str | None = None) -> ModuleType:
-    """The kernel module for `name`, or for the NEXUS_GGUF_BACKEND policy when name is None."""
-    return _resolve(_policy(name))[1]
+def _resolve(policy: str) -> tuple[str, dict[str, tuple[str, Callable]]]:
+    """(backend name, op -> (backend that runs it, implementation)) for a policy, once."""
+    if policy in _resolved:
+        return _resolved[policy]
+    if policy == "auto":
+        chosen = None
+        for name in BACKENDS:
+            try:
+                _load(name)
+                chosen = name
+                break
+            except (NativeLibraryError, ImportError) as e:
+                warnings.warn(f"nexus-gguf: the {name} backend is unavailable ({e}); trying the next one", RuntimeWarning,
+                              stacklevel=4)
+    elif policy in BACKENDS:
+        _load(policy)  # a backend asked for by name must load
+        chosen = policy
+    else:
+        raise ConfigError(f"NEXUS_GGUF_BACKEND={policy!r}; choose one of auto, {', '.join(BACKENDS)}")
+    table = {}
+    for op in OPS:
+        for name in BACKENDS[BACKENDS.index(chosen):]:
+            try:
+                impl = getattr(_load(name), op, None)
+            except (NativeLibraryError, ImportError):
+                continue
+            if impl is not None:
+                table[op] = (name, impl)
+                break
+    _resolved[policy] = (chosen, table)
+    return _resolved[policy]
 
 
 def backend_name(name: str | None = None) -> str:
+    """The backend chosen by `name` or the NEXUS_GGUF_BACKEND policy."""
     return _resolve(_policy(name))[0]
 
 
-def backend_features() -> dict[str, str]:
-    """For each backend: 'available' or why it is not."""
+def backend_features(name: str | None = None) -> dict[str, str]:
+    """op -> the backend that runs it under `name` or the policy."""
+    return {op: b for op, (b, _) in _resolve(_policy(name))[1].items()}
+
+
+def backend_status() -> dict[str, str]:
+    """backend -> 'available' or 'unavailable: why'."""
     out = {}
-    for n in _MODULES:
+    for name in BACKENDS:
         try:
-            _load(n)
-            out[n] = "available"
+            _load(name)
+            out[name] = "available"
         except (NativeLibraryError, ImportError) as e:
-            out[n] = f"unavailable: {e}"
+            out[name] = f"unavailable: {e}"
     return out
 
 
-def kernel(op: str):
-    """The implementation of kernel `op` in the chosen backend. Kernels the native library
-    does not have yet (E8, rANS: README, "What does not work yet") come from Numba; that is a
-    coverage gap of the native library, not a fallback hiding a failure."""
-    mod = backend()
-    impl = getattr(mod, op, None)
-    if impl is None and backend_name() == "native":
-        impl = getattr(_resolve("numba")[1], op, None)
-    if impl is None:
-        raise ConfigError(f"no backend provides kernel {op!r}")
+def implementation(op: str, backend: str) -> Callable | None:
+    """`op` exactly as `backend` implements it, or None where it has no such kernel."""
+    return getattr(_load(_policy(backend)), op, None)
+
+
+def kernel(op: str, name: str | None = None) -> Callable:
+    """The implementation of `op` that runs under `name` or the policy."""
+    try:
+        b, impl = _resolve(_policy(name))[1][op]
+    except KeyError:
+        raise ConfigError(f"no kernel op {op!r} (ops: {', '.join(OPS)})") from None
+    used = _recorder.get()
+    if used is not None:
+        used[op] = b
     return impl
 
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[str, str]]:
+    """Collects op -> backend for every kernel looked up inside the block."""
+    used: dict[str, str] = {}
+    token = _recorder.set(used)
+    try:
+        yield used
+    finally:
+        _recorder.reset(token)

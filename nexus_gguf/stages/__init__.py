@@ -7,17 +7,16 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ..errors import ConfigError, FormatError
-from .base import STAGE_KINDS, ModelBinding, Stage, TensorInfo
+from .base import ModelBinding, Stage, TensorInfo
 from .byteplane import BytePlane
 from .delta import Delta
 from .entropy import Entropy
-from .evict import Evict
 from .hadamard import Hadamard
 from .lattice import Lattice
 from .rope import Rope
 from .zstd import Zstd
 
-REGISTRY: dict[str, type[Stage]] = {cls.stage_id: cls for cls in (BytePlane, Zstd, Evict, Rope, Hadamard, Lattice, Delta, Entropy)}
+REGISTRY: dict[str, type[Stage]] = {cls.stage_id: cls for cls in (BytePlane, Zstd, Rope, Hadamard, Lattice, Delta, Entropy)}
 
 
 def stage_from_config(config: Mapping[str, Any]) -> Stage:
@@ -34,4 +33,4 @@ def stage_from_config(config: Mapping[str, Any]) -> Stage:
         raise FormatError(f"stage {config['id']!r}: {e}") from None
 
 
-__all__ = ["REGISTRY", "STAGE_KINDS", "ModelBinding", "Stage", "TensorInfo", "stage_from_config"]
+__all__ = ["REGISTRY", "ModelBinding", "Stage", "TensorInfo", "stage_from_config"]

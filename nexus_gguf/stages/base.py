@@ -31,9 +31,6 @@ class TensorInfo:
     llama_rot: int = 0
 
 
-STAGE_KINDS = ("cells", "bytes", "values", "quantizer", "symbols", "coder")
-
-
 @dataclass(frozen=True)
 class ModelBinding:
     """What stages may learn about the model and context a state comes from."""
@@ -47,7 +44,6 @@ class Stage:
     options in PARAMS (name -> (type, default)); get_config/from_config are derived from it.
 
     kind says what the stage maps (encoding direction):
-      cells:     the parsed state, before any section is coded (evict; first in a pipeline)
       bytes:     uint8 -> uint8 (the lossless path: whole sections as llama.cpp wrote them)
       values:    float32 [n_cells, n_heads, head_dim] -> the same shape (rope, hadamard)
       quantizer: float32 values -> symbols, a dict of named integer arrays (lattice)
@@ -58,6 +54,10 @@ class Stage:
     lossless: ClassVar[bool]
     kind: ClassVar[str] = "bytes"
     PARAMS: ClassVar[dict[str, tuple[type, Any]]] = {}
+    # options older files may hold that this version no longer has: name -> the value under
+    # which dropping it changes nothing (None: any value); other values are a FormatError
+    RETIRED: ClassVar[dict[str, Any]] = {}
+    note: str = ""  # what bind() found worth telling (the header's "notes"), never an option
 
     def __init__(self, **params: Any):
         unknown = set(params) - set(self.PARAMS)
@@ -95,7 +95,13 @@ class Stage:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "Stage":
-        return cls(**{k: v for k, v in config.items() if k != "id"})
+        options = {k: v for k, v in config.items() if k != "id"}
+        for name, neutral in cls.RETIRED.items():
+            if name in options:
+                value = options.pop(name)
+                if neutral is not None and value != neutral:
+                    raise ConfigError(f"stage {cls.stage_id!r}: option {name}={value!r} is no longer supported")
+        return cls(**options)
 
     def encode(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
         raise NotImplementedError

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backends import backend
+from ..backends import kernel
 from .base import Stage, TensorInfo
 
 
@@ -16,9 +16,9 @@ class BytePlane(Stage):
     def encode(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
         if info.element_size <= 1:
             return data
-        return backend().byteplane_split(data, info.element_size)
+        return kernel("byteplane_split")(data, info.element_size)
 
     def decode(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
         if info.element_size <= 1:
             return data
-        return backend().byteplane_merge(data, info.element_size)
+        return kernel("byteplane_merge")(data, info.element_size)

@@ -18,6 +18,7 @@ import zstandard
 
 from ..backends import kernel
 from ..backends.reference import RANS_PROB_BITS
+from ..byte_reader import ByteReader
 from ..errors import ConfigError, FormatError
 from .base import Stage, TensorInfo
 
@@ -53,33 +54,6 @@ def _varints(values) -> bytes:
             if not v:
                 break
     return bytes(out)
-
-
-class _Reader:
-    def __init__(self, data: bytes, where: str):
-        self.data, self.pos, self.where = data, 0, where
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise FormatError(f"{self.where}: entropy-coded section is truncated")
-        b = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return b
-
-    def unpack(self, fmt: str):
-        v = struct.unpack(fmt, self.take(struct.calcsize(fmt)))
-        return v[0] if len(v) == 1 else v
-
-    def varint(self) -> int:
-        v, shift = 0, 0
-        while True:
-            b = self.take(1)[0]
-            v |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return v
-            shift += 7
-            if shift > 35:
-                raise FormatError(f"{self.where}: bad varint")
 
 
 class Entropy(Stage):
@@ -123,11 +97,11 @@ class Entropy(Stage):
         return np.frombuffer(b"".join(parts), np.uint8)
 
     def decode(self, data: np.ndarray, info: TensorInfo) -> dict:
-        r = _Reader(np.asarray(data, np.uint8).tobytes(), info.name)
+        r = ByteReader(np.ascontiguousarray(data, np.uint8), info.name, FormatError)
         limit = max(info.max_items, 1)
         out = {}
         for _ in range(r.unpack("<B")):
-            name = r.take(r.unpack("<B")).decode("ascii", errors="replace")
+            name = bytes(r.take(r.unpack("<B"), "stream name")).decode("ascii", errors="replace")
             code, ndim = r.unpack("<BB")
             if code not in DTYPES or ndim > 4:
                 raise FormatError(f"{info.name}: stream {name!r} has an unknown dtype or rank")
@@ -139,7 +113,7 @@ class Entropy(Stage):
             payload = r.take(r.unpack("<I"))
             values = self._decode_stream(method, payload, n, f"{info.name}/{name}")
             out[name] = values.astype(DTYPES[code]).reshape(shape)
-        if r.pos != len(r.data):
+        if r.remaining():
             raise FormatError(f"{info.name}: trailing bytes after the symbol streams")
         return out
 
@@ -148,13 +122,13 @@ class Entropy(Stage):
             if n:
                 raise FormatError(f"{where}: empty stream with {n} values")
             return np.zeros(0, np.int64)
-        r = _Reader(payload, where)
+        r = ByteReader(payload, where, FormatError)
         if method == METHOD_ZSTD:
             width = r.unpack("<B")
             if width not in (1, 2, 4):
                 raise FormatError(f"{where}: bad integer width {width}")
             try:
-                raw = zstandard.ZstdDecompressor().decompress(payload[1:], max_output_size=n * width)
+                raw = zstandard.ZstdDecompressor().decompress(bytes(payload[1:]), max_output_size=n * width)
             except zstandard.ZstdError as e:
                 raise FormatError(f"{where}: zstd data is corrupt: {e}") from None
             if len(raw) != n * width:
@@ -169,7 +143,7 @@ class Entropy(Stage):
             if freqs.sum() != 1 << RANS_PROB_BITS:
                 raise FormatError(f"{where}: rANS frequencies do not sum to 2^{RANS_PROB_BITS}")
             try:
-                return kernel("rans_decode")(payload[r.pos :], freqs, n) + lo
+                return kernel("rans_decode")(bytes(payload[r.pos :]), freqs, n) + lo
             except ValueError as e:
                 raise FormatError(f"{where}: {e}") from None
         raise FormatError(f"{where}: unknown coding method {method}")

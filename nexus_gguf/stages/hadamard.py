@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backends.reference import hadamard_blocks
+from ..backends import kernel
 from ..errors import ConfigError
 from .base import Stage, TensorInfo
 
@@ -37,7 +37,7 @@ class Hadamard(Stage):
         out = np.empty_like(x, dtype=np.float32)
         start = 0
         for block in power_of_two_blocks(d):
-            out[..., start : start + block] = hadamard_blocks(np.ascontiguousarray(x[..., start : start + block]), block)
+            out[..., start : start + block] = kernel("hadamard_blocks")(np.ascontiguousarray(x[..., start : start + block]), block)
             start += block
         return out
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..backends import kernel
 from ..errors import ConfigError, FormatError
-from .base import ModelBinding, Stage, TensorInfo
+from .base import Stage, TensorInfo
 
 GAUSS_BITS = 0.5 * np.log2(2 * np.pi * np.e)  # differential entropy of N(0, 1) in bits
 LOG_STEPS = 8  # log-scale resolution: steps per octave
@@ -38,10 +38,10 @@ class Lattice(Stage):
         "scale_block": (int, 0),  # values per scale within a head vector; 0: the whole vector
         "scale_stat": (str, "rms"),  # rms | max
         "scale_format": (str, "log"),  # log (int16 log2 in 1/8 octaves) | f16
-        "edge_layers": (int, 0),  # the first and last this many model layers ...
-        "edge_bits": (float, 0.0),  # ... get this many more bits
-        "n_layer": (int, 0),  # the model's layer count (set at save time; for edge_layers)
     }
+    # more bits for the first and last layers measured no gain (README); format 1 files of 0.1
+    # wrote edge_layers=0 with the model's n_layer
+    RETIRED = {"edge_layers": 0, "edge_bits": None, "n_layer": None}
 
     def validate(self) -> None:
         if self.scale_stat not in ("rms", "max") or self.scale_format not in ("log", "f16"):
@@ -50,19 +50,12 @@ class Lattice(Stage):
             raise ConfigError("lattice: scale_scope is vector or head")
         if self.scale_block < 0 or (self.scale_block and self.scale_block % 8):
             raise ConfigError("lattice: scale_block must be 0 or a multiple of 8")
-        for b in (self.k_bits, self.v_bits, self.k_bits + self.edge_bits, self.v_bits + self.edge_bits):
+        for b in (self.k_bits, self.v_bits):
             if not 0.5 <= b <= 12:
                 raise ConfigError(f"lattice: bits must lie in 0.5 .. 12, got {b}")
 
-    def bind(self, model: ModelBinding) -> "Lattice":
-        return Lattice(**{**{k: getattr(self, k) for k in self.PARAMS}, "n_layer": int(model.facts.n_layer)})
-
     def bits(self, info: TensorInfo) -> float:
-        b = self.k_bits if info.kind == "k" else self.v_bits
-        L = info.model_layer
-        if self.edge_layers and L is not None and (L < self.edge_layers or L >= self.n_layer - self.edge_layers):
-            b += self.edge_bits
-        return b
+        return self.k_bits if info.kind == "k" else self.v_bits
 
     def _block(self, head_dim: int, name: str) -> int:
         if head_dim % 8:

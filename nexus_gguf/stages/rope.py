@@ -41,8 +41,8 @@ class Rope(Stage):
         "n_ctx_orig": (int, 0),
         "beta_fast": (float, 32.0),
         "beta_slow": (float, 1.0),
-        "skipped": (str, ""),  # why the stage does nothing for this model
     }
+    RETIRED = {"skipped": None}  # format 1 files of 0.1 kept bind()'s note here
 
     def validate(self) -> None:
         if self.mode not in ("auto", "norm", "neox", "off"):
@@ -56,7 +56,9 @@ class Rope(Stage):
         facts, ctx = model.facts, model.context
         rope = facts.rope
         if rope["type"] not in ("norm", "neox"):
-            return Rope(mode="off", skipped=f"RoPE type {rope['type']!r} is not inverted by this stage")
+            off = Rope(mode="off")
+            off.note = f"RoPE type {rope['type']!r} is not inverted by this stage: keys are coded with RoPE on"
+            return off
         base = float(ctx.get("rope_freq_base") or rope["freq_base"])
         # the context's scaling type wins over the model's (llama-context.cpp, llama_context()):
         # "none" never scales, "yarn" turns the YaRN mix on unless yarn_ext_factor says otherwise

@@ -1,0 +1,95 @@
+"""Token eviction: a choice made once, at save time, before any section is coded: drop the least
+important cells of the full-attention cache, for all heads and layers at once (the cache is
+shared; per-head eviction failed in NexusQuant's measurements). Kept cells keep their positions,
+so the next token still goes at position n. The first `sinks` positions and the last `window`
+are always kept; sliding-window caches are left alone (they hold only the window already).
+
+Importance comes from nexus_gguf.scoring. Eviction is not a stage: decoding has nothing to undo
+(the file holds the kept cells), so what a file records of it is an account of what happened
+(EvictionRecord, the header's "eviction"), not options a reader acts on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import ConfigError
+
+SCORERS = ("attention", "key-proxy")
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """What to evict: the options a preset or a user sets."""
+
+    keep: float = 0.5  # fraction of the cells (<= 1) or a number of cells (> 1)
+    sinks: int = 4
+    window: int = 32
+    scorer: str = "attention"  # attention | key-proxy
+    pool: int = 0  # max-pool importance over this many neighbours (SnapKV); 0: off
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            typ = float if f.type == "float" else int if f.type == "int" else str
+            if typ is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+            elif not isinstance(value, typ) or isinstance(value, bool):
+                raise ConfigError(f"evict: {f.name} must be {typ.__name__}, got {value!r}")
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"evict scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if not self.keep > 0 or self.sinks < 0 or self.window < 1 or self.pool < 0:
+            raise ConfigError("evict: keep > 0, sinks >= 0, window >= 1, pool >= 0")
+
+    def get_config(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "Eviction":
+        unknown = set(config) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"evict has no option(s) {', '.join(sorted(unknown))}")
+        return cls(**config)
+
+    def with_options(self, **options: Any) -> "Eviction":
+        return Eviction.from_config({**self.get_config(), **options})
+
+    def budget(self, n: int) -> int:
+        return min(n, int(round(self.keep * n)) if self.keep <= 1 else int(self.keep))
+
+    def choose(self, importance: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Sorted indices of the cells to keep."""
+        n = pos.shape[0]
+        score = np.asarray(importance, np.float64)
+        if self.pool > 1:
+            pad = self.pool // 2
+            padded = np.pad(score, pad, mode="edge")
+            score = np.lib.stride_tricks.sliding_window_view(padded, 2 * pad + 1).max(axis=1)[:n]
+        protected = (pos < self.sinks) | (pos >= pos.max() + 1 - self.window)
+        budget = max(self.budget(n), int(protected.sum()))
+        rest = np.nonzero(~protected)[0]
+        best = rest[np.argsort(-score[rest], kind="stable")[: budget - int(protected.sum())]]
+        return np.sort(np.concatenate([np.nonzero(protected)[0], best]))
+
+
+@dataclass(frozen=True)
+class EvictionRecord:
+    """What eviction did, as the header's "eviction" records it."""
+
+    options: Eviction
+    used: str  # the scorer that really ran: attention, or key-proxy when capture failed
+    n_cells: int  # cells before
+    kept: int
+    note: str = ""  # why the asked-for scorer was not used
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.options.get_config(), "used": self.used, "n_cells": self.n_cells, "kept": self.kept, "note": self.note}
+
+
+def legacy_stage_record(stage: Mapping[str, Any]) -> dict[str, Any]:
+    """The eviction record of a file written before eviction left the pipeline (format 1 files
+    of nexus-gguf 0.1): an {"id": "evict", ...} entry at the head of its stages."""
+    return {k: v for k, v in stage.items() if k != "id"}
+
