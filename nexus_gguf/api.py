@@ -6,7 +6,6 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Optional, Sequence
 
 import numpy as np

@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"how much to compress (default {DEFAULT_PRESET}; see the README's table)")
     s.add_argument("--k-bits", type=float, help="lattice bits per K value (lossy presets)")
     s.add_argument("--v-bits", type=float, help="lattice bits per V value (lossy presets)")
-    s.add_argument("--no", action="append", metavar="STAGE", help="leave a stage of the preset out (repeatable)")
+    s.add_argument("--no", action="append", metavar="STAGE", help="leave a stage of the preset out, or evict (repeatable)")
     s.add_argument("--set", action="append", metavar="STAGE.OPTION=VALUE", help="override a stage option (repeatable)")
     common(s)
     s.set_defaults(func=cmd_save_state)

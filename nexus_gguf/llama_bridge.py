@@ -4,6 +4,7 @@ Other modules work on bytes and arrays and never import llama_cpp."""
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -83,8 +84,6 @@ def _llama_cpp():
 
 def open_llama(model: str, n_ctx: int, threads: Optional[int] = None, n_gpu_layers: int = 0, **kw):
     """A llama_cpp.Llama of the GGUF file `model`, quiet, on `threads` CPU threads (default: all)."""
-    import os
-
     if not os.path.isfile(model):
         raise NxkvError(f"{model}: no such model file")
     return _llama_cpp().Llama(model, n_ctx=n_ctx, n_threads=threads or max(1, os.cpu_count() or 1),

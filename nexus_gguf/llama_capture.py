@@ -1,6 +1,8 @@
 """Query capture: the post-RoPE queries llama.cpp computes, taken from its graph through the
 eval callback (ggml_backend_sched_eval_callback), for attention-importance scoring. Beside
 llama_bridge, the only other module that calls llama.cpp: it builds its own context and batch.
+That context takes the saved state, the last W positions are removed and decoded again with the
+capture on, so a prompt that was already evaluated is not read again.
 
 The C callback of the native library does the work where the library is built; a ctypes
 callback does the same otherwise. Only ggml's exported accessors are used, looked up in the

@@ -118,3 +118,17 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         fmt.write_atomic(p, boom())
     assert p.read_bytes() == before
     assert [x.name for x in tmp_path.iterdir()] == ["x.nxkv"]  # no temporary file left behind
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    p = tmp_path / "new.nxkv"
+    fmt.write_atomic(p, [b"x"])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask  # not mkstemp's private 0600
+    p.chmod(0o640)
+    fmt.write_atomic(p, [b"y"])
+    assert stat.S_IMODE(p.stat().st_mode) == 0o640  # a replaced file keeps its mode
