@@ -13,7 +13,7 @@ import numpy as np
 from . import llama_bridge as bridge
 from .backends import recording
 from .errors import ChecksumError, ConfigError, FormatError, NxkvError, RestoreError
-from .eviction import EvictionRecord
+from .eviction import eviction_record
 from .format import NxkvFile, crc32, pack, read_header, write_atomic
 from .header import Header, build_header
 from .llama_state import parse_state, write_state
@@ -31,6 +31,7 @@ class SaveReport:
     file_bytes: int  # the .nxkv file, every header byte counted
     seconds: dict[str, float] = field(default_factory=dict)
     backends: dict[str, str] = field(default_factory=dict)  # kernel op -> the backend that ran it
+    scoring: Optional[dict] = None  # how importance was measured (the header's "scoring"), if it was
     eviction: Optional[dict] = None  # what eviction did (the header's "eviction"), if the preset evicts
 
     @property
@@ -103,12 +104,12 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
             "save right after evaluating the prompt"
         )
     timer.lap("parse")
-    eviction = None
-    if pipeline.eviction is not None:
-        state, eviction = _evict(llm, blob, state, tokens, pipeline)
+    eviction = scoring = importance = None
+    if pipeline.needs_scores:
+        state, scoring, eviction, importance = _score_and_evict(llm, blob, state, tokens, pipeline)
         timer.lap("scoring")
     with recording() as backends:
-        layout, sections = encode_state(state, pipeline, value_dims(facts.n_embd_head_k, facts.n_embd_head_v))
+        layout, sections = encode_state(state, pipeline, value_dims(facts.n_embd_head_k, facts.n_embd_head_v), importance)
         sections.insert(0, ("tokens", encode_tokens(tokens)))
         # a lossy state cannot reproduce the prompt's logits to the last bit anyway; f16 halves them
         logits_dtype = "f32" if pipeline.lossless else "f16"
@@ -118,27 +119,35 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
     header = build_header(
         facts=facts, context=bridge.context_facts(llm), software=bridge.software_versions(), n_tokens=n_tokens,
         n_pos=state.n_pos, logits=None if logits is None else {"dtype": logits_dtype, "n_vocab": int(logits.shape[0])},
-        pipeline=pipeline, eviction=None if eviction is None else eviction.to_json(),
+        pipeline=pipeline, scoring=scoring, eviction=eviction,
         notes={s.stage_id: s.note for s in pipeline.stages if s.note},
         raw={"bytes": len(blob), "crc32": crc32(blob), "kind": "sequence"}, state=layout,
     )
     file_bytes = write_atomic(path, pack(header, sections))
     timer.lap("write")
     return SaveReport(os.fspath(path), pipeline.preset or "custom", n_tokens, len(blob), file_bytes, timer.seconds,
-                      dict(backends), header.get("eviction"))
+                      dict(backends), scoring, eviction)
 
 
-def _evict(llm, blob: bytes, state, tokens, pipeline: Pipeline):
-    """Score the cells, keep the most important: (the smaller state, what was done)."""
+def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline):
+    """Score the cells; keep the most important if the pipeline evicts. (state, the header's
+    scoring and eviction records, per-layer importance for the stages that use it)."""
     from .scoring import score_cells
 
-    options = pipeline.eviction
+    options = pipeline.scoring
     scores = score_cells(llm, blob, state, tokens, options.window, options.scorer)
-    pos = next(s for s in state.caches[0].streams if s is not None).cells.pos
-    keep = options.choose(scores.importance, pos)
     if scores.note:
-        warnings.warn(f"nexus-gguf: {scores.note}", RuntimeWarning, stacklevel=3)
-    return state.keep_cells(keep), EvictionRecord(options, scores.scorer, int(pos.size), int(keep.size), scores.note)
+        warnings.warn(f"nexus-gguf: {scores.note}", RuntimeWarning, stacklevel=4)
+    record = {**options.get_config(), "used": scores.scorer, "note": scores.note}
+    eviction = None
+    if pipeline.eviction is not None:
+        pos = next(s for s in state.caches[0].streams if s is not None).cells.pos
+        keep = pipeline.eviction.choose(scores.importance, pos)
+        state, importance = state.keep_cells(keep), scores.importance[keep]
+        eviction = eviction_record(pipeline.eviction, int(pos.size), int(keep.size))
+    else:
+        importance = scores.importance
+    return state, record, eviction, importance if pipeline.uses_importance else None
 
 
 def load_state(llm, path) -> LoadReport:
@@ -195,6 +204,7 @@ def read_info(path, verify: bool = False) -> dict[str, Any]:
     header = Header(raw_header, os.fspath(path))
     info = dict(raw_header)
     info["eviction"] = header.eviction
+    info["scoring"] = header.scoring
     info["file_bytes"] = file_bytes
     info["ratio"] = header.raw_bytes / file_bytes
     info["sections"] = {name: s.length for name, s in sections.items()}

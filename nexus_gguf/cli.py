@@ -127,10 +127,12 @@ def cmd_info(args) -> int:
     print(f"prompt     {p['n_tokens']} tokens, needs n_ctx >= {p['n_ctx_required']}")
     stages = [s["id"] for s in info["pipeline"]["stages"] if s.get("id") != "evict"]  # 0.1 files listed it there
     print(f"pipeline   {info['pipeline']['preset']}: " + " -> ".join(stages))
-    ev = info["eviction"]
+    sc, ev = info["scoring"], info["eviction"]
+    if sc:
+        print(f"scoring    {sc['used']} importance from the last {sc['window']} tokens"
+              f"{'; ' + sc['note'] if sc.get('note') else ''}")
     if ev:
-        print(f"eviction   kept {ev['kept']} cells by {ev['used']} importance (keep {ev['keep']}, {ev['sinks']} sinks, "
-              f"{ev['window']}-token window){'; ' + ev['note'] if ev.get('note') else ''}")
+        print(f"eviction   kept {ev['kept']} cells (keep {ev['keep']}, {ev['sinks']} sinks and the last {ev['window']} always)")
     for stage, note in (info.get("notes") or {}).items():
         print(f"note       {stage}: {note}")
     print(f"context    {info['context']}")

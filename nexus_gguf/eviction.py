@@ -4,9 +4,9 @@ shared; per-head eviction failed in NexusQuant's measurements). Kept cells keep 
 so the next token still goes at position n. The first `sinks` positions and the last `window`
 are always kept; sliding-window caches are left alone (they hold only the window already).
 
-Importance comes from nexus_gguf.scoring. Eviction is not a stage: decoding has nothing to undo
-(the file holds the kept cells), so what a file records of it is an account of what happened
-(EvictionRecord, the header's "eviction"), not options a reader acts on."""
+Importance comes from nexus_gguf.scoring (its options: Scoring). Eviction is not a stage:
+decoding has nothing to undo (the file holds the kept cells), so what a file records of it is an
+account of what happened (the header's "eviction" and "scoring"), not options a reader acts on."""
 
 from __future__ import annotations
 
@@ -20,15 +20,10 @@ from .errors import ConfigError
 SCORERS = ("attention", "key-proxy")
 
 
-@dataclass(frozen=True)
-class Eviction:
-    """What to evict: the options a preset or a user sets."""
+class Options:
+    """A frozen dataclass of typed options with a JSON-clean config (numcodecs' habit)."""
 
-    keep: float = 0.5  # fraction of the cells (<= 1) or a number of cells (> 1)
-    sinks: int = 4
-    window: int = 32
-    scorer: str = "attention"  # attention | key-proxy
-    pool: int = 0  # max-pool importance over this many neighbours (SnapKV); 0: off
+    name = "options"
 
     def __post_init__(self):
         for f in fields(self):
@@ -37,24 +32,52 @@ class Eviction:
             if typ is float and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
             elif not isinstance(value, typ) or isinstance(value, bool):
-                raise ConfigError(f"evict: {f.name} must be {typ.__name__}, got {value!r}")
-        if self.scorer not in SCORERS:
-            raise ConfigError(f"evict scorer must be one of {SCORERS}, got {self.scorer!r}")
-        if not self.keep > 0 or self.sinks < 0 or self.window < 1 or self.pool < 0:
-            raise ConfigError("evict: keep > 0, sinks >= 0, window >= 1, pool >= 0")
+                raise ConfigError(f"{self.name}: {f.name} must be {typ.__name__}, got {value!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks; raise ConfigError."""
 
     def get_config(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "Eviction":
+    def from_config(cls, config: Mapping[str, Any]):
         unknown = set(config) - {f.name for f in fields(cls)}
         if unknown:
-            raise ConfigError(f"evict has no option(s) {', '.join(sorted(unknown))}")
+            raise ConfigError(f"{cls.name} has no option(s) {', '.join(sorted(unknown))}")
         return cls(**config)
 
-    def with_options(self, **options: Any) -> "Eviction":
-        return Eviction.from_config({**self.get_config(), **options})
+
+@dataclass(frozen=True)
+class Scoring(Options):
+    """How importance is measured (nexus_gguf.scoring): for eviction and for importance-aware
+    quantizer steps."""
+
+    name = "score"
+    scorer: str = "attention"  # attention: the prompt's last queries, captured | key-proxy
+    window: int = 32  # the last this many prompt tokens ask the queries
+
+    def validate(self) -> None:
+        if self.scorer not in SCORERS:
+            raise ConfigError(f"score: scorer must be one of {SCORERS}, got {self.scorer!r}")
+        if self.window < 1:
+            raise ConfigError("score: window >= 1")
+
+
+@dataclass(frozen=True)
+class Eviction(Options):
+    """What to evict: the options a preset or a user sets."""
+
+    name = "evict"
+    keep: float = 0.5  # fraction of the cells (<= 1) or a number of cells (> 1)
+    sinks: int = 4
+    window: int = 32  # the last this many cells are always kept
+    pool: int = 0  # max-pool importance over this many neighbours (SnapKV); 0: off
+
+    def validate(self) -> None:
+        if not self.keep > 0 or self.sinks < 0 or self.window < 1 or self.pool < 0:
+            raise ConfigError("evict: keep > 0, sinks >= 0, window >= 1, pool >= 0")
 
     def budget(self, n: int) -> int:
         return min(n, int(round(self.keep * n)) if self.keep <= 1 else int(self.keep))
@@ -74,18 +97,9 @@ class Eviction:
         return np.sort(np.concatenate([np.nonzero(protected)[0], best]))
 
 
-@dataclass(frozen=True)
-class EvictionRecord:
+def eviction_record(options: Eviction, n_cells: int, kept: int) -> dict[str, Any]:
     """What eviction did, as the header's "eviction" records it."""
-
-    options: Eviction
-    used: str  # the scorer that really ran: attention, or key-proxy when capture failed
-    n_cells: int  # cells before
-    kept: int
-    note: str = ""  # why the asked-for scorer was not used
-
-    def to_json(self) -> dict[str, Any]:
-        return {**self.options.get_config(), "used": self.used, "n_cells": self.n_cells, "kept": self.kept, "note": self.note}
+    return {**options.get_config(), "n_cells": n_cells, "kept": kept}
 
 
 def legacy_stage_record(stage: Mapping[str, Any]) -> dict[str, Any]:

@@ -45,7 +45,8 @@ class Limits:
 
 
 def build_header(*, facts, context: dict, software: dict, n_tokens: int, n_pos: int, logits: Optional[dict],
-                 pipeline: Pipeline, eviction: Optional[dict], notes: dict, raw: dict, state: dict) -> dict[str, Any]:
+                 pipeline: Pipeline, scoring: Optional[dict], eviction: Optional[dict], notes: dict, raw: dict,
+                 state: dict) -> dict[str, Any]:
     """The header save_state writes (docs/FORMAT.md, "Header keys")."""
     header = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -58,6 +59,8 @@ def build_header(*, facts, context: dict, software: dict, n_tokens: int, n_pos: 
         "raw": raw,
         "state": state,
     }
+    if scoring is not None:
+        header["scoring"] = scoring
     if eviction is not None:
         header["eviction"] = eviction
     if notes:
@@ -112,15 +115,28 @@ class Header:
             raise FormatError(f"{source}: {e}") from None
         self.pipeline = Pipeline.from_config(pipeline)
 
-    @property
-    def eviction(self) -> Optional[dict]:
-        """What eviction did (eviction.EvictionRecord.to_json), or None if the file kept every cell."""
-        if isinstance(self.raw_header.get("eviction"), dict):
-            return self.raw_header["eviction"]
+    def _legacy_evict_stage(self) -> Optional[dict]:
         stages = self.raw_header["pipeline"].get("stages") or []
         if stages and isinstance(stages[0], dict) and stages[0].get("id") == "evict":
             return legacy_stage_record(stages[0])
         return None
+
+    @property
+    def eviction(self) -> Optional[dict]:
+        """What eviction did (eviction.eviction_record), or None if the file kept every cell."""
+        if isinstance(self.raw_header.get("eviction"), dict):
+            return self.raw_header["eviction"]
+        return self._legacy_evict_stage()
+
+    @property
+    def scoring(self) -> Optional[dict]:
+        """How importance was measured: scorer and window asked, scorer used, note; or None."""
+        if isinstance(self.raw_header.get("scoring"), dict):
+            return self.raw_header["scoring"]
+        old = self._legacy_evict_stage()
+        if old is None:
+            return None
+        return {k: old.get(k) for k in ("scorer", "window", "used", "note")}
 
     def limits(self) -> Limits:
         """Bounds from the model record this file carries (used when no model is loaded)."""

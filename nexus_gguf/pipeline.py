@@ -7,10 +7,11 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from .errors import ConfigError, FormatError
-from .eviction import Eviction
+from .eviction import Eviction, Scoring
 from .stages import REGISTRY, ModelBinding, Stage, TensorInfo, stage_from_config
 
-# preset name -> {"stages": stage configs in encoding order, "evict": eviction options (optional)}.
+# preset name -> {"stages": stage configs in encoding order, "evict": eviction options and
+# "score": scoring options (both optional; scoring runs when eviction or a stage needs it)}.
 # Lossy presets: RoPE removed, Hadamard, E8 lattice (channel means subtracted, f16 attention
 # sinks, one step per head), rANS; balanced and max first evict the tokens the prompt's last 32
 # queries attend to least. Bits and keep fractions chosen on the benchmark (4096-token
@@ -21,11 +22,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         {"id": "rope"}, {"id": "hadamard"},
         {"id": "lattice", "k_bits": 3.5, "v_bits": 3.5, "scale_scope": "head"}, {"id": "entropy"},
     ]},
-    "balanced": {"evict": {"keep": 0.5, "scorer": "attention"}, "stages": [
+    "balanced": {"evict": {"keep": 0.5}, "score": {"scorer": "attention"}, "stages": [
         {"id": "rope"}, {"id": "hadamard"},
         {"id": "lattice", "k_bits": 3.0, "v_bits": 3.0, "scale_scope": "head"}, {"id": "entropy"},
     ]},
-    "max": {"evict": {"keep": 0.25, "scorer": "attention"}, "stages": [
+    "max": {"evict": {"keep": 0.25}, "score": {"scorer": "attention"}, "stages": [
         {"id": "rope"}, {"id": "hadamard"},
         {"id": "lattice", "k_bits": 1.5, "v_bits": 1.5, "scale_scope": "head"}, {"id": "entropy"},
     ]},
@@ -48,12 +49,15 @@ class Pipeline:
     """How a state's K/V sections are coded: either only `bytes` stages (whole sections as
     llama.cpp wrote them), or the value path: values* quantizer symbols* coder (see Stage). An
     optional Eviction runs before, on the whole state; it is not part of the coding and a file
-    records what it did apart from the stages."""
+    records what it did apart from the stages. Scoring (importance per cell) runs before both
+    when eviction or a stage needs it."""
 
-    def __init__(self, stages: Sequence[Stage], preset: str | None = None, eviction: Optional[Eviction] = None):
+    def __init__(self, stages: Sequence[Stage], preset: str | None = None, eviction: Optional[Eviction] = None,
+                 scoring: Optional[Scoring] = None):
         self.stages = list(stages)
         self.preset = preset
         self.eviction = eviction
+        self.scoring = scoring if scoring is not None or not self.needs_scores else Scoring()
         kinds = [s.kind for s in self.stages]
         if self.values_path:
             q = kinds.index("quantizer") if "quantizer" in kinds else -1
@@ -68,6 +72,15 @@ class Pipeline:
                     f"stages {[s.stage_id for s in self.stages]} do not form a pipeline: "
                     "value stages, one quantizer, symbol stages, one coder"
                 )
+
+    @property
+    def uses_importance(self) -> bool:
+        """A stage codes cells by their importance (the scores reach it in TensorInfo)."""
+        return any(s.uses_importance for s in self.stages)
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.eviction is not None or self.uses_importance
 
     @property
     def values_path(self) -> bool:
@@ -95,7 +108,7 @@ class Pipeline:
 
     def bind(self, model: ModelBinding) -> "Pipeline":
         """The pipeline with model-dependent options resolved (what a file records)."""
-        return Pipeline([s.bind(model) for s in self.stages], self.preset, self.eviction)
+        return Pipeline([s.bind(model) for s in self.stages], self.preset, self.eviction, self.scoring)
 
     def absorbs_rotation(self, info: TensorInfo, block: int) -> bool:
         """Whether a value stage applies exactly llama.cpp's rotation of this section's rows
@@ -141,6 +154,7 @@ def build_pipeline(preset: str = DEFAULT_PRESET, without: Sequence[str] = (), **
     definition = PRESETS[preset]
     configs = [dict(c) for c in definition["stages"]]
     evict = dict(definition["evict"]) if "evict" in definition else None
+    score = dict(definition.get("score", {}))
     names = {c["id"] for c in configs} | ({"evict"} if evict is not None else set())
     for stage_id in without:
         if stage_id not in names:
@@ -156,6 +170,9 @@ def build_pipeline(preset: str = DEFAULT_PRESET, without: Sequence[str] = (), **
                 raise ConfigError(f"{key}: preset {preset!r} does not evict")
             evict[option] = value
             continue
+        if stage_id == "score":
+            score[option] = value
+            continue
         if stage_id not in REGISTRY:
             raise ConfigError(f"{key}: no stage {stage_id!r} (stages: {', '.join(REGISTRY)}, evict)")
         if stage_id not in by_id:
@@ -164,7 +181,9 @@ def build_pipeline(preset: str = DEFAULT_PRESET, without: Sequence[str] = (), **
             raise ConfigError(f"{key}: stage {stage_id!r} has no option {option!r}")
         by_id[stage_id][option] = value
     eviction = Eviction.from_config(evict) if evict is not None else None
-    return Pipeline([REGISTRY[c["id"]].from_config(c) for c in configs], preset, eviction)
+    stages = [REGISTRY[c["id"]].from_config(c) for c in configs]
+    scoring = Scoring.from_config(score) if score or eviction is not None or any(s.uses_importance for s in stages) else None
+    return Pipeline(stages, preset, eviction, scoring)
 
 
 def meta_pipeline() -> Pipeline:
@@ -178,13 +197,15 @@ def ablations(preset: str) -> list[Pipeline]:
     full = build_pipeline(preset)
     out = []
     if full.eviction is not None:
-        out.append(Pipeline(full.stages, f"{preset}-no-evict"))
+        out.append(Pipeline(full.stages, f"{preset}-no-evict", None, full.scoring if full.uses_importance else None))
     for i, s in enumerate(full.stages):
         if s.kind == "quantizer" or (s.kind == "coder" and getattr(s, "coder", "") != "rans"):
             continue
         if s.kind == "coder":
             swapped = type(s).from_config({**s.get_config(), "coder": "zstd"})
-            out.append(Pipeline(full.stages[:i] + [swapped] + full.stages[i + 1 :], f"{preset}-zstd", full.eviction))
+            out.append(Pipeline(full.stages[:i] + [swapped] + full.stages[i + 1 :], f"{preset}-zstd", full.eviction,
+                                full.scoring))
         else:
-            out.append(Pipeline(full.stages[:i] + full.stages[i + 1 :], f"{preset}-no-{s.stage_id}", full.eviction))
+            out.append(Pipeline(full.stages[:i] + full.stages[i + 1 :], f"{preset}-no-{s.stage_id}", full.eviction,
+                                full.scoring))
     return out

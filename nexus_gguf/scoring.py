@@ -22,20 +22,22 @@ from .llama_rotation import llama_rotation, toggle_llama_rotation
 from .llama_state import LlamaState
 
 
-def attention_importance(q: np.ndarray, q_pos: np.ndarray, k: np.ndarray, k_pos: np.ndarray, scale: float) -> np.ndarray:
+def attention_importance(q: np.ndarray, q_pos: np.ndarray, k: np.ndarray, k_pos: np.ndarray, scale: float,
+                         per_head: bool = False) -> np.ndarray:
     """Attention mass each cached key receives from the window queries of one layer, summed
-    over query heads and tokens. q [W, n_head, d], k [n_cells, n_kv, d] (both post-RoPE)."""
+    over query tokens and query heads: [n_cells], or with per_head [n_kv, n_cells] (each KV head
+    summing its GQA group). q [W, n_head, d], k [n_cells, n_kv, d] (both post-RoPE)."""
     n_head, n_kv = q.shape[1], k.shape[1]
     group = n_head // n_kv
-    out = np.zeros(k.shape[0])
+    out = np.zeros((n_kv, k.shape[0]))
     causal = k_pos[None, :] <= q_pos[:, None]  # [W, n_cells]
     for h in range(n_head):
         logits = (q[:, h, :].astype(np.float64) @ k[:, h // group, :].astype(np.float64).T) * scale
         logits = np.where(causal, logits, -np.inf)
         logits -= logits.max(axis=1, keepdims=True)
         w = np.exp(logits)
-        out += (w / w.sum(axis=1, keepdims=True)).sum(axis=0)
-    return out
+        out[h // group] += (w / w.sum(axis=1, keepdims=True)).sum(axis=0)
+    return out if per_head else out.sum(axis=0)
 
 
 @dataclass

@@ -38,7 +38,7 @@ def value_dims(head_dim_k: int, head_dim_v: int) -> dict[str, int]:
 
 
 def _value_info(pipeline: Pipeline, name: str, kind: str, t: GgmlType, cells: Cells, layer_model, sliding: bool,
-                n_embd: int, dims) -> TensorInfo:
+                n_embd: int, dims, importance: Optional[np.ndarray] = None) -> TensorInfo:
     """The TensorInfo of a K or V section on the value path; llama_rot is set when a stage
     absorbs llama.cpp's rotation of these rows (they then stay rotated, see
     Pipeline.absorbs_rotation)."""
@@ -48,7 +48,7 @@ def _value_info(pipeline: Pipeline, name: str, kind: str, t: GgmlType, cells: Ce
     # symbol streams hold at most one value per cache value, whatever the cache type's size
     info = TensorInfo(name, t.name, t.float_bytes, len(cells) * n_embd, kind=kind, positions=cells.pos,
                       model_layer=layer_model, sliding=sliding, n_cells=len(cells), n_heads=n_embd // head_dim,
-                      head_dim=head_dim)
+                      head_dim=head_dim, importance=importance)
     block = dims[f"llama_rot_{kind}"] if not t.float_bytes else 0
     return replace(info, llama_rot=block) if pipeline.absorbs_rotation(info, block) else info
 
@@ -58,9 +58,11 @@ def _unrotated(values: np.ndarray, t: GgmlType, info: TensorInfo, dims) -> np.nd
     return values if info.llama_rot else toggle_llama_rotation(values, t, dims[f"llama_rot_{info.kind}"])
 
 
-def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str, int]] = None) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
+def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str, int]] = None,
+                 importance: Optional[dict] = None) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
     """(layout for the header, sections) of a parsed state. The value path needs `dims`
-    (value_dims of the model)."""
+    (value_dims of the model); stages that code cells by importance get it from `importance`
+    (float64 [n_cells] of the first cache's stream, the same for every layer: scoring.py)."""
     if pipeline.values_path and not dims:
         raise StateLayoutError("the lossy stages need the model's head sizes")
     meta = meta_pipeline()
@@ -81,7 +83,7 @@ def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str,
                     name = f"{kind}.{ci}.{si}.{layer.cache_layer}"
                     if pipeline.values_path:
                         info = _value_info(pipeline, name, kind, t, s.cells, layer.model_layer, layer.sliding_window,
-                                           layer.n_embd(kind), dims)
+                                           layer.n_embd(kind), dims, importance if ci == 0 else None)
                         values = _unrotated(layer.values(kind), t, info, dims)
                         sections.append((name, pipeline.encode_values(values, info)))
                     else:

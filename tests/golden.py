@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -45,14 +45,18 @@ def load_manifest(version: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- stage cases
 
 
+_INFO_ARRAYS = ("positions", "importance")  # TensorInfo fields stored in the case's npz
+
+
 def info_to_json(info: TensorInfo) -> dict[str, Any]:
     d = asdict(info)
-    d.pop("positions")  # stored in the case's npz
+    for name in _INFO_ARRAYS:
+        d.pop(name)
     return d
 
 
-def info_from_json(d: dict[str, Any], positions) -> TensorInfo:
-    return TensorInfo(**d, positions=positions)
+def info_from_json(d: dict[str, Any], arrays: dict) -> TensorInfo:
+    return TensorInfo(**d, **{name: arrays.get(name) for name in _INFO_ARRAYS})
 
 
 def _pack(prefix: str, value) -> dict[str, np.ndarray]:
@@ -91,8 +95,9 @@ def write_stage_case(version: int, case: dict[str, Any], inputs, info: TensorInf
     path = os.path.join(version_dir(version), "stages", case["case"] + ".npz")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     arrays = {**_pack("input", inputs), **_pack("encoded", encoded), **_pack("decoded", decoded)}
-    if info.positions is not None:
-        arrays["positions"] = np.asarray(info.positions)
+    for name in _INFO_ARRAYS:
+        if getattr(info, name) is not None:
+            arrays[name] = np.asarray(getattr(info, name))
     np.savez_compressed(path, **arrays)
     return {**case, "info": info_to_json(info), "data": os.path.relpath(path, version_dir(version))}
 
@@ -100,8 +105,7 @@ def write_stage_case(version: int, case: dict[str, Any], inputs, info: TensorInf
 def load_stage_case(version: int, entry: dict[str, Any]):
     """(inputs, expected encoded, expected decoded, info) of a stored stage case."""
     npz = np.load(os.path.join(version_dir(version), entry["data"]))
-    positions = npz["positions"] if "positions" in npz.files else None
-    info = info_from_json(entry["info"], positions)
+    info = info_from_json(entry["info"], {name: npz[name] for name in _INFO_ARRAYS if name in npz.files})
     return _unpack(npz, "input"), _unpack(npz, "encoded"), _unpack(npz, "decoded"), info
 
 
@@ -149,17 +153,19 @@ def decode_file(path: str) -> dict[str, Any]:
     return {"file": f, "header": h, "blob": write_state(state), "tokens": tokens, "logits": logits}
 
 
-def reencode_file(path: str, raw_blob: bytes) -> dict[str, bytes]:
+def reencode_file(path: str, raw_blob: bytes, importance: Optional[np.ndarray] = None) -> dict[str, bytes]:
     """The sections today's writer makes of `raw_blob` (the state the file was saved from) with
     the file's own stages and options, as {name: bytes}. Cells an evicting preset dropped are
-    dropped again: the file's cell records say which it kept."""
+    dropped again: the file's cell records say which it kept. `importance`: the scores the file
+    was written with (per cell of the raw state), for stages that code cells by importance."""
     d = decode_file(path)
     h = d["header"]
     state = parse_state(raw_blob, h.state["kind"], _layout_of(h.state))
     if h.eviction is not None:  # keep the positions the file kept
         kept = parse_state(d["blob"], h.state["kind"], _layout_of(h.state))
-        state = keep_positions(state, kept)
-    layout, sections = encode_state(state, h.pipeline, h.state.get("values"))
+        state, idx = keep_positions(state, kept)
+        importance = None if importance is None else importance[idx]
+    layout, sections = encode_state(state, h.pipeline, h.state.get("values"), importance)
     out = {"tokens": encode_tokens(d["tokens"])}
     if d["logits"] is not None:
         out["logits"] = encode_logits(d["logits"], h.logits["dtype"])
@@ -180,7 +186,9 @@ def _layout_of(state_layout: dict[str, Any]):
 
 
 def keep_positions(state, kept):
-    """`state` with, in its first cache, only the cells whose positions `kept` has there."""
+    """(`state` with, in its first cache, only the cells whose positions `kept` has there; their
+    indices)."""
     full = next(s for s in state.caches[0].streams if s is not None).cells.pos
     want = next(s for s in kept.caches[0].streams if s is not None).cells.pos
-    return state.keep_cells(np.nonzero(np.isin(full, want))[0])
+    idx = np.nonzero(np.isin(full, want))[0]
+    return state.keep_cells(idx), idx

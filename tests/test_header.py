@@ -86,6 +86,7 @@ def test_old_files_report_their_eviction():
     """Format 1 files of nexus-gguf 0.1 recorded eviction as a pipeline stage; the header reader
     gives it in the same place new files keep it."""
     h = Header(fmt.NxkvFile.open(os.path.join(golden.version_dir(1), "files", "gemma3-balanced.nxkv")).header)
-    assert h.eviction["used"] == "attention" and h.eviction["keep"] == 0.5 and h.eviction["kept"] > 0
+    assert h.eviction["keep"] == 0.5 and h.eviction["kept"] > 0
+    assert h.scoring == {"scorer": "attention", "window": 32, "used": "attention", "note": ""}
     assert [s.stage_id for s in h.pipeline.stages] == ["rope", "hadamard", "lattice", "entropy"]
     assert Header(fmt.NxkvFile.open(GEMMA_HIGH).header).eviction is None

@@ -96,10 +96,11 @@ def test_evicted_state_restores_and_continues(smollm2_path, prompt_text, tmp_pat
     report = save_state(llm, path, "balanced")
     assert report.seconds["scoring"] > 0
     info = read_info(path)
-    ev = info["eviction"]
-    assert ev["used"] == "attention" and ev["kept"] == N // 2 and ev["n_cells"] == N and ev["keep"] == 0.5
+    ev, sc = info["eviction"], info["scoring"]
+    assert sc["used"] == sc["scorer"] == "attention" and sc["window"] == 32 and not sc["note"]
+    assert ev["kept"] == N // 2 and ev["n_cells"] == N and ev["keep"] == 0.5
     assert [s["id"] for s in info["pipeline"]["stages"]] == ["rope", "hadamard", "lattice", "entropy"]
-    assert report.eviction == ev
+    assert report.eviction == ev and report.scoring == sc
     assert info["prompt"]["n_pos"] == N
     other = open_llama(smollm2_path, flash_attn=flash_attn)
     load_state(other, path)
@@ -126,8 +127,8 @@ def test_capture_failure_falls_back_to_the_proxy_and_says_so(smollm2_path, promp
     monkeypatch.setattr(scoring, "capture_queries", broken)
     with pytest.warns(RuntimeWarning, match="key-key proxy"):
         save_state(llm, tmp_path / "p.nxkv", "balanced")
-    ev = read_info(tmp_path / "p.nxkv")["eviction"]
-    assert ev["used"] == "key-proxy" and ev["scorer"] == "attention" and "no queries" in ev["note"]
+    sc = read_info(tmp_path / "p.nxkv")["scoring"]
+    assert sc["used"] == "key-proxy" and sc["scorer"] == "attention" and "no queries" in sc["note"]
 
 
 def test_iswa_eviction_leaves_the_window_cache(gemma3_path, tmp_path):
@@ -146,3 +147,26 @@ def test_iswa_eviction_leaves_the_window_cache(gemma3_path, tmp_path):
     assert np.array_equal(after.caches[1].streams[0].cells.pos, before.caches[1].streams[0].cells.pos)
     other.eval([91, 92])
     assert other.n_tokens == len(tokens) + 2
+
+
+def test_importance_aware_steps_end_to_end(prompt, tmp_path, smollm2_path):
+    """high with importance-aware steps: scores computed (nothing evicted), buckets stored, the
+    file restores anywhere without the scores, and it is smaller than plain high."""
+    llm, tokens, _ = prompt
+    plain = save_state(llm, tmp_path / "plain.nxkv", "high")
+    report = save_state(llm, tmp_path / "steps.nxkv", "high", lattice_token_steps=0.5, lattice_step_octaves=3.0)
+    assert report.scoring["used"] == "attention" and report.eviction is None and report.seconds["scoring"] > 0
+    assert report.file_bytes < plain.file_bytes
+    info = read_info(tmp_path / "steps.nxkv")
+    assert info["scoring"] == report.scoring and info["prompt"]["n_pos"] == N
+    other = open_llama(smollm2_path)
+    load_state(other, tmp_path / "steps.nxkv")
+    got = bridge.eval_logits(other, tokens[N : N + 16], N)
+    raw = bridge.get_seq_state(llm, 0)
+    bridge.clear_seq(llm, 0)
+    assert bridge.set_seq_state(llm, raw, 0)
+    ref = bridge.eval_logits(llm, tokens[N : N + 16], N)
+    bridge.clear_seq(llm, 0)  # leave the shared prompt as the fixture made it
+    assert bridge.set_seq_state(llm, raw, 0)
+    m = continuation_metrics(ref, got, np.asarray(tokens[N + 1 : N + 17]))
+    assert m["kld_mean"] < 0.1 and m["top1"] >= 0.75

@@ -298,3 +298,56 @@ def test_value_path_absorbs_llamas_rotation_instead_of_undoing_it():
     absorbed = high.decode(high.encode(stored, replace(v, llama_rot=64)), replace(v, llama_rot=64))
     undone = high.decode(high.encode(hadamard_blocks(stored, 64), v), v)
     np.testing.assert_allclose(hadamard_blocks(absorbed, 64), undone, atol=1e-3 * np.abs(x).max())
+
+
+def test_token_steps_follow_importance_and_split_the_streams():
+    """A cell's step grows with how little attention it gets (in half octaves, at most
+    step_octaves), each bucket's points get their own streams (and rANS tables), and decoding
+    needs nothing but the file."""
+    n = 200
+    x = _values(n=n)
+    importance = np.full(n, 1.0)  # the median
+    importance[50:80] = 1 / 64  # 6 octaves below the median, times token_steps 0.5: 3 octaves = bucket 6
+    importance[100:130] = 1 / 4  # 2 octaves: 1 octave = bucket 2
+    importance[150:180] = 1 / 2 ** 12  # capped at step_octaves: bucket 6
+    info = _info(n=n)
+    with_imp = TensorInfo(**{**info.__dict__, "importance": importance})
+    lat = Lattice(k_bits=3.5, token_steps=0.5, step_octaves=3.0)
+    assert lat.uses_importance and not Lattice().uses_importance
+    s = lat.encode(x, with_imp)
+    assert s["bucket"].tolist() == [0] * 50 + [6] * 30 + [0] * 20 + [2] * 30 + [0] * 20 + [6] * 30 + [0] * 20
+    assert {k for k in s if k.startswith("coord.")} == {"coord.0", "coord.2", "coord.6"}
+    assert s["coord.6"].shape == (60, 2 * 64 // 8, 7)
+    coded = Entropy().encode(s, with_imp)
+    y = lat.decode(Entropy().decode(coded, info), info)  # no importance needed to decode
+    err = ((y - x) ** 2).mean(axis=(1, 2))
+    assert err[50:80].mean() > 4 * err[4:50].mean() and err[100:130].mean() > 1.5 * err[4:50].mean()
+    plain = Lattice(k_bits=3.5).encode(x, info)
+    assert len(coded) < len(Entropy().encode(plain, info))
+    # without importance (a sliding-window cache, say) the stage codes one step for all
+    assert "bucket" not in lat.encode(x, info)
+    # damaged bucket streams are refused
+    for bad in ({**s, "bucket": s["bucket"][:-1]}, {**s, "bucket": np.full(n, 7, np.uint8)},
+                {k: v for k, v in s.items() if k != "coord.2"}):
+        with pytest.raises(FormatError):
+            lat.decode(bad, info)
+
+
+def test_scoring_and_eviction_are_options_not_stages():
+    from nexus_gguf.eviction import Eviction, Scoring
+
+    balanced = build_pipeline("balanced")
+    assert balanced.eviction == Eviction(keep=0.5) and balanced.scoring == Scoring(scorer="attention")
+    assert [s.stage_id for s in balanced.stages] == ["rope", "hadamard", "lattice", "entropy"]
+    assert build_pipeline("balanced", evict_keep=0.3, score_window=16).eviction.keep == 0.3
+    assert build_pipeline("balanced", score_window=16).scoring.window == 16
+    assert build_pipeline("balanced", without=["evict"]).eviction is None
+    assert build_pipeline("high").scoring is None  # nothing needs scores: none are computed
+    assert build_pipeline("high", lattice_token_steps=0.5).scoring == Scoring()
+    with pytest.raises(ConfigError, match="does not evict"):
+        build_pipeline("high", evict_keep=0.5)
+    with pytest.raises(ConfigError, match="scorer"):
+        build_pipeline("balanced", score_scorer="oracle")
+    with pytest.raises(ConfigError, match="no option"):
+        build_pipeline("balanced", evict_scorer="attention")  # scoring is its own option set now
+    assert "balanced-no-evict" in [p.preset for p in ablations("balanced")]

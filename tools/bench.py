@@ -35,14 +35,14 @@ QUICK = dict(texts=["prose"], prefixes=[1024], eval_tokens=128, recall_trials=2,
 def eviction_variants():
     """`high`'s lattice after evicting 25 / 50 / 75 % of the tokens, chosen by the real
     attention of the last 32 prompt tokens or by the key-key proxy."""
-    from nexus_gguf.eviction import Eviction
+    from nexus_gguf.eviction import Eviction, Scoring
     from nexus_gguf.pipeline import Pipeline, build_pipeline
 
     out = []
     for evicted in (25, 50, 75):
         for scorer in ("attention", "key-proxy"):
-            eviction = Eviction(keep=1 - evicted / 100, scorer=scorer)
-            out.append(Pipeline(build_pipeline("high").stages, f"high+evict{evicted}/{scorer}", eviction))
+            eviction = Eviction(keep=1 - evicted / 100)
+            out.append(Pipeline(build_pipeline("high").stages, f"high+evict{evicted}/{scorer}", eviction, Scoring(scorer=scorer)))
     return out
 
 

@@ -4,13 +4,16 @@ Run only by decision: the fixtures pin every encoded byte, so a fixture that has
 the format changed (bump FORMAT_VERSION, keep the old fixtures loading). Needs llama-cpp-python,
 the gguf package and the default model (the complete files come from real llama.cpp states).
 
-    python tools/make_fixtures.py            # refuses to overwrite an existing version
-    python tools/make_fixtures.py --force    # rewrite it (a format change)
+    python tools/make_fixtures.py            # a new format version's fixtures
+    python tools/make_fixtures.py --add      # add new stage cases, and files of presets whose
+                                             # encoding changed; existing fixtures never change
+    python tools/make_fixtures.py --force    # rewrite the current version (a format change)
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import os
 import shutil
@@ -81,6 +84,11 @@ def stage_cases(rng):
     # options no preset uses but a measured ablation or the README names
     lat_vec = {"id": "lattice", "k_bits": 3.0, "v_bits": 3.0, "scale_scope": "vector", "scale_block": 16}
     out.append(({"case": "lattice-vector-block16", "stages": [lat_vec]}, x, _info("k", n, h, d)))
+    # importance-aware steps (lattice token_steps), with heavy-tailed importance as attention gives
+    importance = rng.lognormal(0.0, 2.0, n)
+    tok = {"id": "lattice", "k_bits": 3.5, "v_bits": 3.5, "scale_scope": "head", "token_steps": 0.5, "step_octaves": 3.0}
+    out.append(({"case": "lattice-token-steps", "stages": [tok, {"id": "entropy"}]}, x,
+                replace(_info("k", n, h, d), importance=importance)))
     # symbol stages and coders, from the lattice symbols of `high` and `seed`
     from nexus_gguf.stages import stage_from_config
 
@@ -108,11 +116,26 @@ def e8_ties(rng) -> np.ndarray:
     return np.concatenate([fixed, random])
 
 
-def write_files(vdir: str) -> list[dict]:
+def _preset_key(stages: list, eviction) -> str:
+    """What makes two files of one prompt and preset encode differently."""
+    stages = [c for c in stages if c.get("id") != "evict"]
+    return json.dumps({"stages": stages, "keep": None if eviction is None else eviction.get("keep")}, sort_keys=True)
+
+
+def write_files(vdir: str, existing: list[dict]) -> list[dict]:
+    """Complete files of every preset from real llama.cpp states: for each prompt setup and
+    preset, one file per distinct encoding (a preset whose stages or eviction changed since the
+    existing files gets a new file, named with the package version; existing files stay)."""
     import llama_cpp
 
     import nexus_gguf as ng
+    from nexus_gguf import llama_bridge as bridge
     from nexus_gguf.default_model import default_model_path
+    from nexus_gguf.format import NxkvFile
+    from nexus_gguf.header import Header
+    from nexus_gguf.pipeline import build_pipeline
+    from nexus_gguf.scoring import score_cells
+    from nexus_gguf.stages import ModelBinding
     from tiny_models import write_tiny_gemma3
 
     files_dir = os.path.join(vdir, "files")
@@ -120,64 +143,92 @@ def write_files(vdir: str) -> list[dict]:
     tmp = tempfile.mkdtemp(prefix="nxkv-fixtures-")
     gemma = write_tiny_gemma3(os.path.join(tmp, "tiny-gemma3.gguf"))
     text = open(os.path.join(ROOT, "tests", "data", "prose.txt"), encoding="utf-8").read()
+    have = {}
+    for e in existing:
+        h = Header(NxkvFile.open(os.path.join(vdir, e["file"])).header)
+        # canonical configs: options a version retired drop out, defaults fill in
+        have.setdefault((e["source"], e["preset"]), set()).add(_preset_key(h.pipeline.get_config()["stages"], h.eviction))
 
     def llama(path, **kw):
         return llama_cpp.Llama(path, n_ctx=256, n_threads=2, n_batch=256, verbose=False, **kw)
 
     setups = [
-        # (prefix, model, Llama kwargs, tokens, presets)
-        ("gemma3", gemma, {"swa_full": False}, lambda m: m.tokenize(text[:400].encode(), add_bos=False)[:48],
-         ["lossless", "high", "balanced", "max", "seed"]),
-        ("smollm2-f16-vtrans", default_model_path(), {"flash_attn": False},
-         lambda m: m.tokenize(text.encode(), add_bos=True)[:16], ["lossless", "high"]),
+        # (prefix, model, Llama kwargs, tokens)
+        ("gemma3", gemma, {"swa_full": False}, lambda m: m.tokenize(text[:400].encode(), add_bos=False)[:48]),
+        ("smollm2-f16-vtrans", default_model_path(), {"flash_attn": False}, lambda m: m.tokenize(text.encode(), add_bos=True)[:16]),
         ("smollm2-q8_0", default_model_path(), {"flash_attn": True, "type_k": 8, "type_v": 8},
-         lambda m: m.tokenize(text.encode(), add_bos=True)[:16], ["lossless", "high"]),
+         lambda m: m.tokenize(text.encode(), add_bos=True)[:16]),
     ]
+    presets = {"gemma3": list(PRESETS), "smollm2-f16-vtrans": ["lossless", "high"], "smollm2-q8_0": ["lossless", "high"]}
     entries = []
-    for prefix, model, kw, toks, presets in setups:
+    for prefix, model, kw, toks in setups:
         llm = llama(model, **kw)
-        llm.eval(toks(llm))
-        for preset in presets:
-            name = f"{prefix}-{preset}.nxkv"
+        tokens = toks(llm)
+        llm.eval(tokens)
+        source = f"files/{prefix}-lossless.nxkv"
+        for preset in presets[prefix]:
+            pipeline = build_pipeline(preset).bind(ModelBinding(bridge.model_facts(llm), bridge.context_facts(llm, rope=True)))
+            key = _preset_key(pipeline.get_config()["stages"], None if pipeline.eviction is None else pipeline.eviction.get_config())
+            if key in have.get((source, preset), set()):
+                continue
+            name = f"{prefix}-{preset}.nxkv" if not existing else f"{prefix}-{preset}-{ng.__version__}.nxkv"
             path = os.path.join(files_dir, name)
             ng.save_state(llm, path, preset)
+            entry = {"file": f"files/{name}", "preset": preset, "source": source}
+            if pipeline.uses_importance:
+                # the scores the writer used, so the test can re-encode without llama.cpp
+                blob = bridge.get_seq_state(llm, 0)
+                state = golden.parse_state(blob, "sequence", bridge.model_facts(llm).state_layout())
+                scores = score_cells(llm, blob, state, tokens, pipeline.scoring.window, pipeline.scoring.scorer)
+                entry["importance"] = f"files/{prefix}-{preset}-{ng.__version__}.importance.npy"
+                np.save(os.path.join(vdir, entry["importance"]), scores.importance)
             d = golden.decode_file(path)
-            entries.append({
-                "file": f"files/{name}",
-                "preset": preset,
-                # the raw state this file was saved from: the lossless file of the same prompt
-                "source": f"files/{prefix}-lossless.nxkv",
+            entry.update({
                 "blob_sha256": golden.sha256(d["blob"]),
                 "tokens_sha256": golden.sha256(d["tokens"]),
                 "logits_sha256": None if d["logits"] is None else golden.sha256(d["logits"]),
             })
+            entries.append(entry)
     shutil.rmtree(tmp, ignore_errors=True)
     return entries
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--force", action="store_true", help="overwrite the fixtures of the current version")
+    ap.add_argument("--force", action="store_true", help="rewrite the fixtures of the current version (a format change)")
+    ap.add_argument("--add", action="store_true",
+                    help="add only what the manifest lacks: new stage cases, files of presets whose encoding changed")
     ap.add_argument("--seed", type=int, default=20261129)
     args = ap.parse_args()
     vdir = golden.version_dir(FORMAT_VERSION)
-    if os.path.exists(os.path.join(vdir, "manifest.json")) and not args.force:
-        print(f"{vdir} exists: fixtures pin released bytes; pass --force only for a format change", file=sys.stderr)
+    manifest_path = os.path.join(vdir, "manifest.json")
+    exists = os.path.exists(manifest_path)
+    if exists and not (args.force or args.add):
+        print(f"{vdir} exists: fixtures pin released bytes; --add adds new cases, --force is for a format change",
+              file=sys.stderr)
         return 1
-    shutil.rmtree(vdir, ignore_errors=True)
-    os.makedirs(vdir)
+    if args.force or not exists:
+        shutil.rmtree(vdir, ignore_errors=True)
+        os.makedirs(vdir)
+        manifest = {"format_version": FORMAT_VERSION, "stages": [], "e8_ties": "e8_ties.npz", "files": []}
+    else:
+        manifest = golden.load_manifest(FORMAT_VERSION)
     rng = np.random.default_rng(args.seed)
-    stages = [golden.write_stage_case(FORMAT_VERSION, case, inputs, info) for case, inputs, info in stage_cases(rng)]
+    known = {e["case"] for e in manifest["stages"]}
+    new_stages = [golden.write_stage_case(FORMAT_VERSION, case, inputs, info) for case, inputs, info in stage_cases(rng)
+                  if case["case"] not in known]
     from nexus_gguf.backends import reference
 
-    ties = e8_ties(rng)
-    np.savez_compressed(os.path.join(vdir, "e8_ties.npz"), input=ties, nearest=reference.e8_nearest(ties))
-    files = write_files(vdir)
-    manifest = {"format_version": FORMAT_VERSION, "stages": stages, "e8_ties": "e8_ties.npz", "files": files}
-    with open(os.path.join(vdir, "manifest.json"), "w", encoding="utf-8") as f:
+    if not os.path.exists(os.path.join(vdir, manifest["e8_ties"])):
+        ties = e8_ties(rng)
+        np.savez_compressed(os.path.join(vdir, manifest["e8_ties"]), input=ties, nearest=reference.e8_nearest(ties))
+    new_files = write_files(vdir, manifest["files"])
+    manifest["stages"] += new_stages
+    manifest["files"] += new_files
+    with open(manifest_path, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
-    print(f"wrote {len(stages)} stage cases and {len(files)} files to {vdir}")
+    print(f"wrote {len(new_stages)} stage cases and {len(new_files)} files to {vdir}")
     return 0
 
 

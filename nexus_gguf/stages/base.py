@@ -29,6 +29,8 @@ class TensorInfo:
     # the Hadamard block llama.cpp rotated these rows with and that is still on them (0: none):
     # set only when a stage of the pipeline absorbs it (see Stage.absorbs_rotation)
     llama_rot: int = 0
+    # encoding only: how much attention each cell gets, float64 [n_cells] (scoring.py)
+    importance: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,11 @@ class Stage:
     # which dropping it changes nothing (None: any value); other values are a FormatError
     RETIRED: ClassVar[dict[str, Any]] = {}
     note: str = ""  # what bind() found worth telling (the header's "notes"), never an option
+
+    @property
+    def uses_importance(self) -> bool:
+        """The stage codes cells by their importance (TensorInfo.importance, at save time)."""
+        return False
 
     def __init__(self, **params: Any):
         unknown = set(params) - set(self.PARAMS)

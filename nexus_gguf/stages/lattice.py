@@ -23,6 +23,7 @@ from .base import Stage, TensorInfo
 GAUSS_BITS = 0.5 * np.log2(2 * np.pi * np.e)  # differential entropy of N(0, 1) in bits
 LOG_STEPS = 8  # log-scale resolution: steps per octave
 LOG_ZERO = -32768  # the log scale of an all-zero block
+BUCKETS_PER_OCTAVE = 2  # importance-aware steps come in half octaves
 
 
 class Lattice(Stage):
@@ -38,6 +39,10 @@ class Lattice(Stage):
         "scale_block": (int, 0),  # values per scale within a head vector; 0: the whole vector
         "scale_stat": (str, "rms"),  # rms | max
         "scale_format": (str, "log"),  # log (int16 log2 in 1/8 octaves) | f16
+        # importance-aware steps: a cell's step grows as (its attention / the median)^-token_steps,
+        # in half octaves (the `bucket` stream), at most step_octaves coarser; 0: one step for all
+        "token_steps": (float, 0.0),
+        "step_octaves": (float, 4.0),
     }
     # more bits for the first and last layers measured no gain (README); format 1 files of 0.1
     # wrote edge_layers=0 with the model's n_layer
@@ -53,6 +58,29 @@ class Lattice(Stage):
         for b in (self.k_bits, self.v_bits):
             if not 0.5 <= b <= 12:
                 raise ConfigError(f"lattice: bits must lie in 0.5 .. 12, got {b}")
+        if not (0.0 <= self.token_steps <= 4.0 and 0.0 <= self.step_octaves <= 16.0):
+            raise ConfigError("lattice: token_steps in 0 .. 4, step_octaves in 0 .. 16")
+
+    @property
+    def uses_importance(self) -> bool:
+        return self.token_steps > 0
+
+    @property
+    def max_bucket(self) -> int:
+        return int(round(BUCKETS_PER_OCTAVE * self.step_octaves))
+
+    def _buckets(self, info: TensorInfo, sink: np.ndarray, n: int):
+        """uint8 [n] step buckets from the cells' importance, or None (one step for all)."""
+        if not self.token_steps or info.importance is None:
+            return None
+        imp = np.asarray(info.importance, np.float64).reshape(n)
+        rest = imp[~sink] if (~sink).any() else imp
+        ref = np.median(rest)  # the mean is the window's and the sinks' (most of the attention)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            octaves = -self.token_steps * np.log2(imp / ref if ref > 0 else np.ones(n))
+        b = np.clip(np.round(BUCKETS_PER_OCTAVE * np.nan_to_num(octaves, nan=0.0, posinf=99.0)), 0, self.max_bucket)
+        b[sink] = 0  # stored as f16 anyway
+        return b.astype(np.uint8)
 
     def bits(self, info: TensorInfo) -> float:
         return self.k_bits if info.kind == "k" else self.v_bits
@@ -109,6 +137,10 @@ class Lattice(Stage):
         else:
             scale_symbols = stat.astype(np.float16).view(np.uint16)
         step = self._broadcast(self._steps(scale_symbols, info), n)
+        buckets = self._buckets(info, sink, n)
+        if buckets is not None:
+            out["bucket"] = buckets
+            step = step * np.exp2(buckets / BUCKETS_PER_OCTAVE)[:, None, None]
         with np.errstate(divide="ignore", invalid="ignore"):
             u = np.where(step[..., None] > 0, xb / step[..., None], 0.0)
         p = kernel("e8_nearest")(u.reshape(-1, 8))
@@ -116,13 +148,16 @@ class Lattice(Stage):
         z = (p - 0.5 * coset[:, None]).astype(np.int64)
         parity = z[:, :7].sum(axis=1) & 1
         g = h * d // 8
-        return {
-            **out,
-            "scale": scale_symbols,
+        points = {
             "coset": coset.reshape(n, g),
             "coord": z[:, :7].astype(np.int32).reshape(n, g, 7),
             "coord_last": ((z[:, 7] - parity) // 2).astype(np.int32).reshape(n, g),
         }
+        if buckets is not None:
+            # one stream (so one rANS table) per step bucket: coarse cells' symbols are mostly
+            # zero, fine cells' spread out; mixed in one table each would pay for the other
+            points = _split_by_bucket(points, buckets)
+        return {**out, "scale": scale_symbols, **points}
 
     def decode(self, symbols: dict[str, np.ndarray], info: TensorInfo) -> np.ndarray:
         n, h, d = info.n_cells, info.n_heads, info.head_dim
@@ -134,6 +169,11 @@ class Lattice(Stage):
         sink = self._sink_rows(info, n)
         if self.sinks:
             want["sink"] = (int(sink.sum()), h, d)
+        if "bucket" in symbols:
+            b = symbols["bucket"]
+            if b.shape != (n,) or (b.size and int(b.max()) > self.max_bucket):
+                raise FormatError(f"{info.name}: step buckets not of shape {(n,)} or above {self.max_bucket}")
+            symbols = {**symbols, **_join_by_bucket(symbols, b, g, info.name)}
         for name, shape in want.items():
             if name not in symbols or symbols[name].shape != shape:
                 raise FormatError(f"{info.name}: lattice symbols {name!r} missing or not of shape {shape}")
@@ -144,6 +184,8 @@ class Lattice(Stage):
         last = 2 * symbols["coord_last"].reshape(-1).astype(np.int64) + (z7.sum(axis=1) & 1)
         p = np.concatenate([z7, last[:, None]], axis=1) + 0.5 * coset[:, None]
         step = self._broadcast(self._steps(symbols["scale"], info), n)
+        if "bucket" in symbols:
+            step = step * np.exp2(symbols["bucket"].astype(np.float64) / BUCKETS_PER_OCTAVE)[:, None, None]
         x = (p.reshape(n, h, d // block, block) * step[..., None]).reshape(n, h, d)
         if self.center:
             x = x + symbols["mean"].astype(np.uint16).view(np.float16).astype(np.float64)
@@ -159,3 +201,27 @@ class Lattice(Stage):
     def _broadcast(self, step: np.ndarray, n: int) -> np.ndarray:
         """Steps as [n, h, blocks] whatever the scale scope."""
         return np.broadcast_to(step[None], (n,) + step.shape) if self.scale_scope == "head" else step
+
+
+_POINT_STREAMS = {"coset": (), "coord": (7,), "coord_last": ()}
+
+
+def _split_by_bucket(points: dict, buckets: np.ndarray) -> dict:
+    """Point streams [n, g, ...] as one stream per bucket value, `name.b`: the rows of the cells
+    with that bucket, in cell order."""
+    return {f"{name}.{int(b)}": points[name][buckets == b] for b in np.unique(buckets) for name in _POINT_STREAMS}
+
+
+def _join_by_bucket(symbols: dict, buckets: np.ndarray, g: int, where: str) -> dict:
+    """Inverse of _split_by_bucket."""
+    out = {}
+    for name, tail in _POINT_STREAMS.items():
+        joined = np.zeros((buckets.shape[0], g) + tail, np.uint8 if name == "coset" else np.int32)
+        for b in np.unique(buckets):
+            mask = buckets == b
+            part = symbols.get(f"{name}.{int(b)}")
+            if part is None or part.shape != (int(mask.sum()), g) + tail:
+                raise FormatError(f"{where}: lattice symbols {name}.{int(b)} missing or not of shape {(int(mask.sum()), g) + tail}")
+            joined[mask] = part
+        out[name] = joined
+    return out
