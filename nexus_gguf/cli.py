@@ -18,16 +18,70 @@ from .errors import NxkvError
 from .progress import Progress
 
 
+def read_prompt(path: str, encoding: str = "utf-8") -> str:
+    """A prompt file's text, or one clear error: missing, unreadable, binary, not in `encoding`,
+    or empty. llama.cpp tokenizes UTF-8, so other encodings are decoded first (--encoding)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise NxkvError(f"{path}: no such prompt file") from None
+    except OSError as e:
+        raise NxkvError(f"{path}: cannot read the prompt ({e.strerror or e})") from None
+    if b"\0" in data:
+        raise NxkvError(f"{path} looks like a binary file (it holds NUL bytes), not a text prompt")
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise NxkvError(
+            f"{path} is not {encoding} text (byte 0x{data[e.start]:02x} at offset {e.start}); if it is in a legacy "
+            "8-bit encoding, name it, e.g. --encoding latin-1 or --encoding cp1252"
+        ) from None
+    except LookupError:
+        raise NxkvError(f"--encoding {encoding!r}: no such text encoding") from None
+    if not text.strip():
+        raise NxkvError(f"{path} is empty: there is no prompt to save")
+    return text
+
+
+def _context_size(model: str, n_tokens: int, asked: Optional[int], extra: int = 1) -> int:
+    """n_ctx for a prompt of n_tokens plus `extra`: what --n-ctx asks if it is enough, else an
+    error; without --n-ctx, what the prompt needs, as long as the model was trained that long."""
+    need = n_tokens + extra
+    if asked:
+        if asked < need:
+            raise NxkvError(f"the prompt needs a context of {need} tokens; --n-ctx {asked} is too small")
+        return asked
+    trained = bridge.trained_context(model)
+    if trained and need > trained:
+        raise NxkvError(
+            f"the prompt needs a context of {need} tokens, more than the {trained} the model was trained on; "
+            f"pass --n-ctx {need} to go on anyway (quality beyond the trained context is not guaranteed)"
+        )
+    return need
+
+
+def _check_output(path: str) -> None:
+    """Fail before the prefill, not after it, when the output cannot be written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise NxkvError(f"{path}: the directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise NxkvError(f"{path}: the directory {directory} is not writable")
+
+
 def cmd_save_state(args) -> int:
     from .api import save_state
+    from .pipeline import build_pipeline
 
-    text = Path(args.prompt_file).read_text(encoding="utf-8")
+    text = read_prompt(args.prompt_file, args.encoding)
+    out = args.output or str(Path(args.prompt_file).with_suffix(".nxkv"))
+    _check_output(out)
+    pipeline = build_pipeline(args.preset, args.no or (), **stage_options(args))  # bad options fail before the prefill
     n = bridge.count_tokens(args.model, text)
-    llm = bridge.open_llama(args.model, max(args.n_ctx or 0, n + 1), args.threads, args.n_gpu_layers)
+    llm = bridge.open_llama(args.model, _context_size(args.model, n, args.n_ctx), args.threads, args.n_gpu_layers)
     tokens = bridge.tokenize(llm, text, add_bos=True)
     bridge.prefill(llm, tokens, Progress("prefill", "tok"))
-    out = args.output or str(Path(args.prompt_file).with_suffix(".nxkv"))
-    report = save_state(llm, out, preset=args.preset, without=args.no or (), **stage_options(args))
+    report = save_state(llm, out, pipeline)
     print(report.summary())
     return 0
 
@@ -182,7 +236,7 @@ def cmd_eval(args) -> int:
     from .pipeline import PRESETS
     from .report import pareto_plot, text_table
 
-    text = Path(args.text_file).read_text(encoding="utf-8")
+    text = read_prompt(args.text_file, args.encoding)
     prefixes = _list(args.prefix_tokens, int)
     presets = _list(args.presets) if args.presets is not None else list(PRESETS)
     llm = bridge.open_llama(args.model, max(args.n_ctx or 0, context_needed(prefixes, args.eval_tokens)), args.threads, args.n_gpu_layers)
@@ -233,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--v-bits", type=float, help="lattice bits per V value (lossy presets)")
     s.add_argument("--no", action="append", metavar="STAGE", help="leave a stage of the preset out, or evict (repeatable)")
     s.add_argument("--set", action="append", metavar="STAGE.OPTION=VALUE", help="override a stage option (repeatable)")
+    s.add_argument("--encoding", default="utf-8", help="the prompt file's text encoding (default utf-8)")
     common(s)
     s.set_defaults(func=cmd_save_state)
 
@@ -261,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-baselines", action="store_true", help="only the raw state, no zstd / Q8_0 / Q5_0 / Q4_0 rows")
     e.add_argument("--recall-trials", type=int, default=4, help="pass-key documents per prefix (0: skip)")
     e.add_argument("--seed", type=int, default=0, help="seed of the pass-key positions and keys")
+    e.add_argument("--encoding", default="utf-8", help="the text file's encoding (default utf-8)")
     e.add_argument("--json", metavar="OUT", help="write the rows as JSON")
     e.add_argument("--plot", metavar="OUT.png", help="write the Pareto plot (needs matplotlib)")
     common(e)

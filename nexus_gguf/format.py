@@ -12,6 +12,7 @@ to the start of the data area. This module knows nothing of what sections mean."
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -56,6 +57,8 @@ def write_atomic(path: str | os.PathLike, buffers: Iterable) -> int:
     part: temporary file in the same directory, fsync, rename, fsync of the directory."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):  # else the error would name the hidden temporary file
+        raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: no directory {directory}", path)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     n = 0
     try:

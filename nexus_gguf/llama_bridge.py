@@ -82,12 +82,29 @@ def _llama_cpp():
     return llama_cpp
 
 
+def quiet():
+    """Silences what llama.cpp prints on its own (some of its warnings bypass the log callback
+    that llama-cpp-python's verbose=False sets) while a model or context is made."""
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    return suppress_stdout_stderr(disable=False)
+
+
 def open_llama(model: str, n_ctx: int, threads: Optional[int] = None, n_gpu_layers: int = 0, **kw):
-    """A llama_cpp.Llama of the GGUF file `model`, quiet, on `threads` CPU threads (default: all)."""
+    """A llama_cpp.Llama of the GGUF file `model`, quiet, on `threads` CPU threads (default: all).
+    A missing file or one that is not GGUF is a clear error before llama.cpp sees it."""
     if not os.path.isfile(model):
         raise NxkvError(f"{model}: no such model file")
-    return _llama_cpp().Llama(model, n_ctx=n_ctx, n_threads=threads or max(1, os.cpu_count() or 1),
-                              n_gpu_layers=n_gpu_layers, verbose=False, **kw)
+    read_gguf_header(model)  # FormatError: not a GGUF file (bad magic), truncated, ...
+    llama_cpp = _llama_cpp()
+    with quiet():
+        return llama_cpp.Llama(model, n_ctx=n_ctx, n_threads=threads or max(1, os.cpu_count() or 1),
+                               n_gpu_layers=n_gpu_layers, verbose=False, **kw)
+
+
+def trained_context(model: str) -> int:
+    """The context length the GGUF says the model was trained with (0 if it does not say)."""
+    return int(read_gguf_header(model).arch_key("context_length", 0) or 0)
 
 
 def tokenize(llm, text: str, add_bos: bool) -> list[int]:

@@ -156,7 +156,8 @@ def capture_queries(llm, blob: bytes, tokens, window: int, impl: Optional[str] =
     p.swa_full = src.swa_full
     p.cb_eval = cap.callback
     p.cb_eval_user_data = cap.user_data
-    ctx = llama_cpp.llama_init_from_model(llm._model.model, p)
+    with bridge.quiet():
+        ctx = llama_cpp.llama_init_from_model(llm._model.model, p)
     if not ctx:
         raise NxkvError("llama.cpp could not create the capture context")
     try:

@@ -55,5 +55,82 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("nexus-gguf: error:") and "magic" in err[0]
     assert main(["save-state", str(tmp_path / "missing.gguf"), str(bad)]) == 1
     assert "no such model file" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "none.nxkv")]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
     with pytest.raises(SystemExit):
         main(["save-state", "m.gguf", "p.txt", "--preset", "nope"])
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nexus-gguf: error: "), captured.err
+    assert "Traceback" not in captured.err and not captured.out
+    return lines[0]
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "is empty: there is no prompt to save"),
+    (b"  \n\t\n", "is empty"),
+    (b"GGUF\x03\x00\x00\x00\x00\x00", "binary file"),
+    ("Caf\u00e9 cr\u00e8me".encode("latin-1"), r"is not utf-8 text \(byte 0xe9 at offset 3\).* --encoding latin-1"),
+])
+def test_bad_prompt_files_are_one_clear_line(tmp_path, capsys, content, match):
+    """Checked before any model is loaded: no llama.cpp needed, no prefill wasted."""
+    import re
+
+    prompt = tmp_path / "p.txt"
+    prompt.write_bytes(content)
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 60)  # never opened: the prompt fails first
+    assert main(["save-state", str(model), str(prompt)]) == 1
+    assert re.search(match, _one_error_line(capsys))
+    assert not prompt.with_suffix(".nxkv").exists()
+
+
+def test_bad_paths_are_one_clear_line(tmp_path, capsys):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("hello there, this is a prompt of some length", encoding="utf-8")
+    assert main(["save-state", str(tmp_path / "m.gguf"), str(tmp_path / "missing.txt")]) == 1
+    assert "missing.txt: no such prompt file" in _one_error_line(capsys)
+    assert main(["save-state", str(tmp_path / "m.gguf"), str(prompt), "-o", str(tmp_path / "no" / "x.nxkv")]) == 1
+    assert f"the directory {tmp_path / 'no'} does not exist" in _one_error_line(capsys)
+    assert main(["save-state", str(prompt), str(prompt)]) == 1  # a text file given as the model
+    assert "p.txt: not a GGUF file (bad magic)" in _one_error_line(capsys)
+    assert main(["save-state", str(tmp_path / "none.gguf"), str(prompt)]) == 1
+    assert "none.gguf: no such model file" in _one_error_line(capsys)
+    assert main(["save-state", str(prompt), str(prompt), "--encoding", "klingon"]) == 1
+    assert "no such text encoding" in _one_error_line(capsys)
+    assert main(["save-state", str(tmp_path / "m.gguf"), str(prompt), "--set", "lattice.k_bits=99"]) == 1
+    assert "bits must lie in 0.5 .. 12" in _one_error_line(capsys)  # before any model is loaded
+
+
+def test_context_limits_are_one_clear_line(smollm2_path, tmp_path, capsys):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("word " * 9000, encoding="utf-8")
+    assert main(["save-state", smollm2_path, str(prompt)]) == 1
+    line = _one_error_line(capsys)
+    assert "more than the 8192 the model was trained on" in line and "--n-ctx 9002" in line
+    prompt.write_text("hello there", encoding="utf-8")
+    assert main(["save-state", smollm2_path, str(prompt), "--n-ctx", "2"]) == 1
+    assert "--n-ctx 2 is too small" in _one_error_line(capsys)
+
+
+def test_a_latin1_prompt_with_its_encoding_is_read_as_text(smollm2_path, tmp_path, capsys):
+    import llama_cpp
+
+    prompt = tmp_path / "p.txt"
+    prompt.write_bytes("Caf\u00e9 cr\u00e8me".encode("latin-1"))
+    assert main(["save-state", smollm2_path, str(prompt), "--encoding", "latin-1", "--preset", "lossless"]) == 0
+    assert capsys.readouterr().err == ""  # nothing from llama.cpp either
+    from nexus_gguf import read_info
+    from nexus_gguf.format import NxkvFile
+    from nexus_gguf.state_file import decode_tokens
+    from nexus_gguf.header import Header
+
+    f = NxkvFile.open(prompt.with_suffix(".nxkv"))
+    h = Header(f.header)
+    tokens = decode_tokens(f.section("tokens"), h.n_tokens, h.limits())
+    vocab = llama_cpp.Llama(smollm2_path, vocab_only=True, verbose=False)
+    assert vocab.detokenize(list(tokens)).decode("utf-8").endswith("Caf\u00e9 cr\u00e8me")
+    assert read_info(prompt.with_suffix(".nxkv"))["prompt"]["n_tokens"] == len(tokens)
