@@ -38,6 +38,17 @@ def _inputs(op: str, seed: int):
             else:
                 out.append((OPS["rans_encode"].reference(sym, freqs), freqs, n))
         return out
+    if op in ("rans_encode_lanes", "rans_decode_lanes"):
+        out = []
+        for n, lanes, chunk in ((1, 1, 1), (100, 8, 8), (20000, 32, 20000), (20000, 32, 4096), (5, 16, 16)):
+            sym = np.minimum(rng.geometric(0.3, n) - 1, 40)
+            freqs = _rans_freqs(sym)
+            if op == "rans_encode_lanes":
+                out.append((sym, freqs, lanes, chunk))
+            else:
+                lengths, body = OPS["rans_encode_lanes"].reference(sym, freqs, lanes, chunk)
+                out.append((body, lengths, freqs, n, lanes, chunk))
+        return out
     if op == "hadamard_blocks":
         return [(rng.standard_normal((50, 3, 128)).astype(np.float32), b) for b in (1, 16, 64, 128)]
     raise AssertionError(f"no test inputs for op {op!r}: add them here")
@@ -58,7 +69,9 @@ def test_op_matches_its_reference(op, name):
     spec = OPS[op]
     for i, args in enumerate(_inputs(op, seed=len(op))):
         want, got = spec.reference(*args), impl(*args)
-        if isinstance(want, bytes):
+        if isinstance(want, tuple):  # (lane lengths, bytes)
+            assert np.array_equal(got[0], want[0]) and got[1] == want[1], f"{op} case {i}: differs"
+        elif isinstance(want, bytes):
             assert got == want, f"{op} case {i}: bytes differ"
         elif spec.exact:
             assert got.dtype == want.dtype and np.array_equal(got, want), f"{op} case {i}: not bit-identical"

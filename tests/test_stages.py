@@ -351,3 +351,34 @@ def test_scoring_and_eviction_are_options_not_stages():
     with pytest.raises(ConfigError, match="no option"):
         build_pipeline("balanced", evict_scorer="attention")  # scoring is its own option set now
     assert "balanced-no-evict" in [p.preset for p in ablations("balanced")]
+
+
+@pytest.mark.parametrize("lanes, chunk", [(1, 7), (4, 0), (32, 1000), (32, 40), (64, 0)])
+def test_interleaved_rans_round_trip(lanes, chunk):
+    """Interleaved rANS: any number of lanes and chunks (streams shorter than a chunk, than
+    the lanes, empty lanes), decoded on threads where the stream is large."""
+    rng = np.random.default_rng(lanes + chunk)
+    e = Entropy(lanes=lanes, chunk=chunk)
+    info = TensorInfo("k.0.0.0", "f16", 2, 10**7)
+    for n in (1, 3, 31, 100, 5000, 150_000):
+        symbols = {"coord": np.minimum(rng.geometric(0.3, n) - 1, 40).astype(np.int32)}
+        data = e.encode(symbols, info)
+        np.testing.assert_array_equal(e.decode(data, info)["coord"], symbols["coord"])
+        if n == 150_000:  # the lanes cost a few bytes each, nothing more
+            plain = Entropy().encode(symbols, info)
+            assert len(data) <= len(plain) + 10 * lanes * max(1, -(-n // (chunk or n)))
+    with pytest.raises(ConfigError):
+        Entropy(lanes=8, chunk=4)
+
+
+def test_interleaved_rans_rejects_damage():
+    e = Entropy(lanes=8, chunk=1000)
+    info = TensorInfo("k.0.0.0", "f16", 2, 10**7)
+    data = e.encode({"coord": np.arange(-50, 4950, dtype=np.int32) % 37}, info)
+    for bad in (data[:-3], np.concatenate([data, data[:2]])):
+        with pytest.raises(FormatError):
+            e.decode(bad, info)
+    flipped = data.copy()
+    flipped[-1] ^= 0x5A
+    with pytest.raises(FormatError):
+        e.decode(flipped, info)

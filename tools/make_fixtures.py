@@ -96,6 +96,8 @@ def stage_cases(rng):
     sym_seed = stage_from_config(_preset_stage("seed", "lattice")).encode(x, _info("k", n, h, d))
     out.append(({"case": "entropy-rans", "stages": [_preset_stage("high", "entropy")]}, sym_high, _info("k", n, h, d)))
     out.append(({"case": "delta-seed", "stages": [_preset_stage("seed", "delta")]}, sym_seed, _info("k", n, h, d)))
+    lanes = {"id": "entropy", "lanes": 8, "chunk": 1000}  # interleaved rANS: chunks, lanes, a short last chunk
+    out.append(({"case": "entropy-rans-lanes", "stages": [lanes]}, sym_high, _info("k", n, h, d)))
     out.append(({"case": "entropy-zstd-seed", "stages": [_preset_stage("seed", "entropy")]}, sym_seed, _info("k", n, h, d)))
     # rANS with a wide alphabet (falls back to zstd) and an empty stream
     wide = {"coord": rng.integers(-9000, 9000, (20, 3)).astype(np.int32), "empty": np.zeros((0, 2), np.int16),

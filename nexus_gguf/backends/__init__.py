@@ -52,6 +52,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("e8_nearest", reference.e8_nearest, exact=True),
     Op("rans_encode", reference.rans_encode, exact=True),
     Op("rans_decode", reference.rans_decode, exact=True),
+    Op("rans_encode_lanes", reference.rans_encode_lanes, exact=True),
+    Op("rans_decode_lanes", reference.rans_decode_lanes, exact=True),
     # float32 matmuls: summation order may differ between implementations
     Op("hadamard_blocks", reference.hadamard_blocks, exact=False, rtol=1e-5),
 )}

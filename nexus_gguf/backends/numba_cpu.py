@@ -3,6 +3,8 @@ first use (numba is imported only when this backend is chosen)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from numba import njit
 
@@ -149,4 +151,72 @@ def rans_decode(data: bytes, freqs: np.ndarray, n: int) -> np.ndarray:
     out = np.empty(n, np.int64)
     if _rans_decode(np.frombuffer(data, np.uint8), freqs, cum, lookup, out) != 0:
         raise ValueError("rANS stream is corrupt (ends early or does not decode to its start state)")
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _rans_decode_lanes(data, starts, counts, offsets, freqs, cum, lookup, lanes, out, status, t0, t1):
+    for t in range(t0, t1):
+        if counts[t] == 0:
+            status[t] = 0 if offsets[t + 1] == offsets[t] else -1
+            continue
+        part = np.empty(counts[t], np.int64)
+        status[t] = _rans_decode(data[offsets[t] : offsets[t + 1]], freqs, cum, lookup, part)
+        for i in range(counts[t]):
+            out[starts[t] + i * lanes] = part[i]
+
+
+_PARALLEL_SYMBOLS = 1 << 16  # fewer symbols decode faster on one thread
+_executor = None
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _pool():
+    global _executor
+    if _executor is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _executor = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="nexus-gguf")
+    return _executor
+
+
+def _tasks(n: int, lanes: int, chunk: int):
+    from .reference import lane_tasks
+
+    t = np.array(lane_tasks(n, lanes, chunk), np.int64).reshape(-1, 2)
+    return t[:, 0].copy(), t[:, 1].copy()
+
+
+def rans_encode_lanes(symbols: np.ndarray, freqs: np.ndarray, lanes: int, chunk: int):
+    symbols = np.ascontiguousarray(symbols, np.int64)
+    bodies = [rans_encode(symbols[s : s + c * lanes : lanes], freqs) if c else b""
+              for s, c in zip(*_tasks(symbols.size, lanes, chunk))]
+    return np.array([len(b) for b in bodies], np.int64), b"".join(bodies)
+
+
+def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: int, lanes: int, chunk: int) -> np.ndarray:
+    starts, counts = _tasks(n, lanes, chunk)
+    lengths = np.asarray(lengths, np.int64)
+    if lengths.shape[0] != starts.shape[0] or int(lengths.sum()) != len(data):
+        raise ValueError("interleaved rANS lane table does not match the stream")
+    freqs = np.ascontiguousarray(freqs, np.int64)
+    cum = np.concatenate([[0], np.cumsum(freqs)]).astype(np.int64)
+    lookup = np.repeat(np.arange(freqs.shape[0]), freqs).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    out = np.empty(n, np.int64)
+    status = np.zeros(starts.shape[0], np.int64)
+    args = (np.frombuffer(data, np.uint8), starts, counts, offsets, freqs, cum, lookup, lanes, out, status)
+    n_tasks = starts.shape[0]
+    workers = min(_threads(), n_tasks) if n >= _PARALLEL_SYMBOLS else 1
+    if workers > 1:
+        # Python threads over a nogil kernel: no OpenMP pool left spinning against numpy after
+        bounds = np.linspace(0, n_tasks, workers + 1).astype(np.int64)
+        list(_pool().map(lambda i: _rans_decode_lanes(*args, bounds[i], bounds[i + 1]), range(workers)))
+    else:
+        _rans_decode_lanes(*args, 0, n_tasks)
+    if np.any(status != 0):
+        raise ValueError("rANS stream is corrupt (a lane ends early or does not decode to its start state)")
     return out

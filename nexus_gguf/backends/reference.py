@@ -111,3 +111,39 @@ def rans_decode(data: bytes, freqs: np.ndarray, n: int) -> np.ndarray:
     if x != RANS_L or p != len(data):
         raise ValueError("rANS stream does not decode to its start state")
     return out
+
+
+def lane_tasks(n: int, lanes: int, chunk: int) -> list[tuple[int, int]]:
+    """(first symbol, symbol count) of each (chunk, lane) of interleaved rANS, in (chunk, lane)
+    order: chunk k's lane j holds symbols k*chunk + j, + lanes, ... within the chunk."""
+    out = []
+    for c0 in range(0, n, chunk):
+        m = min(chunk, n - c0)
+        out += [(c0 + j, max(0, (m - j + lanes - 1) // lanes)) for j in range(lanes)]
+    return out
+
+
+def rans_encode_lanes(symbols: np.ndarray, freqs: np.ndarray, lanes: int, chunk: int) -> tuple[np.ndarray, bytes]:
+    """Interleaved rANS: (byte length of each (chunk, lane) stream, the streams back to back).
+    Each stream is rans_encode of its lane's symbols; an empty lane is an empty stream."""
+    symbols = np.asarray(symbols, np.int64)
+    bodies = [rans_encode(symbols[start : start + count * lanes : lanes], freqs) if count else b""
+              for start, count in lane_tasks(symbols.size, lanes, chunk)]
+    return np.array([len(b) for b in bodies], np.int64), b"".join(bodies)
+
+
+def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: int, lanes: int, chunk: int) -> np.ndarray:
+    """Inverse of rans_encode_lanes; ValueError on a damaged or inconsistent stream."""
+    tasks = lane_tasks(n, lanes, chunk)
+    if len(lengths) != len(tasks) or int(np.sum(lengths)) != len(data):
+        raise ValueError("interleaved rANS lane table does not match the stream")
+    out = np.empty(n, np.int64)
+    offset = 0
+    for (start, count), length in zip(tasks, lengths):
+        part = data[offset : offset + int(length)]
+        offset += int(length)
+        if count:
+            out[start : start + count * lanes : lanes] = rans_decode(part, freqs, count)
+        elif length:
+            raise ValueError("an empty rANS lane holds bytes")
+    return out

@@ -25,7 +25,8 @@ from .base import Stage, TensorInfo
 DTYPES = {0: np.uint8, 1: np.int16, 2: np.uint16, 3: np.int32}
 DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 MAX_ALPHABET = 1 << 12  # wider streams (rare outliers) go to zstd
-METHOD_ZSTD, METHOD_RANS, METHOD_EMPTY = 0, 1, 2
+METHOD_ZSTD, METHOD_RANS, METHOD_EMPTY, METHOD_RANS_LANES = 0, 1, 2, 3
+MAX_LANES = 4096
 
 
 def normalized_freqs(counts: np.ndarray, total_bits: int = RANS_PROB_BITS) -> np.ndarray:
@@ -60,13 +61,23 @@ class Entropy(Stage):
     stage_id = "entropy"
     lossless = True
     kind = "coder"
-    PARAMS = {"coder": (str, "rans"), "level": (int, 3)}
+    PARAMS = {
+        "coder": (str, "rans"),
+        "level": (int, 3),
+        # interleaved rANS: each stream cut into chunks of `chunk` symbols (0: one chunk), each
+        # chunk into `lanes` independent rANS states (symbol i to lane i % lanes), so decoders
+        # can run lanes and chunks on many threads or GPU threads; 1 lane, 0: the plain stream
+        "lanes": (int, 1),
+        "chunk": (int, 0),
+    }
 
     def validate(self) -> None:
         if self.coder not in ("rans", "zstd"):
             raise ConfigError(f"entropy coder must be rans or zstd, got {self.coder!r}")
         if not 1 <= self.level <= 22:
             raise ConfigError("entropy: zstd level must be 1..22")
+        if not 1 <= self.lanes <= MAX_LANES or self.chunk < 0 or (self.chunk and self.chunk < self.lanes):
+            raise ConfigError(f"entropy: lanes in 1..{MAX_LANES}, chunk 0 or at least lanes")
 
     def _stream(self, values: np.ndarray) -> tuple[int, bytes]:
         flat = values.reshape(-1).astype(np.int64)
@@ -76,8 +87,11 @@ class Entropy(Stage):
         if self.coder == "rans" and hi - lo < MAX_ALPHABET:
             counts = np.bincount(flat - lo, minlength=hi - lo + 1)
             freqs = normalized_freqs(counts)
-            body = kernel("rans_encode")(flat - lo, freqs)
-            return METHOD_RANS, struct.pack("<i", lo) + _varints([freqs.size]) + _varints(freqs) + body
+            table = struct.pack("<i", lo) + _varints([freqs.size]) + _varints(freqs)
+            if self.lanes == 1 and not self.chunk:
+                return METHOD_RANS, table + kernel("rans_encode")(flat - lo, freqs)
+            chunk = max(self.chunk or flat.size, self.lanes)
+            return METHOD_RANS_LANES, table + _encode_lanes(flat - lo, freqs, self.lanes, chunk)
         width = next(w for w, t in ((1, np.int8), (2, np.int16), (4, np.int32)) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
         raw = flat.astype({1: "<i1", 2: "<i2", 4: "<i4"}[width]).tobytes()
         return METHOD_ZSTD, bytes([width]) + zstandard.ZstdCompressor(level=self.level).compress(raw)
@@ -134,7 +148,7 @@ class Entropy(Stage):
             if len(raw) != n * width:
                 raise FormatError(f"{where}: zstd stream holds {len(raw)} bytes, expected {n * width}")
             return np.frombuffer(raw, {1: "<i1", 2: "<i2", 4: "<i4"}[width]).astype(np.int64)
-        if method == METHOD_RANS:
+        if method in (METHOD_RANS, METHOD_RANS_LANES):
             lo = r.unpack("<i")
             size = r.varint()
             if not 0 < size <= MAX_ALPHABET:
@@ -143,7 +157,27 @@ class Entropy(Stage):
             if freqs.sum() != 1 << RANS_PROB_BITS:
                 raise FormatError(f"{where}: rANS frequencies do not sum to 2^{RANS_PROB_BITS}")
             try:
+                if method == METHOD_RANS_LANES:
+                    return _decode_lanes(r, freqs, n, where) + lo
                 return kernel("rans_decode")(bytes(payload[r.pos :]), freqs, n) + lo
             except ValueError as e:
                 raise FormatError(f"{where}: {e}") from None
         raise FormatError(f"{where}: unknown coding method {method}")
+
+
+def _encode_lanes(symbols: np.ndarray, freqs: np.ndarray, lanes: int, chunk: int) -> bytes:
+    """varint lanes, varint chunk, one varint byte length per (chunk, lane), then the lanes'
+    rANS streams in (chunk, lane) order, each a plain stream of its lane's symbols."""
+    lengths, body = kernel("rans_encode_lanes")(symbols, freqs, lanes, chunk)
+    return _varints([lanes, chunk]) + _varints(lengths) + body
+
+
+def _decode_lanes(r: ByteReader, freqs: np.ndarray, n: int, where: str) -> np.ndarray:
+    """Inverse of _encode_lanes (lanes are independent: the Numba kernel decodes them on all
+    cores)."""
+    lanes, chunk = r.varint("lane count"), r.varint("chunk size")
+    if not 1 <= lanes <= MAX_LANES or chunk < lanes:
+        raise FormatError(f"{where}: {lanes} lanes in chunks of {chunk} symbols")
+    n_tasks = (-(-n // chunk) if n else 0) * lanes  # at most n + lanes: chunk >= lanes
+    lengths = np.array([r.varint("lane length") for _ in range(n_tasks)], np.int64)
+    return kernel("rans_decode_lanes")(bytes(r.take(r.remaining(), "lanes")), lengths, freqs, n, lanes, chunk)
