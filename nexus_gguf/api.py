@@ -135,7 +135,7 @@ def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline):
     from .scoring import score_cells
 
     options = pipeline.scoring
-    scores = score_cells(llm, blob, state, tokens, options.window, options.scorer)
+    scores = score_cells(llm, blob, state, tokens, options.window, options.scorer, options.chunk, options.stride)
     if scores.note:
         warnings.warn(f"nexus-gguf: {scores.note}", RuntimeWarning, stacklevel=4)
     record = {**options.get_config(), "used": scores.scorer, "note": scores.note}

@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-SCORERS = ("attention", "key-proxy")
+SCORERS = ("attention", "reconstruct", "key-proxy")
 
 
 class Options:
@@ -55,14 +55,18 @@ class Scoring(Options):
     quantizer steps."""
 
     name = "score"
-    scorer: str = "attention"  # attention: the prompt's last queries, captured | key-proxy
-    window: int = 32  # the last this many prompt tokens ask the queries
+    # attention: the prompt's last `window` queries, captured | reconstruct: the queries of the
+    # model asked to repeat the prompt (query-agnostic, KVzip) | key-proxy: no capture
+    scorer: str = "attention"
+    window: int = 32  # attention: the last this many prompt tokens ask the queries
+    chunk: int = 1024  # reconstruct: prompt tokens repeated per decode
+    stride: int = 4  # reconstruct: every stride-th repeated token's queries are scored
 
     def validate(self) -> None:
         if self.scorer not in SCORERS:
             raise ConfigError(f"score: scorer must be one of {SCORERS}, got {self.scorer!r}")
-        if self.window < 1:
-            raise ConfigError("score: window >= 1")
+        if self.window < 1 or self.chunk < 16 or self.stride < 1:
+            raise ConfigError("score: window >= 1, chunk >= 16, stride >= 1")
 
 
 @dataclass(frozen=True)

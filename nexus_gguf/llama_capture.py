@@ -59,6 +59,9 @@ class QueryCapture:
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_node)  # kept alive here
         self.user_data = None
 
+    def reset(self) -> None:
+        self.queries, self.errors = {}, 0
+
     def result(self) -> dict[int, np.ndarray]:
         if self.errors:
             raise NxkvError(f"the capture rejected {self.errors} query tensors (not f32, not contiguous or too large)")
@@ -120,6 +123,9 @@ class NativeQueryCapture:
     def enabled(self, value: bool) -> None:
         self.native.enabled = value
 
+    def reset(self) -> None:
+        self.native.reset()
+
     def result(self) -> dict[int, np.ndarray]:
         if self.native.errors:
             raise NxkvError(f"the native capture rejected {self.native.errors} query tensors (not f32, not contiguous or too large)")
@@ -134,59 +140,91 @@ def _capture_backend(name: Optional[str]):
     return NativeQueryCapture if (name or backend_name()) == "native" else QueryCapture
 
 
-def capture_queries(llm, blob: bytes, tokens, window: int, impl: Optional[str] = None) -> dict[int, np.ndarray]:
-    """Post-RoPE queries per layer, float32 [window, n_head, head_dim], for the last `window`
-    tokens of the state `blob` (sequence 0 of a context like llm's). Raises NxkvError when
-    llama.cpp does not give them (the caller then falls back to the proxy)."""
-    import llama_cpp
+class CaptureContext:
+    """A llama.cpp context beside the Llama's, on the same model and cache types, whose decodes
+    capture every layer's post-RoPE queries (up to `max_tokens` tokens a decode)."""
 
-    facts = bridge.model_facts(llm)
-    n = len(tokens)
-    window = min(window, n)
-    per_layer = window * facts.n_head * facts.n_embd_head_k
-    cap = _capture_backend(impl)(facts.n_layer, per_layer)
-    p = llama_cpp.llama_context_default_params()
-    src = llm.context_params
-    p.n_ctx = int(llm.n_ctx())
-    p.n_batch = p.n_ubatch = max(window, 1)
-    p.n_seq_max = 1
-    p.n_threads = p.n_threads_batch = int(src.n_threads)
-    p.type_k, p.type_v = src.type_k, src.type_v
-    p.flash_attn_type = src.flash_attn_type
-    p.swa_full = src.swa_full
-    p.cb_eval = cap.callback
-    p.cb_eval_user_data = cap.user_data
-    with bridge.quiet():
-        ctx = llama_cpp.llama_init_from_model(llm._model.model, p)
-    if not ctx:
-        raise NxkvError("llama.cpp could not create the capture context")
-    try:
+    def __init__(self, llm, n_ctx: int, max_tokens: int, impl: Optional[str] = None):
+        import llama_cpp
+
+        self.llama_cpp = llama_cpp
+        self.facts = bridge.model_facts(llm)
+        self.per_token = self.facts.n_head * self.facts.n_embd_head_k
+        self.max_tokens = max_tokens
+        self.impl = impl
+        self.cap = _capture_backend(impl)(self.facts.n_layer, max_tokens * self.per_token)
+        p = llama_cpp.llama_context_default_params()
+        src = llm.context_params
+        p.n_ctx = int(n_ctx)
+        p.n_batch = p.n_ubatch = max(max_tokens, 1)
+        p.n_seq_max = 1
+        p.n_threads = p.n_threads_batch = int(src.n_threads)
+        p.type_k, p.type_v = src.type_k, src.type_v
+        p.flash_attn_type = src.flash_attn_type
+        p.swa_full = src.swa_full
+        p.cb_eval = self.cap.callback
+        p.cb_eval_user_data = self.cap.user_data
+        with bridge.quiet():
+            self.ctx = llama_cpp.llama_init_from_model(llm._model.model, p)
+        if not self.ctx:
+            raise NxkvError("llama.cpp could not create the capture context")
+
+    def __enter__(self) -> "CaptureContext":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.llama_cpp.llama_free(self.ctx)
+
+    def set_state(self, blob: bytes) -> None:
         buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-        if llama_cpp.llama_state_seq_set_data(ctx, buf, len(blob), 0) != len(blob):
+        if self.llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(blob), 0) != len(blob):
             raise NxkvError("the capture context refused the state")
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, n - window, -1)
-        batch = llama_cpp.llama_batch_init(window, 0, 1)
+
+    def remove_from(self, pos: int) -> None:
+        """Drop the cells at positions >= pos."""
+        self.llama_cpp.llama_memory_seq_rm(self.llama_cpp.llama_get_memory(self.ctx), 0, pos, -1)
+
+    def decode(self, tokens, first_pos: int) -> dict[int, np.ndarray]:
+        """Decode `tokens` at positions first_pos, first_pos + 1, ...: the queries per layer,
+        float32 [len(tokens), n_head, head_dim]."""
+        llama_cpp = self.llama_cpp
+        m = len(tokens)
+        if not 0 < m <= self.max_tokens:
+            raise NxkvError(f"capture decodes 1..{self.max_tokens} tokens at a time, not {m}")
+        self.cap.reset()
+        batch = llama_cpp.llama_batch_init(m, 0, 1)
         try:
-            for i in range(window):
-                batch.token[i] = int(tokens[n - window + i])
-                batch.pos[i] = n - window + i
+            for i in range(m):
+                batch.token[i] = int(tokens[i])
+                batch.pos[i] = first_pos + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
-                batch.logits[i] = i == window - 1
-            batch.n_tokens = window
-            cap.enabled = True
-            if llama_cpp.llama_decode(ctx, batch) != 0:
-                raise NxkvError("llama.cpp failed to decode the observation window")
+                batch.logits[i] = i == m - 1
+            batch.n_tokens = m
+            self.cap.enabled = True
+            if llama_cpp.llama_decode(self.ctx, batch) != 0:
+                raise NxkvError("llama.cpp failed to decode the tokens to capture")
         finally:
-            cap.enabled = False
+            self.cap.enabled = False
             llama_cpp.llama_batch_free(batch)
-    finally:
-        llama_cpp.llama_free(ctx)
-    out = {}
-    for layer, q in cap.result().items():
-        if q.size != window * facts.n_head * facts.n_embd_head_k:
-            raise NxkvError(f"captured Qcur-{layer} has {q.size} values, expected {window}x{facts.n_head}x{facts.n_embd_head_k}")
-        out[layer] = q.reshape(window, facts.n_head, facts.n_embd_head_k)
-    if len(out) < facts.n_layer:
-        raise NxkvError(f"captured queries of {len(out)} of {facts.n_layer} layers")
-    return out
+        out = {}
+        for layer, q in self.cap.result().items():
+            if q.size != m * self.per_token:
+                raise NxkvError(f"captured Qcur-{layer} has {q.size} values, expected {m}x{self.per_token}")
+            out[layer] = q.reshape(m, self.facts.n_head, self.facts.n_embd_head_k)
+        if len(out) < self.facts.n_layer:
+            raise NxkvError(f"captured queries of {len(out)} of {self.facts.n_layer} layers")
+        return out
+
+
+def capture_queries(llm, blob: bytes, tokens, window: int, impl: Optional[str] = None) -> dict[int, np.ndarray]:
+    """Post-RoPE queries per layer, float32 [window, n_head, head_dim], for the last `window`
+    tokens of the state `blob` (sequence 0 of a context like llm's): they are removed and decoded
+    again with the capture on. Raises NxkvError when llama.cpp does not give them (the caller
+    then falls back to the proxy)."""
+    n = len(tokens)
+    window = min(window, n)
+    with CaptureContext(llm, int(llm.n_ctx()), window, impl) as cc:
+        cc.set_state(blob)
+        cc.remove_from(n - window)
+        return cc.decode(tokens[n - window :], n - window)

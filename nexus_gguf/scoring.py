@@ -6,6 +6,12 @@ query attends over all cached keys (softmax(q·k·scale), causal, GQA: query hea
 h // (n_head / n_head_kv)); the attention is summed over query heads and window tokens, averaged
 over layers, and shared by all heads and layers, because the cache is shared.
 
+The reconstruction scorer (KVzip, arXiv 2505.23416) asks instead what the model needs to
+repeat the prompt: in a context holding the saved state, it decodes a "repeat the text above"
+prompt followed by the prompt itself, chunk by chunk, captures those queries, and scores each
+cached key by the largest attention any of them gives it, per layer and KV head. Importance
+that does not depend on which question comes later: what eviction and coarse steps need.
+
 The key-key proxy (the mean of the window's keys used as the query) needs no capture; it is
 the fallback when capture is unavailable, and the header and report name it as such."""
 
@@ -17,7 +23,7 @@ import numpy as np
 
 from . import llama_bridge as bridge
 from .errors import NxkvError
-from .llama_capture import capture_queries
+from .llama_capture import CaptureContext, capture_queries
 from .llama_rotation import llama_rotation, toggle_llama_rotation
 from .llama_state import LlamaState
 
@@ -44,10 +50,53 @@ def attention_importance(q: np.ndarray, q_pos: np.ndarray, k: np.ndarray, k_pos:
 class Scores:
     importance: np.ndarray  # float64 [n_cells] of the scored stream, higher = keep
     scorer: str  # what was actually used
-    note: str = ""  # why the attention scorer was not used
+    note: str = ""  # why the asked-for scorer was not used
 
 
-def score_cells(llm, blob: bytes, state: LlamaState, tokens, window: int, scorer: str) -> Scores:
+REPEAT_PROMPT = "\n\nRepeat the text above, word for word.\n\n"
+
+
+def _softmax_rows(logits: np.ndarray) -> np.ndarray:
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=-1, keepdims=True)
+    return logits
+
+
+def reconstruction_importance(llm, blob: bytes, keys: dict, tokens, chunk: int, stride: int) -> np.ndarray:
+    """float64 [n_cells]: for each cached key, the largest attention a query of the repeated
+    prompt gives it (per layer and KV head, over the GQA group), each (layer, head) scaled to its
+    largest score, averaged (one score per cell: the cache keeps or drops a cell in every layer
+    at once; measured, steps per layer did worse). keys: model layer -> post-RoPE K [n_cells,
+    n_kv, head_dim] of the cells at positions 0 .. n-1, as the cache holds them. The softmax runs
+    over the prompt's cells only, not the repeat's own (an approximation of KVzip)."""
+    facts = bridge.model_facts(llm)
+    n = len(tokens)
+    repeat = bridge.tokenize(llm, REPEAT_PROMPT, add_bos=False)
+    best = {layer: np.zeros((k.shape[1], k.shape[0]), np.float32) for layer, k in keys.items()}
+    group = facts.n_head // facts.n_head_kv
+    scale = np.float32(1.0 / np.sqrt(facts.n_embd_head_k))
+    max_tokens = len(repeat) + chunk
+    with CaptureContext(llm, n + max_tokens + 1, max_tokens) as cc:
+        cc.set_state(blob)
+        for c0 in range(0, n, chunk):
+            part = list(tokens[c0 : c0 + chunk])
+            queries = cc.decode(repeat + part, n)
+            cc.remove_from(n)  # each chunk is repeated after the prompt alone
+            for layer, k in keys.items():
+                q = queries[layer][len(repeat) :: stride].astype(np.float32)  # [m, n_head, d]
+                for h in range(facts.n_head):
+                    kv = h // group
+                    att = _softmax_rows((q[:, h, :] @ k[:, kv, :].T) * scale)  # over the prompt's cells only
+                    np.maximum(best[layer][kv], att.max(axis=0), out=best[layer][kv])
+    total = np.zeros(n)
+    for b in best.values():
+        total += (b / np.maximum(b.max(axis=1, keepdims=True), 1e-30)).mean(axis=0)
+    return total / len(best)
+
+
+def score_cells(llm, blob: bytes, state: LlamaState, tokens, window: int, scorer: str, chunk: int = 1024,
+                stride: int = 4) -> Scores:
     """Importance of each cell of the state's first (full-attention) stream."""
     facts = bridge.model_facts(llm)
     cache = state.caches[0]
@@ -62,6 +111,16 @@ def score_cells(llm, blob: bytes, state: LlamaState, tokens, window: int, scorer
     rot = llama_rotation(hd, "k")
     note = ""
     queries = None
+    if scorer == "reconstruct":
+        keys = {layer.model_layer: toggle_llama_rotation(layer.values("k"), layer.k_type, rot).reshape(len(pos), -1, hd)
+                for layer in s.layers}
+        if np.array_equal(pos, np.arange(n)):
+            try:
+                return Scores(reconstruction_importance(llm, blob, keys, tokens, chunk, stride), "reconstruct")
+            except NxkvError as e:
+                note = f"query capture failed ({e}); used the key-key proxy"
+        else:
+            note = "reconstruction scoring needs the cells of positions 0..n-1; used the key-key proxy"
     if scorer == "attention":
         try:
             queries = capture_queries(llm, blob, tokens, window)

@@ -170,3 +170,20 @@ def test_importance_aware_steps_end_to_end(prompt, tmp_path, smollm2_path):
     assert bridge.set_seq_state(llm, raw, 0)
     m = continuation_metrics(ref, got, np.asarray(tokens[N + 1 : N + 17]))
     assert m["kld_mean"] < 0.1 and m["top1"] >= 0.75
+
+
+def test_reconstruction_scorer(prompt, tmp_path):
+    """KVzip-style scores: the model repeats the prompt (in chunks, here two) in a side context;
+    every cell gets a score, the file says which scorer ran, and the Llama is untouched."""
+    llm, tokens, blob = prompt
+    state = parse_state(blob, "sequence", bridge.model_facts(llm).state_layout())
+    s = scoring.score_cells(llm, blob, state, tokens[:N], W, "reconstruct", chunk=96, stride=2)
+    assert s.scorer == "reconstruct" and not s.note and s.importance.shape == (N,)
+    assert np.all(s.importance > 0) and s.importance.max() <= 1.0
+    # repeating the text attends to every token in turn: no cell is left at the floor the
+    # last-window scorer leaves most cells at
+    window = scoring.score_cells(llm, blob, state, tokens[:N], W, "attention").importance
+    assert np.median(s.importance) / s.importance.max() > 10 * np.median(window) / window.max()
+    report = save_state(llm, tmp_path / "r.nxkv", "balanced", score_scorer="reconstruct", score_chunk=96)
+    assert report.scoring["used"] == "reconstruct" and report.eviction["kept"] == N // 2
+    assert bridge.get_seq_state(llm, 0) == blob  # scoring ran beside the Llama, not in it

@@ -120,3 +120,8 @@ class Capture:
     @property
     def errors(self) -> int:
         return int(self.struct.errors)
+
+    def reset(self) -> None:
+        """Empty the buffers for the next decode."""
+        self.filled[:] = 0
+        self.struct.errors = 0
