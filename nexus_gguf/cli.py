@@ -197,30 +197,48 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """The bundled prompt stored with each preset side by side: sizes, load against prefill
+    time, and whether the continuation after each restore matches reading the prompt."""
     import importlib.resources
+    import io
 
     from .api import load_state, save_state
     from .default_model import default_model_path
+    from .pipeline import build_pipeline
 
     model = args.model or default_model_path()
+    presets = _list(args.presets)
+    for preset in presets:
+        build_pipeline(preset)  # an unknown preset fails before the model loads
+    out_dir = Path(args.out_dir)
+    if not out_dir.is_dir():
+        raise NxkvError(f"{out_dir}: no such directory")
     text = importlib.resources.files("nexus_gguf").joinpath("data/demo_prompt.txt").read_text(encoding="utf-8")
-    out = args.output or "demo.nxkv"
     llm = bridge.open_llama(model, 2048, args.threads)
     tokens = bridge.tokenize(llm, text, add_bos=True)
     print(f"model: {os.path.basename(model)}; prompt: {len(tokens)} tokens of the bundled demo text")
     t0 = time.perf_counter()
-    bridge.prefill(llm, tokens, Progress("prefill", "tok", enabled=True))
+    bridge.prefill(llm, tokens, Progress("prefill", "tok"))
     prefill_s = time.perf_counter() - t0
-    report = save_state(llm, out, preset=args.preset)
-    print(report.summary())
-    print("\n--- continuation after reading the prompt directly ---")
-    direct = _generate(llm, tokens, args.n, 0.0)
-    llm2 = bridge.open_llama(model, 2048, args.threads)
-    lr = load_state(llm2, out)
-    load_s = sum(lr.seconds.values())
-    print(f"\n--- continuation after restoring {out} ({lr.file_bytes:,} B, {load_s:.2f}s) ---")
-    restored = continue_restored(llm2, lr, [], args.n, 0.0)
-    print(f"\nsame text: {direct == restored}; load {load_s:.2f}s vs prefill {prefill_s:.2f}s ({prefill_s / load_s:.0f}x faster)")
+    saved = {p: save_state(llm, out_dir / f"demo-{p}.nxkv", preset=p) for p in presets}
+    direct = _generate(llm, tokens, args.n, 0.0, io.StringIO())
+    rows, texts = [], {}
+    for p, report in saved.items():
+        other = bridge.open_llama(model, 2048, args.threads)
+        lr = load_state(other, report.path)
+        load_s = sum(lr.seconds.values())
+        texts[p] = continue_restored(other, lr, [], args.n, 0.0, io.StringIO())
+        rows.append((p, report.path, report.file_bytes, report.ratio, load_s, prefill_s / load_s))
+    print(f"prefill: {prefill_s:.2f} s; llama.cpp's raw state: {next(iter(saved.values())).raw_bytes:,} B\n")
+    print(f"{'preset':<10} {'file':<22} {'bytes':>13} {'ratio':>7} {'load':>8} {'vs prefill':>12}")
+    for p, path, size, ratio, load_s, speedup in rows:
+        print(f"{p:<10} {os.path.basename(path):<22} {size:>13,} {ratio:>6.2f}x {load_s:>7.2f}s {speedup:>9.0f}x faster")
+    print(f"\n--- the next {args.n} tokens after reading the prompt ---\n{direct.strip()}")
+    for p in presets:
+        same = texts[p] == direct
+        print(f"\n--- after restoring demo-{p}.nxkv: {'the same text' if same else 'a different text'} ---")
+        if not same:
+            print(texts[p].strip())
     return 0
 
 
@@ -322,11 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(e)
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("demo", help="save the bundled prompt with the default model and generate from it")
+    d = sub.add_parser("demo", help="store the bundled prompt with each preset and compare what it restores")
     d.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
-    d.add_argument("-o", "--output")
-    d.add_argument("--preset", default="lossless", choices=sorted(PRESETS),
-                   help="lossless (default: the continuation is then identical) or a lossy preset")
+    d.add_argument("--presets", default="lossless,high", help="comma-separated presets (default: lossless,high)")
+    d.add_argument("--out-dir", default=".", help="where demo-PRESET.nxkv files go (default: here)")
     d.add_argument("-n", type=int, default=48)
     d.add_argument("--threads", type=int, default=None)
     d.set_defaults(func=cmd_demo)

