@@ -57,6 +57,7 @@ class LoadReport:
     # next-token logits saved with the prompt (None if the file has none): sampling can start
     # from them without decoding the last prompt token again
     logits: Optional[np.ndarray] = field(default=None, repr=False)
+    converted: bool = False  # rewritten for the Llama's cache types or V layout (cache_convert)
 
     @property
     def ratio(self) -> float:
@@ -153,7 +154,9 @@ def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline):
 def load_state(llm, path) -> LoadReport:
     """Restore a .nxkv file into `llm` so that it continues as if it had just evaluated the
     saved prompt. Everything is read, checked and decoded before llama.cpp is touched; if
-    llama.cpp still refuses the state, the Llama is put back as it was and RestoreError raised."""
+    llama.cpp still refuses the state, the Llama is put back as it was and RestoreError raised.
+    A Llama with other cache types (type_k / type_v) or flash attention than the saving one gets
+    the state converted to them (LoadReport.converted)."""
     timer = _Timer()
     f = NxkvFile.open(path)
     f.verify()
@@ -171,20 +174,46 @@ def load_state(llm, path) -> LoadReport:
         except FormatError as e:
             raise FormatError(f"{f.source}: {e}") from None
         blob = write_state(state)
-    exact = crc32(blob) == header.raw_crc32 and len(blob) == header.raw_bytes
-    if header.pipeline.lossless and not exact:
-        raise ChecksumError(f"{f.source}: the restored state does not match the saved one (CRC of the rebuilt state)")
+        exact = crc32(blob) == header.raw_crc32 and len(blob) == header.raw_bytes
+        if header.pipeline.lossless and not exact:
+            raise ChecksumError(f"{f.source}: the restored state does not match the saved one (CRC of the rebuilt state)")
+        blobs = _in_target_layout(llm, state, blob)
     timer.lap("decode")
-    _restore_or_roll_back(llm, blob, f.source)
+    taken = _restore_or_roll_back(llm, blobs, f.source)
     bridge.set_prompt(llm, tokens, logits)
     timer.lap("llama_set")
-    return LoadReport(f.source, header.n_tokens, header.raw_bytes, f.file_bytes, exact, timer.seconds, dict(backends), logits)
+    return LoadReport(f.source, header.n_tokens, header.raw_bytes, f.file_bytes, exact and taken is blob, timer.seconds,
+                      dict(backends), logits, converted=taken is not blob)
 
 
-def _restore_or_roll_back(llm, blob: bytes, source: str) -> None:
+def _in_target_layout(llm, state, blob: bytes) -> list[bytes]:
+    """The state blob in the Llama's cache types and V layout, converted where they differ
+    (cache_convert); where flash attention is "auto", both V layouts, the saved one first."""
+    from .cache_convert import convert_state, layout_of
+
+    saved = layout_of(state)
+    if saved is None:
+        return [blob]
+    k_type, v_type, v_trans = bridge.cache_target(llm)
+    facts = bridge.model_facts(llm)
+    out = []
+    for vt in [v_trans] if v_trans is not None else [saved[2], not saved[2]]:
+        if (k_type, v_type, vt) == saved:
+            out.append(blob)
+        elif vt and not v_type.float_bytes:
+            continue  # a quantized V cannot be transposed
+        else:
+            out.append(write_state(convert_state(state, k_type, v_type, vt, facts.n_embd_head_k, facts.n_embd_head_v)))
+    return out
+
+
+def _restore_or_roll_back(llm, blobs: list[bytes], source: str) -> bytes:
+    """Set the first blob llama.cpp takes, and return it; if it takes none, put the Llama back
+    as it was and raise RestoreError."""
     backup = bridge.get_seq_state(llm, 0) if llm.n_tokens > 0 else None
-    if bridge.set_seq_state(llm, blob, 0):
-        return
+    for blob in blobs:
+        if bridge.set_seq_state(llm, blob, 0):
+            return blob
     # llama.cpp cleared the sequence when it gave up; put back what was there.
     if backup is None or not bridge.set_seq_state(llm, backup, 0):
         bridge.clear_seq(llm, 0)

@@ -285,22 +285,21 @@ def context_capacity(llm) -> int:
 
 
 def require_restorable(llm, header) -> None:
-    """Checks that need no llama.cpp call: the context is big enough and its cache types match
-    (header: a header.Header)."""
+    """Checks that need no llama.cpp call: the context is big enough (header: a header.Header).
+    Other cache types and V layouts are converted (cache_target)."""
     need = max(header.n_ctx_required, header.n_tokens)
     capacity = context_capacity(llm)
     if capacity < need:
         raise RestoreError(f"the state needs a context of at least {need} tokens; this Llama holds {capacity} (n_ctx)")
-    saved, here = header.context, context_facts(llm)
-    for key in ("type_k", "type_v"):
-        if saved.get(key) != here[key]:
-            raise RestoreError(
-                f"the state was saved from a cache with {key}={saved.get(key)} but this Llama has {key}={here[key]}; "
-                f"create the Llama with {key}={saved.get(key)}"
-            )
-    fa = {"enabled": True, "disabled": False}
-    if saved.get("flash_attn") in fa and here["flash_attn"] in fa and saved["flash_attn"] != here["flash_attn"]:
-        raise RestoreError(
-            f"the state was saved with flash attention {saved['flash_attn']} (V {'not ' if fa[saved['flash_attn']] else ''}"
-            f"transposed); create the Llama with flash_attn={fa[saved['flash_attn']]}"
-        )
+
+
+def cache_target(llm):
+    """(K type, V type, V transposed or None when flash attention is "auto" and llama.cpp
+    decided) of the Llama's cache: what a restored state must be written as."""
+    from .ggml_types import ggml_type
+
+    here = context_facts(llm)
+    k_type, v_type = ggml_type(here["type_k"]), ggml_type(here["type_v"])
+    if not v_type.float_bytes:  # llama.cpp keeps a quantized V only with flash attention: by rows
+        return k_type, v_type, False
+    return k_type, v_type, {"enabled": False, "disabled": True}.get(here["flash_attn"])

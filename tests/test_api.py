@@ -12,6 +12,7 @@ from conftest import logits_now, open_llama, prompt_tokens
 import nexus_gguf as ng
 from nexus_gguf import format as fmt
 from nexus_gguf import llama_bridge as bridge
+from nexus_gguf.llama_state import parse_state
 
 N_PROMPT = 40
 
@@ -126,22 +127,17 @@ def test_file_from_another_model(smollm2_path, gemma3_path, saved, tmp_path):
         ng.load_state(g, saved["path"])
 
 
-def test_incompatible_context_is_refused_before_llama(smollm2_path, saved):
+def test_too_small_a_context_is_refused_before_llama(smollm2_path, saved):
     small = open_llama(smollm2_path, n_ctx=32)
     with pytest.raises(ng.RestoreError, match="n_ctx"):
         ng.load_state(small, saved["path"])
-    q8 = open_llama(smollm2_path, flash_attn=True, type_k=8, type_v=8)
-    with pytest.raises(ng.RestoreError, match="type_k"):
-        ng.load_state(q8, saved["path"])
-    fa = open_llama(smollm2_path, flash_attn=True)
-    with pytest.raises(ng.RestoreError, match="flash_attn=False"):
-        ng.load_state(fa, saved["path"])
+    assert small.n_tokens == 0
 
 
 def test_llama_refusal_rolls_back(smollm2_path, saved, monkeypatch):
-    # Skip our own pre-check so that llama.cpp itself refuses (V transposition differs): the
-    # Llama must come back as it was.
-    monkeypatch.setattr(bridge, "require_restorable", lambda llm, header: None)
+    # Skip the conversion to the context's V layout so that llama.cpp itself refuses (V
+    # transposition differs): the Llama must come back as it was.
+    monkeypatch.setattr(ng.api, "_in_target_layout", lambda llm, state, blob: [blob])
     llm, expect = _busy_llama(smollm2_path, [1, 2, 3, 4])
     llm2 = open_llama(smollm2_path, flash_attn=True)
     llm2.eval([1, 2, 3, 4])
@@ -182,3 +178,42 @@ def test_presets_and_overrides(smollm2_path, tmp_path):
     r = ng.save_state(llm, tmp_path / "x.nxkv", preset="lossless", zstd_level=19)
     assert ng.read_info(tmp_path / "x.nxkv")["pipeline"]["stages"][-1] == {"id": "zstd", "level": 19}
     assert r.n_tokens == 3
+
+
+@pytest.mark.parametrize("target", ["f16 flash attention", "q8_0", "q4_0", "q8_0 K, f16 V"])
+def test_restore_into_other_cache_types(smollm2_path, prompt_text, tmp_path, target):
+    """A state saved from an f16 cache with V transposed restores into a context with other
+    cache types or flash attention: converted on the way in, at the target type's own cost
+    (measured against that context reading the prompt itself), and back again."""
+    from conftest import prompt_tokens
+
+    from nexus_gguf.evaluate import continuation_metrics
+
+    kw = {"f16 flash attention": dict(flash_attn=True), "q8_0": dict(flash_attn=True, type_k=8, type_v=8),
+          "q4_0": dict(flash_attn=True, type_k=2, type_v=2), "q8_0 K, f16 V": dict(flash_attn=False, type_k=8)}[target]
+    src = open_llama(smollm2_path, flash_attn=False)
+    tokens = prompt_tokens(src, prompt_text, 161)
+    src.eval(tokens[:128])
+    ng.save_state(src, tmp_path / "s.nxkv", "lossless")
+    direct = open_llama(smollm2_path, **kw)
+    direct.eval(tokens[:128])
+    ref = bridge.eval_logits(direct, tokens[128:160], 128)
+    dst = open_llama(smollm2_path, **kw)
+    report = ng.load_state(dst, tmp_path / "s.nxkv")
+    assert report.converted and not report.exact and dst.n_tokens == 128
+    if target == "f16 flash attention":  # f16 to f16: only V's layout changes, not one value
+        layout = bridge.model_facts(src).state_layout()
+        a = parse_state(bridge.get_seq_state(src, 0), "sequence", layout)
+        b = parse_state(bridge.get_seq_state(dst, 0), "sequence", layout)
+        for (_, _, x), (_, _, y) in zip(a.layers(), b.layers()):
+            assert x.v_trans and not y.v_trans
+            assert np.array_equal(x.k, y.k) and np.array_equal(x.values("v"), y.values("v"))
+    m = continuation_metrics(ref, bridge.eval_logits(dst, tokens[128:160], 128), np.asarray(tokens[129:161]))
+    # against that context reading the prompt itself (flash attention's own arithmetic: ~0.003)
+    assert m["kld_mean"] < {"f16 flash attention": 0.01, "q8_0": 0.02, "q4_0": 0.06, "q8_0 K, f16 V": 0.02}[target], m
+    assert m["top1"] >= 0.8, m
+    bridge.clear_seq(dst, 0)  # and back: that cache's state into an f16 one with V transposed
+    ng.load_state(dst, tmp_path / "s.nxkv")
+    ng.save_state(dst, tmp_path / "b.nxkv", "lossless")
+    home = open_llama(smollm2_path, flash_attn=False)
+    assert ng.load_state(home, tmp_path / "b.nxkv").converted and home.n_tokens == 128
