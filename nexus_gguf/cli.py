@@ -242,6 +242,55 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    """A llama.cpp session or slot file as a .nxkv file."""
+    import numpy as np
+
+    from .api import save_state
+    from .cache_convert import layout_of
+    from .llama_files import read_llama_file
+    from .llama_state import parse_state
+    from .pipeline import build_pipeline
+
+    src = read_llama_file(args.file)
+    out = args.output or str(Path(args.file).with_suffix(".nxkv"))
+    _check_output(out)
+    pipeline = build_pipeline(args.preset, args.no or (), **stage_options(args))
+    layout = layout_of(parse_state(src.blob, src.state_kind))
+    if layout is None or src.tokens.size == 0:
+        raise NxkvError(f"{args.file} holds no prompt")
+    k_type, v_type, v_trans = layout
+    llm = bridge.open_llama(args.model, _context_size(args.model, src.tokens.size, args.n_ctx), args.threads,
+                            args.n_gpu_layers, type_k=k_type.id, type_v=v_type.id, flash_attn=not v_trans)
+    taken = bridge.set_context_state(llm, src.blob) if src.kind == "session" else bridge.set_seq_state(llm, src.blob, 0)
+    if not taken:
+        raise NxkvError(f"llama.cpp refused the state in {args.file}: was it saved from {args.model}?")
+    bridge.set_prompt(llm, np.asarray(src.tokens, np.int32), None)
+    report = save_state(llm, out, pipeline)
+    print(report.summary())
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    """A .nxkv file back as a llama.cpp session or slot file, for tools that read only those."""
+    from .api import load_state, read_info
+    from .format import write_atomic
+    from .llama_files import LlamaFile
+
+    info = read_info(args.state)
+    out = args.output or str(Path(args.state).with_suffix(".bin" if args.format == "slot" else ".session"))
+    _check_output(out)
+    ctx = info["context"]
+    llm = bridge.open_llama(args.model, max(args.n_ctx or 0, int(info["prompt"]["n_ctx_required"]) + 1), args.threads,
+                            args.n_gpu_layers, flash_attn=ctx["flash_attn"] == "enabled", type_k=ctx["type_k"],
+                            type_v=ctx["type_v"])
+    report = load_state(llm, args.state)
+    blob = bridge.get_context_state(llm) if args.format == "session" else bridge.get_seq_state(llm, 0)
+    n = write_atomic(out, LlamaFile(args.format, llm.input_ids[: llm.n_tokens], blob).to_buffers())
+    print(f"{out}: llama.cpp {args.format} file of {report.n_tokens} tokens, {n:,} B")
+    return 0
+
+
 def _list(value: str, typ=str) -> list:
     try:
         return [typ(v.strip()) for v in value.split(",") if v.strip()]
@@ -295,16 +344,19 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--n-gpu-layers", type=int, default=0)
         sp.add_argument("--n-ctx", type=int, default=None, help="context size (default: what the prompt needs)")
 
+    def state_options(sp):
+        sp.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                        help=f"how much to compress (default {DEFAULT_PRESET}; see the README's table)")
+        sp.add_argument("--k-bits", type=float, help="lattice bits per K value (lossy presets)")
+        sp.add_argument("--v-bits", type=float, help="lattice bits per V value (lossy presets)")
+        sp.add_argument("--no", action="append", metavar="STAGE", help="leave a stage of the preset out, or evict (repeatable)")
+        sp.add_argument("--set", action="append", metavar="STAGE.OPTION=VALUE", help="override a stage option (repeatable)")
+
     s = sub.add_parser("save-state", help="read a prompt and store its state in a .nxkv file")
     s.add_argument("model")
     s.add_argument("prompt_file")
     s.add_argument("-o", "--output", help="output path (default: PROMPT_FILE with .nxkv)")
-    s.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
-                   help=f"how much to compress (default {DEFAULT_PRESET}; see the README's table)")
-    s.add_argument("--k-bits", type=float, help="lattice bits per K value (lossy presets)")
-    s.add_argument("--v-bits", type=float, help="lattice bits per V value (lossy presets)")
-    s.add_argument("--no", action="append", metavar="STAGE", help="leave a stage of the preset out, or evict (repeatable)")
-    s.add_argument("--set", action="append", metavar="STAGE.OPTION=VALUE", help="override a stage option (repeatable)")
+    state_options(s)
     s.add_argument("--encoding", default="utf-8", help="the prompt file's text encoding (default utf-8)")
     common(s)
     s.set_defaults(func=cmd_save_state)
@@ -339,6 +391,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", metavar="OUT.png", help="write the Pareto plot (needs matplotlib)")
     common(e)
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compress", help="turn a llama.cpp session file (--prompt-cache) or slot file into .nxkv")
+    c.add_argument("model")
+    c.add_argument("file", help="a file written by llama_state_save_file or llama_state_seq_save_file")
+    c.add_argument("-o", "--output", help="output path (default: FILE with .nxkv)")
+    state_options(c)
+    common(c)
+    c.set_defaults(func=cmd_compress)
+
+    x = sub.add_parser("decompress", help="write a .nxkv state back as a llama.cpp session or slot file")
+    x.add_argument("model")
+    x.add_argument("state")
+    x.add_argument("-o", "--output", help="output path (default: STATE with .session or .bin)")
+    x.add_argument("--format", choices=["session", "slot"], default="session",
+                   help="session: llama_state_load_file / --prompt-cache (default); slot: llama-server's slot files")
+    common(x)
+    x.set_defaults(func=cmd_decompress)
 
     d = sub.add_parser("demo", help="store the bundled prompt with each preset and compare what it restores")
     d.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")

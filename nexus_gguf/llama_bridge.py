@@ -208,6 +208,25 @@ def set_seq_state(llm, blob: bytes, seq_id: int = 0) -> bool:
     return int(llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, len(blob), seq_id)) == len(blob)
 
 
+def get_context_state(llm) -> bytes:
+    """llama_state_get_data: the whole context (every sequence), as bytes."""
+    llama_cpp = _llama_cpp()
+    ctx = llm._ctx.ctx
+    size = int(llama_cpp.llama_state_get_size(ctx))
+    buf = (ctypes.c_uint8 * size)()
+    n = int(llama_cpp.llama_state_get_data(ctx, buf, size))
+    if n == 0 or n > size:
+        raise NxkvError("llama.cpp failed to copy the context state (see its log)")
+    return ctypes.string_at(buf, n)
+
+
+def set_context_state(llm, blob: bytes) -> bool:
+    """llama_state_set_data; True on success."""
+    llama_cpp = _llama_cpp()
+    buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+    return int(llama_cpp.llama_state_set_data(llm._ctx.ctx, buf, len(blob))) == len(blob)
+
+
 def clear_seq(llm, seq_id: int = 0) -> None:
     import llama_cpp
 
