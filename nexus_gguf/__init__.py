@@ -19,6 +19,7 @@ from .errors import (  # noqa: E402
 from .pipeline import PRESETS  # noqa: E402
 
 __all__ = [
+    "NxkvDiskCache",
     "backend",
     "backend_features",
     "save_state",
@@ -46,4 +47,8 @@ def __getattr__(name: str):
         from .backends import backend_name
 
         return backend_name()
+    if name == "NxkvDiskCache":  # imports llama-cpp-python: only when asked for
+        from .prompt_cache import NxkvDiskCache
+
+        return NxkvDiskCache
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -161,6 +161,28 @@ def load_state(llm, path) -> LoadReport:
     f = NxkvFile.open(path)
     f.verify()
     timer.lap("read")
+    d = _decode(llm, f)
+    timer.lap("decode")
+    taken = _restore_or_roll_back(llm, d.blobs, f.source)
+    bridge.set_prompt(llm, d.tokens, d.logits)
+    timer.lap("llama_set")
+    return LoadReport(f.source, d.header.n_tokens, d.header.raw_bytes, f.file_bytes, d.exact and taken is d.saved_blob,
+                      timer.seconds, d.backends, d.logits, converted=taken is not d.saved_blob)
+
+
+@dataclass
+class _Decoded:
+    header: Header
+    tokens: np.ndarray
+    logits: Optional[np.ndarray]
+    saved_blob: bytes  # the state as saved (types and layout of the saving context)
+    blobs: list  # what to hand llama.cpp, in order of preference (the Llama's types and layout)
+    exact: bool  # saved_blob is byte-identical to the state that was saved
+    backends: dict
+
+
+def _decode(llm, f: NxkvFile) -> _Decoded:
+    """Check a verified file against the Llama and decode it, touching nothing in llama.cpp."""
     header = Header(f.header, f.source)
     limits = header.check_model(bridge.model_facts(llm), bridge.context_capacity(llm))
     bridge.require_restorable(llm, header)
@@ -178,12 +200,15 @@ def load_state(llm, path) -> LoadReport:
         if header.pipeline.lossless and not exact:
             raise ChecksumError(f"{f.source}: the restored state does not match the saved one (CRC of the rebuilt state)")
         blobs = _in_target_layout(llm, state, blob)
-    timer.lap("decode")
-    taken = _restore_or_roll_back(llm, blobs, f.source)
-    bridge.set_prompt(llm, tokens, logits)
-    timer.lap("llama_set")
-    return LoadReport(f.source, header.n_tokens, header.raw_bytes, f.file_bytes, exact and taken is blob, timer.seconds,
-                      dict(backends), logits, converted=taken is not blob)
+    return _Decoded(header, tokens, logits, blob, blobs, exact, dict(backends))
+
+
+def decode_for(llm, f: NxkvFile) -> tuple[np.ndarray, bytes]:
+    """(prompt tokens, sequence state for llm's cache) of a verified file, llama.cpp untouched:
+    for callers that hand the state to llama.cpp themselves (prompt_cache)."""
+    f.verify()
+    d = _decode(llm, f)
+    return d.tokens, d.blobs[0]
 
 
 def _in_target_layout(llm, state, blob: bytes) -> list[bytes]:
