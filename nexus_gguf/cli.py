@@ -291,6 +291,19 @@ def cmd_decompress(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .pipeline import build_pipeline
+    from .server import serve
+
+    build_pipeline(args.preset)  # an unknown preset fails before the model loads
+    bridge.check_model_file(args.model)  # and a missing or foreign model file
+    options = {"n_ctx": args.n_ctx or 4096, "n_gpu_layers": args.n_gpu_layers}
+    if args.threads:
+        options["n_threads"] = args.threads
+    serve(args.model, args.cache_dir, int(args.cache_gb * (1 << 30)), args.preset, args.host, args.port, **options)
+    return 0
+
+
 def _list(value: str, typ=str) -> list:
     try:
         return [typ(v.strip()) for v in value.split(",") if v.strip()]
@@ -408,6 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="session: llama_state_load_file / --prompt-cache (default); slot: llama-server's slot files")
     common(x)
     x.set_defaults(func=cmd_decompress)
+
+    v = sub.add_parser("serve", help="llama-cpp-python's OpenAI-compatible server with the compressed prompt cache")
+    v.add_argument("model")
+    v.add_argument("--cache-dir", required=True, help="where the .nxkv prompt states go (shared by servers)")
+    v.add_argument("--cache-gb", type=float, default=4.0, help="cache capacity in GiB (default 4)")
+    v.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    common(v)
+    v.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="store the bundled prompt with each preset and compare what it restores")
     d.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")

@@ -93,13 +93,18 @@ def quiet():
 def open_llama(model: str, n_ctx: int, threads: Optional[int] = None, n_gpu_layers: int = 0, **kw):
     """A llama_cpp.Llama of the GGUF file `model`, quiet, on `threads` CPU threads (default: all).
     A missing file or one that is not GGUF is a clear error before llama.cpp sees it."""
-    if not os.path.isfile(model):
-        raise NxkvError(f"{model}: no such model file")
-    read_gguf_header(model)  # FormatError: not a GGUF file (bad magic), truncated, ...
+    check_model_file(model)
     llama_cpp = _llama_cpp()
     with quiet():
         return llama_cpp.Llama(model, n_ctx=n_ctx, n_threads=threads or max(1, os.cpu_count() or 1),
                                n_gpu_layers=n_gpu_layers, verbose=False, **kw)
+
+
+def check_model_file(model: str) -> None:
+    """A clear error unless `model` is a readable GGUF file (before llama.cpp sees it)."""
+    if not os.path.isfile(model):
+        raise NxkvError(f"{model}: no such model file")
+    read_gguf_header(model)  # FormatError: not a GGUF file (bad magic), truncated, ...
 
 
 def trained_context(model: str) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -65,8 +66,7 @@ class NxkvDiskCache(BaseLlamaCache):
         self.directory.mkdir(parents=True, exist_ok=True)
         self.pipeline = build_pipeline(preset, **stage_options)  # bad options fail here, not at the first save
         self.model = model
-        self._db = sqlite3.connect(self.directory / "index.sqlite", timeout=60, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._local = threading.local()  # one SQLite connection per thread (a server's workers)
         self._db.executescript(
             """
             CREATE TABLE IF NOT EXISTS entries (
@@ -76,6 +76,15 @@ class NxkvDiskCache(BaseLlamaCache):
             CREATE INDEX IF NOT EXISTS prefixes_hash ON prefixes(hash);
             """
         )
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.directory / "index.sqlite", timeout=60, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            self._local.db = db
+        return db
 
     def bind(self, llm) -> "NxkvDiskCache":
         """Save the states of `llm` (the Llama this cache is set on)."""
@@ -126,17 +135,18 @@ class NxkvDiskCache(BaseLlamaCache):
         digest = _hash(tokens)
         name = digest.hex() + ".nxkv"
         report = save_state(llm, self.directory / name, self.pipeline)
-        with self._db:  # one transaction: other processes see the entry whole or not at all
-            self._db.execute("BEGIN IMMEDIATE")
-            old = self._db.execute("SELECT id FROM entries WHERE key = ?", (digest,)).fetchone()
+        db = self._db
+        with db:  # one transaction: other processes see the entry whole or not at all
+            db.execute("BEGIN IMMEDIATE")
+            old = db.execute("SELECT id FROM entries WHERE key = ?", (digest,)).fetchone()
             if old:
-                self._db.execute("DELETE FROM prefixes WHERE entry = ?", (old[0],))
-                self._db.execute("DELETE FROM entries WHERE id = ?", (old[0],))
-            cur = self._db.execute(
+                db.execute("DELETE FROM prefixes WHERE entry = ?", (old[0],))
+                db.execute("DELETE FROM entries WHERE id = ?", (old[0],))
+            cur = db.execute(
                 "INSERT INTO entries (file, key, n_tokens, size, last_used, tokens) VALUES (?, ?, ?, ?, ?, ?)",
                 (name, digest, int(tokens.size), report.file_bytes, time.time(), tokens.astype("<i4").tobytes()),
             )
-            self._db.executemany("INSERT INTO prefixes (hash, entry) VALUES (?, ?)",
+            db.executemany("INSERT INTO prefixes (hash, entry) VALUES (?, ?)",
                                  [(_hash(tokens[:n]), cur.lastrowid) for n in _prefix_lengths(tokens.size)])
         self._evict()
 
@@ -185,18 +195,19 @@ class NxkvDiskCache(BaseLlamaCache):
         )
 
     def _evict(self) -> None:
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        db = self._db
+        with db:
+            db.execute("BEGIN IMMEDIATE")
             total = self.cache_size
             doomed = []
-            for entry_id, name, size in self._db.execute("SELECT id, file, size FROM entries ORDER BY last_used"):
+            for entry_id, name, size in db.execute("SELECT id, file, size FROM entries ORDER BY last_used").fetchall():
                 if total <= self.capacity_bytes:
                     break
                 doomed.append((entry_id, name))
                 total -= size
             for entry_id, _ in doomed:
-                self._db.execute("DELETE FROM prefixes WHERE entry = ?", (entry_id,))
-                self._db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+                db.execute("DELETE FROM prefixes WHERE entry = ?", (entry_id,))
+                db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
         for _, name in doomed:
             try:
                 os.unlink(self.directory / name)

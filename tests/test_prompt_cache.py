@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import DATA, open_llama
+from conftest import open_llama
 
 import nexus_gguf as ng
 from nexus_gguf.errors import NxkvError
