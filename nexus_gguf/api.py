@@ -58,6 +58,7 @@ class LoadReport:
     # from them without decoding the last prompt token again
     logits: Optional[np.ndarray] = field(default=None, repr=False)
     converted: bool = False  # rewritten for the Llama's cache types or V layout (cache_convert)
+    tokens: Optional[np.ndarray] = field(default=None, repr=False)  # the prompt the sequence now holds
 
     @property
     def ratio(self) -> float:
@@ -75,13 +76,16 @@ class _Timer:
         self._t = now
 
 
-def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequence[str] = (),
-               **stage_overrides: Any) -> SaveReport:
+def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequence[str] = (), *, seq_id: int = 0,
+               tokens: Optional[Sequence[int]] = None, **stage_overrides: Any) -> SaveReport:
     """Store the prompt state of `llm` (sequence 0: its KV cache, prompt tokens and last
     logits) in the .nxkv file `path`, written atomically. Stages named in `without` are left
     out of the preset and options overridden as `<stage>_<option>=value`, e.g.
     lattice_k_bits=4, zstd_level=19 or evict_keep=0.3; `preset` may also be a Pipeline built
-    by hand (then without either)."""
+    by hand (then without either).
+
+    Another sequence of a multi-sequence context: `seq_id`, with the `tokens` it holds (the
+    Llama's own bookkeeping follows sequence 0 only; no logits row is stored then)."""
     if isinstance(preset, Pipeline):
         if stage_overrides or without:
             raise ConfigError("stage options go into the Pipeline itself when one is given")
@@ -91,17 +95,21 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
     timer = _Timer()
     facts = bridge.model_facts(llm)
     pipeline = pipeline.bind(ModelBinding(facts, bridge.context_facts(llm, rope=True)))
-    n_tokens = int(llm.n_tokens)
-    if n_tokens == 0:
-        raise NxkvError("the Llama has no evaluated tokens: evaluate the prompt first (llm.eval(tokens))")
-    blob = bridge.get_seq_state(llm, 0)
-    logits = bridge.last_logits(llm)
-    tokens = np.asarray(llm.input_ids[:n_tokens], dtype=np.int32)
+    if tokens is None:
+        if seq_id != 0:
+            raise ConfigError(f"saving sequence {seq_id} needs the tokens it holds: save_state(..., seq_id={seq_id}, tokens=...)")
+        tokens, logits = np.asarray(llm.input_ids[: llm.n_tokens], dtype=np.int32), bridge.last_logits(llm)
+    else:
+        tokens, logits = np.asarray(tokens, dtype=np.int32).reshape(-1), None
+    n_tokens = int(tokens.size)
+    if n_tokens == 0 or not bridge.holds_cells(llm, seq_id):
+        raise NxkvError(f"sequence {seq_id} of the Llama holds no evaluated tokens: evaluate the prompt first (llm.eval(tokens))")
+    blob = bridge.get_seq_state(llm, seq_id)
     timer.lap("state_get")
     state = parse_state(blob, "sequence", facts.state_layout())
     if state.n_pos != n_tokens:
         raise NxkvError(
-            f"the Llama reports {n_tokens} evaluated tokens but its KV cache holds positions up to {state.n_pos - 1}; "
+            f"sequence {seq_id} holds positions up to {state.n_pos - 1} but {n_tokens} tokens were named; "
             "save right after evaluating the prompt"
         )
     timer.lap("parse")
@@ -151,23 +159,27 @@ def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline):
     return state, record, eviction, importance if pipeline.uses_importance else None
 
 
-def load_state(llm, path) -> LoadReport:
+def load_state(llm, path, *, seq_id: int = 0) -> LoadReport:
     """Restore a .nxkv file into `llm` so that it continues as if it had just evaluated the
     saved prompt. Everything is read, checked and decoded before llama.cpp is touched; if
     llama.cpp still refuses the state, the Llama is put back as it was and RestoreError raised.
     A Llama with other cache types (type_k / type_v) or flash attention than the saving one gets
-    the state converted to them (LoadReport.converted)."""
+    the state converted to them (LoadReport.converted). `seq_id`: restore into that sequence of
+    a multi-sequence context instead (the Llama's own bookkeeping, which follows sequence 0, is
+    then left alone; LoadReport.tokens says what the sequence holds)."""
     timer = _Timer()
     f = NxkvFile.open(path)
     f.verify()
     timer.lap("read")
     d = _decode(llm, f)
     timer.lap("decode")
-    taken = _restore_or_roll_back(llm, d.blobs, f.source)
-    bridge.set_prompt(llm, d.tokens, d.logits)
+    blobs = _into_stream(llm, d, seq_id)
+    taken = _restore_or_roll_back(llm, blobs, f.source, seq_id)
+    if seq_id == 0:
+        bridge.set_prompt(llm, d.tokens, d.logits)
     timer.lap("llama_set")
     return LoadReport(f.source, d.header.n_tokens, d.header.raw_bytes, f.file_bytes, d.exact and taken is d.saved_blob,
-                      timer.seconds, d.backends, d.logits, converted=taken is not d.saved_blob)
+                      timer.seconds, d.backends, d.logits, converted=taken is not d.saved_blob, tokens=d.tokens)
 
 
 @dataclass
@@ -203,6 +215,20 @@ def _decode(llm, f: NxkvFile) -> _Decoded:
     return _Decoded(header, tokens, logits, blob, blobs, exact, dict(backends))
 
 
+def _into_stream(llm, d: "_Decoded", seq_id: int) -> list[bytes]:
+    """d's blobs with the cells in the stream sequence seq_id has in the Llama's context."""
+    from .cache_convert import into_stream
+
+    n_stream, index = bridge.stream_of(llm, seq_id)
+    layout = bridge.model_facts(llm).state_layout()
+    out = []
+    for b in d.blobs:
+        state = parse_state(b, "sequence", layout)
+        moved = into_stream(state, n_stream, index)
+        out.append(b if moved is state else write_state(moved))
+    return out
+
+
 def decode_for(llm, f: NxkvFile) -> tuple[np.ndarray, bytes]:
     """(prompt tokens, sequence state for llm's cache) of a verified file, llama.cpp untouched:
     for callers that hand the state to llama.cpp themselves (prompt_cache)."""
@@ -232,17 +258,18 @@ def _in_target_layout(llm, state, blob: bytes) -> list[bytes]:
     return out
 
 
-def _restore_or_roll_back(llm, blobs: list[bytes], source: str) -> bytes:
-    """Set the first blob llama.cpp takes, and return it; if it takes none, put the Llama back
-    as it was and raise RestoreError."""
-    backup = bridge.get_seq_state(llm, 0) if llm.n_tokens > 0 else None
+def _restore_or_roll_back(llm, blobs: list[bytes], source: str, seq_id: int = 0) -> bytes:
+    """Set the first blob llama.cpp takes into sequence seq_id, and return it; if it takes
+    none, put the sequence back as it was and raise RestoreError."""
+    backup = bridge.get_seq_state(llm, seq_id) if bridge.holds_cells(llm, seq_id) else None
     for blob in blobs:
-        if bridge.set_seq_state(llm, blob, 0):
+        if bridge.set_seq_state(llm, blob, seq_id):
             return blob
     # llama.cpp cleared the sequence when it gave up; put back what was there.
-    if backup is None or not bridge.set_seq_state(llm, backup, 0):
-        bridge.clear_seq(llm, 0)
-        llm.n_tokens = 0
+    if backup is None or not bridge.set_seq_state(llm, backup, seq_id):
+        bridge.clear_seq(llm, seq_id)
+        if seq_id == 0:
+            llm.n_tokens = 0
     raise RestoreError(f"llama.cpp refused the state in {source} (its log says why); the Llama was left as before")
 
 

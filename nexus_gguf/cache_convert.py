@@ -11,6 +11,7 @@ from typing import Optional
 
 from .ggml_types import GgmlType
 from .llama_rotation import llama_rotation, toggle_llama_rotation
+from .errors import StateLayoutError
 from .llama_state import Cache, LayerKV, LlamaState, Stream
 
 
@@ -31,6 +32,26 @@ def convert_state(state: LlamaState, k_type: GgmlType, v_type: GgmlType, v_trans
                        for s in c.streams])
         for c in state.caches
     ]
+    return replace(state, caches=caches)
+
+
+def into_stream(state: LlamaState, n_stream: int, index: int) -> LlamaState:
+    """`state` (one sequence) with each cache's cells in stream `index` of `n_stream` streams:
+    what a context with another number of streams (non-unified multi-sequence caches keep one
+    per sequence) expects when the sequence goes to another sequence id. `state` itself where it
+    already is so."""
+    if all(len(c.streams) == n_stream and all(s is None for i, s in enumerate(c.streams) if i != index)
+           for c in state.caches):
+        return state
+    caches = []
+    for c in state.caches:
+        held = [s for s in c.streams if s is not None]
+        if len(held) > 1:
+            raise StateLayoutError("a one-sequence state holds cells in several streams")
+        streams: list = [None] * n_stream
+        if held:
+            streams[index] = held[0]
+        caches.append(Cache(c.name, streams))
     return replace(state, caches=caches)
 
 

@@ -247,23 +247,32 @@ def cmd_compress(args) -> int:
     import numpy as np
 
     from .api import save_state
-    from .cache_convert import layout_of
+    from .cache_convert import into_stream, layout_of
     from .llama_files import read_llama_file
-    from .llama_state import parse_state
+    from .llama_state import parse_state, write_state
     from .pipeline import build_pipeline
 
     src = read_llama_file(args.file)
     out = args.output or str(Path(args.file).with_suffix(".nxkv"))
     _check_output(out)
     pipeline = build_pipeline(args.preset, args.no or (), **stage_options(args))
-    layout = layout_of(parse_state(src.blob, src.state_kind))
+    bridge.check_model_file(args.model)
+    # one sequence, in the one stream of the Llama that stores it
+    state = parse_state(src.blob, src.state_kind, bridge.state_layout_of_file(args.model))
+    if src.kind == "session":
+        state = state.sequence(args.seq)
+    elif args.seq:
+        raise NxkvError("--seq picks a sequence of a session file; a slot file holds one")
+    state = into_stream(state, 1, 0)
+    layout = layout_of(state)
     if layout is None or src.tokens.size == 0:
-        raise NxkvError(f"{args.file} holds no prompt")
+        raise NxkvError(f"{args.file} holds no prompt" + (f" in sequence {args.seq}" if args.seq else ""))
+    if state.n_pos != src.tokens.size:
+        raise NxkvError(f"{args.file}: its {src.tokens.size} tokens are not sequence {args.seq}'s {state.n_pos} positions")
     k_type, v_type, v_trans = layout
     llm = bridge.open_llama(args.model, _context_size(args.model, src.tokens.size, args.n_ctx), args.threads,
                             args.n_gpu_layers, type_k=k_type.id, type_v=v_type.id, flash_attn=not v_trans)
-    taken = bridge.set_context_state(llm, src.blob) if src.kind == "session" else bridge.set_seq_state(llm, src.blob, 0)
-    if not taken:
+    if not bridge.set_seq_state(llm, write_state(state), 0):
         raise NxkvError(f"llama.cpp refused the state in {args.file}: was it saved from {args.model}?")
     bridge.set_prompt(llm, np.asarray(src.tokens, np.int32), None)
     report = save_state(llm, out, pipeline)
@@ -409,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model")
     c.add_argument("file", help="a file written by llama_state_save_file or llama_state_seq_save_file")
     c.add_argument("-o", "--output", help="output path (default: FILE with .nxkv)")
+    c.add_argument("--seq", type=int, default=0, help="the sequence of a session file to store (default 0)")
     state_options(c)
     common(c)
     c.set_defaults(func=cmd_compress)

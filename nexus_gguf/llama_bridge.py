@@ -48,11 +48,16 @@ class ModelFacts:
 
     def state_layout(self) -> StateLayout:
         has_ext = self.rope["type"] in ("mrope", "imrope", "vision") or None  # else: let the parser find out
-        if self.n_swa > 0:
-            swa = set(self.sliding_layers)
-            base = [i for i in range(self.n_layer) if i not in swa]
-            return StateLayout(has_ext, [base, sorted(swa)], [False, True])
-        return StateLayout(has_ext, [list(range(self.n_layer))], [False])
+        return _state_layout(has_ext, self.n_layer, self.sliding_layers if self.n_swa > 0 else None)
+
+
+def _state_layout(has_ext, n_layer: int, sliding_layers) -> StateLayout:
+    """Model layers of each cache: one cache, or (iSWA, sliding_layers given) the base one and
+    the sliding-window one."""
+    if sliding_layers is not None:
+        swa = set(sliding_layers)
+        return StateLayout(has_ext, [[i for i in range(n_layer) if i not in swa], sorted(swa)], [False, True])
+    return StateLayout(has_ext, [list(range(n_layer))], [False])
 
 
 def _sliding_layers(header, n_layer: int, n_swa: int) -> list[int]:
@@ -105,6 +110,15 @@ def check_model_file(model: str) -> None:
     if not os.path.isfile(model):
         raise NxkvError(f"{model}: no such model file")
     read_gguf_header(model)  # FormatError: not a GGUF file (bad magic), truncated, ...
+
+
+def state_layout_of_file(model: str) -> StateLayout:
+    """What a state blob does not say about its layers, from the GGUF alone (no weights loaded):
+    model layers of each cache, sliding-window layers. M-RoPE cell records are found by parsing."""
+    header = read_gguf_header(model)
+    n_layer = int(header.arch_key("block_count", 0) or 0)
+    n_swa = int(header.arch_key("attention.sliding_window", 0) or 0)
+    return _state_layout(None, n_layer, _sliding_layers(header, n_layer, n_swa) if n_swa > 0 else None)
 
 
 def trained_context(model: str) -> int:
@@ -188,6 +202,12 @@ def context_facts(llm, rope: bool = False) -> dict[str, Any]:
         out["yarn_orig_ctx"] = int(p.yarn_orig_ctx)
         out["rope_scaling_type"] = int(p.rope_scaling_type)
     return out
+
+
+def holds_cells(llm, seq_id: int = 0) -> bool:
+    """Whether sequence seq_id of the Llama's context holds any cell."""
+    llama_cpp = _llama_cpp()
+    return int(llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llm._ctx.ctx), seq_id)) >= 0
 
 
 def get_seq_state(llm, seq_id: int = 0) -> bytes:
@@ -315,6 +335,16 @@ def require_restorable(llm, header) -> None:
     capacity = context_capacity(llm)
     if capacity < need:
         raise RestoreError(f"the state needs a context of at least {need} tokens; this Llama holds {capacity} (n_ctx)")
+
+
+def stream_of(llm, seq_id: int) -> tuple[int, int]:
+    """(streams in the Llama's cache, the stream sequence seq_id lives in): one stream unless
+    the context keeps a non-unified cache for several sequences (one stream each)."""
+    p = llm.context_params
+    n_seq = max(1, int(p.n_seq_max))
+    if n_seq == 1 or bool(p.kv_unified):
+        return 1, 0
+    return n_seq, seq_id
 
 
 def cache_target(llm):

@@ -188,6 +188,24 @@ class LlamaState:
                     for layer in s.layers:
                         yield c, si, layer
 
+    def sequence(self, seq_id: int) -> "LlamaState":
+        """The state of one sequence, as llama_state_seq_get_data writes it (llama-kv-cache.cpp
+        state_write with a seq_id): in every stream, the cells that belong to it, each naming
+        only it."""
+        caches = []
+        for c in self.caches:
+            streams: list[Optional[Stream]] = []
+            for s in c.streams:
+                idx = np.array([] if s is None else [i for i, ids in enumerate(s.cells.seq_ids) if seq_id in ids], np.int64)
+                if not idx.size:
+                    streams.append(None)
+                    continue
+                t = s.take_cells(idx)
+                t.cells.seq_ids = [np.array([seq_id], np.int32) for _ in range(idx.size)]
+                streams.append(t)
+            caches.append(Cache(c.name, streams))
+        return LlamaState("sequence", caches, None, seq_id, self.has_cell_ext)
+
     def keep_cells(self, idx: np.ndarray) -> "LlamaState":
         """The state with only the cells idx of its first (full-attention) cache, in every
         stream of it; other caches (sliding-window ones hold only the window) stay whole."""

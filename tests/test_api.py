@@ -217,3 +217,55 @@ def test_restore_into_other_cache_types(smollm2_path, prompt_text, tmp_path, tar
     ng.save_state(dst, tmp_path / "b.nxkv", "lossless")
     home = open_llama(smollm2_path, flash_attn=False)
     assert ng.load_state(home, tmp_path / "b.nxkv").converted and home.n_tokens == 128
+
+
+def _two_sequence_llama(path):
+    """A Llama whose context holds two sequences (llama-cpp-python makes one-sequence contexts)."""
+    from llama_cpp import _internals
+
+    llm = open_llama(path, n_ctx=512)
+    llm.context_params.n_seq_max = 2
+    llm._ctx = _internals.LlamaContext(model=llm._model, params=llm.context_params, verbose=False)
+    return llm
+
+
+def _decode_into(llm, tokens, seq):
+    import llama_cpp
+
+    batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+    try:
+        batch.n_tokens = len(tokens)
+        for i, tok in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, i, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, i == len(tokens) - 1
+        assert llama_cpp.llama_decode(llm._ctx.ctx, batch) == 0
+    finally:
+        llama_cpp.llama_batch_free(batch)
+
+
+def test_any_sequence_into_any_sequence(smollm2_path, prompt_text, tmp_path):
+    """Sequence 1 of a two-sequence context saved, restored into sequence 1 of another and into
+    the only sequence of a plain Llama: the same cells and bytes each time."""
+    src = _two_sequence_llama(smollm2_path)
+    a, b = src.tokenize(prompt_text[:200].encode()), src.tokenize(prompt_text[300:420].encode())
+    _decode_into(src, a, 0)
+    _decode_into(src, b, 1)
+    with pytest.raises(ng.ConfigError, match="tokens"):
+        ng.save_state(src, tmp_path / "s1.nxkv", "lossless", seq_id=1)
+    ng.save_state(src, tmp_path / "s1.nxkv", "lossless", seq_id=1, tokens=b)
+    assert ng.read_info(tmp_path / "s1.nxkv")["prompt"]["n_tokens"] == len(b)
+    dst = _two_sequence_llama(smollm2_path)
+    _decode_into(dst, a, 0)
+    report = ng.load_state(dst, tmp_path / "s1.nxkv", seq_id=1)
+    assert report.exact and list(report.tokens) == b and dst.n_tokens == 0  # the Llama's own sequence 0 untouched
+    assert bridge.get_seq_state(dst, 1) == bridge.get_seq_state(src, 1)
+    assert bridge.get_seq_state(dst, 0) == bridge.get_seq_state(src, 0)
+    plain = open_llama(smollm2_path)
+    ng.load_state(plain, tmp_path / "s1.nxkv")  # sequence 1 into sequence 0
+    assert plain.n_tokens == len(b) and list(plain.input_ids[: len(b)]) == b
+    # the same cells and rows, in the one stream of the plain context
+    layout = bridge.model_facts(plain).state_layout()
+    (x,), (y,) = ([s for s in parse_state(bridge.get_seq_state(ll, q), "sequence", layout).caches[0].streams if s]
+                  for ll, q in ((src, 1), (plain, 0)))
+    assert np.array_equal(x.cells.pos, y.cells.pos)
+    assert all(np.array_equal(u.k, w.k) and np.array_equal(u.v, w.v) for u, w in zip(x.layers, y.layers))

@@ -96,3 +96,32 @@ def test_other_files_are_refused_clearly(tmp_path):
     bad.write_bytes((0x67677371).to_bytes(4, "little") + (3).to_bytes(4, "little") + (1000).to_bytes(4, "little"))
     with pytest.raises(FormatError, match="1000 tokens do not fit"):
         read_llama_file(bad)
+
+
+def test_one_sequence_of_a_multi_sequence_session(smollm2_path, tmp_path, capsys):
+    """compress --seq N takes sequence N out of a session file of a two-sequence context."""
+    import llama_cpp
+    from test_llama_state import _ctx_blob, _multi_seq_context
+
+    from nexus_gguf.llama_files import LlamaFile
+    from nexus_gguf.llama_state import parse_state
+
+    llm = open_llama(smollm2_path, n_ctx=64)
+    ctx = _multi_seq_context(llm, unified=True)  # seq 0: 20 tokens, seq 1: 8 shared + 6 own
+    try:
+        whole, seq1 = _ctx_blob(ctx), _ctx_blob(ctx, 1)
+    finally:
+        llama_cpp.llama_free(ctx)
+    toks = llm.tokenize(b"The keeper wrote everything down in a ledger that nobody else had ever read before. " * 2)
+    session = tmp_path / "two.session"
+    session.write_bytes(b"".join(LlamaFile("session", np.asarray(toks[:8] + toks[:6], np.int32), whole).to_buffers()))
+    assert main(["compress", smollm2_path, str(session), "--seq", "1", "--preset", "lossless", "-o", str(tmp_path / "s1.nxkv")]) == 0
+    back = tmp_path / "s1.bin"
+    assert main(["decompress", smollm2_path, str(tmp_path / "s1.nxkv"), "--format", "slot", "-o", str(back)]) == 0
+    got = read_llama_file(back)
+    want = parse_state(seq1, "sequence")
+    have = parse_state(got.blob, "sequence")
+    assert len(have.caches[0].streams[0].cells) == 14 and np.array_equal(have.caches[0].streams[0].cells.pos,
+                                                                          want.caches[0].streams[0].cells.pos)
+    assert main(["compress", smollm2_path, str(session), "--seq", "0"]) == 1  # 14 tokens are not sequence 0's 20 cells
+    assert "not sequence 0" in capsys.readouterr().err

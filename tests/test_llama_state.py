@@ -185,3 +185,18 @@ def test_recurrent_and_hybrid_memory_are_refused():
     with pytest.raises(UnsupportedModelError, match="hybrid"):
         check_supported_memory(False, True, "jamba")
     check_supported_memory(False, False, "llama")
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_one_sequence_of_a_whole_context_state(smollm2_path, unified):
+    """LlamaState.sequence(s) of a context blob is byte for byte what llama.cpp writes for s."""
+    llm = open_llama(smollm2_path, n_ctx=64)
+    ctx = _multi_seq_context(llm, unified)
+    import llama_cpp
+
+    try:
+        whole = parse_state(_ctx_blob(ctx), "context")
+        for seq in (0, 1):
+            assert write_state(whole.sequence(seq)) == _ctx_blob(ctx, seq)
+    finally:
+        llama_cpp.llama_free(ctx)
