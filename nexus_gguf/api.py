@@ -14,7 +14,8 @@ from . import llama_bridge as bridge
 from .backends import recording
 from .errors import ChecksumError, ConfigError, FormatError, NxkvError, RestoreError
 from .eviction import eviction_record
-from .format import NxkvFile, crc32, pack, read_header, write_atomic
+from .format import NxkvFile, crc32, pack, read_header
+from .storage import write_atomic
 from .header import Header, build_header
 from .llama_state import parse_state, write_state
 from .pipeline import DEFAULT_PRESET, Pipeline, build_pipeline

@@ -62,6 +62,10 @@ def _context_size(model: str, n_tokens: int, asked: Optional[int], extra: int = 
 
 def _check_output(path: str) -> None:
     """Fail before the prefill, not after it, when the output cannot be written."""
+    from .storage import is_url
+
+    if is_url(path):
+        return  # remote: the store says at write time
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise NxkvError(f"{path}: the directory {directory} does not exist")

@@ -105,38 +105,61 @@ class Section:
 
 
 class NxkvFile:
-    """A parsed, bounds-checked .nxkv file held in memory. Section bytes are checked against
-    their CRC on every access (`section`) or all at once (`verify`)."""
+    """A parsed, bounds-checked .nxkv file. Section bytes are checked against their CRC on every
+    access (`section`) or all at once (`verify`). Local files are read whole; remote ones
+    (fsspec URLs, storage.py) are read lazily: the header first, then each section asked for."""
 
     def __init__(self, buf, source: str = "<bytes>"):
         self.source = source
         self._buf = memoryview(buf).cast("B")
+        self._size = len(self._buf)
+        self._read = lambda offset, n: self._buf[offset : offset + n]
         self.header, self.sections, self._data_start = _parse(self._buf, source)
-        self._verified: set[str] = set()  # sections whose CRC was already checked
+        self._verified: dict[str, memoryview] = {}  # sections whose CRC was already checked
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "NxkvFile":
+        from . import storage
+
         path = os.fspath(path)
+        if storage.is_url(path):
+            return cls._lazy(path, *storage.open_read(path))
         with open(path, "rb") as f:
             return cls(f.read(), path)
 
+    @classmethod
+    def _lazy(cls, source: str, handle, size: int) -> "NxkvFile":
+        def read(offset: int, n: int) -> memoryview:
+            handle.seek(offset)
+            data = handle.read(n)
+            if len(data) != n:
+                raise FormatError(f"{source}: {n} bytes at offset {offset} could not be read (the file is shorter)")
+            return memoryview(data)
+
+        self = cls.__new__(cls)
+        self.source, self._size, self._read, self._handle = source, size, read, handle
+        self.header, self.sections, self._data_start = _parse(_head(read, size), source, size)
+        self._verified = {}
+        return self
+
     @property
     def file_bytes(self) -> int:
-        return len(self._buf)
+        return self._size
 
     def names(self) -> list[str]:
         return list(self.sections)
 
     def section(self, name: str) -> memoryview:
+        if name in self._verified:
+            return self._verified[name]
         try:
             s = self.sections[name]
         except KeyError:
             raise FormatError(f"{self.source}: no section {name!r}") from None
-        data = self._buf[self._data_start + s.offset : self._data_start + s.offset + s.length]
-        if name not in self._verified:
-            if crc32(data) != s.crc32:
-                raise ChecksumError(f"{self.source}: section {name!r} is damaged (CRC mismatch)")
-            self._verified.add(name)
+        data = self._read(self._data_start + s.offset, s.length)
+        if crc32(data) != s.crc32:
+            raise ChecksumError(f"{self.source}: section {name!r} is damaged (CRC mismatch)")
+        self._verified[name] = data
         return data
 
     def verify(self) -> None:
@@ -144,19 +167,34 @@ class NxkvFile:
             self.section(name)
 
 
+def _head(read, size: int) -> memoryview:
+    """The prelude, header and header CRC, read with read(offset, n) from a file of `size`
+    bytes (only as much as the prelude says, bounded by the cap and the size)."""
+    if size < _PRELUDE.size:
+        return read(0, size)
+    prelude = bytes(read(0, _PRELUDE.size))
+    n = _PRELUDE.unpack(prelude)[2]
+    n = n + 4 if n + 4 <= min(MAX_HEADER_BYTES + 4, size - _PRELUDE.size) else 0  # _parse reports a bad length
+    return memoryview(prelude + bytes(read(_PRELUDE.size, n)))
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Section], int]:
-    """(header, section table, file size) of a .nxkv file, reading only its header bytes.
-    The same checks as NxkvFile apply, except that section CRCs are not checked."""
+    """(header, section table, file size) of a .nxkv file, reading only its header bytes (a
+    remote file too). The same checks as NxkvFile apply, except that section CRCs are not checked."""
+    from . import storage
+
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        prelude = f.read(_PRELUDE.size)
-        n = 0
-        if len(prelude) == _PRELUDE.size:
-            n = _PRELUDE.unpack(prelude)[2]
-            n = n + 4 if n <= min(MAX_HEADER_BYTES, size) else 0  # _parse reports a bad length
-        buf = memoryview(prelude + f.read(n))
-    header, sections, _ = _parse(buf, path, size)
+    if storage.is_url(path):
+        handle, size = storage.open_read(path)
+    else:
+        handle = open(path, "rb")
+        size = os.fstat(handle.fileno()).st_size
+    with handle:
+        def read(offset: int, n: int) -> memoryview:
+            handle.seek(offset)
+            return memoryview(handle.read(n))
+
+        header, sections, _ = _parse(_head(read, size), path, size)
     return header, sections, size
 
 
