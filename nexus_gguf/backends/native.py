@@ -11,7 +11,6 @@ import numpy as np
 
 from ..errors import NativeLibraryError
 
-ABI_VERSION = 2
 _PKG = Path(__file__).resolve().parent.parent
 _lib = _ffi = None
 
@@ -61,9 +60,9 @@ def load():
         lib = ffi.dlopen(str(lib_path))
     except OSError as e:
         raise NativeLibraryError(f"cannot load {lib_path}: {e}") from None
-    if lib.nxkv_abi_version() != ABI_VERSION:
+    if lib.nxkv_abi_version() != lib.NXKV_ABI_VERSION:  # the library against the header beside it
         raise NativeLibraryError(
-            f"{lib_path} has ABI version {lib.nxkv_abi_version()}, this package needs {ABI_VERSION}; rebuild it"
+            f"{lib_path} has ABI version {lib.nxkv_abi_version()}, its header {header} says {lib.NXKV_ABI_VERSION}; rebuild it"
         )
     _ffi, _lib = ffi, lib
     return ffi, lib
@@ -88,6 +87,81 @@ def byteplane_split(src: np.ndarray, element_size: int) -> np.ndarray:
 
 def byteplane_merge(src: np.ndarray, element_size: int) -> np.ndarray:
     return _byteplane("nxkv_byteplane_merge", src, element_size)
+
+
+def _ptr(ffi, kind: str, array: np.ndarray):
+    return ffi.from_buffer(kind, array, require_writable=False)
+
+
+def e8_nearest(x: np.ndarray) -> np.ndarray:
+    ffi, lib = load()
+    x = np.ascontiguousarray(x, np.float64).reshape(-1, 8)
+    out = np.empty_like(x)
+    lib.nxkv_e8_nearest(_ptr(ffi, "double[]", x), ffi.from_buffer("double[]", out), x.shape[0])
+    return out
+
+
+def rans_encode(symbols: np.ndarray, freqs: np.ndarray) -> bytes:
+    ffi, lib = load()
+    symbols = np.ascontiguousarray(symbols, np.int64)
+    return _rans_encode_strided(ffi, lib, symbols, 0, symbols.size, 1, np.ascontiguousarray(freqs, np.int64))
+
+
+def _rans_encode_strided(ffi, lib, symbols, start: int, count: int, stride: int, freqs) -> bytes:
+    capacity = count * 4 + 8  # a symbol emits at most 2 bytes with 14-bit probabilities; plus the state
+    out = np.empty(capacity, np.uint8)
+    k = lib.nxkv_rans_encode(_ptr(ffi, "int64_t[]", symbols[start:] if count else symbols), count, stride,
+                             _ptr(ffi, "int64_t[]", freqs), freqs.size, ffi.from_buffer("uint8_t[]", out), capacity)
+    if k < 0:
+        raise ValueError("rANS: a symbol outside the frequency table or frequencies not summing to 2^14")
+    return out[capacity - k :].tobytes()
+
+
+def rans_decode(data: bytes, freqs: np.ndarray, n: int) -> np.ndarray:
+    ffi, lib = load()
+    freqs = np.ascontiguousarray(freqs, np.int64)
+    out = np.empty(n, np.int64)
+    r = lib.nxkv_rans_decode(data, len(data), _ptr(ffi, "int64_t[]", freqs), freqs.size, ffi.from_buffer("int64_t[]", out), n)
+    if r != lib.NXKV_OK:
+        raise ValueError("rANS stream is corrupt (ends early or does not decode to its start state)")
+    return out
+
+
+def rans_encode_lanes(symbols: np.ndarray, freqs: np.ndarray, lanes: int, chunk: int):
+    from .reference import lane_tasks
+
+    ffi, lib = load()
+    symbols = np.ascontiguousarray(symbols, np.int64)
+    freqs = np.ascontiguousarray(freqs, np.int64)
+    bodies = [_rans_encode_strided(ffi, lib, symbols, start, count, lanes, freqs) if count else b""
+              for start, count in lane_tasks(symbols.size, lanes, chunk)]
+    return np.array([len(b) for b in bodies], np.int64), b"".join(bodies)
+
+
+_PARALLEL_SYMBOLS = 1 << 16  # fewer symbols decode faster on one thread
+
+
+def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: int, lanes: int, chunk: int) -> np.ndarray:
+    """Lanes decoded on all cores: cffi releases the GIL around each call."""
+    from .numba_cpu import _pool, _threads  # one thread pool for the package
+    from .reference import lane_tasks
+
+    ffi, lib = load()
+    lengths = np.ascontiguousarray(lengths, np.int64)
+    n_tasks = len(lane_tasks(n, lanes, chunk))
+    if lengths.size != n_tasks or int(lengths.sum()) != len(data):
+        raise ValueError("interleaved rANS lane table does not match the stream")
+    freqs = np.ascontiguousarray(freqs, np.int64)
+    out = np.empty(n, np.int64)
+    args = (data, len(data), _ptr(ffi, "int64_t[]", lengths), n_tasks, _ptr(ffi, "int64_t[]", freqs), freqs.size,
+            ffi.from_buffer("int64_t[]", out), n, lanes, chunk)
+    workers = min(_threads(), n_tasks) if n >= _PARALLEL_SYMBOLS else 1
+    bounds = np.linspace(0, n_tasks, workers + 1).astype(np.int64)
+    results = list(_pool().map(lambda i: lib.nxkv_rans_decode_lanes(*args, int(bounds[i]), int(bounds[i + 1])), range(workers))) \
+        if workers > 1 else [lib.nxkv_rans_decode_lanes(*args, 0, n_tasks)]
+    if any(r != lib.NXKV_OK for r in results):
+        raise ValueError("rANS stream is corrupt (a lane ends early or does not decode to its start state)")
+    return out
 
 
 class Capture:

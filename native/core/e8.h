@@ -1,0 +1,46 @@
+/* Nearest point of the E8 lattice (D8 u D8 + 1/2) to an 8-vector, as backends/reference.py
+ * e8_nearest (Conway & Sloane): round every coordinate half away from zero; if the sum is odd,
+ * round the worst-rounded coordinate (the first on ties) the other way; of the two cosets take
+ * the half-integer one only when strictly closer. Sums run left to right, in double. */
+#ifndef NXKV_CORE_E8_H
+#define NXKV_CORE_E8_H
+
+#include <math.h>
+
+#include "target.h"
+
+NXKV_FN void nxkv_core_d8_nearest(const double x[8], double out[8]) {
+    double sum = 0.0, worst_err = -1.0;
+    int worst = 0;
+    for (int j = 0; j < 8; ++j) {
+        double v = x[j];
+        double r = floor(fabs(v) + 0.5) * (v >= 0 ? 1.0 : -1.0);
+        out[j] = r;
+        sum += r;
+        double e = fabs(v - r);
+        if (e > worst_err) {
+            worst_err = e;
+            worst = j;
+        }
+    }
+    if (fmod(sum, 2.0) != 0.0) {
+        out[worst] += (x[worst] - out[worst] >= 0) ? 1.0 : -1.0;
+    }
+}
+
+NXKV_FN void nxkv_core_e8_nearest(const double x[8], double out[8]) {
+    double a[8], b[8], xs[8];
+    nxkv_core_d8_nearest(x, a);
+    for (int j = 0; j < 8; ++j) xs[j] = x[j] - 0.5;
+    nxkv_core_d8_nearest(xs, b);
+    double da = 0.0, db = 0.0;
+    for (int j = 0; j < 8; ++j) {
+        b[j] += 0.5;
+        da += (x[j] - a[j]) * (x[j] - a[j]);
+        db += (x[j] - b[j]) * (x[j] - b[j]);
+    }
+    const double *src = db < da ? b : a;
+    for (int j = 0; j < 8; ++j) out[j] = src[j];
+}
+
+#endif
