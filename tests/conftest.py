@@ -37,6 +37,7 @@ def pytest_runtest_setup(item):
         except ImportError as e:
             pytest.fail(f"this test needs llama-cpp-python ({e}); the fast tier is pytest -m 'not llama'", pytrace=False)
 
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 THREADS = max(1, min(2, os.cpu_count() or 1))
 
@@ -85,3 +86,36 @@ def logits_now(llm) -> np.ndarray:
 
     ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+
+def layer0_keys(llm, tokens):
+    """Layer 0's cached K [n_cells, n_head_kv, head_dim] of sequence 0 after evaluating `tokens`
+    from position 0, its cells' positions, and whether it is a sliding-window layer. Layer 0
+    sees nothing but the token itself: the property RoPE tests rest on."""
+    from nexus_gguf import llama_bridge as bridge
+    from nexus_gguf.llama_state import parse_state
+
+    llm.reset()
+    bridge.clear_seq(llm, 0)
+    llm.eval(tokens)
+    facts = bridge.model_facts(llm)
+    state = parse_state(bridge.get_seq_state(llm, 0), "sequence", facts.state_layout())
+    cache, _, layer = next((c, si, L) for c, si, L in state.layers() if L.model_layer == 0)
+    stream = next(s for s in cache.streams if s is not None)
+    k = layer.values("k").reshape(len(stream.cells), -1, facts.n_embd_head_k)
+    return k, np.asarray(stream.cells.pos), bool(layer.sliding_window)
+
+
+def decode_into(ctx, tokens, seq: int, pos0: int = 0) -> None:
+    """Decode `tokens` into sequence `seq` of a raw llama_context at positions pos0, ..."""
+    import llama_cpp
+
+    batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+    try:
+        batch.n_tokens = len(tokens)
+        for i, tok in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos0 + i, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, i == len(tokens) - 1
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+    finally:
+        llama_cpp.llama_batch_free(batch)

@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import logits_now, open_llama, prompt_tokens
+from conftest import decode_into, logits_now, open_llama, prompt_tokens
 
 import nexus_gguf as ng
 from nexus_gguf import format as fmt
@@ -229,33 +229,19 @@ def _two_sequence_llama(path):
     return llm
 
 
-def _decode_into(llm, tokens, seq):
-    import llama_cpp
-
-    batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
-    try:
-        batch.n_tokens = len(tokens)
-        for i, tok in enumerate(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, i, 1
-            batch.seq_id[i][0], batch.logits[i] = seq, i == len(tokens) - 1
-        assert llama_cpp.llama_decode(llm._ctx.ctx, batch) == 0
-    finally:
-        llama_cpp.llama_batch_free(batch)
-
-
 def test_any_sequence_into_any_sequence(smollm2_path, prompt_text, tmp_path):
     """Sequence 1 of a two-sequence context saved, restored into sequence 1 of another and into
     the only sequence of a plain Llama: the same cells and bytes each time."""
     src = _two_sequence_llama(smollm2_path)
     a, b = src.tokenize(prompt_text[:200].encode()), src.tokenize(prompt_text[300:420].encode())
-    _decode_into(src, a, 0)
-    _decode_into(src, b, 1)
+    decode_into(src._ctx.ctx, a, 0)
+    decode_into(src._ctx.ctx, b, 1)
     with pytest.raises(ng.ConfigError, match="tokens"):
         ng.save_state(src, tmp_path / "s1.nxkv", "lossless", seq_id=1)
     ng.save_state(src, tmp_path / "s1.nxkv", "lossless", seq_id=1, tokens=b)
     assert ng.read_info(tmp_path / "s1.nxkv")["prompt"]["n_tokens"] == len(b)
     dst = _two_sequence_llama(smollm2_path)
-    _decode_into(dst, a, 0)
+    decode_into(dst._ctx.ctx, a, 0)
     report = ng.load_state(dst, tmp_path / "s1.nxkv", seq_id=1)
     assert report.exact and list(report.tokens) == b and dst.n_tokens == 0  # the Llama's own sequence 0 untouched
     assert bridge.get_seq_state(dst, 1) == bridge.get_seq_state(src, 1)

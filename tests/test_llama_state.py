@@ -6,7 +6,7 @@ import ctypes
 
 import numpy as np
 import pytest
-from conftest import THREADS, context_blob, open_llama, prompt_tokens
+from conftest import THREADS, context_blob, decode_into, open_llama, prompt_tokens
 
 from nexus_gguf import llama_bridge as bridge
 from nexus_gguf.errors import StateLayoutError, UnsupportedModelError
@@ -67,15 +67,7 @@ def _multi_seq_context(llm, unified: bool):
     assert ctx
 
     def decode(tokens, seq, pos0):
-        batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
-        try:
-            batch.n_tokens = len(tokens)
-            for i, tok in enumerate(tokens):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos0 + i, 1
-                batch.seq_id[i][0], batch.logits[i] = seq, i == len(tokens) - 1
-            assert llama_cpp.llama_decode(ctx, batch) == 0
-        finally:
-            llama_cpp.llama_batch_free(batch)
+        decode_into(ctx, tokens, seq, pos0)
 
     toks = llm.tokenize(b"The keeper wrote everything down in a ledger that nobody else had ever read before. " * 2)
     assert len(toks) >= 20

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import open_llama, prompt_tokens
+from conftest import layer0_keys, open_llama, prompt_tokens
 
 from nexus_gguf import load_state, read_info, save_state
 from nexus_gguf import llama_bridge as bridge
@@ -22,19 +22,11 @@ GGML_Q8_0 = 8
 def _rope_free_layer0(llm, tokens):
     """Layer 0's K with RoPE removed, [n_cells, n_head_kv, head_dim], and the cells' positions.
     Layer 0 sees nothing but the token itself, so equal tokens must give equal rows."""
-    llm.reset()
-    bridge.clear_seq(llm, 0)
-    llm.eval(tokens)
-    facts = bridge.model_facts(llm)
-    state = parse_state(bridge.get_seq_state(llm, 0), "sequence", facts.state_layout())
-    cache, _, layer = next((c, si, L) for c, si, L in state.layers() if L.model_layer == 0)
-    stream = next(s for s in cache.streams if s is not None)
-    hd = facts.n_embd_head_k
-    k = layer.values("k").reshape(len(stream.cells), -1, hd)
-    rope = Rope().bind(ModelBinding(facts, bridge.context_facts(llm, rope=True)))
-    info = TensorInfo("k", "f16", 2, 0, kind="k", positions=stream.cells.pos, model_layer=0, sliding=layer.sliding_window,
-                      n_cells=k.shape[0], n_heads=k.shape[1], head_dim=hd)
-    return rope, rope.encode(k, info), k, stream.cells.pos
+    k, pos, sliding = layer0_keys(llm, tokens)
+    rope = Rope().bind(ModelBinding(bridge.model_facts(llm), bridge.context_facts(llm, rope=True)))
+    info = TensorInfo("k", "f16", 2, 0, kind="k", positions=pos, model_layer=0, sliding=sliding,
+                      n_cells=k.shape[0], n_heads=k.shape[1], head_dim=k.shape[2])
+    return rope, rope.encode(k, info), k, pos
 
 
 def _repeats(tokens, positions):

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import open_llama
+from conftest import layer0_keys, open_llama
 from tiny_models import write_tiny_model
 
 from nexus_gguf import llama_bridge as bridge
-from nexus_gguf.llama_state import parse_state
 from nexus_gguf.stages import ModelBinding, TensorInfo
 from nexus_gguf.stages.rope import Rope
 
@@ -103,21 +102,6 @@ CASES = [
 ]
 
 
-def _layer0(llm, tokens):
-    """Layer 0's cached K [n_cells, n_head_kv, head_dim] of sequence 0 after evaluating `tokens`
-    from position 0, its cells' positions, and whether it is a sliding-window layer."""
-    llm.reset()
-    bridge.clear_seq(llm, 0)
-    llm.eval(tokens)
-    facts = bridge.model_facts(llm)
-    state = parse_state(bridge.get_seq_state(llm, 0), "sequence", facts.state_layout())
-    cache, _, layer = next((c, si, L) for c, si, L in state.layers() if L.model_layer == 0)
-    stream = next(s for s in cache.streams if s is not None)
-    hd = facts.n_embd_head_k
-    k = layer.values("k").reshape(len(stream.cells), -1, hd)
-    return k, np.asarray(stream.cells.pos), bool(layer.sliding_window)
-
-
 def _strip(rope, k, pos, sliding):
     info = TensorInfo("k", "f16", 2, 0, kind="k", positions=pos, model_layer=0, sliding=sliding,
                       n_cells=k.shape[0], n_heads=k.shape[1], head_dim=k.shape[2])
@@ -131,7 +115,7 @@ def _same_tokens_two_positions(path, **llama_kw):
     rope = Rope().bind(ModelBinding(bridge.model_facts(llm), bridge.context_facts(llm, rope=True)))
     runs = []
     for prefix in ([], FILLER):
-        k, pos, sliding = _layer0(llm, prefix + TOKENS)
+        k, pos, sliding = layer0_keys(llm, prefix + TOKENS)
         cell_at = {int(p): c for c, p in enumerate(pos)}
         want = [len(prefix) + i for i in range(len(TOKENS))]
         assert all(p in cell_at for p in want), "the cache lost the tokens' cells"
