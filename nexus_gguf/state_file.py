@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .backends import parallel_map
 from .errors import FormatError, StateLayoutError
 from .ggml_types import GgmlType, ggml_type_by_name
 from .header import LOGITS_DTYPES, Limits
@@ -156,33 +157,37 @@ def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limits: Li
                 cell_data = meta.decode(np.frombuffer(section(name), np.uint8), _meta_info(name, cell_bytes))
                 cells = _cells_from_bytes(cell_data, n_cells, bool(layout["has_cell_ext"]))
                 v_trans = bool(s["v_trans"])
-                layers = []
-                for li, L in enumerate(s["layers"]):
+
+                def decode_layer(li: int, L: dict, data: dict) -> LayerKV:
                     arrays = []
                     for kind in ("k", "v"):
                         name = f"{kind}.{ci}.{si}.{li}"
                         t = ggml_type_by_name(L[f"{kind}_type"])
                         if kind == "v" and v_trans:
-                            n_embd_max = limits.n_embd_v
-                            rows, cols = _shape(L["v_shape"], name, n_embd_max, n_cells * t.type_size)
+                            rows, cols = _shape(L["v_shape"], name, limits.n_embd_v, n_cells * t.type_size)
                             n_embd = rows
                         else:
                             rows, cols = _shape(L[f"{kind}_shape"], name, n_cells, limits.row_bytes(t, kind))
                             n_embd = cols // t.type_size * t.block_size
+                        coded = np.frombuffer(data[kind], np.uint8)
                         if dims:  # values: back into the rows and layout the context expects
                             info = _value_info(pipeline, name, kind, t, cells, L["model_layer"], bool(L["sliding_window"]),
                                                n_embd, dims)
-                            values = pipeline.decode_values(np.frombuffer(section(name), np.uint8), info)
-                            arrays.append((t, _unrotated(values, t, info, dims)))
+                            arrays.append((t, _unrotated(pipeline.decode_values(coded, info), t, info, dims)))
                             continue
-                        data = pipeline.decode(np.frombuffer(section(name), np.uint8), TensorInfo(name, t.name, t.float_bytes, rows * cols))
-                        if data.size != rows * cols:
-                            raise FormatError(f"section {name!r} decodes to {data.size} bytes, expected {rows * cols}")
-                        arrays.append((t, data.reshape(rows, cols)))
+                        raw = pipeline.decode(coded, TensorInfo(name, t.name, t.float_bytes, rows * cols))
+                        if raw.size != rows * cols:
+                            raise FormatError(f"section {name!r} decodes to {raw.size} bytes, expected {rows * cols}")
+                        arrays.append((t, raw.reshape(rows, cols)))
                     (kt, k), (vt, v) = arrays
                     make = LayerKV.from_values if dims else LayerKV
-                    layers.append(make(li, L["model_layer"], bool(L["sliding_window"]), kt, k, vt, v, v_trans))
-                streams.append(Stream(cells, layers))
+                    return make(li, L["model_layer"], bool(L["sliding_window"]), kt, k, vt, v, v_trans)
+
+                # the sections are read here, in order (a remote file reads one range at a time);
+                # the layers decode on all cores (the kernels and numpy release the GIL)
+                jobs = [(li, L, {kind: section(f"{kind}.{ci}.{si}.{li}") for kind in ("k", "v")})
+                        for li, L in enumerate(s["layers"])]
+                streams.append(Stream(cells, parallel_map(lambda job: decode_layer(*job), jobs)))
             caches.append(Cache(c["name"], streams))
         return LlamaState(layout["kind"], caches, layout["arch"], layout["seq_id"], bool(layout["has_cell_ext"]))
     except FormatError:

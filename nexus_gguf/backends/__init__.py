@@ -168,3 +168,29 @@ def recording() -> Iterator[dict[str, str]]:
         yield used
     finally:
         _recorder.reset(token)
+
+
+_executor = None
+
+
+def threads() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def pool():
+    """The package's one thread pool (kernels that release the GIL run on it)."""
+    global _executor
+    if _executor is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _executor = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="nexus-gguf")
+    return _executor
+
+
+def parallel_map(fn, items: list) -> list:
+    """[fn(item) for item in items], on the thread pool where there are cores and items to
+    share; the first exception any call raises is raised here."""
+    if threads() < 2 or len(items) < 2:
+        return [fn(item) for item in items]
+    return list(pool().map(fn, items))

@@ -143,7 +143,7 @@ _PARALLEL_SYMBOLS = 1 << 16  # fewer symbols decode faster on one thread
 
 def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: int, lanes: int, chunk: int) -> np.ndarray:
     """Lanes decoded on all cores: cffi releases the GIL around each call."""
-    from .numba_cpu import _pool, _threads  # one thread pool for the package
+    from . import pool, threads
     from .reference import lane_tasks
 
     ffi, lib = load()
@@ -155,9 +155,9 @@ def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: in
     out = np.empty(n, np.int64)
     args = (data, len(data), _ptr(ffi, "int64_t[]", lengths), n_tasks, _ptr(ffi, "int64_t[]", freqs), freqs.size,
             ffi.from_buffer("int64_t[]", out), n, lanes, chunk)
-    workers = min(_threads(), n_tasks) if n >= _PARALLEL_SYMBOLS else 1
+    workers = min(threads(), n_tasks) if n >= _PARALLEL_SYMBOLS else 1
     bounds = np.linspace(0, n_tasks, workers + 1).astype(np.int64)
-    results = list(_pool().map(lambda i: lib.nxkv_rans_decode_lanes(*args, int(bounds[i]), int(bounds[i + 1])), range(workers))) \
+    results = list(pool().map(lambda i: lib.nxkv_rans_decode_lanes(*args, int(bounds[i]), int(bounds[i + 1])), range(workers))) \
         if workers > 1 else [lib.nxkv_rans_decode_lanes(*args, 0, n_tasks)]
     if any(r != lib.NXKV_OK for r in results):
         raise ValueError("rANS stream is corrupt (a lane ends early or does not decode to its start state)")

@@ -3,10 +3,10 @@ first use (numba is imported only when this backend is chosen)."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from numba import njit
+
+from . import pool, threads
 
 
 @njit(cache=True, nogil=True)
@@ -167,20 +167,6 @@ def _rans_decode_lanes(data, starts, counts, offsets, freqs, cum, lookup, lanes,
 
 
 _PARALLEL_SYMBOLS = 1 << 16  # fewer symbols decode faster on one thread
-_executor = None
-
-
-def _threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _pool():
-    global _executor
-    if _executor is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _executor = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="nexus-gguf")
-    return _executor
 
 
 def _tasks(n: int, lanes: int, chunk: int):
@@ -210,11 +196,11 @@ def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: in
     status = np.zeros(starts.shape[0], np.int64)
     args = (np.frombuffer(data, np.uint8), starts, counts, offsets, freqs, cum, lookup, lanes, out, status)
     n_tasks = starts.shape[0]
-    workers = min(_threads(), n_tasks) if n >= _PARALLEL_SYMBOLS else 1
+    workers = min(threads(), n_tasks) if n >= _PARALLEL_SYMBOLS else 1
     if workers > 1:
         # Python threads over a nogil kernel: no OpenMP pool left spinning against numpy after
         bounds = np.linspace(0, n_tasks, workers + 1).astype(np.int64)
-        list(_pool().map(lambda i: _rans_decode_lanes(*args, bounds[i], bounds[i + 1]), range(workers)))
+        list(pool().map(lambda i: _rans_decode_lanes(*args, bounds[i], bounds[i + 1]), range(workers)))
     else:
         _rans_decode_lanes(*args, 0, n_tasks)
     if np.any(status != 0):
