@@ -19,13 +19,14 @@ import os
 import sqlite3
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from . import llama_bridge as bridge
-from .errors import ConfigError, FormatError, NxkvError
+from .errors import ConfigError, NxkvError
 
 SMALL_PREFIXES = (1, 2, 4, 8, 16, 32)  # indexed prefix lengths below one block
 BLOCK = 64  # and every multiple of it
@@ -134,7 +135,12 @@ class NxkvDiskCache(BaseLlamaCache):
             return
         digest = _hash(tokens)
         name = digest.hex() + ".nxkv"
-        report = save_state(llm, self.directory / name, self.pipeline)
+        try:
+            report = save_state(llm, self.directory / name, self.pipeline)
+        except (NxkvError, OSError) as e:
+            # the completion the user asked for is done: a full disk must not take it away
+            warnings.warn(f"nexus-gguf: the prompt cache could not store this state: {e}", RuntimeWarning, stacklevel=2)
+            return
         db = self._db
         with db:  # one transaction: other processes see the entry whole or not at all
             db.execute("BEGIN IMMEDIATE")
@@ -180,11 +186,10 @@ class NxkvDiskCache(BaseLlamaCache):
         from .format import NxkvFile
 
         llm = self._require_model()
-        f = NxkvFile.open(path)
         try:
-            tokens, blob = decode_for(llm, f)
-        except FormatError as e:
-            raise KeyError(f"{path}: {e}") from None  # a damaged entry is a miss, not a crash
+            tokens, blob = decode_for(llm, NxkvFile.open(path))
+        except NxkvError as e:  # damaged, or too long for this Llama's context: a miss, not a crash
+            raise KeyError(f"{path}: {e}") from None
         arch = bridge.model_facts(llm).arch.encode()
         context_blob = len(arch).to_bytes(4, "little") + arch + blob[8:]  # the one sequence as the whole context
         input_ids = np.full(llm.n_ctx(), -1, np.intc)  # -1: no token, so no false prefix past the end

@@ -118,3 +118,22 @@ def test_two_processes_share_one_directory(smollm2_path, system_prompt, tmp_path
     first, second = runs
     assert first["evaluated"] >= first["prompt_tokens"] > 500
     assert second["evaluated"] < 0.25 * second["prompt_tokens"], runs
+
+
+def test_entries_that_do_not_fit_are_misses_and_failures_warn(smollm2_path, tmp_path, monkeypatch):
+    big = open_llama(smollm2_path, n_ctx=512)
+    cache = ng.NxkvDiskCache(tmp_path, 1 << 30, preset="high", model=big)
+    tokens = big.tokenize(b"a long prompt about lighthouses and ledgers " * 12)
+    big.eval(tokens)
+    cache[tokens] = None
+    small = open_llama(smollm2_path, n_ctx=64)  # the stored prompt does not fit its context
+    with pytest.raises(KeyError):
+        cache.bind(small)[tokens]
+    # a store that cannot write warns and leaves the completion alone
+    cache.bind(big)
+    monkeypatch.setattr("nexus_gguf.api.write_atomic", lambda path, buffers: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    big.reset()
+    big.eval(big.tokenize(b"another prompt"))
+    with pytest.warns(RuntimeWarning, match="No space left"):
+        cache[list(big.input_ids[: big.n_tokens])] = None
+    assert len(cache) == 1
