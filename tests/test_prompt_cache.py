@@ -137,3 +137,37 @@ def test_entries_that_do_not_fit_are_misses_and_failures_warn(smollm2_path, tmp_
     with pytest.warns(RuntimeWarning, match="No space left"):
         cache[list(big.input_ids[: big.n_tokens])] = None
     assert len(cache) == 1
+
+
+WRITER = r"""
+import sys
+sys.path[:0] = [{package_root!r}, {tests!r}]
+from conftest import open_llama
+import nexus_gguf as ng
+llm = open_llama({model!r}, n_ctx=256)
+cache = ng.NxkvDiskCache({cache!r}, 1 << 30, preset="lossless", model=llm)
+for i in range(5):
+    llm.reset()
+    llm.eval(llm.tokenize(("writer " + sys.argv[1] + " prompt " + str(i) + " ") .encode() * 4))
+    cache[list(llm.input_ids[: llm.n_tokens])] = None
+print("done")
+"""
+
+
+def test_concurrent_writers_lose_nothing(smollm2_path, tmp_path):
+    """Two processes store states into one directory at the same time: every entry is indexed,
+    every indexed entry's file is whole, and nothing else is left behind."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(package_root=os.path.dirname(os.path.dirname(ng.__file__)),
+                                    tests=os.path.dirname(__file__), model=smollm2_path, cache=str(tmp_path / "c")))
+    procs = [subprocess.Popen([sys.executable, str(script), name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in ("a", "b")]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and "done" in out, err
+    cache = ng.NxkvDiskCache(tmp_path / "c", 1 << 30)
+    files = sorted(p.name for p in (tmp_path / "c").glob("*.nxkv"))
+    assert len(cache) == 10 and len(files) == 10
+    assert not list((tmp_path / "c").glob(".*.tmp"))  # no temporary file left behind
+    for f in files:
+        ng.read_info(tmp_path / "c" / f, verify=True)  # whole and checksummed
