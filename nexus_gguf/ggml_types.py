@@ -51,6 +51,8 @@ def ggml_type(type_id: int) -> GgmlType:
 
 
 def ggml_type_by_name(name: str) -> GgmlType:
+    if not isinstance(name, str):
+        raise StateLayoutError(f"a ggml cache type name must be a string, not {name!r}")
     try:
         return GGML_TYPE_BY_NAME[name.lower()]
     except KeyError:

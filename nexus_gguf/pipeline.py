@@ -140,9 +140,14 @@ class Pipeline:
         return self.encode(values.reshape(info.n_cells, info.n_heads, info.head_dim), info)
 
     def decode_values(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
-        """The section's bytes -> float32 [n_cells, n_heads * head_dim] (value path)."""
-        values = self.decode(data, info)
-        return np.asarray(values, np.float32).reshape(info.n_cells, info.n_heads * info.head_dim)
+        """The section's bytes -> float32 [n_cells, n_heads * head_dim] (value path). Values a
+        cache cannot hold (NaN, infinities: a damaged file behind valid checksums) are refused
+        before they reach llama.cpp."""
+        with np.errstate(all="ignore"):
+            values = np.asarray(self.decode(data, info), np.float32)
+        if not np.isfinite(values).all():
+            raise FormatError(f"section {info.name!r} decodes to values that are not finite")
+        return values.reshape(info.n_cells, info.n_heads * info.head_dim)
 
 
 def build_pipeline(preset: str = DEFAULT_PRESET, without: Sequence[str] = (), **overrides: Any) -> Pipeline:

@@ -139,6 +139,12 @@ def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limits: Li
     if pipeline.values_path:
         _check_dims(dims, limits)
     try:
+        kind, arch, seq_id = layout["kind"], layout["arch"], layout["seq_id"]
+        if kind == "sequence":
+            if not isinstance(seq_id, int) or isinstance(seq_id, bool) or not 0 <= seq_id < 1 << 31:
+                raise FormatError(f"a sequence state needs a sequence id, not {seq_id!r}")
+        elif kind != "context" or not isinstance(arch, str) or len(arch.encode()) > 256:
+            raise FormatError(f"state kind {kind!r} with architecture {arch!r} is not one llama.cpp writes")
         caches = []
         if not isinstance(layout["caches"], list) or not 1 <= len(layout["caches"]) <= 2:
             raise FormatError(f"a state has one or two caches, not {len(layout['caches'])!r}")
@@ -189,7 +195,7 @@ def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limits: Li
                         for li, L in enumerate(s["layers"])]
                 streams.append(Stream(cells, parallel_map(lambda job: decode_layer(*job), jobs)))
             caches.append(Cache(c["name"], streams))
-        return LlamaState(layout["kind"], caches, layout["arch"], layout["seq_id"], bool(layout["has_cell_ext"]))
+        return LlamaState(kind, caches, arch, seq_id, bool(layout["has_cell_ext"]))
     except FormatError:
         raise
     except (KeyError, TypeError, ValueError, StateLayoutError) as e:

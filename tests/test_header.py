@@ -7,12 +7,15 @@ from __future__ import annotations
 import copy
 import os
 
+import numpy as np
+
 import pytest
 
 import golden
 from nexus_gguf import format as fmt
 from nexus_gguf.errors import FormatError, ModelMismatchError
 from nexus_gguf.header import Header, Limits
+from nexus_gguf.stages import TensorInfo
 
 GEMMA_HIGH = os.path.join(golden.version_dir(1), "files", "gemma3-high.nxkv")
 SMOL_LOSSLESS = os.path.join(golden.version_dir(1), "files", "smollm2-f16-vtrans-lossless.nxkv")
@@ -60,6 +63,11 @@ def test_sizes_beyond_the_models_are_refused(tmp_path, source, what, edit, match
     ("an unknown stage", lambda h: h["pipeline"]["stages"].insert(0, {"id": "teleport"}), "teleport"),
     ("value heads of another size", lambda h: h["state"]["values"].update(head_dim_k=64), "heads"),
     ("a raw size that is not a number", lambda h: h["raw"].update(bytes="many"), "raw.bytes"),
+    # found by tests/test_fuzz.py: each once escaped as TypeError, AttributeError or struct.error
+    ("a stage id that is a list", lambda h: h["pipeline"]["stages"][0].update(id=[]), "no id"),
+    ("a cache type that is not a name", lambda h: _stream(h)["layers"][0].update(v_type=None), "string"),
+    ("a sequence state without its id", lambda h: h["state"].update(seq_id=None), "sequence id"),
+    ("a state kind llama.cpp does not write", lambda h: h["state"].update(kind="stream"), "kind"),
 ])
 def test_malformed_headers_are_refused(tmp_path, what, edit, match):
     path = _rewritten(tmp_path, GEMMA_HIGH, edit)
@@ -90,3 +98,19 @@ def test_old_files_report_their_eviction():
     assert h.scoring == {"scorer": "attention", "window": 32, "used": "attention", "note": ""}
     assert [s.stage_id for s in h.pipeline.stages] == ["rope", "hadamard", "lattice", "entropy"]
     assert Header(fmt.NxkvFile.open(GEMMA_HIGH).header).eviction is None
+
+
+def test_values_that_are_not_finite_are_refused(tmp_path):
+    """A lattice `mean` of NaN bits behind valid CRCs: refused, not handed to llama.cpp."""
+    from nexus_gguf.stages.entropy import Entropy
+
+    f = fmt.NxkvFile.open(GEMMA_HIGH)
+    name = next(n for n in f.names() if n.startswith("k."))
+    info = TensorInfo(name, "f16", 2, 10**7)
+    symbols = Entropy().decode(np.frombuffer(f.section(name), np.uint8), info)
+    symbols["mean"] = np.full_like(symbols["mean"], 0x7E00)  # f16 NaN
+    coded = bytes(Entropy().encode(symbols, info))
+    path = tmp_path / "nan.nxkv"
+    fmt.write_atomic(path, fmt.pack(f.header, [(n, coded if n == name else bytes(f.section(n))) for n in f.names()]))
+    with pytest.raises(FormatError, match="not finite"):
+        golden.decode_file(str(path))

@@ -21,7 +21,7 @@ REGISTRY: dict[str, type[Stage]] = {cls.stage_id: cls for cls in (BytePlane, Zst
 
 def stage_from_config(config: Mapping[str, Any]) -> Stage:
     """Build a stage from its stored config; unknown ids are a FormatError (a newer writer)."""
-    if not isinstance(config, Mapping) or "id" not in config:
+    if not isinstance(config, Mapping) or not isinstance(config.get("id"), str):
         raise FormatError(f"stage config {config!r} has no id")
     try:
         cls = REGISTRY[config["id"]]

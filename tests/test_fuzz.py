@@ -1,0 +1,146 @@
+"""Fuzzing the readers of untrusted input: the container, the header, every stage decoder, the
+llama.cpp state parser. Inputs are the golden files mutated (with their CRCs made valid again,
+so the decoders behind the checksums are reached) and random bytes. The only exceptions allowed
+are the documented ones (NxkvError and its subclasses); nothing may hang or allocate past the
+bounds the file's header and model allow.
+
+A short run on every test run; a long one with NEXUS_GGUF_FUZZ_EXAMPLES=100000 (hypothesis keeps
+the failing inputs it finds in .hypothesis/, and tests/fuzz/ holds inputs that once failed)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import golden  # noqa: E402
+from nexus_gguf import format as fmt  # noqa: E402
+from nexus_gguf.errors import NxkvError  # noqa: E402
+from nexus_gguf.llama_state import parse_state  # noqa: E402
+
+EXAMPLES = int(os.environ.get("NEXUS_GGUF_FUZZ_EXAMPLES", "60"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 1000,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FILES = sorted(os.path.join(golden.version_dir(1), e["file"]) for e in golden.load_manifest(1)["files"])
+CORPUS = os.path.join(os.path.dirname(__file__), "fuzz")
+
+
+def _decode(data: bytes) -> None:
+    """Everything load_state does short of llama.cpp, on bytes."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".nxkv", delete=False) as f:
+        f.write(data)
+    try:
+        golden.decode_file(f.name)
+    finally:
+        os.unlink(f.name)
+
+
+def _repacked(path: str, edit_header=None, edit_section=None) -> bytes:
+    f = fmt.NxkvFile.open(path)
+    header = copy.deepcopy(f.header)
+    if edit_header:
+        edit_header(header)
+    sections = [(n, edit_section(n, bytes(f.section(n))) if edit_section else bytes(f.section(n))) for n in f.names()]
+    return b"".join(bytes(b) for b in fmt.pack(header, sections))
+
+
+def _allowed(fn, *args) -> None:
+    try:
+        fn(*args)
+    except NxkvError:
+        pass
+
+
+@FUZZ
+@given(st.sampled_from(FILES), st.data())
+def test_mutated_sections_behind_valid_crcs(path, data):
+    """Flip, cut or extend one section, recompute every CRC: only documented errors."""
+    names = fmt.NxkvFile.open(path).names()
+    target = data.draw(st.sampled_from(names))
+    how = data.draw(st.sampled_from(["flip", "cut", "extend", "zero"]))
+
+    def edit(name, body):
+        if name != target or not body:
+            return body
+        b = bytearray(body)
+        i = data.draw(st.integers(0, len(b) - 1))
+        if how == "flip":
+            b[i] ^= data.draw(st.integers(1, 255))
+        elif how == "cut":
+            del b[i:]
+        elif how == "extend":
+            b[i:i] = data.draw(st.binary(min_size=1, max_size=64))
+        else:
+            b[i : i + 16] = bytes(len(b[i : i + 16]))
+        return bytes(b)
+
+    _allowed(_decode, _repacked(path, edit_section=edit))
+
+
+@FUZZ
+@given(st.sampled_from(FILES), st.data())
+def test_mutated_headers_behind_valid_crcs(path, data):
+    """Replace one value anywhere in the header JSON (sizes, shapes, types, stage options)."""
+    raw = fmt.NxkvFile.open(path).header
+    paths = []
+
+    def walk(node, trail):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, trail + [k])
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, trail + [i])
+        paths.append(trail)
+
+    walk(raw, [])
+    trail = data.draw(st.sampled_from([p for p in paths if p]))
+    value = data.draw(st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63), st.floats(allow_nan=False),
+                                st.text(max_size=8), st.lists(st.integers(-5, 1 << 40), max_size=3)))
+
+    def edit(header):
+        node = header
+        for key in trail[:-1]:
+            node = node[key]
+        node[trail[-1]] = value
+
+    try:
+        data_bytes = _repacked(path, edit_header=edit)
+    except (ValueError, TypeError):  # the writer itself refuses (a JSON the format cannot hold)
+        return
+    _allowed(_decode, data_bytes)
+
+
+@FUZZ
+@given(st.binary(max_size=4096))
+def test_random_bytes(blob):
+    _allowed(_decode, fmt.MAGIC + blob)
+    _allowed(_decode, blob)
+
+
+@FUZZ
+@given(st.sampled_from(FILES), st.data())
+def test_mutated_llama_state_blobs(path, data):
+    """llama.cpp state blobs (the lossless golden files rebuild real ones) cut and flipped."""
+    blob = bytearray(golden.decode_file(path)["blob"])
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(blob) - 1))
+        blob[i] ^= data.draw(st.integers(1, 255))
+    cut = data.draw(st.integers(0, len(blob)))
+    for kind in ("sequence", "context"):
+        _allowed(parse_state, bytes(blob[:cut]), kind)
+        _allowed(parse_state, bytes(blob), kind)
+
+
+def test_committed_corpus():
+    """Inputs that once failed (tests/fuzz/*.nxkv): each still fails cleanly."""
+    for name in sorted(os.listdir(CORPUS)):
+        if name.endswith(".nxkv"):
+            _allowed(_decode, open(os.path.join(CORPUS, name), "rb").read())
