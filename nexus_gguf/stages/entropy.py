@@ -21,6 +21,7 @@ from ..backends.reference import RANS_PROB_BITS
 from ..byte_reader import ByteReader
 from ..errors import ConfigError, FormatError
 from .base import Stage, TensorInfo
+from .zstd import decompress_bounded
 
 DTYPES = {0: np.uint8, 1: np.int16, 2: np.uint16, 3: np.int32}
 DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
@@ -141,10 +142,7 @@ class Entropy(Stage):
             width = r.unpack("<B")
             if width not in (1, 2, 4):
                 raise FormatError(f"{where}: bad integer width {width}")
-            try:
-                raw = zstandard.ZstdDecompressor().decompress(bytes(payload[1:]), max_output_size=n * width)
-            except zstandard.ZstdError as e:
-                raise FormatError(f"{where}: zstd data is corrupt: {e}") from None
+            raw = decompress_bounded(payload[1:], n * width, where)
             if len(raw) != n * width:
                 raise FormatError(f"{where}: zstd stream holds {len(raw)} bytes, expected {n * width}")
             return np.frombuffer(raw, {1: "<i1", 2: "<i2", 4: "<i4"}[width]).astype(np.int64)

@@ -23,14 +23,23 @@ class Zstd(Stage):
         return np.frombuffer(out, np.uint8)
 
     def decode(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
-        try:
-            size = zstandard.frame_content_size(memoryview(np.ascontiguousarray(data)))
-        except zstandard.ZstdError:
-            size = -1
-        if size < 0 or size > info.max_items:
-            raise FormatError(f"section {info.name!r}: zstd frame declares {size} bytes, expected at most {info.max_items}")
-        try:
-            out = zstandard.ZstdDecompressor().decompress(memoryview(np.ascontiguousarray(data)))
-        except zstandard.ZstdError as e:
-            raise FormatError(f"section {info.name!r}: zstd data is corrupt: {e}") from None
-        return np.frombuffer(out, np.uint8)
+        return np.frombuffer(decompress_bounded(np.ascontiguousarray(data), info.max_items, f"section {info.name!r}"), np.uint8)
+
+
+def decompress_bounded(data, limit: int, where: str) -> bytes:
+    """A zstd frame's content, refused before anything is allocated when the frame does not
+    state its size or states more than `limit` bytes (a decompression bomb, or damage)."""
+    view = memoryview(data)
+    try:
+        size = zstandard.frame_content_size(view)
+    except zstandard.ZstdError:
+        size = -1
+    if size < 0 or size > limit:
+        raise FormatError(f"{where}: zstd frame declares {size} bytes, expected at most {limit}")
+    try:
+        out = zstandard.ZstdDecompressor().decompress(view, max_output_size=limit)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"{where}: zstd data is corrupt: {e}") from None
+    if len(out) != size:
+        raise FormatError(f"{where}: zstd frame holds {len(out)} bytes, not the {size} it declares")
+    return out
