@@ -101,7 +101,6 @@ class Header:
             raw = _obj(h, "raw")
             self.raw_bytes = _int(raw, "bytes", "raw", 1)
             self.raw_crc32 = _int(raw, "crc32", "raw", 0, 0xFFFFFFFF)
-            self.raw_kind = raw.get("kind", "sequence")
             self.state = _obj(h, "state")
             self.logits = h.get("logits")
             if self.logits is not None:
