@@ -51,6 +51,29 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if diff.size else n
 
 
+_LOCK_TIMEOUT_S = 60.0
+
+
+def _enable_wal(db: sqlite3.Connection) -> None:
+    """Switch the index to WAL (readers never wait for a writer). The switch takes an exclusive
+    lock and SQLite answers "database is locked" at once, without its busy handler, while another
+    process opens or switches the same new file (CI caught two writers starting together), so
+    retry until the lock timeout. WAL persists in the file: later opens find it already set."""
+    deadline = time.monotonic() + _LOCK_TIMEOUT_S
+    delay = 0.005
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
 class NxkvDiskCache(BaseLlamaCache):
     """A llama_cpp.llama_cache.BaseLlamaCache of .nxkv files in `directory`, at most
     `capacity_bytes` of them (least recently used go first), coded with `preset` (and stage
@@ -82,8 +105,8 @@ class NxkvDiskCache(BaseLlamaCache):
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.directory / "index.sqlite", timeout=60, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
+            db = sqlite3.connect(self.directory / "index.sqlite", timeout=_LOCK_TIMEOUT_S, isolation_level=None)
+            _enable_wal(db)
             self._local.db = db
         return db
 

@@ -9,6 +9,7 @@ missing fails with that reason instead of skipping silently."""
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import sys
 
@@ -33,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_setup(item):
     if item.get_closest_marker("llama") is not None:
         try:
-            import llama_cpp  # noqa: F401
+            importlib.import_module("llama_cpp")
         except ImportError as e:
             pytest.fail(f"this test needs llama-cpp-python ({e}); the fast tier is pytest -m 'not llama'", pytrace=False)
 

@@ -171,3 +171,29 @@ def test_concurrent_writers_lose_nothing(smollm2_path, tmp_path):
     assert not list((tmp_path / "c").glob(".*.tmp"))  # no temporary file left behind
     for f in files:
         ng.read_info(tmp_path / "c" / f, verify=True)  # whole and checksummed
+
+
+def test_caches_opened_at_once_on_a_new_directory_all_open(tmp_path):
+    """Switching a new index to WAL takes an exclusive lock that SQLite refuses at once, without
+    waiting, while another connection opens the same file (CI saw two writers collide here).
+    Eight openers at a time, 60 rounds: every one opens."""
+    import threading
+
+    failures = []
+    for round_ in range(60):
+        directory = tmp_path / str(round_)
+        barrier = threading.Barrier(8)
+
+        def open_one():
+            barrier.wait()
+            try:
+                assert len(ng.NxkvDiskCache(directory, 1 << 20, preset="lossless")) == 0
+            except Exception as e:  # noqa: BLE001 - collected and reported below
+                failures.append(repr(e))
+
+        threads = [threading.Thread(target=open_one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not failures, failures[:3]
