@@ -25,6 +25,15 @@ _STRING, _ARRAY = 8, 9
 _MAX_KEPT_ARRAY = 4096
 
 
+# ggml's `enum ggml_type` (ggml.h), for naming a model's weight types in messages.
+WEIGHT_TYPE_NAMES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K",
+    12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S",
+    20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
+    29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4", 40: "NVFP4", 41: "Q1_0", 42: "Q2_0",
+}
+
+
 @dataclass
 class GgufHeader:
     path: str
@@ -41,6 +50,20 @@ class GgufHeader:
     def arch_key(self, key: str, default: Any = None) -> Any:
         """`{arch}.{key}`, as llama.cpp's LLM_KV names are spelt."""
         return self.metadata.get(f"{self.arch}.{key}", default)
+
+    @property
+    def weight_types(self) -> str:
+        """The matrices' ggml types, most values first ("Q4_1+Q6_K"): what tells two
+        quantizations of one model apart in a message (1-D norms and biases are left out)."""
+        counts: dict[str, int] = {}
+        for shape, type_id in self.tensors.values():
+            if len(shape) >= 2:
+                name = WEIGHT_TYPE_NAMES.get(type_id, f"type {type_id}")
+                n = 1
+                for d in shape:
+                    n *= d
+                counts[name] = counts.get(name, 0) + n
+        return "+".join(sorted(counts, key=lambda k: -counts[k])) or "?"
 
 
 class _GgufReader(ByteReader):

@@ -44,6 +44,30 @@ class Limits:
         return -(-n // t.block_size) * t.type_size
 
 
+_SHAPE_KEYS = ("arch", "n_layer", "n_head", "n_head_kv", "n_embd", "n_embd_head_k", "n_embd_head_v", "n_vocab")
+
+
+def _describe(model: dict) -> str:
+    name = f"{model['name']}, " if model.get("name") else ""
+    weights = f", {model['weights']} weights" if model.get("weights") else ""
+    return (f"{model.get('file_name', '?')} ({name}{model.get('arch', '?')}{weights}, "
+            f"fingerprint {str(model.get('fingerprint'))[:12]})")
+
+
+def _mismatch_message(source: str, saved: dict, facts) -> str:
+    """Both sides, and what differs: a state holds what those exact weights computed, so even
+    another quantization of the same model cannot continue it."""
+    loaded = {k: getattr(facts, k, None) for k in (*_SHAPE_KEYS, "name", "file_name", "weights", "fingerprint")}
+    head = f"{source} was saved from {_describe(saved)}; the loaded model is {_describe(loaded)}: "
+    differs = [f"{k} {saved.get(k)} vs {loaded[k]}" for k in _SHAPE_KEYS if saved.get(k) != loaded[k]]
+    if differs:
+        return head + "another model (" + ", ".join(differs) + ")"
+    what = (f"{saved['weights']} instead of {loaded['weights']} weights"
+            if saved.get("weights") and saved["weights"] != loaded["weights"] else "other weights")
+    return (head + f"the same architecture and shapes with {what} (another quantization or fine-tune of the "
+            "model); a state holds what the exact weights computed, so save it again with this model")
+
+
 def build_header(*, facts, context: dict, software: dict, n_tokens: int, n_pos: int, logits: Optional[dict],
                  pipeline: Pipeline, scoring: Optional[dict], eviction: Optional[dict], notes: dict, raw: dict,
                  state: dict) -> dict[str, Any]:
@@ -154,10 +178,7 @@ class Header:
         model and a context of n_ctx cells."""
         saved = self.model
         if saved.get("fingerprint") != facts.fingerprint:
-            raise ModelMismatchError(
-                f"{self.source} was saved from {saved.get('file_name', '?')} ({saved.get('arch', '?')}, fingerprint "
-                f"{str(saved.get('fingerprint'))[:12]}), not from {facts.file_name} ({facts.arch}, {facts.fingerprint[:12]})"
-            )
+            raise ModelMismatchError(_mismatch_message(self.source, saved, facts))
         limits = Limits.of_model(facts, n_ctx)
         if self.logits is not None and self.logits["n_vocab"] != limits.n_vocab:
             raise FormatError(f"{self.source}: logits of {self.logits['n_vocab']} tokens, the model has {limits.n_vocab}")

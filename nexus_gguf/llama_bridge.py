@@ -42,6 +42,8 @@ class ModelFacts:
     n_swa: int
     rope: dict[str, Any]
     sliding_layers: list[int] = field(default_factory=list)
+    name: str = ""  # general.name, for messages
+    weights: str = ""  # GgufHeader.weight_types: tells two quantizations of one model apart in messages
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,6 +182,8 @@ def model_facts(llm) -> ModelFacts:
         n_swa=n_swa,
         rope=rope,
         sliding_layers=_sliding_layers(header, n_layer, n_swa),
+        name=str(header.metadata.get("general.name", "")),
+        weights=header.weight_types,
     )
     llm._nexus_gguf_facts = facts
     return facts

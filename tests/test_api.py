@@ -255,3 +255,23 @@ def test_any_sequence_into_any_sequence(smollm2_path, prompt_text, tmp_path):
                   for ll, q in ((src, 1), (plain, 0)))
     assert np.array_equal(x.cells.pos, y.cells.pos)
     assert all(np.array_equal(u.k, w.k) and np.array_equal(u.v, w.v) for u, w in zip(x.layers, y.layers))
+
+
+@pytest.mark.llama
+def test_another_quantization_of_the_same_model_is_refused_naming_both(tmp_path):
+    """Same architecture, shapes and seed, F16 against Q8_0 matrices: the state is refused before
+    llama.cpp is touched, and the message names both files and both weight types."""
+    from tiny_models import write_tiny_model
+
+    f16 = write_tiny_model(tmp_path / "tiny-f16.gguf", matrix_type="F16")
+    q8 = write_tiny_model(tmp_path / "tiny-q8_0.gguf", matrix_type="Q8_0")
+    saver = open_llama(f16, n_ctx=128)
+    saver.eval(saver.tokenize(b"hello there, general", add_bos=False))
+    ng.save_state(saver, tmp_path / "f16.nxkv", "lossless")
+    llm, expect = _busy_llama(q8, [5, 6, 7])
+    with pytest.raises(ng.ModelMismatchError) as e:
+        ng.load_state(llm, tmp_path / "f16.nxkv")
+    message = str(e.value)
+    for part in ("tiny-f16.gguf", "tiny-q8_0.gguf", "F16 instead of Q8_0 weights", "another quantization"):
+        assert part in message, message
+    _assert_untouched(llm, [5, 6, 7], expect)

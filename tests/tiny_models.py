@@ -89,12 +89,13 @@ TINY_ARCHS = ("llama", "qwen2", "stablelm", "chatglm")
 def write_tiny_model(path, arch: str = "llama", n_rot: int | None = None, rope_scaling: dict | None = None,
                      rope_freq_factors=None, n_layer: int = 2, n_embd: int = 64, n_head: int = 2,
                      n_head_kv: int = 1, n_ff: int = 32, freq_base: float = 10000.0, n_ctx_train: int = 1024,
-                     seed: int = 0) -> str:
+                     seed: int = 0, matrix_type: str = "F16") -> str:
     """A tiny random-weight decoder of `arch` (see TINY_ARCHS), head_dim = n_embd / n_head.
     n_rot: rope.dimension_count (None: not written, llama.cpp then rotates the whole head).
     rope_scaling: {"type": "linear" | "yarn" | "none", "factor": float, "original_context_length": int},
     each key optional. rope_freq_factors: per rotated pair divisors of the angle (Llama 3's
-    rope_freqs.weight, n_rot / 2 floats). Matrices are f16, norms and biases f32."""
+    rope_freqs.weight, n_rot / 2 floats). Matrices are `matrix_type` (a gguf.GGMLQuantizationType
+    name: F16, F32, Q8_0...; the same seed gives the same weights in each), norms and biases f32."""
     import gguf
 
     if arch not in TINY_ARCHS:
@@ -133,8 +134,16 @@ def write_tiny_model(path, arch: str = "llama", n_rot: int | None = None, rope_s
     w.add_bos_token_id(n_vocab - 1)
     w.add_add_bos_token(False)
 
+    qtype = gguf.GGMLQuantizationType[matrix_type]
+
     def mat(name, *shape, scale=0.05):
-        w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float16))
+        data = (rng.standard_normal(shape) * scale).astype(np.float32)
+        if qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, data.astype(np.float16))
+        elif qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
     def vec(name, n, value=None, scale=0.05):
         data = np.full(n, value, np.float32) if value is not None else (rng.standard_normal(n) * scale).astype(np.float32)
