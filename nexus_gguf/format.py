@@ -17,6 +17,7 @@ import json
 import os
 import struct
 import tempfile
+import uuid
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -54,22 +55,26 @@ def pack(header: Mapping[str, Any], sections: Iterable[tuple[str, bytes]]) -> li
 
 def write_atomic(path: str | os.PathLike, buffers: Iterable) -> int:
     """Write buffers to path so that readers see the old file or the whole new one, never a
-    part: temporary file in the same directory, fsync, rename, fsync of the directory."""
+    part: a new file in the same directory, fsync, rename over path, fsync of the directory.
+    On Linux the new file has no name until it is whole (O_TMPFILE), so a writer killed or out of
+    disk mid-file leaves nothing behind; elsewhere a hidden temporary name, removed on errors."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):  # else the error would name the hidden temporary file
         raise FileNotFoundError(errno.ENOENT, f"cannot write {path}: no directory {directory}", path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    # the mode a plain open() would give, or the mode of the file this replaces (mkstemp: 0600)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd = _unnamed_file(directory)
+    tmp = None if fd is not None else ""
+    if fd is None:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     n = 0
     try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would, or the
-        # mode of the file it replaces
-        try:
-            mode = os.stat(path).st_mode & 0o7777
-        except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
         if hasattr(os, "fchmod"):
             os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
@@ -78,12 +83,18 @@ def write_atomic(path: str | os.PathLike, buffers: Iterable) -> int:
                 n += len(b)
             f.flush()
             os.fsync(f.fileno())
+            if tmp is None:  # name it only now that it is whole
+                tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+                _link_unnamed(f.fileno(), tmp)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    except BaseException as e:
+        if tmp:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(e, OSError) and e.errno is not None:  # a full disk: say which file, and that the old one stays
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}; nothing was replaced") from e
         raise
     try:  # make the rename itself durable; not possible on every platform
         dfd = os.open(directory, os.O_RDONLY)
@@ -94,6 +105,27 @@ def write_atomic(path: str | os.PathLike, buffers: Iterable) -> int:
     except OSError:
         pass
     return n
+
+
+def _unnamed_file(directory: str):
+    """A file descriptor of a new file without a name in `directory` (Linux O_TMPFILE), or None
+    where the platform or file system has none."""
+    if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    except OSError:  # EOPNOTSUPP / EISDIR / EINVAL: the file system cannot
+        return None
+
+
+def _link_unnamed(fd: int, name: str) -> None:
+    # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N, as open(2) describes for O_TMPFILE; a
+    # src_dir_fd makes Python call linkat rather than link, which would not follow the link
+    root = os.open("/", os.O_RDONLY)
+    try:
+        os.link(f"/proc/self/fd/{fd}", name, src_dir_fd=root, follow_symlinks=True)
+    finally:
+        os.close(root)
 
 
 @dataclass

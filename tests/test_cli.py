@@ -144,3 +144,29 @@ def test_demo_compares_presets_side_by_side(smollm2_path, tmp_path, capsys):
     assert (tmp_path / "demo-high.nxkv").stat().st_size < (tmp_path / "demo-lossless.nxkv").stat().st_size / 3
     assert main(["demo", "--presets", "nope"]) == 1
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_clear_line_and_keeps_the_old_file(smollm2_path, short_prompt, tmp_path):
+    """save-state in a process the kernel stops writing past 64 KiB (a full disk, as the writer
+    sees it): exit 1, one line naming the output, the previous output byte for byte, no leftovers."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "prompt.nxkv"
+    out.write_bytes(b"an earlier state")
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+    r = subprocess.run([sys.executable, "-m", "nexus_gguf.cli", "save-state", smollm2_path, str(short_prompt),
+                        "-o", str(out), "--preset", "lossless"], preexec_fn=limit_file_size, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot write {out}: File too large; nothing was replaced" in lines[0], r.stderr
+    assert out.read_bytes() == b"an earlier state"
+    assert [p.name for p in tmp_path.iterdir()] == ["prompt.nxkv"]

@@ -132,3 +132,76 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     p.chmod(0o640)
     fmt.write_atomic(p, [b"y"])
     assert stat.S_IMODE(p.stat().st_mode) == 0o640  # a replaced file keeps its mode
+
+
+_FAULTY_WRITER = r"""
+import os, resource, signal, sys, time
+sys.path.insert(0, {root!r})
+from nexus_gguf import format as fmt
+if {named!r}:
+    fmt._unnamed_file = lambda directory: None  # the portable path: a hidden temporary name
+fault = sys.argv[1]
+
+def chunks():
+    for i in range(64):
+        yield bytes([i]) * 16384
+        if fault == "kill" and i == 8:
+            print("writing", flush=True)
+            time.sleep(600)  # killed here, a quarter of the way through
+
+if fault == "size":  # the kernel refuses writes past 64 KiB: a full disk, seen by the writer
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+try:
+    fmt.write_atomic({target!r}, chunks())
+except OSError as e:
+    print("refused", e.errno, flush=True)
+"""
+
+
+def _unnamed_files_supported(tmp_path) -> bool:
+    fd = fmt._unnamed_file(str(tmp_path))
+    if fd is None:
+        return False
+    import os
+
+    os.close(fd)
+    return True
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["unnamed-file", "temporary-name"])
+@pytest.mark.parametrize("fault", ["size", "kill"])
+def test_a_failed_or_killed_writer_keeps_the_old_file(tmp_path, fault, named):
+    """Real faults, not a raised exception: the kernel refusing a write past RLIMIT_FSIZE (what a
+    full disk looks like to the writer) and SIGKILL in the middle of a file. The target keeps its
+    old bytes; nothing is left behind, except a killed writer's hidden temporary file where the
+    platform has no unnamed files."""
+    import errno
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    if not hasattr(signal, "SIGKILL") or sys.platform == "win32":
+        pytest.skip("POSIX faults")
+    if not named and not _unnamed_files_supported(tmp_path):
+        pytest.skip("this file system has no O_TMPFILE")
+    target = _file(tmp_path)
+    before = target.read_bytes()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fmt.__file__)))
+    script = _FAULTY_WRITER.format(root=root, named=named, target=str(target))
+    proc = subprocess.Popen([sys.executable, "-c", script, fault], stdout=subprocess.PIPE, text=True)
+    if fault == "kill":
+        assert proc.stdout.readline().strip() == "writing"
+        proc.kill()
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        out, _ = proc.communicate(timeout=60)
+        assert out.split() == ["refused", str(errno.EFBIG)], out
+    assert target.read_bytes() == before
+    left = sorted(x.name for x in tmp_path.iterdir() if x.name != "x.nxkv")
+    if fault == "kill" and named:
+        assert len(left) == 1 and left[0].startswith(".x.nxkv.") and left[0].endswith(".tmp"), left
+    else:
+        assert left == []
