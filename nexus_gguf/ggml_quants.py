@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .backends import kernel
 from .errors import ConfigError
 from .ggml_types import GgmlType, ggml_type_by_name
 
@@ -166,7 +167,7 @@ def quantize(x: np.ndarray, type_name: str) -> np.ndarray:
     if t.name == "f32":
         out = x.astype("<f4").view(np.uint8)
     elif t.name == "f16":
-        out = x.astype("<f2").view(np.uint8)
+        out = kernel("f32_to_f16")(x).view(np.uint8)  # the hot conversion of every f16 cache restore
     elif t.name == "bf16":
         out = _bf16_from_f32(x).astype("<u2").view(np.uint8)
     elif t.name in _QUANTIZE:

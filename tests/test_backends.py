@@ -49,8 +49,36 @@ def _inputs(op: str, seed: int):
                 lengths, body = OPS["rans_encode_lanes"].reference(sym, freqs, lanes, chunk)
                 out.append((body, lengths, freqs, n, lanes, chunk))
         return out
+    if op == "lattice_dequantize":
+        out = []
+        for m, mean_groups in ((0, 0), (1, 1), (4096, 0), (4104, 24), (300, 3)):
+            coset = rng.integers(0, 2, m).astype(np.uint8)
+            coord = rng.integers(-40, 41, (m, 7)).astype(np.int32)
+            coord[:3] = np.iinfo(np.int32).max  # extreme points still decode without overflow
+            last = rng.integers(-20, 21, m).astype(np.int32)
+            step = np.exp2(rng.normal(-4, 3, m))
+            step[::7] = 0.0  # an all-zero block
+            out.append((coset, coord, last, step, rng.standard_normal(8 * mean_groups)))
+        return out
+    if op == "f32_to_f16":
+        special = np.array([0.0, -0.0, np.inf, -np.inf, 65504.0, 65519.99, 65520.0, 1e9, 6.1e-5, 5.96e-8, 2.98e-8,
+                            2.9802322e-08, 1e-30, -3e-6, 1.00048828125, 1.000732421875], np.float32)
+        ties = (rng.integers(0, 1 << 16, 5000).astype(np.uint32) << 13).view(np.float32)  # halfway between halves
+        every_half = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+        bits = rng.integers(0, 1 << 32, 20000, dtype=np.uint64).astype(np.uint32)
+        randoms = bits.view(np.float32)
+        randoms = randoms[~np.isnan(randoms)]
+        return [(special,), (ties[~np.isnan(ties)] ,), (every_half[~np.isnan(every_half)],), (randoms,),
+                ((rng.standard_normal((7, 33)) * 100).astype(np.float32),), (np.zeros(0, np.float32),)]
+    if op == "rope_rotate":
+        out = []
+        for n, h, d, n_rot, neox in ((0, 2, 64, 64, False), (33, 3, 64, 64, False), (33, 3, 64, 64, True),
+                                     (20, 2, 128, 32, True), (20, 2, 80, 40, False)):
+            theta = rng.uniform(0, 4000, (n, n_rot // 2))
+            out.append(((rng.standard_normal((n, h, d)) * 30).astype(np.float32), np.cos(theta), np.sin(theta), n_rot, neox))
+        return out
     if op == "hadamard_blocks":
-        return [(rng.standard_normal((50, 3, 128)).astype(np.float32), b) for b in (1, 16, 64, 128)]
+        return [(rng.standard_normal((50, 3, 128)).astype(np.float32), b) for b in (1, 2, 4, 8, 16, 32, 64, 128)]
     raise AssertionError(f"no test inputs for op {op!r}: add them here")
 
 
@@ -143,3 +171,47 @@ def test_policy_names_the_backend():
     assert _policy_in_subprocess("reference").stdout.split()[0] == "numpy"  # the old name still works
     bad = _policy_in_subprocess("gpu-magic")
     assert bad.returncode != 0 and "NEXUS_GGUF_BACKEND='gpu-magic'" in bad.stderr
+
+
+def test_native_f32_to_f16_portable_code_matches_the_hardware_path():
+    """The C library converts with F16C where the CPU has it; the portable code (other CPUs)
+    must give the same bits, checked here on every float32 exponent and the halfway cases."""
+    if not _available("native"):
+        pytest.skip(backend_status()["native"])
+    from nexus_gguf.backends import native
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 1 << 32, 400000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = np.concatenate([x[~np.isnan(x)], (rng.integers(0, 1 << 19, 100000).astype(np.uint32) << 13).view(np.float32)])
+    x = x[~np.isnan(x)]
+    want = OPS["f32_to_f16"].reference(x)
+    assert np.array_equal(native.f32_to_f16(x, use_hardware=False), want)
+    assert np.array_equal(native.f32_to_f16(x, use_hardware=True), want)
+
+
+def test_pool_work_started_on_a_pool_thread_runs_there():
+    """Layers decode on the pool and each layer's interleaved rANS lanes asked the same pool:
+    with every worker waiting on work queued behind it, decoding deadlocked. Now nested
+    parallel_map runs on the calling pool thread; checked with a timeout, not a hang."""
+    import threading
+
+    from nexus_gguf.backends import parallel_map, pool, threads
+
+    if threads() < 2:
+        pytest.skip("one core: parallel_map never uses the pool")
+    rng = np.random.default_rng(3)
+    sym = np.minimum(rng.geometric(0.3, 200000) - 1, 40)
+    freqs = _rans_freqs(sym)
+    lengths, body = OPS["rans_encode_lanes"].reference(sym, freqs, 4, 4096)
+    decode = kernel("rans_decode_lanes")
+    done = []
+
+    def run():
+        outs = parallel_map(lambda _: decode(body, lengths, freqs, sym.size, 4, 4096), list(range(2 * threads())))
+        done.append(all(np.array_equal(o, sym) for o in outs))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert done == [True], "nested parallel work deadlocked the pool"
+    assert pool() is pool()

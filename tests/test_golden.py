@@ -66,6 +66,13 @@ def test_writer_makes_the_same_sections(version, entry):
     f = NxkvFile.open(path)
     importance = np.load(os.path.join(vdir, entry["importance"])) if entry.get("importance") else None
     made = golden.reencode_file(path, raw, importance)
+    if "writer_sha256" in entry:
+        # the writer's float arithmetic changed on purpose since this file was written
+        # (manifest "repinned"): today's sections are pinned by hash, the file still loads
+        assert list(made) == list(entry["writer_sha256"]), f"{entry['file']}: section list changed"
+        for name, digest in entry["writer_sha256"].items():
+            assert golden.sha256(made[name]) == digest, f"{entry['file']}: section {name!r} is encoded differently"
+        return
     assert list(made) == f.names(), f"{entry['file']}: section list changed"
     for name in f.names():
         assert made[name] == bytes(f.section(name)), f"{entry['file']}: section {name!r} is encoded differently"

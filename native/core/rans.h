@@ -33,6 +33,79 @@ NXKV_FN int nxkv_core_rans_decode(const uint8_t *data, size_t n_data, const uint
     return (x == NXKV_RANS_L && p == n_data) ? 0 : -1;
 }
 
+/* One decoding step of one lane: the symbol, then the state renormalised from d[*p ..). 0, or
+ * -1 if the stream runs out. */
+NXKV_FN int nxkv_core_rans_step(uint32_t *x, size_t *p, const uint8_t *d, size_t n_data, const uint32_t *freqs,
+                                const uint32_t *cum, const uint32_t *lookup, int64_t *out) {
+    const uint32_t mask = (1u << NXKV_RANS_PROB_BITS) - 1;
+    uint32_t xl = *x;
+    const uint32_t slot = xl & mask;
+    const uint32_t s = lookup[slot];
+    *out = s;
+    xl = freqs[s] * (xl >> NXKV_RANS_PROB_BITS) + slot - cum[s];
+    size_t pl = *p;
+    if (pl + 2 <= n_data) {
+        /* at most two bytes per symbol (2^14 probabilities, 2^23 lower bound): read both, keep
+         * what is needed, without a branch the data would mispredict */
+        const uint32_t n1 = xl < NXKV_RANS_L;
+        xl = n1 ? (xl << 8) | d[pl] : xl;
+        const uint32_t n2 = xl < NXKV_RANS_L;
+        xl = n2 ? (xl << 8) | d[pl + n1] : xl;
+        pl += n1 + n2;
+    } else {
+        while (xl < NXKV_RANS_L) {
+            if (pl >= n_data) return -1;
+            xl = (xl << 8) | d[pl++];
+        }
+    }
+    *p = pl;
+    *x = xl;
+    return 0;
+}
+
+/* Decode one chunk of interleaved rANS: m symbols, symbol i from lane i % lanes, each lane its
+ * own stream data[l] of n_data[l] bytes (lanes with no symbol: no stream). The lanes advance in
+ * lockstep, so their independent state updates overlap in the CPU's pipeline instead of waiting
+ * on one another; `width`, a constant where the caller can make it one, lets the compiler keep
+ * the states in registers. x and p are scratch of `lanes` entries. 0, or -1 as
+ * nxkv_core_rans_decode. */
+NXKV_FN int nxkv_core_rans_decode_interleaved(const uint8_t *const *data, const size_t *n_data, size_t lanes,
+                                              const uint32_t *freqs, const uint32_t *cum, const uint32_t *lookup,
+                                              int64_t *out, size_t m, uint32_t *x, size_t *p) {
+    const size_t active = m < lanes ? m : lanes;
+    for (size_t l = 0; l < active; ++l) {
+        const uint8_t *d = data[l];
+        if (n_data[l] < 4) return -1;
+        x[l] = ((uint32_t)d[0] << 24) | ((uint32_t)d[1] << 16) | ((uint32_t)d[2] << 8) | d[3];
+        p[l] = 4;
+    }
+    size_t i = 0;
+    int bad = 0;
+    if (lanes == 4) { /* the presets' lane count: whole rounds with the states in registers */
+        uint32_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
+        size_t p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+        for (; i + 4 <= m; i += 4) {
+            bad |= nxkv_core_rans_step(&x0, &p0, data[0], n_data[0], freqs, cum, lookup, out + i);
+            bad |= nxkv_core_rans_step(&x1, &p1, data[1], n_data[1], freqs, cum, lookup, out + i + 1);
+            bad |= nxkv_core_rans_step(&x2, &p2, data[2], n_data[2], freqs, cum, lookup, out + i + 2);
+            bad |= nxkv_core_rans_step(&x3, &p3, data[3], n_data[3], freqs, cum, lookup, out + i + 3);
+        }
+        x[0] = x0, x[1] = x1, x[2] = x2, x[3] = x3;
+        p[0] = p0, p[1] = p1, p[2] = p2, p[3] = p3;
+    }
+    for (; i < m && !bad; i += lanes) {
+        const size_t k = m - i < lanes ? m - i : lanes;
+        for (size_t l = 0; l < k; ++l) {
+            bad |= nxkv_core_rans_step(x + l, p + l, data[l], n_data[l], freqs, cum, lookup, out + i + l);
+        }
+    }
+    if (bad) return -1;
+    for (size_t l = 0; l < active; ++l) {
+        if (x[l] != NXKV_RANS_L || p[l] != n_data[l]) return -1;
+    }
+    return 0;
+}
+
 /* Encode n symbols symbols[0], symbols[stride], ... into the buffer that ends at `end`, growing
  * downwards: the number of bytes written, or -1 if `capacity` bytes were not enough. */
 NXKV_FN int64_t nxkv_core_rans_encode(const int64_t *symbols, size_t n, size_t stride, const uint32_t *freqs,

@@ -1,9 +1,15 @@
 /* CPU entry points of the native library; the kernel bodies live in native/core/. */
+#include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "nxkv.h"
 #include "../core/byteplane.h"
 #include "../core/e8.h"
+#include "../core/f16.h"
+#include "../core/hadamard.h"
+#include "../core/lattice.h"
+#include "../core/rope.h"
 #include "../core/rans.h"
 
 int nxkv_abi_version(void) { return NXKV_ABI_VERSION; }
@@ -11,6 +17,64 @@ int nxkv_abi_version(void) { return NXKV_ABI_VERSION; }
 void nxkv_e8_nearest(const double *x, double *out, size_t n_rows) {
     for (size_t i = 0; i < n_rows; ++i) {
         nxkv_core_e8_nearest(x + 8 * i, out + 8 * i);
+    }
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define NXKV_HAVE_F16C_PATH 1
+/* F16C (every x86-64 CPU since 2012) rounds to nearest even exactly as the portable code */
+__attribute__((target("avx,f16c"))) static void f32_to_f16_f16c(const float *src, uint16_t *dst, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(dst + i), h);
+    }
+    for (; i < n; ++i) dst[i] = nxkv_core_f32_to_f16(src[i]);
+}
+#endif
+
+void nxkv_f32_to_f16(const float *src, uint16_t *dst, size_t n, int use_hardware) {
+#ifdef NXKV_HAVE_F16C_PATH
+    if (use_hardware && __builtin_cpu_supports("f16c")) {
+        f32_to_f16_f16c(src, dst, n);
+        return;
+    }
+#endif
+    (void)use_hardware;
+    for (size_t i = 0; i < n; ++i) dst[i] = nxkv_core_f32_to_f16(src[i]);
+}
+
+int nxkv_hadamard_blocks(const float *x, float *out, size_t n_values, size_t block) {
+    if (block == 0 || (block & (block - 1)) || n_values % block) return NXKV_ERR_ARG;
+    const float scale = (float)(1.0 / sqrt((double)block));
+    if (out != x) memcpy(out, x, n_values * sizeof(float));
+    for (size_t i = 0; i < n_values; i += block) nxkv_core_hadamard(out + i, block, scale);
+    return NXKV_OK;
+}
+
+void nxkv_lattice_dequantize(const uint8_t *coset, const int32_t *coord, const int32_t *coord_last, const double *step,
+                             size_t n_groups, const double *mean, size_t mean_groups, float *out) {
+    for (size_t i = 0; i < n_groups; ++i) {
+        const double *m = mean_groups ? mean + 8 * (i % mean_groups) : NULL;
+        nxkv_core_lattice_group(coset[i], coord + 7 * i, coord_last[i], step[i], m, out + 8 * i);
+    }
+}
+
+void nxkv_rope_rotate(const float *x, float *out, size_t n_rows, size_t n_heads, size_t head_dim, const double *cos,
+                      const double *sin, size_t n_rot, int neox) {
+    const size_t half = n_rot / 2;
+    for (size_t r = 0; r < n_rows; ++r) {
+        const double *c = cos + r * half, *s = sin + r * half;
+        for (size_t h = 0; h < n_heads; ++h) {
+            const float *xv = x + (r * n_heads + h) * head_dim;
+            float *ov = out + (r * n_heads + h) * head_dim;
+            for (size_t j = n_rot; j < head_dim; ++j) ov[j] = xv[j];
+            for (size_t i = 0; i < half; ++i) {
+                const size_t ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
+                nxkv_core_rope_pair(xv[ia], xv[ib], c[i], s[i], ov + ia, ov + ib);
+            }
+        }
     }
 }
 
@@ -81,31 +145,44 @@ int nxkv_rans_decode(const uint8_t *data, size_t n_data, const int64_t *freqs, s
 
 int nxkv_rans_decode_lanes(const uint8_t *data, size_t n_data, const int64_t *lengths, size_t n_tasks,
                            const int64_t *freqs, size_t n_freqs, int64_t *out, size_t n, size_t lanes, size_t chunk,
-                           size_t t0, size_t t1) {
-    if (lanes == 0 || chunk < lanes || t1 > n_tasks || t0 > t1) return NXKV_ERR_ARG;
+                           size_t chunk0, size_t chunk1) {
+    if (lanes == 0 || chunk < lanes || chunk0 > chunk1 || chunk1 > n_tasks / lanes) return NXKV_ERR_ARG;
     rans_table t;
     int r = rans_table_new(&t, freqs, n_freqs, 1);
+    const uint8_t **ptrs = malloc(sizeof(*ptrs) * lanes);
+    size_t *lens = malloc(sizeof(*lens) * lanes), *p = malloc(sizeof(*p) * lanes);
+    uint32_t *x = malloc(sizeof(*x) * lanes);
+    if (r == NXKV_OK && !(ptrs && lens && p && x)) r = NXKV_ERR_NOMEM;
     size_t offset = 0;
-    for (size_t k = 0; k < t0 && r == NXKV_OK; ++k) {
+    for (size_t k = 0; k < chunk0 * lanes && r == NXKV_OK; ++k) {
         if (lengths[k] < 0) r = NXKV_ERR_ARG;
         offset += (size_t)lengths[k];
     }
-    for (size_t k = t0; k < t1 && r == NXKV_OK; ++k) {
-        size_t c0 = (k / lanes) * chunk, lane = k % lanes;
-        size_t m = n - c0 < chunk ? n - c0 : chunk;
-        size_t count = m > lane ? (m - lane + lanes - 1) / lanes : 0;
-        if (lengths[k] < 0 || offset + (size_t)lengths[k] > n_data || c0 >= n) {
+    for (size_t c = chunk0; c < chunk1 && r == NXKV_OK; ++c) {
+        const size_t c0 = c * chunk;
+        if (c0 >= n) {
             r = NXKV_ERR_CORRUPT;
             break;
         }
-        if (count == 0) {
-            if (lengths[k] != 0) r = NXKV_ERR_CORRUPT;
-        } else if (nxkv_core_rans_decode(data + offset, (size_t)lengths[k], t.freqs, t.cum, t.lookup, out + c0 + lane,
-                                         count, lanes)) {
+        const size_t m = n - c0 < chunk ? n - c0 : chunk;
+        for (size_t l = 0; l < lanes; ++l) {
+            const int64_t len = lengths[c * lanes + l];
+            if (len < 0 || (size_t)len > n_data - offset || (l >= m && len != 0)) {
+                r = NXKV_ERR_CORRUPT;
+                break;
+            }
+            ptrs[l] = data + offset;
+            lens[l] = (size_t)len;
+            offset += (size_t)len;
+        }
+        if (r == NXKV_OK && nxkv_core_rans_decode_interleaved(ptrs, lens, lanes, t.freqs, t.cum, t.lookup, out + c0, m, x, p)) {
             r = NXKV_ERR_CORRUPT;
         }
-        offset += (size_t)lengths[k];
     }
+    free(ptrs);
+    free(lens);
+    free(p);
+    free(x);
     rans_table_free(&t);
     return r;
 }

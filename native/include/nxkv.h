@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 3 };
+enum nxkv_abi { NXKV_ABI_VERSION = 4 };
 int nxkv_abi_version(void);
 
 /* Status codes of the kernels that can fail (a damaged stream, an argument out of range). */
@@ -31,6 +31,29 @@ void nxkv_byteplane_merge(const uint8_t *src, uint8_t *dst, size_t n_elements, s
 /* E8 nearest points of n_rows rows of 8 doubles (core/e8.h); x and out may be the same. */
 void nxkv_e8_nearest(const double *x, double *out, size_t n_rows);
 
+/* float -> IEEE half bits, round to nearest even (core/f16.h), as numpy's astype(float16).
+ * use_hardware = 1 takes the CPU's conversion instruction where there is one (same results);
+ * 0 the portable code (tests compare both). */
+void nxkv_f32_to_f16(const float *src, uint16_t *dst, size_t n, int use_hardware);
+
+/* Orthonormal Hadamard rotation (core/hadamard.h) of each run of `block` (a power of two)
+ * floats of x[0 .. n_values), into out (may be x). NXKV_ERR_ARG if block is not a power of two
+ * or does not divide n_values. */
+int nxkv_hadamard_blocks(const float *x, float *out, size_t n_values, size_t block);
+
+/* E8 lattice points back to float values (core/lattice.h), n_groups groups of 8: coset[i] 0 or 1,
+ * coord[7 i .. 7 i + 7), coord_last[i], step[i]; mean (mean_groups * 8 doubles, group i uses
+ * block i % mean_groups) is added when mean_groups > 0. out holds 8 * n_groups floats. */
+void nxkv_lattice_dequantize(const uint8_t *coset, const int32_t *coord, const int32_t *coord_last, const double *step,
+                             size_t n_groups, const double *mean, size_t mean_groups, float *out);
+
+/* RoPE rotation (core/rope.h) of n_rows x n_heads head vectors of head_dim floats: the first
+ * n_rot values of each, in pairs (2i, 2i + 1) (neox = 0) or (i, i + n_rot / 2) (neox = 1), by
+ * the angle whose cos and sin are cos / sin[row * n_rot / 2 + i]; the rest copied. x and out
+ * must not overlap. */
+void nxkv_rope_rotate(const float *x, float *out, size_t n_rows, size_t n_heads, size_t head_dim, const double *cos,
+                      const double *sin, size_t n_rot, int neox);
+
 /* rANS of one stream (core/rans.h) with n_freqs frequencies summing to 2^14. Encoding writes
  * backwards into out[0 .. capacity): it returns the byte count k (the stream is
  * out[capacity - k .. capacity)) or NXKV_ERR_ARG if capacity is too small. */
@@ -38,12 +61,13 @@ int64_t nxkv_rans_encode(const int64_t *symbols, size_t n, size_t stride, const 
                          uint8_t *out, size_t capacity);
 int nxkv_rans_decode(const uint8_t *data, size_t n_data, const int64_t *freqs, size_t n_freqs, int64_t *out, size_t n);
 
-/* Interleaved rANS (FORMAT.md, entropy method 3): decode the (chunk, lane) streams t0 .. t1 of
- * a stream of n symbols in chunks of `chunk`, `lanes` lanes each, whose byte lengths are
- * lengths[0 .. n_tasks), into out (n symbols). Disjoint task ranges may run on threads. */
+/* Interleaved rANS (FORMAT.md, entropy method 3): decode chunks chunk0 .. chunk1 of a stream of
+ * n symbols in chunks of `chunk`, `lanes` lanes each, whose (chunk, lane) streams have the byte
+ * lengths lengths[0 .. n_tasks), into out (n symbols); a chunk's lanes are decoded in lockstep.
+ * Disjoint chunk ranges may run on threads. */
 int nxkv_rans_decode_lanes(const uint8_t *data, size_t n_data, const int64_t *lengths, size_t n_tasks,
                            const int64_t *freqs, size_t n_freqs, int64_t *out, size_t n, size_t lanes, size_t chunk,
-                           size_t t0, size_t t1);
+                           size_t chunk0, size_t chunk1);
 
 /* Query capture through llama.cpp's eval callback (ggml_backend_sched_eval_callback): keeps the
  * f32 data of graph nodes named "Qcur-<layer>" that the ROPE op produced, while `enabled`.

@@ -11,10 +11,11 @@ the tolerance every other implementation must meet. Backends, fastest first:
 NEXUS_GGUF_BACKEND = auto (default) | native | numba | numpy  ("reference" is an alias of numpy)
   auto: native if the library loads, else numba, with a warning that says why.
   native / numba / numpy: that backend, or a clear error if it cannot load.
-Each op runs in the chosen backend if it has it, else in the next one down the list: today the
-native library has the byte-plane kernels, so under `native` E8 and rANS run on Numba and the
-Hadamard rotation on numpy. That is a coverage gap, named by backend_features(), not a fallback
-that hides a failure: a backend that fails to load is an error or a warning, never silent.
+Each op runs in the chosen backend if it has it, else in the next one down the list (today the
+native library and Numba have every op). A missing op is a coverage gap, named by
+backend_features(), not a fallback that hides a failure: a backend that fails to load is an
+error or a warning, never silent. Every op is exact: the float ops (Hadamard, RoPE, lattice
+values, f16) are written so that every backend rounds as the reference does.
 
     backend_name()      the chosen backend ("native", "numba" or "numpy"); also nexus_gguf.backend
     backend_features()  op -> the backend that runs it
@@ -29,6 +30,7 @@ import contextlib
 import contextvars
 import importlib
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -50,12 +52,14 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("byteplane_split", reference.byteplane_split, exact=True),
     Op("byteplane_merge", reference.byteplane_merge, exact=True),
     Op("e8_nearest", reference.e8_nearest, exact=True),
+    Op("lattice_dequantize", reference.lattice_dequantize, exact=True),
+    Op("rope_rotate", reference.rope_rotate, exact=True),
+    Op("f32_to_f16", reference.f32_to_f16, exact=True),
     Op("rans_encode", reference.rans_encode, exact=True),
     Op("rans_decode", reference.rans_decode, exact=True),
     Op("rans_encode_lanes", reference.rans_encode_lanes, exact=True),
     Op("rans_decode_lanes", reference.rans_decode_lanes, exact=True),
-    # float32 matmuls: summation order may differ between implementations
-    Op("hadamard_blocks", reference.hadamard_blocks, exact=False, rtol=1e-5),
+    Op("hadamard_blocks", reference.hadamard_blocks, exact=True),
 )}
 
 BACKENDS = ("native", "numba", "numpy")
@@ -184,13 +188,28 @@ def pool():
     if _executor is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _executor = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="nexus-gguf")
+        _executor = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="nexus-gguf", initializer=_mark_worker)
     return _executor
+
+
+_worker = threading.local()
+
+
+def _mark_worker() -> None:
+    _worker.active = True
+
+
+def in_pool() -> bool:
+    """True on one of the pool's own threads: work started there runs on that thread, since
+    waiting on the pool from inside it deadlocks once every worker waits (layers decoded in
+    parallel, each with interleaved rANS lanes, did)."""
+    return getattr(_worker, "active", False)
 
 
 def parallel_map(fn, items: list) -> list:
     """[fn(item) for item in items], on the thread pool where there are cores and items to
-    share; the first exception any call raises is raised here."""
-    if threads() < 2 or len(items) < 2:
+    share (serially when called from a pool thread); the first exception any call raises is
+    raised here."""
+    if threads() < 2 or len(items) < 2 or in_pool():
         return [fn(item) for item in items]
     return list(pool().map(fn, items))

@@ -101,6 +101,55 @@ def e8_nearest(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def lattice_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndarray, step: np.ndarray,
+                       mean: np.ndarray) -> np.ndarray:
+    ffi, lib = load()
+    coset = np.ascontiguousarray(coset, np.uint8).reshape(-1)
+    m = coset.size
+    coord = np.ascontiguousarray(coord, np.int32).reshape(-1)
+    coord_last = np.ascontiguousarray(coord_last, np.int32).reshape(-1)
+    step = np.ascontiguousarray(step, np.float64).reshape(-1)
+    mean = np.ascontiguousarray(mean, np.float64).reshape(-1)
+    if coord.size != 7 * m or coord_last.size != m or step.size != m or mean.size % 8 or (mean.size and m % (mean.size // 8)):
+        raise ValueError("lattice_dequantize: arrays of mismatched sizes")
+    out = np.empty((m, 8), np.float32)
+    lib.nxkv_lattice_dequantize(_ptr(ffi, "uint8_t[]", coset), _ptr(ffi, "int32_t[]", coord), _ptr(ffi, "int32_t[]", coord_last),
+                                _ptr(ffi, "double[]", step), m, _ptr(ffi, "double[]", mean) if mean.size else ffi.NULL,
+                                mean.size // 8, ffi.from_buffer("float[]", out))
+    return out
+
+
+def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    ffi, lib = load()
+    src = np.ascontiguousarray(x, np.float32)
+    out = np.empty_like(src)
+    if lib.nxkv_hadamard_blocks(_ptr(ffi, "float[]", src), ffi.from_buffer("float[]", out), src.size, block) != lib.NXKV_OK:
+        raise ValueError(f"Hadamard size {block} is not a power of two dividing rows of {src.shape[-1] if src.ndim else 0}")
+    return out
+
+
+def f32_to_f16(x: np.ndarray, use_hardware: bool = True) -> np.ndarray:
+    ffi, lib = load()
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty(x.shape, "<u2")
+    lib.nxkv_f32_to_f16(_ptr(ffi, "float[]", x), ffi.from_buffer("uint16_t[]", out), x.size, int(use_hardware))
+    return out
+
+
+def rope_rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, neox: bool) -> np.ndarray:
+    ffi, lib = load()
+    x = np.ascontiguousarray(x, np.float32)
+    n, h, d = x.shape
+    cos = np.ascontiguousarray(cos, np.float64)
+    sin = np.ascontiguousarray(sin, np.float64)
+    if n_rot % 2 or n_rot > d or cos.shape != (n, n_rot // 2) or sin.shape != cos.shape:
+        raise ValueError("rope_rotate: angles not of shape [n_cells, n_rot / 2] or n_rot odd or above the head size")
+    out = np.empty_like(x)
+    lib.nxkv_rope_rotate(_ptr(ffi, "float[]", x), ffi.from_buffer("float[]", out), n, h, d, _ptr(ffi, "double[]", cos),
+                         _ptr(ffi, "double[]", sin), n_rot, int(bool(neox)))
+    return out
+
+
 def rans_encode(symbols: np.ndarray, freqs: np.ndarray) -> bytes:
     ffi, lib = load()
     symbols = np.ascontiguousarray(symbols, np.int64)
@@ -142,8 +191,9 @@ _PARALLEL_SYMBOLS = 1 << 16  # fewer symbols decode faster on one thread
 
 
 def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: int, lanes: int, chunk: int) -> np.ndarray:
-    """Lanes decoded on all cores: cffi releases the GIL around each call."""
-    from . import pool, threads
+    """Chunks decoded on all cores (cffi releases the GIL around each call), a chunk's lanes in
+    lockstep on one."""
+    from . import parallel_map, threads
     from .reference import lane_tasks
 
     ffi, lib = load()
@@ -155,10 +205,10 @@ def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: in
     out = np.empty(n, np.int64)
     args = (data, len(data), _ptr(ffi, "int64_t[]", lengths), n_tasks, _ptr(ffi, "int64_t[]", freqs), freqs.size,
             ffi.from_buffer("int64_t[]", out), n, lanes, chunk)
-    workers = min(threads(), n_tasks) if n >= _PARALLEL_SYMBOLS else 1
-    bounds = np.linspace(0, n_tasks, workers + 1).astype(np.int64)
-    results = list(pool().map(lambda i: lib.nxkv_rans_decode_lanes(*args, int(bounds[i]), int(bounds[i + 1])), range(workers))) \
-        if workers > 1 else [lib.nxkv_rans_decode_lanes(*args, 0, n_tasks)]
+    n_chunks = n_tasks // lanes
+    workers = min(threads(), n_chunks) if n >= _PARALLEL_SYMBOLS else 1
+    bounds = np.linspace(0, n_chunks, workers + 1).astype(np.int64)
+    results = parallel_map(lambda i: lib.nxkv_rans_decode_lanes(*args, int(bounds[i]), int(bounds[i + 1])), list(range(workers)))
     if any(r != lib.NXKV_OK for r in results):
         raise ValueError("rANS stream is corrupt (a lane ends early or does not decode to its start state)")
     return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from . import pool, threads
+from . import parallel_map, threads
 
 
 @njit(cache=True, nogil=True)
@@ -88,6 +88,117 @@ def e8_nearest(x: np.ndarray) -> np.ndarray:
 
 RANS_PROB_BITS = 14
 RANS_L = 1 << 23
+
+
+@njit(cache=True, nogil=True)
+def _lattice_dequantize(coset, coord, coord_last, step, mean, mean_groups, out):
+    for i in range(coset.size):
+        s = 0
+        for j in range(7):
+            s += np.int64(coord[7 * i + j])
+        half = 0.5 * coset[i]
+        for j in range(8):
+            z = np.int64(coord[7 * i + j]) if j < 7 else 2 * np.int64(coord_last[i]) + (s & 1)
+            v = (np.float64(z) + half) * step[i]
+            if mean_groups:
+                v = v + mean[8 * (i % mean_groups) + j]
+            out[8 * i + j] = np.float32(v)
+
+
+def lattice_dequantize(coset, coord, coord_last, step, mean) -> np.ndarray:
+    coset = np.ascontiguousarray(coset, np.uint8).reshape(-1)
+    mean = np.ascontiguousarray(mean, np.float64).reshape(-1)
+    out = np.empty(coset.size * 8, np.float32)
+    _lattice_dequantize(coset, np.ascontiguousarray(coord, np.int32).reshape(-1),
+                        np.ascontiguousarray(coord_last, np.int32).reshape(-1),
+                        np.ascontiguousarray(step, np.float64).reshape(-1), mean, mean.size // 8, out)
+    return out.reshape(-1, 8)
+
+
+@njit(cache=True, nogil=True)
+def _hadamard(y, block, scale):
+    for start in range(0, y.size, block):
+        h = 1
+        while h < block:
+            for i in range(start, start + block, 2 * h):
+                for j in range(i, i + h):
+                    a = y[j]
+                    b = y[j + h]
+                    y[j] = a + b
+                    y[j + h] = a - b
+            h *= 2
+        for j in range(start, start + block):
+            y[j] = y[j] * scale
+
+
+def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    if block < 1 or block & (block - 1) or x.shape[-1] % block:
+        raise ValueError(f"Hadamard size {block} is not a power of two dividing rows of {x.shape[-1]}")
+    y = np.array(x, np.float32)  # a contiguous copy, rotated in place
+    _hadamard(y.reshape(-1), block, np.float32(1.0 / np.sqrt(block)))
+    return y
+
+
+@njit(cache=True, nogil=True)
+def _f32_to_f16(bits, out):
+    # native/core/f16.h, bit for bit (numba has no float16)
+    for i in range(bits.size):
+        f = np.uint32(bits[i])
+        sign = (f & np.uint32(0x80000000)) >> np.uint32(16)
+        f_exp = f & np.uint32(0x7F800000)
+        if f_exp >= np.uint32(0x47800000):
+            f_sig = f & np.uint32(0x007FFFFF)
+            if f_exp == np.uint32(0x7F800000) and f_sig != 0:
+                nan = np.uint32(0x7C00) + (f_sig >> np.uint32(13))
+                out[i] = sign + (np.uint32(0x7C01) if nan == np.uint32(0x7C00) else nan)
+            else:
+                out[i] = sign + np.uint32(0x7C00)
+        elif f_exp <= np.uint32(0x38000000):
+            if f_exp < np.uint32(0x33000000):
+                out[i] = sign
+            else:
+                e = f_exp >> np.uint32(23)
+                f_sig = (np.uint32(0x00800000) + (f & np.uint32(0x007FFFFF))) >> (np.uint32(113) - e)
+                if (f_sig & np.uint32(0x3FFF)) != np.uint32(0x1000) or (f & np.uint32(0x7FF)) != 0:
+                    f_sig += np.uint32(0x1000)
+                out[i] = sign + (f_sig >> np.uint32(13))
+        else:
+            h_exp = (f_exp - np.uint32(0x38000000)) >> np.uint32(13)
+            f_sig = f & np.uint32(0x007FFFFF)
+            if (f_sig & np.uint32(0x3FFF)) != np.uint32(0x1000):
+                f_sig += np.uint32(0x1000)
+            out[i] = sign + (f_sig >> np.uint32(13)) + h_exp
+
+
+def f32_to_f16(x) -> np.ndarray:
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty(x.shape, "<u2")
+    _f32_to_f16(x.reshape(-1).view(np.uint32), out.reshape(-1))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _rope_rotate(x, out, cos, sin, n_rot, neox):
+    n, h, d = x.shape
+    half = n_rot // 2
+    for r in range(n):
+        for k in range(h):
+            for j in range(n_rot, d):
+                out[r, k, j] = x[r, k, j]
+            for i in range(half):
+                ia = i if neox else 2 * i
+                ib = i + half if neox else 2 * i + 1
+                a = np.float64(x[r, k, ia])
+                b = np.float64(x[r, k, ib])
+                out[r, k, ia] = np.float32(a * cos[r, i] - b * sin[r, i])
+                out[r, k, ib] = np.float32(a * sin[r, i] + b * cos[r, i])
+
+
+def rope_rotate(x, cos, sin, n_rot: int, neox: bool) -> np.ndarray:
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty_like(x)
+    _rope_rotate(x, out, np.ascontiguousarray(cos, np.float64), np.ascontiguousarray(sin, np.float64), n_rot, bool(neox))
+    return out
 
 
 @njit(cache=True, nogil=True)
@@ -197,12 +308,10 @@ def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: in
     args = (np.frombuffer(data, np.uint8), starts, counts, offsets, freqs, cum, lookup, lanes, out, status)
     n_tasks = starts.shape[0]
     workers = min(threads(), n_tasks) if n >= _PARALLEL_SYMBOLS else 1
-    if workers > 1:
-        # Python threads over a nogil kernel: no OpenMP pool left spinning against numpy after
-        bounds = np.linspace(0, n_tasks, workers + 1).astype(np.int64)
-        list(pool().map(lambda i: _rans_decode_lanes(*args, bounds[i], bounds[i + 1]), range(workers)))
-    else:
-        _rans_decode_lanes(*args, 0, n_tasks)
+    # Python threads over a nogil kernel (parallel_map: no OpenMP pool left spinning against
+    # numpy after, and serial when already on a pool thread)
+    bounds = np.linspace(0, n_tasks, workers + 1).astype(np.int64)
+    parallel_map(lambda i: _rans_decode_lanes(*args, bounds[i], bounds[i + 1]), list(range(workers)))
     if np.any(status != 0):
         raise ValueError("rANS stream is corrupt (a lane ends early or does not decode to its start state)")
     return out

@@ -29,11 +29,66 @@ def hadamard_matrix(n: int) -> np.ndarray:
 
 def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
     """Rotate each run of `block` consecutive values of float32 rows x[..., d] by the orthonormal
-    Hadamard matrix (d a multiple of block). Applying it twice gives x back."""
+    Hadamard matrix (d a multiple of block): x @ hadamard_matrix(block), computed as the fast
+    transform in a fixed order so that every backend rounds alike: butterflies (a + b, a - b) in
+    float32 over pairs (i, i + h) for h = 1, 2, 4, ..., then one multiplication by the float32
+    nearest 1/sqrt(block). Applying it twice gives x back up to rounding."""
     shape = x.shape
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"Hadamard size {block} is not a power of two")
     if shape[-1] % block:
         raise ValueError(f"rows of {shape[-1]} values are not whole {block}-value blocks")
-    return (np.asarray(x, np.float32).reshape(-1, block) @ hadamard_matrix(block)).reshape(shape)
+    y = np.array(x, np.float32).reshape(-1, block)
+    h = 1
+    while h < block:
+        y = y.reshape(-1, block // (2 * h), 2, h)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = np.stack([a + b, a - b], axis=2)
+        h *= 2
+    return (y.reshape(-1, block) * np.float32(1.0 / np.sqrt(block))).reshape(shape)
+
+
+def lattice_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndarray, step: np.ndarray,
+                       mean: np.ndarray) -> np.ndarray:
+    """float32 [m, 8] values of m E8 points (stages/lattice.py stores them so): coset[m] 0 or 1,
+    coord[m, 7], coord_last[m] the eighth coordinate halved (its parity is that of the seven's
+    sum); point = (z + coset / 2), value = point * step[m] (+ mean, float64 [k * 8] repeated over
+    the groups in blocks of k, when not empty). Double arithmetic, one rounding to float32."""
+    z7 = np.asarray(coord, np.int64).reshape(-1, 7)
+    last = 2 * np.asarray(coord_last, np.int64).reshape(-1) + (z7.sum(axis=1) & 1)
+    p = np.concatenate([z7, last[:, None]], axis=1) + 0.5 * np.asarray(coset, np.int64).reshape(-1)[:, None]
+    x = p * np.asarray(step, np.float64).reshape(-1)[:, None]
+    mean = np.asarray(mean, np.float64).reshape(-1)
+    if mean.size:
+        x = (x.reshape(-1, mean.size) + mean).reshape(-1, 8)
+    return x.astype(np.float32)
+
+
+def f32_to_f16(x: np.ndarray) -> np.ndarray:
+    """uint16 bits of IEEE half values of float32 x, rounded to nearest even (numpy's astype;
+    ggml's GGML_FP32_TO_FP16). NaN stays NaN (its payload bits are not specified here)."""
+    with np.errstate(over="ignore"):  # overflow to infinity is the defined result
+        return np.ascontiguousarray(x, np.float32).astype("<f2").view("<u2")
+
+
+def rope_rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, neox: bool) -> np.ndarray:
+    """float32 x[n, h, d] with the first n_rot values of each head vector rotated in pairs
+    (2i, 2i+1), or (i, i + n_rot/2) for NEOX, by the angles whose float64 cos and sin [n, n_rot/2]
+    are given: a*cos - b*sin, a*sin + b*cos in double, rounded once to float32."""
+    x = np.asarray(x, np.float32)
+    cos = np.asarray(cos, np.float64)[:, None, :]
+    sin = np.asarray(sin, np.float64)[:, None, :]
+    out = np.array(x, np.float32, copy=True)
+    half = n_rot // 2
+    if neox:
+        a, b = x[..., :half], x[..., half:n_rot]
+        out[..., :half] = a * cos - b * sin
+        out[..., half:n_rot] = a * sin + b * cos
+    else:
+        a, b = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+        out[..., 0:n_rot:2] = a * cos - b * sin
+        out[..., 1:n_rot:2] = a * sin + b * cos
+    return out
 
 
 def e8_nearest(x: np.ndarray) -> np.ndarray:

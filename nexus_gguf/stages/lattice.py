@@ -177,21 +177,19 @@ class Lattice(Stage):
         for name, shape in want.items():
             if name not in symbols or symbols[name].shape != shape:
                 raise FormatError(f"{info.name}: lattice symbols {name!r} missing or not of shape {shape}")
-        coset = symbols["coset"].reshape(-1).astype(np.int64)
-        if np.any(coset > 1):
+        coset = symbols["coset"]
+        if coset.size and int(coset.max()) > 1:
             raise FormatError(f"{info.name}: lattice coset symbols must be 0 or 1")
-        z7 = symbols["coord"].reshape(-1, 7).astype(np.int64)
-        last = 2 * symbols["coord_last"].reshape(-1).astype(np.int64) + (z7.sum(axis=1) & 1)
-        p = np.concatenate([z7, last[:, None]], axis=1) + 0.5 * coset[:, None]
         step = self._broadcast(self._steps(symbols["scale"], info), n)
         if "bucket" in symbols:
             step = step * np.exp2(symbols["bucket"].astype(np.float64) / BUCKETS_PER_OCTAVE)[:, None, None]
-        x = (p.reshape(n, h, d // block, block) * step[..., None]).reshape(n, h, d)
-        if self.center:
-            x = x + symbols["mean"].astype(np.uint16).view(np.float16).astype(np.float64)
+        group_step = np.repeat(step.reshape(n, -1), block // 8, axis=1)  # [n, g]: each 8-value group's step
+        mean = symbols["mean"].astype(np.uint16).view(np.float16).astype(np.float64) if self.center else np.zeros(0)
+        x = kernel("lattice_dequantize")(coset, _int32(symbols["coord"]), _int32(symbols["coord_last"]), group_step,
+                                         mean).reshape(n, h, d)
         if self.sinks:
             x[sink] = symbols["sink"].astype(np.uint16).view(np.float16)
-        return x.astype(np.float32)
+        return x
 
     def _sink_rows(self, info: TensorInfo, n: int) -> np.ndarray:
         if not self.sinks or info.positions is None:
@@ -201,6 +199,16 @@ class Lattice(Stage):
     def _broadcast(self, step: np.ndarray, n: int) -> np.ndarray:
         """Steps as [n, h, blocks] whatever the scale scope."""
         return np.broadcast_to(step[None], (n,) + step.shape) if self.scale_scope == "head" else step
+
+
+def _int32(a: np.ndarray) -> np.ndarray:
+    """Coordinates as the kernels take them; entropy coding keeps them in int32 (anything wider
+    would not have been written by encode)."""
+    if a.dtype != np.int32:
+        if a.size and (int(a.min()) < -(1 << 31) or int(a.max()) >= 1 << 31):
+            raise FormatError("lattice coordinates outside int32")
+        a = a.astype(np.int32)
+    return a
 
 
 _POINT_STREAMS = {"coset": (), "coord": (7,), "coord_last": ()}

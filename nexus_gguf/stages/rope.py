@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from ..backends import kernel
 from ..errors import ConfigError
 from .base import ModelBinding, Stage, TensorInfo
 
@@ -101,19 +102,22 @@ class Rope(Stage):
             return x
         if info.positions is None or x.shape[-1] < self.n_rot:
             raise ConfigError(f"{info.name}: rope needs cell positions and head_dim >= n_rot")
-        theta = sign * self.angles(info.positions, info.sliding)[:, None, :]  # [n, 1, n_rot/2]
-        cos, sin = np.cos(theta), np.sin(theta)
-        out = np.array(x, np.float32, copy=True)
-        half = self.n_rot // 2
-        if self.mode == "norm":
-            a, b = x[..., 0 : self.n_rot : 2], x[..., 1 : self.n_rot : 2]
-            out[..., 0 : self.n_rot : 2] = a * cos - b * sin
-            out[..., 1 : self.n_rot : 2] = a * sin + b * cos
-        else:
-            a, b = x[..., :half], x[..., half : self.n_rot]
-            out[..., :half] = a * cos - b * sin
-            out[..., half : self.n_rot] = a * sin + b * cos
-        return out
+        cos, sin = self._trig(np.asarray(info.positions), info.sliding, sign)
+        return kernel("rope_rotate")(x, cos, sin, self.n_rot, self.mode != "norm")
+
+    def _trig(self, positions: np.ndarray, sliding: bool, sign: float) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin [n, n_rot/2] of the angles; every layer of a stream has the same cells,
+        so they are computed once per (positions, sliding, direction), not once per layer."""
+        key = (positions.tobytes(), bool(sliding), sign)
+        cache = self.__dict__.setdefault("_trig_cache", {})
+        got = cache.get(key)
+        if got is None:
+            theta = sign * self.angles(positions, sliding)
+            got = (np.cos(theta), np.sin(theta))
+            if len(cache) >= 4:  # a file has one or two streams of cells; keep it small
+                cache.clear()
+            cache[key] = got
+        return got
 
     def encode(self, x: np.ndarray, info: TensorInfo) -> np.ndarray:
         return self._rotate(x, info, -1.0)

@@ -1,0 +1,26 @@
+/* E8 lattice points back to values, as backends/reference.py lattice_dequantize: a point is its
+ * coset (0 integer, 1 half-integer), seven stored coordinates and the eighth stored halved with
+ * the parity of the seven implied; value = (z + coset / 2) * step (+ the channel mean). Every
+ * operation is one IEEE double operation in the reference's order, then one rounding to float:
+ * built without contraction into FMA (CMakeLists.txt), the result is bit-identical. */
+#ifndef NXKV_CORE_LATTICE_H
+#define NXKV_CORE_LATTICE_H
+
+#include <stdint.h>
+
+#include "target.h"
+
+NXKV_FN void nxkv_core_lattice_group(uint8_t coset, const int32_t *z7, int32_t last, double step, const double *mean,
+                                     float *out) {
+    int64_t sum = 0;
+    for (int j = 0; j < 7; ++j) sum += z7[j];
+    const double half = 0.5 * (double)coset;
+    for (int j = 0; j < 8; ++j) {
+        const int64_t z = j < 7 ? (int64_t)z7[j] : 2 * (int64_t)last + (sum & 1);
+        double v = ((double)z + half) * step;
+        if (mean) v = v + mean[j];
+        out[j] = (float)v;
+    }
+}
+
+#endif
