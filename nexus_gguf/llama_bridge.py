@@ -214,46 +214,61 @@ def holds_cells(llm, seq_id: int = 0) -> bool:
     return int(llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llm._ctx.ctx), seq_id)) >= 0
 
 
-def get_seq_state(llm, seq_id: int = 0) -> bytes:
-    """llama_state_seq_get_data for one sequence, as bytes."""
+def _filled(size: int, fill) -> bytearray:
+    """A bytearray of at most `size` bytes that fill(pointer, size) -> n writes into directly
+    (states are gigabytes for large models: no second copy)."""
+    out = bytearray(size)
+    n = int(fill((ctypes.c_uint8 * size).from_buffer(out), size))
+    if n == 0 or n > size:
+        raise NxkvError("llama.cpp failed to copy the state (see its log)")
+    del out[n:]
+    return out
+
+
+def _read_only_pointer(blob):
+    """A uint8 pointer to the bytes of `blob` for a C function that only reads them, without a
+    copy where the object allows (bytes, bytearray, writable buffers)."""
+    if isinstance(blob, bytes):
+        return ctypes.cast(ctypes.c_char_p(blob), ctypes.POINTER(ctypes.c_uint8))
+    view = memoryview(blob)
+    if view.readonly or not view.c_contiguous:
+        return (ctypes.c_uint8 * view.nbytes).from_buffer_copy(view)
+    return (ctypes.c_uint8 * view.nbytes).from_buffer(view.cast("B"))
+
+
+def get_seq_state(llm, seq_id: int = 0) -> bytearray:
+    """llama_state_seq_get_data for one sequence (bytes-like)."""
     llama_cpp = _llama_cpp()
 
     ctx = llm._ctx.ctx
     size = int(llama_cpp.llama_state_seq_get_size(ctx, seq_id))
     if size == 0:
         raise NxkvError("llama.cpp could not size the sequence state (see its log)")
-    buf = (ctypes.c_uint8 * size)()
-    n = int(llama_cpp.llama_state_seq_get_data(ctx, buf, size, seq_id))
-    if n == 0 or n > size:
-        raise NxkvError("llama.cpp failed to copy the sequence state (see its log)")
-    return ctypes.string_at(buf, n)
+    return _filled(size, lambda buf, n: llama_cpp.llama_state_seq_get_data(ctx, buf, n, seq_id))
 
 
-def set_seq_state(llm, blob: bytes, seq_id: int = 0) -> bool:
-    """llama_state_seq_set_data; True on success. On failure llama.cpp has cleared the sequence."""
+def set_seq_state(llm, blob, seq_id: int = 0) -> bool:
+    """llama_state_seq_set_data of a bytes-like blob; True on success. On failure llama.cpp has
+    cleared the sequence."""
     import llama_cpp
 
-    buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-    return int(llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, len(blob), seq_id)) == len(blob)
+    n = memoryview(blob).nbytes
+    return int(llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, _read_only_pointer(blob), n, seq_id)) == n
 
 
-def get_context_state(llm) -> bytes:
-    """llama_state_get_data: the whole context (every sequence), as bytes."""
+def get_context_state(llm) -> bytearray:
+    """llama_state_get_data: the whole context (every sequence), bytes-like."""
     llama_cpp = _llama_cpp()
     ctx = llm._ctx.ctx
     size = int(llama_cpp.llama_state_get_size(ctx))
-    buf = (ctypes.c_uint8 * size)()
-    n = int(llama_cpp.llama_state_get_data(ctx, buf, size))
-    if n == 0 or n > size:
-        raise NxkvError("llama.cpp failed to copy the context state (see its log)")
-    return ctypes.string_at(buf, n)
+    return _filled(size, lambda buf, n: llama_cpp.llama_state_get_data(ctx, buf, n))
 
 
-def set_context_state(llm, blob: bytes) -> bool:
-    """llama_state_set_data; True on success."""
+def set_context_state(llm, blob) -> bool:
+    """llama_state_set_data of a bytes-like blob; True on success."""
     llama_cpp = _llama_cpp()
-    buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-    return int(llama_cpp.llama_state_set_data(llm._ctx.ctx, buf, len(blob))) == len(blob)
+    n = memoryview(blob).nbytes
+    return int(llama_cpp.llama_state_set_data(llm._ctx.ctx, _read_only_pointer(blob), n)) == n
 
 
 def clear_seq(llm, seq_id: int = 0) -> None:
