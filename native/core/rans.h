@@ -12,19 +12,28 @@
 #define NXKV_RANS_PROB_BITS 14
 #define NXKV_RANS_L (1u << 23)
 
+/* The decoder's per-slot table: for slot k (0 .. 2^14-1) of symbol s = lookup[k],
+ * freqs[s] << 14 | (k - cum[s]), so that one load gives both terms of the state update. */
+NXKV_FN void nxkv_core_rans_slots(const uint32_t *freqs, const uint32_t *cum, const uint32_t *lookup, uint32_t *slots) {
+    for (uint32_t k = 0; k < (1u << NXKV_RANS_PROB_BITS); ++k) {
+        const uint32_t s = lookup[k];
+        slots[k] = (freqs[s] << NXKV_RANS_PROB_BITS) | (k - cum[s]);
+    }
+}
+
 /* Decode n symbols of one stream into out[0], out[stride], ...: 0, or -1 if the stream runs out
- * or does not end in the encoder's start state. lookup maps a slot (0 .. 2^14-1) to its symbol. */
-NXKV_FN int nxkv_core_rans_decode(const uint8_t *data, size_t n_data, const uint32_t *freqs, const uint32_t *cum,
-                                  const uint32_t *lookup, int64_t *out, size_t n, size_t stride) {
+ * or does not end in the encoder's start state. lookup maps a slot (0 .. 2^14-1) to its symbol,
+ * slots as nxkv_core_rans_slots. */
+NXKV_FN int nxkv_core_rans_decode(const uint8_t *data, size_t n_data, const uint32_t *slots, const uint32_t *lookup,
+                                  int64_t *out, size_t n, size_t stride) {
     const uint32_t mask = (1u << NXKV_RANS_PROB_BITS) - 1;
     if (n_data < 4) return -1;
     uint32_t x = ((uint32_t)data[0] << 24) | ((uint32_t)data[1] << 16) | ((uint32_t)data[2] << 8) | data[3];
     size_t p = 4;
     for (size_t i = 0; i < n; ++i) {
-        uint32_t slot = x & mask;
-        uint32_t s = lookup[slot];
-        out[i * stride] = s;
-        x = freqs[s] * (x >> NXKV_RANS_PROB_BITS) + slot - cum[s];
+        const uint32_t slot = x & mask, e = slots[slot];
+        out[i * stride] = lookup[slot];
+        x = (e >> NXKV_RANS_PROB_BITS) * (x >> NXKV_RANS_PROB_BITS) + (e & mask);
         while (x < NXKV_RANS_L) {
             if (p >= n_data) return -1;
             x = (x << 8) | data[p++];
@@ -35,14 +44,13 @@ NXKV_FN int nxkv_core_rans_decode(const uint8_t *data, size_t n_data, const uint
 
 /* One decoding step of one lane: the symbol, then the state renormalised from d[*p ..). 0, or
  * -1 if the stream runs out. */
-NXKV_FN int nxkv_core_rans_step(uint32_t *x, size_t *p, const uint8_t *d, size_t n_data, const uint32_t *freqs,
-                                const uint32_t *cum, const uint32_t *lookup, int64_t *out) {
+NXKV_FN int nxkv_core_rans_step(uint32_t *x, size_t *p, const uint8_t *d, size_t n_data, const uint32_t *slots,
+                                const uint32_t *lookup, int64_t *out) {
     const uint32_t mask = (1u << NXKV_RANS_PROB_BITS) - 1;
     uint32_t xl = *x;
-    const uint32_t slot = xl & mask;
-    const uint32_t s = lookup[slot];
-    *out = s;
-    xl = freqs[s] * (xl >> NXKV_RANS_PROB_BITS) + slot - cum[s];
+    const uint32_t slot = xl & mask, e = slots[slot];
+    *out = lookup[slot];
+    xl = (e >> NXKV_RANS_PROB_BITS) * (xl >> NXKV_RANS_PROB_BITS) + (e & mask);
     size_t pl = *p;
     if (pl + 2 <= n_data) {
         /* at most two bytes per symbol (2^14 probabilities, 2^23 lower bound): read both, keep
@@ -70,7 +78,7 @@ NXKV_FN int nxkv_core_rans_step(uint32_t *x, size_t *p, const uint8_t *d, size_t
  * the states in registers. x and p are scratch of `lanes` entries. 0, or -1 as
  * nxkv_core_rans_decode. */
 NXKV_FN int nxkv_core_rans_decode_interleaved(const uint8_t *const *data, const size_t *n_data, size_t lanes,
-                                              const uint32_t *freqs, const uint32_t *cum, const uint32_t *lookup,
+                                              const uint32_t *slots, const uint32_t *lookup,
                                               int64_t *out, size_t m, uint32_t *x, size_t *p) {
     const size_t active = m < lanes ? m : lanes;
     for (size_t l = 0; l < active; ++l) {
@@ -85,10 +93,10 @@ NXKV_FN int nxkv_core_rans_decode_interleaved(const uint8_t *const *data, const 
         uint32_t x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
         size_t p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
         for (; i + 4 <= m; i += 4) {
-            bad |= nxkv_core_rans_step(&x0, &p0, data[0], n_data[0], freqs, cum, lookup, out + i);
-            bad |= nxkv_core_rans_step(&x1, &p1, data[1], n_data[1], freqs, cum, lookup, out + i + 1);
-            bad |= nxkv_core_rans_step(&x2, &p2, data[2], n_data[2], freqs, cum, lookup, out + i + 2);
-            bad |= nxkv_core_rans_step(&x3, &p3, data[3], n_data[3], freqs, cum, lookup, out + i + 3);
+            bad |= nxkv_core_rans_step(&x0, &p0, data[0], n_data[0], slots, lookup, out + i);
+            bad |= nxkv_core_rans_step(&x1, &p1, data[1], n_data[1], slots, lookup, out + i + 1);
+            bad |= nxkv_core_rans_step(&x2, &p2, data[2], n_data[2], slots, lookup, out + i + 2);
+            bad |= nxkv_core_rans_step(&x3, &p3, data[3], n_data[3], slots, lookup, out + i + 3);
         }
         x[0] = x0, x[1] = x1, x[2] = x2, x[3] = x3;
         p[0] = p0, p[1] = p1, p[2] = p2, p[3] = p3;
@@ -96,7 +104,7 @@ NXKV_FN int nxkv_core_rans_decode_interleaved(const uint8_t *const *data, const 
     for (; i < m && !bad; i += lanes) {
         const size_t k = m - i < lanes ? m - i : lanes;
         for (size_t l = 0; l < k; ++l) {
-            bad |= nxkv_core_rans_step(x + l, p + l, data[l], n_data[l], freqs, cum, lookup, out + i + l);
+            bad |= nxkv_core_rans_step(x + l, p + l, data[l], n_data[l], slots, lookup, out + i + l);
         }
     }
     if (bad) return -1;

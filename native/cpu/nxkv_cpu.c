@@ -96,21 +96,25 @@ static int rans_tables(const int64_t *freqs, size_t n_freqs, uint32_t *f32, uint
 }
 
 typedef struct {
-    uint32_t *freqs, *cum, *lookup;
+    uint32_t *freqs, *cum, *lookup, *slots;
 } rans_table;
 
 static int rans_table_new(rans_table *t, const int64_t *freqs, size_t n_freqs, int with_lookup) {
     t->freqs = malloc(sizeof(uint32_t) * (n_freqs ? n_freqs : 1));
     t->cum = malloc(sizeof(uint32_t) * (n_freqs ? n_freqs : 1));
     t->lookup = with_lookup ? malloc(sizeof(uint32_t) << NXKV_RANS_PROB_BITS) : NULL;
-    if (!t->freqs || !t->cum || (with_lookup && !t->lookup)) return NXKV_ERR_NOMEM;
-    return rans_tables(freqs, n_freqs, t->freqs, t->cum, t->lookup);
+    t->slots = with_lookup ? malloc(sizeof(uint32_t) << NXKV_RANS_PROB_BITS) : NULL;
+    if (!t->freqs || !t->cum || (with_lookup && !(t->lookup && t->slots))) return NXKV_ERR_NOMEM;
+    int r = rans_tables(freqs, n_freqs, t->freqs, t->cum, t->lookup);
+    if (r == NXKV_OK && with_lookup) nxkv_core_rans_slots(t->freqs, t->cum, t->lookup, t->slots);
+    return r;
 }
 
 static void rans_table_free(rans_table *t) {
     free(t->freqs);
     free(t->cum);
     free(t->lookup);
+    free(t->slots);
 }
 
 int64_t nxkv_rans_encode(const int64_t *symbols, size_t n, size_t stride, const int64_t *freqs, size_t n_freqs,
@@ -137,7 +141,7 @@ int nxkv_rans_decode(const uint8_t *data, size_t n_data, const int64_t *freqs, s
     rans_table t;
     int r = rans_table_new(&t, freqs, n_freqs, 1);
     if (r == NXKV_OK) {
-        r = nxkv_core_rans_decode(data, n_data, t.freqs, t.cum, t.lookup, out, n, 1) ? NXKV_ERR_CORRUPT : NXKV_OK;
+        r = nxkv_core_rans_decode(data, n_data, t.slots, t.lookup, out, n, 1) ? NXKV_ERR_CORRUPT : NXKV_OK;
     }
     rans_table_free(&t);
     return r;
@@ -175,7 +179,7 @@ int nxkv_rans_decode_lanes(const uint8_t *data, size_t n_data, const int64_t *le
             lens[l] = (size_t)len;
             offset += (size_t)len;
         }
-        if (r == NXKV_OK && nxkv_core_rans_decode_interleaved(ptrs, lens, lanes, t.freqs, t.cum, t.lookup, out + c0, m, x, p)) {
+        if (r == NXKV_OK && nxkv_core_rans_decode_interleaved(ptrs, lens, lanes, t.slots, t.lookup, out + c0, m, x, p)) {
             r = NXKV_ERR_CORRUPT;
         }
     }
