@@ -20,7 +20,7 @@ from .header import Header, build_header
 from .llama_state import parse_state, write_state
 from .pipeline import DEFAULT_PRESET, Pipeline, build_pipeline
 from .stages import ModelBinding
-from .state_file import decode_logits, decode_state, decode_tokens, encode_logits, encode_state, encode_tokens, value_dims
+from .state_file import decode_logits, decode_state_blob, decode_tokens, encode_logits, encode_state, encode_tokens, value_dims
 
 
 @dataclass
@@ -205,10 +205,9 @@ def _decode(llm, f: NxkvFile) -> _Decoded:
             logits = None
             if header.logits is not None:
                 logits = decode_logits(f.section("logits"), header.logits["n_vocab"], header.logits["dtype"], limits)
-            state = decode_state(header.state, header.pipeline, f.section, limits)
+            blob, state = decode_state_blob(header.state, header.pipeline, f.section, limits)
         except FormatError as e:
             raise FormatError(f"{f.source}: {e}") from None
-        blob = write_state(state)
         exact = crc32(blob) == header.raw_crc32 and len(blob) == header.raw_bytes
         if header.pipeline.lossless and not exact:
             raise ChecksumError(f"{f.source}: the restored state does not match the saved one (CRC of the rebuilt state)")
@@ -262,7 +261,11 @@ def _in_target_layout(llm, state, blob: bytes) -> list[bytes]:
 def _restore_or_roll_back(llm, blobs: list[bytes], source: str, seq_id: int = 0) -> bytes:
     """Set the first blob llama.cpp takes into sequence seq_id, and return it; if it takes
     none, put the sequence back as it was and raise RestoreError."""
-    backup = bridge.get_seq_state(llm, seq_id) if bridge.holds_cells(llm, seq_id) else None
+    # what to put back if llama.cpp refuses: nothing when the Llama holds no prompt (after
+    # reset() its stale cells are dropped by the next eval anyway; copying them costs as much as
+    # the raw state)
+    empty = seq_id == 0 and getattr(llm, "n_tokens", 1) == 0
+    backup = bridge.get_seq_state(llm, seq_id) if not empty and bridge.holds_cells(llm, seq_id) else None
     for blob in blobs:
         if bridge.set_seq_state(llm, blob, seq_id):
             return blob

@@ -376,7 +376,7 @@ def _emit_cache(out: list, cache: Cache) -> None:
             if layer.k.shape[0] != n:
                 raise StateLayoutError("K rows and cells disagree")
             out.append(struct.pack("<iQ", layer.k_type.id, layer.k.shape[1]))
-            out.append(np.ascontiguousarray(layer.k).data)
+            out.append(layer.k)
         for layer in s.layers:
             if not s.v_trans:
                 out.append(struct.pack("<iQ", layer.v_type.id, layer.v.shape[1]))
@@ -385,11 +385,11 @@ def _emit_cache(out: list, cache: Cache) -> None:
                 if layer.v.shape[1] != n * el:
                     raise StateLayoutError("transposed V columns and cells disagree")
                 out.append(struct.pack("<iII", layer.v_type.id, el, layer.v.shape[0]))
-            out.append(np.ascontiguousarray(layer.v).data)
+            out.append(layer.v)
 
 
-def write_state(state: LlamaState) -> bytes:
-    """The exact bytes llama.cpp would have written for this state."""
+def _pieces(state: LlamaState) -> list:
+    """The blob in order: bytes, and each layer's K and V rows as the arrays themselves."""
     out: list = []
     if state.kind == "sequence":
         out.append(struct.pack("<Ii", SEQ_STATE_MAGIC, state.seq_id))
@@ -399,7 +399,39 @@ def write_state(state: LlamaState) -> bytes:
         out.append(arch)
     for c in state.caches:
         _emit_cache(out, c)
-    return b"".join(out)
+    return out
+
+
+def write_state(state: LlamaState) -> bytes:
+    """The exact bytes llama.cpp would have written for this state."""
+    return b"".join(p if isinstance(p, bytes) else np.ascontiguousarray(p).data for p in _pieces(state))
+
+
+def state_buffer(skeleton: LlamaState) -> tuple[bytearray, LlamaState]:
+    """The blob of `skeleton` as one buffer with everything but the layers' rows written, and the
+    state with each layer's K and V as writable views of their place in it: a decoder fills the
+    rows in place, and the buffer is what llama.cpp gets, with no second copy of the state. The
+    skeleton's rows give only shapes (np.broadcast_to of one byte costs no memory)."""
+    pieces = _pieces(skeleton)
+    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
+    buf = bytearray(size)
+    views: dict[int, np.ndarray] = {}
+    offset = 0
+    for p in pieces:
+        if isinstance(p, bytes):
+            buf[offset : offset + len(p)] = p
+            offset += len(p)
+        else:
+            views[id(p)] = np.frombuffer(buf, np.uint8, p.nbytes, offset).reshape(p.shape)
+            offset += p.nbytes
+
+    def placed(stream: Optional[Stream]) -> Optional[Stream]:
+        if stream is None:
+            return None
+        return Stream(stream.cells, [replace(L, k=views[id(L.k)], v=views[id(L.v)]) for L in stream.layers])
+
+    caches = [Cache(c.name, [placed(s) for s in c.streams]) for c in skeleton.caches]
+    return buf, replace(skeleton, caches=caches)
 
 
 def check_supported_memory(is_recurrent: bool, is_hybrid: bool, arch: str = "") -> None:

@@ -13,7 +13,7 @@ from .errors import FormatError, StateLayoutError
 from .ggml_types import GgmlType, ggml_type_by_name
 from .header import LOGITS_DTYPES, Limits
 from .llama_rotation import llama_rotation, toggle_llama_rotation
-from .llama_state import Cache, Cells, LayerKV, LlamaState, Stream, parse_cells
+from .llama_state import Cache, Cells, LayerKV, LlamaState, Stream, parse_cells, state_buffer
 from .pipeline import Pipeline, meta_pipeline
 from .stages import TensorInfo
 
@@ -134,6 +134,17 @@ def _check_dims(dims, limits: Limits) -> None:
 def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limits: Limits) -> LlamaState:
     """Rebuild the LlamaState from the header layout and a `section(name) -> bytes` accessor.
     Every count and shape is checked against `limits` before it is used."""
+    return decode_state_blob(layout, pipeline, section, limits)[1]
+
+
+def _no_rows(shape: tuple[int, int]) -> np.ndarray:
+    return np.broadcast_to(np.zeros(1, np.uint8), shape)
+
+
+def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limits: Limits) -> tuple[bytearray, LlamaState]:
+    """decode_state, and the llama.cpp blob it makes: decoded layer by layer straight into the
+    one buffer llama.cpp will read (the state's rows are views of it), so memory holds one
+    state plus a layer per core, not the rows and then their joined copy."""
     meta = meta_pipeline()
     dims = layout.get("values") if pipeline.values_path else None
     if pipeline.values_path:
@@ -145,7 +156,7 @@ def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limits: Li
                 raise FormatError(f"a sequence state needs a sequence id, not {seq_id!r}")
         elif kind != "context" or not isinstance(arch, str) or len(arch.encode()) > 256:
             raise FormatError(f"state kind {kind!r} with architecture {arch!r} is not one llama.cpp writes")
-        caches = []
+        caches, jobs = [], []
         if not isinstance(layout["caches"], list) or not 1 <= len(layout["caches"]) <= 2:
             raise FormatError(f"a state has one or two caches, not {len(layout['caches'])!r}")
         for ci, c in enumerate(layout["caches"]):
@@ -163,39 +174,59 @@ def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limits: Li
                 cell_data = meta.decode(np.frombuffer(section(name), np.uint8), _meta_info(name, cell_bytes))
                 cells = _cells_from_bytes(cell_data, n_cells, bool(layout["has_cell_ext"]))
                 v_trans = bool(s["v_trans"])
-
-                def decode_layer(li: int, L: dict, data: dict) -> LayerKV:
-                    arrays = []
-                    for kind in ("k", "v"):
-                        name = f"{kind}.{ci}.{si}.{li}"
-                        t = ggml_type_by_name(L[f"{kind}_type"])
-                        if kind == "v" and v_trans:
-                            rows, cols = _shape(L["v_shape"], name, limits.n_embd_v, n_cells * t.type_size)
-                            n_embd = rows
+                layers = []
+                for li, L in enumerate(s["layers"]):
+                    shapes = {}
+                    for part in ("k", "v"):
+                        name = f"{part}.{ci}.{si}.{li}"
+                        t = ggml_type_by_name(L[f"{part}_type"])
+                        if part == "v" and v_trans:
+                            shapes[part] = (t, _shape(L["v_shape"], name, limits.n_embd_v, n_cells * t.type_size))
                         else:
-                            rows, cols = _shape(L[f"{kind}_shape"], name, n_cells, limits.row_bytes(t, kind))
-                            n_embd = cols // t.type_size * t.block_size
-                        coded = np.frombuffer(data[kind], np.uint8)
-                        if dims:  # values: back into the rows and layout the context expects
-                            info = _value_info(pipeline, name, kind, t, cells, L["model_layer"], bool(L["sliding_window"]),
-                                               n_embd, dims)
-                            arrays.append((t, _unrotated(pipeline.decode_values(coded, info), t, info, dims)))
-                            continue
-                        raw = pipeline.decode(coded, TensorInfo(name, t.name, t.float_bytes, rows * cols))
-                        if raw.size != rows * cols:
-                            raise FormatError(f"section {name!r} decodes to {raw.size} bytes, expected {rows * cols}")
-                        arrays.append((t, raw.reshape(rows, cols)))
-                    (kt, k), (vt, v) = arrays
-                    make = LayerKV.from_values if dims else LayerKV
-                    return make(li, L["model_layer"], bool(L["sliding_window"]), kt, k, vt, v, v_trans)
-
-                # the sections are read here, in order (a remote file reads one range at a time);
-                # the layers decode on all cores (the kernels and numpy release the GIL)
-                jobs = [(li, L, {kind: section(f"{kind}.{ci}.{si}.{li}") for kind in ("k", "v")})
-                        for li, L in enumerate(s["layers"])]
-                streams.append(Stream(cells, parallel_map(lambda job: decode_layer(*job), jobs)))
+                            shapes[part] = (t, _shape(L[f"{part}_shape"], name, n_cells, limits.row_bytes(t, part)))
+                    # rows by shape only (no memory): state_buffer places them in the blob
+                    (kt, k_shape), (vt, v_shape) = shapes["k"], shapes["v"]
+                    layers.append(LayerKV(li, L["model_layer"], bool(L["sliding_window"]), kt, _no_rows(k_shape), vt,
+                                          _no_rows(v_shape), v_trans))
+                    jobs.append((ci, si, li, L, cells, v_trans))
+                streams.append(Stream(cells, layers))
             caches.append(Cache(c["name"], streams))
-        return LlamaState(kind, caches, arch, seq_id, bool(layout["has_cell_ext"]))
+        try:
+            blob, state = state_buffer(LlamaState(kind, caches, arch, seq_id, bool(layout["has_cell_ext"])))
+        except StateLayoutError as e:
+            raise FormatError(f"the header's state layout is inconsistent: {e}") from None
+
+        def decode_layer(job) -> None:
+            """Decode one layer's K and V sections into their place in the blob."""
+            ci, si, li, L, cells, v_trans, data = job
+            dest = state.caches[ci].streams[si].layers[li]
+            arrays = []
+            for part in ("k", "v"):
+                name = f"{part}.{ci}.{si}.{li}"
+                t, rows = (dest.k_type, dest.k) if part == "k" else (dest.v_type, dest.v)
+                coded = np.frombuffer(data[part], np.uint8)
+                if dims:  # values: back into the rows and layout the context expects
+                    n_embd = rows.shape[0] if part == "v" and v_trans else rows.shape[1] // t.type_size * t.block_size
+                    info = _value_info(pipeline, name, part, t, cells, L["model_layer"], bool(L["sliding_window"]), n_embd, dims)
+                    arrays.append(_unrotated(pipeline.decode_values(coded, info), t, info, dims))
+                    continue
+                raw = pipeline.decode(coded, TensorInfo(name, t.name, t.float_bytes, rows.size))
+                if raw.size != rows.size:
+                    raise FormatError(f"section {name!r} decodes to {raw.size} bytes, expected {rows.size}")
+                rows[...] = raw.reshape(rows.shape)
+            if dims:
+                made = LayerKV.from_values(li, L["model_layer"], bool(L["sliding_window"]), dest.k_type, arrays[0],
+                                           dest.v_type, arrays[1], v_trans)
+                for got, want in ((made.k, dest.k), (made.v, dest.v)):
+                    if got.shape != want.shape:
+                        raise FormatError(f"layer {ci}.{si}.{li}: values make rows of shape {got.shape}, the header says {want.shape}")
+                    want[...] = got
+
+        # the sections are read here, in order (a remote file reads one range at a time);
+        # the layers decode on all cores (the kernels release the GIL), each into its place
+        parallel_map(decode_layer, [(*job, {part: section(f"{part}.{job[0]}.{job[1]}.{job[2]}") for part in ("k", "v")})
+                                    for job in jobs])
+        return blob, state
     except FormatError:
         raise
     except (KeyError, TypeError, ValueError, StateLayoutError) as e:

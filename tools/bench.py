@@ -6,6 +6,9 @@ prose and source code, prefixes of 1024, 4096 and 7680 tokens, in one run on one
                                      # bench/results.json, bench/pareto.png and README's table
     python tools/bench.py --quick    # 1024-token prose prefix only (a few minutes): writes
                                      # bench/quick.json and bench/quick.png, README untouched
+    python tools/bench.py --speed    # save / restore speed and memory against llama.cpp's own
+                                     # state calls and the prefill, 4096 and 7680 tokens (a few
+                                     # minutes): bench/speed.json and README's speed table
 
 Figures are ratios against the raw state measured in the same run; times are single runs on a
 shared machine, so compare them within a run, not across runs."""
@@ -23,8 +26,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # measure this checkout (native library built in place), not an installed copy
 TEXTS = {"prose": ROOT / "tests/data/prose_long.txt", "code": ROOT / "tests/data/code.txt"}
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+SPEED_BEGIN, SPEED_END = "<!-- speed:begin -->", "<!-- speed:end -->"
 
 FULL = dict(texts=["prose", "code"], prefixes=[1024, 4096, 7680], eval_tokens=256, recall_trials=4,
             recall={"prose": [4096]}, ablate=["high", "seed"], eviction_at=[4096])
@@ -58,12 +63,139 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} threads, {platform.system()}"
 
 
-def update_readme(readme: Path, block: str) -> None:
+def update_readme(readme: Path, block: str, begin: str = README_BEGIN, end: str = README_END) -> None:
     text = readme.read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} markers")
-    readme.write_text(pattern.sub(lambda _: f"{README_BEGIN}\n{block}\n{README_END}", text), encoding="utf-8")
+        raise SystemExit(f"{readme} has no {begin} ... {end} markers")
+    readme.write_text(pattern.sub(lambda _: f"{begin}\n{block}\n{end}", text), encoding="utf-8")
+
+
+class PeakRss:
+    """The most resident memory above the level at entry while the block runs (Linux: sampled
+    from /proc/self/statm every millisecond by a thread), in bytes."""
+
+    def __enter__(self):
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _watch(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.extra = self.peak - self.base
+
+
+def _median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def speed(model: str, prefixes: list[int], threads: int, repeat: int) -> list[dict]:
+    """For each prefix of the prose text: llama-cpp-python's own state save and load, then
+    save_state / load_state of each preset (medians of `repeat`), the decoder and encoder alone
+    on 1 and all cores (scoring excluded), and the memory a save and a load add at their peak."""
+    import tempfile
+
+    import llama_cpp
+
+    import nexus_gguf as ng
+    from nexus_gguf import backends
+    from nexus_gguf.format import NxkvFile
+    from nexus_gguf.header import Header
+    from nexus_gguf.state_file import decode_state, encode_state
+
+    text = TEXTS["prose"].read_text(encoding="utf-8")
+    llm = llama_cpp.Llama(model, n_ctx=max(prefixes) + 64, n_threads=threads, n_batch=512, verbose=False)
+    tokens_all = llm.tokenize(text.encode())
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="nxkv-speed-"))
+    for n in prefixes:
+        if len(tokens_all) < n:
+            raise SystemExit(f"{TEXTS['prose']} has {len(tokens_all)} tokens, fewer than {n}")
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(tokens_all[:n])
+        prefill = time.perf_counter() - t
+        raw_state = llm.save_state()
+        raw_bytes = len(bytes(raw_state.llama_state))
+        raw_save = _median_time(llm.save_state, repeat)
+        raw_load = _median_time(lambda: llm.load_state(raw_state), repeat)
+        print(f"== {n} tokens: prefill {prefill:.2f} s, raw state {raw_bytes / 1e6:.1f} MB, llama-cpp-python "
+              f"save {raw_save:.3f} s, load {raw_load:.3f} s", file=sys.stderr)
+        for preset in ("lossless", "high"):
+            path = tmp / f"{preset}.nxkv"
+            llm.load_state(raw_state)
+            with PeakRss() as save_mem:
+                ng.save_state(llm, path, preset)
+            save = _median_time(lambda: ng.save_state(llm, path, preset), repeat)
+            llm.reset()  # a Llama that holds nothing: no previous sequence to keep for a roll-back
+            with PeakRss() as load_mem:
+                ng.load_state(llm, path)
+            load = _median_time(lambda: (llm.reset(), ng.load_state(llm, path)), repeat)
+            f = NxkvFile.open(path)
+            h = Header(f.header, f.source)
+            decode, encode = {}, {}
+            for cores in (1, backends.threads()):
+                os.environ["NEXUS_GGUF_THREADS"] = str(cores)
+                decode[cores] = _median_time(lambda: decode_state(h.state, h.pipeline, f.section, h.limits()), repeat)
+            # the state the encoder starts from: the lossless file decodes to the raw state
+            lossless = NxkvFile.open(tmp / "lossless.nxkv")
+            lh = Header(lossless.header, lossless.source)
+            state = decode_state(lh.state, lh.pipeline, lossless.section, lh.limits())
+            for cores in (1, backends.threads()):
+                os.environ["NEXUS_GGUF_THREADS"] = str(cores)
+                encode[cores] = _median_time(lambda: encode_state(state, h.pipeline, h.state.get("values"), None), repeat)
+            os.environ.pop("NEXUS_GGUF_THREADS", None)
+            all_cores = backends.threads()
+            row = {
+                "prefix_tokens": n, "preset": preset, "raw_bytes": raw_bytes, "stored_bytes": path.stat().st_size,
+                "prefill_seconds": prefill, "raw_save_seconds": raw_save, "raw_load_seconds": raw_load,
+                "save_seconds": save, "load_seconds": load, "load_vs_raw": load / raw_load, "load_vs_prefill": load / prefill,
+                "decode_seconds_1": decode[1], "decode_seconds_all": decode[all_cores], "cores": all_cores,
+                "decode_gb_s_per_core": raw_bytes / decode[1] / 1e9, "decode_scaling": decode[1] / decode[all_cores],
+                "encode_seconds_1": encode[1], "encode_seconds_all": encode[all_cores],
+                "encode_mb_s_per_core": raw_bytes / encode[1] / 1e6, "encode_scaling": encode[1] / encode[all_cores],
+                "save_peak_extra_bytes": save_mem.extra, "load_peak_extra_bytes": load_mem.extra,
+            }
+            rows.append(row)
+            print(f"  {preset}: load {load:.3f} s ({row['load_vs_raw']:.1f}x raw, 1/{1 / row['load_vs_prefill']:.0f} "
+                  f"of the prefill), decode {row['decode_gb_s_per_core']:.2f} GB/s per core, x{row['decode_scaling']:.2f} "
+                  f"on {all_cores}; encode {row['encode_mb_s_per_core']:.0f} MB/s per core; peak +{save_mem.extra / 1e6:.0f} MB "
+                  f"saving, +{load_mem.extra / 1e6:.0f} MB loading", file=sys.stderr)
+    return rows
+
+
+def speed_table(rows: list[dict]) -> str:
+    head = ("| tokens | preset | raw MB | load s | llama.cpp load s | load / raw | prefill s | load / prefill "
+            "| decode GB/s per core | on all cores | encode MB/s per core | save s | peak extra MB saving / loading |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        out.append(
+            f"| {r['prefix_tokens']} | {r['preset']} | {r['raw_bytes'] / 1e6:.1f} | {r['load_seconds']:.3f} | "
+            f"{r['raw_load_seconds']:.3f} | {r['load_vs_raw']:.1f}x | {r['prefill_seconds']:.1f} | "
+            f"1/{1 / r['load_vs_prefill']:.0f} | {r['decode_gb_s_per_core']:.2f} | x{r['decode_scaling']:.2f} on "
+            f"{r['cores']} | {r['encode_mb_s_per_core']:.0f} | {r['save_seconds']:.2f} | "
+            f"{r['save_peak_extra_bytes'] / 1e6:.0f} / {r['load_peak_extra_bytes'] / 1e6:.0f} |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -83,7 +215,27 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--presets", help="comma-separated (default: all)")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
+    ap.add_argument("--speed", action="store_true", help="save / restore speed and memory only")
+    ap.add_argument("--speed-tokens", default="4096,7680", help="prefixes for --speed (default 4096,7680)")
+    ap.add_argument("--repeat", type=int, default=5, help="timings per figure for --speed (the median is kept)")
     args = ap.parse_args(argv)
+    if args.speed:
+        model = args.model or default_model_path()
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = speed(model, [int(x) for x in args.speed_tokens.split(",")], args.threads, args.repeat)
+        meta = {"command": "python tools/bench.py --speed", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "machine": _machine(), "model": os.path.basename(model), "software": software_versions()}
+        (out / "speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n", encoding="utf-8")
+        if not args.no_readme:
+            block = (f"Measured by `{meta['command']}` on {meta['date'][:10]} ({meta['machine']}; {meta['model']}; "
+                     f"llama-cpp-python {meta['software']['llama_cpp_python']}); medians of {args.repeat}. Load: "
+                     "`load_state` into a Llama holding nothing, file read and checksummed included; llama.cpp load: "
+                     "llama-cpp-python's own `Llama.load_state` of the raw state. Decode / encode: the codec alone, "
+                     "GB/s of reconstructed cache (raw state bytes); scoring excluded. Peak extra: resident memory "
+                     "above the level before the call.\n\n" + speed_table(rows))
+            update_readme(ROOT / "README.md", block, SPEED_BEGIN, SPEED_END)
+        return 0
 
     plan = QUICK if args.quick else FULL
     presets = args.presets.split(",") if args.presets else list(PRESETS)

@@ -6,15 +6,28 @@
 #define NXKV_CORE_E8_H
 
 #include <math.h>
+#include <stdint.h>
 
 #include "target.h"
+
+/* floor(t) for t >= 0 (or NaN), without a libm call where the value fits an integer: the
+ * conversion truncates, which is floor for non-negative values, so the result is the same. */
+NXKV_FN double nxkv_core_floor_nonneg(double t) {
+    return t < 4503599627370496.0 ? (double)(int64_t)t : floor(t); /* 2^52: beyond it t is whole */
+}
+
+/* Whether an integer-valued double is odd (fmod(sum, 2) != 0), without a libm call where it
+ * fits an integer. */
+NXKV_FN int nxkv_core_is_odd(double sum) {
+    return fabs(sum) < 4503599627370496.0 ? (int)((int64_t)sum & 1) : fmod(sum, 2.0) != 0.0;
+}
 
 NXKV_FN void nxkv_core_d8_nearest(const double x[8], double out[8]) {
     double sum = 0.0, worst_err = -1.0;
     int worst = 0;
     for (int j = 0; j < 8; ++j) {
         double v = x[j];
-        double r = floor(fabs(v) + 0.5) * (v >= 0 ? 1.0 : -1.0);
+        double r = nxkv_core_floor_nonneg(fabs(v) + 0.5) * (v >= 0 ? 1.0 : -1.0);
         out[j] = r;
         sum += r;
         double e = fabs(v - r);
@@ -23,7 +36,7 @@ NXKV_FN void nxkv_core_d8_nearest(const double x[8], double out[8]) {
             worst = j;
         }
     }
-    if (fmod(sum, 2.0) != 0.0) {
+    if (nxkv_core_is_odd(sum)) {
         out[worst] += (x[worst] - out[worst] >= 0) ? 1.0 : -1.0;
     }
 }

@@ -178,17 +178,27 @@ _executor = None
 
 
 def threads() -> int:
-    """The cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may use, at most NEXUS_GGUF_THREADS when that is set."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = os.environ.get("NEXUS_GGUF_THREADS")
+    if limit:
+        try:
+            n = min(n, max(1, int(limit)))
+        except ValueError:
+            raise ConfigError(f"NEXUS_GGUF_THREADS={limit!r} is not a whole number") from None
+    return n
 
 
 def pool():
-    """The package's one thread pool (kernels that release the GIL run on it)."""
+    """The package's thread pool of threads() workers (kernels that release the GIL run on it)."""
     global _executor
-    if _executor is None:
+    n = threads()
+    if _executor is None or _executor._max_workers != n:
         from concurrent.futures import ThreadPoolExecutor
 
-        _executor = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="nexus-gguf", initializer=_mark_worker)
+        if _executor is not None:
+            _executor.shutdown(wait=False)  # NEXUS_GGUF_THREADS changed: its threads finish what they hold
+        _executor = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nexus-gguf", initializer=_mark_worker)
     return _executor
 
 
