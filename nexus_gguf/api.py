@@ -169,11 +169,10 @@ def load_state(llm, path, *, seq_id: int = 0) -> LoadReport:
     a multi-sequence context instead (the Llama's own bookkeeping, which follows sequence 0, is
     then left alone; LoadReport.tokens says what the sequence holds)."""
     timer = _Timer()
-    f = NxkvFile.open(path)
-    f.verify()
-    timer.lap("read")
-    d = _decode(llm, f)
-    timer.lap("decode")
+    with NxkvFile.open(path) as f:
+        timer.lap("read")
+        d = _decode(llm, f)  # every section's CRC is checked as it is read
+        timer.lap("decode")
     blobs = _into_stream(llm, d, seq_id)
     taken = _restore_or_roll_back(llm, blobs, f.source, seq_id)
     if seq_id == 0:
@@ -205,7 +204,9 @@ def _decode(llm, f: NxkvFile) -> _Decoded:
             logits = None
             if header.logits is not None:
                 logits = decode_logits(f.section("logits"), header.logits["n_vocab"], header.logits["dtype"], limits)
-            blob, state = decode_state_blob(header.state, header.pipeline, f.section, limits)
+            blob, state = decode_state_blob(header.state, header.pipeline, f.section, limits, f.concurrent_reads)
+        except ChecksumError:
+            raise  # names the file and the section already
         except FormatError as e:
             raise FormatError(f"{f.source}: {e}") from None
         exact = crc32(blob) == header.raw_crc32 and len(blob) == header.raw_bytes
@@ -230,9 +231,9 @@ def _into_stream(llm, d: "_Decoded", seq_id: int) -> list[bytes]:
 
 
 def decode_for(llm, f: NxkvFile) -> tuple[np.ndarray, bytes]:
-    """(prompt tokens, sequence state for llm's cache) of a verified file, llama.cpp untouched:
-    for callers that hand the state to llama.cpp themselves (prompt_cache)."""
-    f.verify()
+    """(prompt tokens, sequence state for llm's cache) of a file (every section checksummed as
+    it is read), llama.cpp untouched: for callers that hand the state to llama.cpp themselves
+    (prompt_cache)."""
     d = _decode(llm, f)
     return d.tokens, d.blobs[0]
 

@@ -138,14 +138,19 @@ class Section:
 
 class NxkvFile:
     """A parsed, bounds-checked .nxkv file. Section bytes are checked against their CRC on every
-    access (`section`) or all at once (`verify`). Local files are read whole; remote ones
-    (fsspec URLs, storage.py) are read lazily: the header first, then each section asked for."""
+    access (`section`) or all at once (`verify`). Local files are read a section at a time as
+    asked for (os.pread: safe from threads, and memory holds what is being decoded, not the
+    file); remote ones (fsspec URLs, storage.py) the same, one range after another, each
+    section kept once read. Close with close() or a `with` block (or let it be collected)."""
 
     def __init__(self, buf, source: str = "<bytes>"):
         self.source = source
         self._buf = memoryview(buf).cast("B")
         self._size = len(self._buf)
         self._read = lambda offset, n: self._buf[offset : offset + n]
+        self._close = None
+        self._keep = True  # in memory already: keeping a checked section costs nothing
+        self.concurrent_reads = True
         self.header, self.sections, self._data_start = _parse(self._buf, source)
         self._verified: dict[str, memoryview] = {}  # sections whose CRC was already checked
 
@@ -155,24 +160,44 @@ class NxkvFile:
 
         path = os.fspath(path)
         if storage.is_url(path):
-            return cls._lazy(path, *storage.open_read(path))
-        with open(path, "rb") as f:
-            return cls(f.read(), path)
+            handle, size = storage.open_read(path)
+            return cls._from_reader(path, _handle_reader(path, handle), size, handle.close, keep=True, concurrent=False)
+        if not hasattr(os, "pread"):  # Windows: read it whole
+            with open(path, "rb") as f:
+                return cls(f.read(), path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            return cls._from_reader(path, _pread_reader(path, fd), size, lambda: os.close(fd), keep=False, concurrent=True)
+        except BaseException:
+            os.close(fd)
+            raise
 
     @classmethod
-    def _lazy(cls, source: str, handle, size: int) -> "NxkvFile":
-        def read(offset: int, n: int) -> memoryview:
-            handle.seek(offset)
-            data = handle.read(n)
-            if len(data) != n:
-                raise FormatError(f"{source}: {n} bytes at offset {offset} could not be read (the file is shorter)")
-            return memoryview(data)
-
+    def _from_reader(cls, source: str, read, size: int, close, keep: bool, concurrent: bool) -> "NxkvFile":
         self = cls.__new__(cls)
-        self.source, self._size, self._read, self._handle = source, size, read, handle
-        self.header, self.sections, self._data_start = _parse(_head(read, size), source, size)
+        self.source, self._size, self._read, self._close = source, size, read, close
+        self._keep, self.concurrent_reads = keep, concurrent
         self._verified = {}
+        self.header, self.sections, self._data_start = _parse(_head(read, size), source, size)
         return self
+
+    def close(self) -> None:
+        close, self._close = self._close, None
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "NxkvFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - nothing to report to at collection time
+            pass
 
     @property
     def file_bytes(self) -> int:
@@ -191,12 +216,39 @@ class NxkvFile:
         data = self._read(self._data_start + s.offset, s.length)
         if crc32(data) != s.crc32:
             raise ChecksumError(f"{self.source}: section {name!r} is damaged (CRC mismatch)")
-        self._verified[name] = data
+        if self._keep:
+            self._verified[name] = data
         return data
 
     def verify(self) -> None:
+        """Check every section's CRC (a local file's sections are read, checked and let go)."""
         for name in self.sections:
             self.section(name)
+
+
+def _pread_reader(source: str, fd: int):
+    def read(offset: int, n: int) -> memoryview:
+        parts, got = [], 0
+        while got < n:  # one read returns at most about 2 GiB on Linux
+            b = os.pread(fd, n - got, offset + got)
+            if not b:
+                raise FormatError(f"{source}: {n} bytes at offset {offset} could not be read (the file is shorter)")
+            parts.append(b)
+            got += len(b)
+        return memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    return read
+
+
+def _handle_reader(source: str, handle):
+    def read(offset: int, n: int) -> memoryview:
+        handle.seek(offset)
+        data = handle.read(n)
+        if len(data) != n:
+            raise FormatError(f"{source}: {n} bytes at offset {offset} could not be read (the file is shorter)")
+        return memoryview(data)
+
+    return read
 
 
 def _head(read, size: int) -> memoryview:

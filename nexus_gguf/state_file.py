@@ -131,17 +131,20 @@ def _check_dims(dims, limits: Limits) -> None:
             raise FormatError(f"value layout {dims!r} does not fit the model's {kind.upper()} heads of {want}")
 
 
-def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limits: Limits) -> LlamaState:
+def decode_state(layout: dict[str, Any], pipeline: Pipeline, section, limits: Limits,
+                 concurrent_reads: bool = False) -> LlamaState:
     """Rebuild the LlamaState from the header layout and a `section(name) -> bytes` accessor.
-    Every count and shape is checked against `limits` before it is used."""
-    return decode_state_blob(layout, pipeline, section, limits)[1]
+    Every count and shape is checked against `limits` before it is used. concurrent_reads:
+    `section` may be called from several threads at once (NxkvFile.concurrent_reads)."""
+    return decode_state_blob(layout, pipeline, section, limits, concurrent_reads)[1]
 
 
 def _no_rows(shape: tuple[int, int]) -> np.ndarray:
     return np.broadcast_to(np.zeros(1, np.uint8), shape)
 
 
-def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limits: Limits) -> tuple[bytearray, LlamaState]:
+def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limits: Limits,
+                      concurrent_reads: bool = False) -> tuple[bytearray, LlamaState]:
     """decode_state, and the llama.cpp blob it makes: decoded layer by layer straight into the
     one buffer llama.cpp will read (the state's rows are views of it), so memory holds one
     state plus a layer per core, not the rows and then their joined copy."""
@@ -196,9 +199,13 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
         except StateLayoutError as e:
             raise FormatError(f"the header's state layout is inconsistent: {e}") from None
 
+        def read(job) -> dict:
+            return {part: section(f"{part}.{job[0]}.{job[1]}.{job[2]}") for part in ("k", "v")}
+
         def decode_layer(job) -> None:
             """Decode one layer's K and V sections into their place in the blob."""
             ci, si, li, L, cells, v_trans, data = job
+            data = data if data is not None else read(job)
             dest = state.caches[ci].streams[si].layers[li]
             arrays = []
             for part in ("k", "v"):
@@ -222,10 +229,11 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
                         raise FormatError(f"layer {ci}.{si}.{li}: values make rows of shape {got.shape}, the header says {want.shape}")
                     want[...] = got
 
-        # the sections are read here, in order (a remote file reads one range at a time);
-        # the layers decode on all cores (the kernels release the GIL), each into its place
-        parallel_map(decode_layer, [(*job, {part: section(f"{part}.{job[0]}.{job[1]}.{job[2]}") for part in ("k", "v")})
-                                    for job in jobs])
+        # the layers decode on all cores (the kernels release the GIL), each into its place,
+        # reading their own sections where reads may run at once (memory then holds a layer per
+        # core, not the file); else the sections are read here first, in order (a remote file
+        # reads one range at a time)
+        parallel_map(decode_layer, [(*job, None if concurrent_reads else read(job)) for job in jobs])
         return blob, state
     except FormatError:
         raise
