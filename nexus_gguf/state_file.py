@@ -79,17 +79,25 @@ def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str,
             name = f"cells.{ci}.{si}"
             sections.append((name, meta.encode(cells, _meta_info(name, cells.size))))
             layers = []
-            for layer in s.layers:
+
+            def encode_layer(layer, ci=ci, si=si, s=s) -> list:
+                out = []
                 for kind, t in (("k", layer.k_type), ("v", layer.v_type)):
                     name = f"{kind}.{ci}.{si}.{layer.cache_layer}"
                     if pipeline.values_path:
                         info = _value_info(pipeline, name, kind, t, s.cells, layer.model_layer, layer.sliding_window,
                                            layer.n_embd(kind), dims, importance if ci == 0 else None)
                         values = _unrotated(layer.values(kind), t, info, dims)
-                        sections.append((name, pipeline.encode_values(values, info)))
+                        out.append((name, pipeline.encode_values(values, info)))
                     else:
                         flat = np.ascontiguousarray(layer.k if kind == "k" else layer.v).reshape(-1)
-                        sections.append((name, pipeline.encode(flat, TensorInfo(name, t.name, t.float_bytes, flat.size))))
+                        out.append((name, pipeline.encode(flat, TensorInfo(name, t.name, t.float_bytes, flat.size))))
+                return out
+
+            # layers encode on all cores (the kernels and most of numpy release the GIL)
+            for coded in parallel_map(encode_layer, list(s.layers)):
+                sections += coded
+            for layer in s.layers:
                 layers.append({
                     "model_layer": layer.model_layer,
                     "sliding_window": layer.sliding_window,
