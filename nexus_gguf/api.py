@@ -14,13 +14,13 @@ from . import llama_bridge as bridge
 from .backends import recording
 from .errors import ChecksumError, ConfigError, FormatError, NxkvError, RestoreError
 from .eviction import eviction_record
-from .format import NxkvFile, crc32, pack, read_header
-from .storage import write_atomic
+from .format import NxkvFile, SpooledSections, crc32, read_header
+from .storage import is_url, write_atomic
 from .header import Header, build_header
 from .llama_state import parse_state, write_state
 from .pipeline import DEFAULT_PRESET, Pipeline, build_pipeline
 from .stages import ModelBinding
-from .state_file import decode_logits, decode_state_blob, decode_tokens, encode_logits, encode_state, encode_tokens, value_dims
+from .state_file import decode_logits, decode_state_blob, decode_tokens, encode_logits, encode_tokens, iter_encode_state, value_dims
 
 
 @dataclass
@@ -118,22 +118,29 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
     if pipeline.needs_scores:
         state, scoring, eviction, importance = _score_and_evict(llm, blob, state, tokens, pipeline)
         timer.lap("scoring")
-    with recording() as backends:
-        layout, sections = encode_state(state, pipeline, value_dims(facts.n_embd_head_k, facts.n_embd_head_v), importance)
-        sections.insert(0, ("tokens", encode_tokens(tokens)))
+    # sections go to a spool as they are made: past an eighth of the raw state they wait in a
+    # temporary file beside the target, so saving holds about the state plus that, not twice it
+    local_dir = None if is_url(os.fspath(path)) else os.path.dirname(os.path.abspath(path))
+    with recording() as backends, SpooledSections(max(1 << 20, len(blob) // 8), local_dir,
+                                                                os.fspath(path)) as spool:
+        layout, sections = iter_encode_state(state, pipeline, value_dims(facts.n_embd_head_k, facts.n_embd_head_v),
+                                             importance)
+        spool.add("tokens", encode_tokens(tokens))
         # a lossy state cannot reproduce the prompt's logits to the last bit anyway; f16 halves them
         logits_dtype = "f32" if pipeline.lossless else "f16"
         if logits is not None:
-            sections.insert(1, ("logits", encode_logits(logits, logits_dtype)))
-    timer.lap("encode")
-    header = build_header(
-        facts=facts, context=bridge.context_facts(llm), software=bridge.software_versions(), n_tokens=n_tokens,
-        n_pos=state.n_pos, logits=None if logits is None else {"dtype": logits_dtype, "n_vocab": int(logits.shape[0])},
-        pipeline=pipeline, scoring=scoring, eviction=eviction,
-        notes={s.stage_id: s.note for s in pipeline.stages if s.note},
-        raw={"bytes": len(blob), "crc32": crc32(blob), "kind": "sequence"}, state=layout,
-    )
-    file_bytes = write_atomic(path, pack(header, sections))
+            spool.add("logits", encode_logits(logits, logits_dtype))
+        for name, data in sections:
+            spool.add(name, data)
+        timer.lap("encode")
+        header = build_header(
+            facts=facts, context=bridge.context_facts(llm), software=bridge.software_versions(), n_tokens=n_tokens,
+            n_pos=state.n_pos, logits=None if logits is None else {"dtype": logits_dtype, "n_vocab": int(logits.shape[0])},
+            pipeline=pipeline, scoring=scoring, eviction=eviction,
+            notes={s.stage_id: s.note for s in pipeline.stages if s.note},
+            raw={"bytes": len(blob), "crc32": crc32(blob), "kind": "sequence"}, state=layout,
+        )
+        file_bytes = write_atomic(path, spool.buffers(header))
     timer.lap("write")
     return SaveReport(os.fspath(path), pipeline.preset or "custom", n_tokens, len(blob), file_bytes, timer.seconds,
                       dict(backends), scoring, eviction)

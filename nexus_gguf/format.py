@@ -46,11 +46,65 @@ def pack(header: Mapping[str, Any], sections: Iterable[tuple[str, bytes]]) -> li
         offset += len(data)
     if len({t["name"] for t in table}) != len(table):
         raise ValueError("section names must be unique")
+    return [_file_head(header, table)] + payloads
+
+
+def _file_head(header: Mapping[str, Any], table: list) -> bytes:
+    """Prelude, JSON header with the section table, header CRC."""
+    if "sections" in header:
+        raise ValueError("the section table is written by format.pack")
     body = json.dumps({**header, "sections": table}, separators=(",", ":"), allow_nan=False).encode()
     if len(body) > MAX_HEADER_BYTES:
         raise ValueError(f"header of {len(body)} bytes exceeds the {MAX_HEADER_BYTES}-byte cap")
     head = _PRELUDE.pack(MAGIC, FORMAT_VERSION, len(body)) + body
-    return [head + struct.pack("<I", crc32(head))] + payloads
+    return head + struct.pack("<I", crc32(head))
+
+
+class SpooledSections:
+    """Sections as an encoder makes them, with the table `pack` would write: kept in memory up
+    to `max_memory` bytes, beyond that in an unnamed temporary file in `directory` (the
+    target's, so a large state is not held twice in memory nor put on a RAM-backed /tmp)."""
+
+    _CHUNK = 4 << 20
+
+    def __init__(self, max_memory: int, directory: str | None = None, target: str = "the file"):
+        self._spool = tempfile.SpooledTemporaryFile(max_size=max_memory, dir=directory)
+        self._target = target
+        self.table: list[dict[str, Any]] = []
+        self._names: set[str] = set()
+        self._offset = 0
+
+    def add(self, name: str, data) -> None:
+        data = memoryview(data).cast("B")
+        if name in self._names:
+            raise ValueError("section names must be unique")
+        self._names.add(name)
+        self.table.append({"name": name, "offset": self._offset, "length": len(data), "crc32": crc32(data)})
+        try:
+            self._spool.write(data)
+        except OSError as e:  # a full disk: say what was being written, and that nothing was replaced
+            raise OSError(e.errno, f"cannot write {self._target}: {e.strerror or e} (spooling its sections); "
+                                   "nothing was replaced") from e
+        self._offset += len(data)
+
+    def buffers(self, header: Mapping[str, Any]) -> Iterable:
+        """The whole file, header first, in pieces of at most a few MiB after it."""
+        yield _file_head(header, self.table)
+        self._spool.seek(0)
+        while True:
+            chunk = self._spool.read(self._CHUNK)
+            if not chunk:
+                break
+            yield chunk
+
+    def close(self) -> None:
+        self._spool.close()
+
+    def __enter__(self) -> "SpooledSections":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def write_atomic(path: str | os.PathLike, buffers: Iterable) -> int:

@@ -4,11 +4,11 @@ turned into named sections plus the header's "state" layout, and back."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from .backends import parallel_map
+from .backends import parallel_map, threads
 from .errors import FormatError, StateLayoutError
 from .ggml_types import GgmlType, ggml_type_by_name
 from .header import LOGITS_DTYPES, Limits
@@ -64,21 +64,55 @@ def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str,
     """(layout for the header, sections) of a parsed state. The value path needs `dims`
     (value_dims of the model); stages that code cells by importance get it from `importance`
     (float64 [n_cells] of the first cache's stream, the same for every layer: scoring.py)."""
+    layout, sections = iter_encode_state(state, pipeline, dims, importance)
+    return layout, list(sections)
+
+
+def iter_encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str, int]] = None,
+                      importance: Optional[dict] = None) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
+    """encode_state, with the sections made as they are asked for: layers encode on all cores
+    a few at a time, so memory holds those layers' sections, not the whole file's."""
     if pipeline.values_path and not dims:
         raise StateLayoutError("the lossy stages need the model's head sizes")
-    meta = meta_pipeline()
-    sections = []
     caches = []
-    for ci, cache in enumerate(state.caches):
+    for cache in state.caches:
         streams = []
-        for si, s in enumerate(cache.streams):
+        for s in cache.streams:
             if s is None:
                 streams.append(None)
                 continue
+            layers = [{
+                "model_layer": layer.model_layer,
+                "sliding_window": layer.sliding_window,
+                "k_type": layer.k_type.name,
+                "k_shape": list(layer.k.shape),
+                "v_type": layer.v_type.name,
+                "v_shape": list(layer.v.shape),
+            } for layer in s.layers]
+            streams.append({"n_cells": len(s.cells), "cell_bytes": len(s.cells.to_bytes()), "v_trans": s.v_trans,
+                            "layers": layers})
+        caches.append({"name": cache.name, "streams": streams})
+    layout = {
+        "kind": state.kind,
+        "arch": state.arch,
+        "seq_id": state.seq_id,
+        "has_cell_ext": state.has_cell_ext,
+        "caches": caches,
+    }
+    if pipeline.values_path:
+        layout["values"] = dict(dims)
+    return layout, _sections(state, pipeline, dims, importance)
+
+
+def _sections(state: LlamaState, pipeline: Pipeline, dims, importance) -> Iterator[tuple[str, np.ndarray]]:
+    meta = meta_pipeline()
+    for ci, cache in enumerate(state.caches):
+        for si, s in enumerate(cache.streams):
+            if s is None:
+                continue
             cells = np.frombuffer(s.cells.to_bytes(), np.uint8)
             name = f"cells.{ci}.{si}"
-            sections.append((name, meta.encode(cells, _meta_info(name, cells.size))))
-            layers = []
+            yield name, meta.encode(cells, _meta_info(name, cells.size))
 
             def encode_layer(layer, ci=ci, si=si, s=s) -> list:
                 out = []
@@ -94,30 +128,12 @@ def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str,
                         out.append((name, pipeline.encode(flat, TensorInfo(name, t.name, t.float_bytes, flat.size))))
                 return out
 
-            # layers encode on all cores (the kernels and most of numpy release the GIL)
-            for coded in parallel_map(encode_layer, list(s.layers)):
-                sections += coded
-            for layer in s.layers:
-                layers.append({
-                    "model_layer": layer.model_layer,
-                    "sliding_window": layer.sliding_window,
-                    "k_type": layer.k_type.name,
-                    "k_shape": list(layer.k.shape),
-                    "v_type": layer.v_type.name,
-                    "v_shape": list(layer.v.shape),
-                })
-            streams.append({"n_cells": len(s.cells), "cell_bytes": int(cells.size), "v_trans": s.v_trans, "layers": layers})
-        caches.append({"name": cache.name, "streams": streams})
-    layout = {
-        "kind": state.kind,
-        "arch": state.arch,
-        "seq_id": state.seq_id,
-        "has_cell_ext": state.has_cell_ext,
-        "caches": caches,
-    }
-    if pipeline.values_path:
-        layout["values"] = dict(dims)
-    return layout, sections
+            # layers encode on all cores (the kernels and most of numpy release the GIL), a
+            # batch at a time
+            batch = 2 * threads()
+            for b in range(0, len(s.layers), batch):
+                for coded in parallel_map(encode_layer, list(s.layers[b : b + batch])):
+                    yield from coded
 
 
 def _shape(v, what: str, rows: int, row_bytes: int) -> tuple[int, int]:

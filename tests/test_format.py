@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 
+import numpy as np
 import pytest
 
 from nexus_gguf import format as fmt
@@ -205,3 +206,18 @@ def test_a_failed_or_killed_writer_keeps_the_old_file(tmp_path, fault, named):
         assert len(left) == 1 and left[0].startswith(".x.nxkv.") and left[0].endswith(".tmp"), left
     else:
         assert left == []
+
+
+def test_spooled_sections_write_what_pack_writes(tmp_path):
+    """Sections spooled (in memory, then past the limit in an unnamed file beside the target)
+    make the same file bytes as pack, and leave nothing behind."""
+    rng = np.random.default_rng(1)
+    sections = [(f"s{i}", rng.integers(0, 256, n, dtype=np.uint8).tobytes()) for i, n in enumerate((10, 0, 300000, 70000))]
+    with fmt.SpooledSections(max_memory=100000, directory=str(tmp_path)) as spool:
+        for name, data in sections:
+            spool.add(name, data)
+        spooled = b"".join(bytes(b) for b in spool.buffers({"k": 1}))
+        with pytest.raises(ValueError, match="unique"):
+            spool.add("s0", b"again")
+    assert spooled == b"".join(bytes(b) for b in fmt.pack({"k": 1}, sections))
+    assert list(tmp_path.iterdir()) == []
