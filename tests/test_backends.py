@@ -27,7 +27,11 @@ def _inputs(op: str, seed: int):
         return [(rng.integers(0, 256, n * es, dtype=np.uint8), es) for es in (1, 2, 4) for n in (0, 1, 7, 4099)]
     if op == "e8_nearest":
         ties = rng.integers(-12, 13, (500, 8)) / 4.0  # exactly halfway cases
-        return [(rng.standard_normal((3000, 8)) * 2.5,), (ties,), (np.zeros((0, 8)),)]
+        # a few ulps off the halfway cases: the two cosets' distances then differ by about their
+        # rounding, and summing them in another order picks the other point in ~1 of 700 rows
+        quarter = rng.integers(-12, 13, (20000, 8)) / 4.0
+        near = quarter + rng.integers(-3, 4, quarter.shape) * np.spacing(np.maximum(np.abs(quarter), 0.25))
+        return [(rng.standard_normal((3000, 8)) * 2.5,), (ties,), (near,), (np.zeros((0, 8)),)]
     if op in ("rans_encode", "rans_decode"):
         out = []
         for n, p in ((1, 0.5), (20000, 0.3), (5000, 0.9)):

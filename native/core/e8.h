@@ -1,7 +1,8 @@
 /* Nearest point of the E8 lattice (D8 u D8 + 1/2) to an 8-vector, as backends/reference.py
  * e8_nearest (Conway & Sloane): round every coordinate half away from zero; if the sum is odd,
  * round the worst-rounded coordinate (the first on ties) the other way; of the two cosets take
- * the half-integer one only when strictly closer. Sums run left to right, in double. */
+ * the half-integer one only when strictly closer. Squared distances are summed in double in
+ * the fixed order ((0+1)+(2+3))+((4+5)+(6+7)), as the reference does. */
 #ifndef NXKV_CORE_E8_H
 #define NXKV_CORE_E8_H
 
@@ -46,12 +47,15 @@ NXKV_FN void nxkv_core_e8_nearest(const double x[8], double out[8]) {
     nxkv_core_d8_nearest(x, a);
     for (int j = 0; j < 8; ++j) xs[j] = x[j] - 0.5;
     nxkv_core_d8_nearest(xs, b);
-    double da = 0.0, db = 0.0;
+    double ea[8], eb[8];
     for (int j = 0; j < 8; ++j) {
         b[j] += 0.5;
-        da += (x[j] - a[j]) * (x[j] - a[j]);
-        db += (x[j] - b[j]) * (x[j] - b[j]);
+        ea[j] = (x[j] - a[j]) * (x[j] - a[j]);
+        eb[j] = (x[j] - b[j]) * (x[j] - b[j]);
     }
+    /* the reference's fixed order: ((0+1)+(2+3))+((4+5)+(6+7)) */
+    const double da = ((ea[0] + ea[1]) + (ea[2] + ea[3])) + ((ea[4] + ea[5]) + (ea[6] + ea[7]));
+    const double db = ((eb[0] + eb[1]) + (eb[2] + eb[3])) + ((eb[4] + eb[5]) + (eb[6] + eb[7]));
     const double *src = db < da ? b : a;
     for (int j = 0; j < 8; ++j) out[j] = src[j];
 }

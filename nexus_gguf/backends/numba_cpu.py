@@ -62,12 +62,15 @@ def _e8(x, out):
     for j in range(8):
         xs[j] = x[j] - 0.5
     _d8(xs, b)
-    da = 0.0
-    db = 0.0
+    ea = np.empty(8)
+    eb = np.empty(8)
     for j in range(8):
         b[j] += 0.5
-        da += (x[j] - a[j]) ** 2
-        db += (x[j] - b[j]) ** 2
+        ea[j] = (x[j] - a[j]) ** 2
+        eb[j] = (x[j] - b[j]) ** 2
+    # reference._sum8's order
+    da = ((ea[0] + ea[1]) + (ea[2] + ea[3])) + ((ea[4] + ea[5]) + (ea[6] + ea[7]))
+    db = ((eb[0] + eb[1]) + (eb[2] + eb[3])) + ((eb[4] + eb[5]) + (eb[6] + eb[7]))
     src = b if db < da else a
     for j in range(8):
         out[j] = src[j]

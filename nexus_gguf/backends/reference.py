@@ -98,9 +98,15 @@ def e8_nearest(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64).reshape(-1, 8)
     a = _d8_nearest(x)
     b = _d8_nearest(x - 0.5) + 0.5
-    da = ((x - a) ** 2).sum(axis=1)
-    db = ((x - b) ** 2).sum(axis=1)
+    da, db = _sum8((x - a) ** 2), _sum8((x - b) ** 2)
     return np.where((db < da)[:, None], b, a)
+
+
+def _sum8(d: np.ndarray) -> np.ndarray:
+    """Row sums of [n, 8] in one fixed order, ((0+1)+(2+3))+((4+5)+(6+7)) (numpy's own pairwise
+    order for 8 values, written out so that no backend depends on it): near-ties between the
+    two cosets then resolve alike everywhere."""
+    return ((d[:, 0] + d[:, 1]) + (d[:, 2] + d[:, 3])) + ((d[:, 4] + d[:, 5]) + (d[:, 6] + d[:, 7]))
 
 
 def _d8_nearest(x: np.ndarray) -> np.ndarray:
