@@ -1,0 +1,20 @@
+"""The native core headers (native/core/*.h) are written once for every target: they must
+compile as CUDA device code too. Needs nvcc (skipped without it); runs nothing on a GPU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+NATIVE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "native")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
+@pytest.mark.skipif(not os.path.isdir(NATIVE), reason="no native/ sources (an installed package's tests)")
+def test_core_headers_compile_as_cuda_device_code(tmp_path):
+    r = subprocess.run(["nvcc", "-c", os.path.join(NATIVE, "cuda", "core_compiles.cu"), "-o", str(tmp_path / "core.o")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
