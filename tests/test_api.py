@@ -275,3 +275,21 @@ def test_another_quantization_of_the_same_model_is_refused_naming_both(tmp_path)
     for part in ("tiny-f16.gguf", "tiny-q8_0.gguf", "F16 instead of Q8_0 weights", "another quantization"):
         assert part in message, message
     _assert_untouched(llm, [5, 6, 7], expect)
+
+
+def test_llama_refusal_after_reset_leaves_a_usable_empty_llama(smollm2_path, saved, monkeypatch):
+    """A Llama that holds no prompt (reset(): llama-cpp-python keeps the stale cells, its next
+    eval drops them) is not copied for a roll-back; when llama.cpp refuses, it is still empty
+    and reads a prompt as a fresh one does."""
+    monkeypatch.setattr(ng.api, "_in_target_layout", lambda llm, state, blob: [blob])
+    fresh = open_llama(smollm2_path, flash_attn=True)
+    fresh.eval([5, 6, 7])
+    want = logits_now(fresh)
+    llm = open_llama(smollm2_path, flash_attn=True)
+    llm.eval([1, 2, 3, 4])
+    llm.reset()
+    with pytest.raises(ng.RestoreError, match="left as before"):
+        ng.load_state(llm, saved["path"])
+    assert llm.n_tokens == 0
+    llm.eval([5, 6, 7])
+    assert np.array_equal(logits_now(llm), want)
