@@ -407,22 +407,24 @@ def write_state(state: LlamaState) -> bytes:
     return b"".join(p if isinstance(p, bytes) else np.ascontiguousarray(p).data for p in _pieces(state))
 
 
-def state_buffer(skeleton: LlamaState) -> tuple[bytearray, LlamaState]:
-    """The blob of `skeleton` as one buffer with everything but the layers' rows written, and the
+def state_buffer(skeleton: LlamaState) -> tuple[np.ndarray, LlamaState]:
+    """The blob of `skeleton` as one uint8 array with everything but the layers' rows written, and the
     state with each layer's K and V as writable views of their place in it: a decoder fills the
     rows in place, and the buffer is what llama.cpp gets, with no second copy of the state. The
     skeleton's rows give only shapes (np.broadcast_to of one byte costs no memory)."""
     pieces = _pieces(skeleton)
     size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
-    buf = bytearray(size)
+    # uninitialised (np.empty): the decoders write every row, and their threads, not this one,
+    # take the page faults of a large state
+    buf = np.empty(size, np.uint8)
     views: dict[int, np.ndarray] = {}
     offset = 0
     for p in pieces:
         if isinstance(p, bytes):
-            buf[offset : offset + len(p)] = p
+            buf[offset : offset + len(p)] = np.frombuffer(p, np.uint8)
             offset += len(p)
         else:
-            views[id(p)] = np.frombuffer(buf, np.uint8, p.nbytes, offset).reshape(p.shape)
+            views[id(p)] = buf[offset : offset + p.nbytes].reshape(p.shape)
             offset += p.nbytes
 
     def placed(stream: Optional[Stream]) -> Optional[Stream]:

@@ -214,7 +214,8 @@ class NxkvDiskCache(BaseLlamaCache):
         except NxkvError as e:  # damaged, or too long for this Llama's context: a miss, not a crash
             raise KeyError(f"{path}: {e}") from None
         arch = bridge.model_facts(llm).arch.encode()
-        context_blob = len(arch).to_bytes(4, "little") + arch + blob[8:]  # the one sequence as the whole context
+        # the one sequence as the whole context (blob is bytes-like: a numpy buffer, say)
+        context_blob = b"".join([len(arch).to_bytes(4, "little"), arch, memoryview(blob).cast("B")[8:]])
         input_ids = np.full(llm.n_ctx(), -1, np.intc)  # -1: no token, so no false prefix past the end
         input_ids[: tokens.size] = tokens
         return llama_cpp.llama.LlamaState(

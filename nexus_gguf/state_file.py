@@ -168,7 +168,7 @@ def _no_rows(shape: tuple[int, int]) -> np.ndarray:
 
 
 def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limits: Limits,
-                      concurrent_reads: bool = False) -> tuple[bytearray, LlamaState]:
+                      concurrent_reads: bool = False) -> tuple[np.ndarray, LlamaState]:
     """decode_state, and the llama.cpp blob it makes: decoded layer by layer straight into the
     one buffer llama.cpp will read (the state's rows are views of it), so memory holds one
     state plus a layer per core, not the rows and then their joined copy."""
