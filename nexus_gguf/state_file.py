@@ -188,13 +188,17 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
             raise FormatError(f"a state has one or two caches, not {len(layout['caches'])!r}")
         for ci, c in enumerate(layout["caches"]):
             streams = []
+            cells_in_cache = 0  # a context's streams share its n_ctx cells
             for si, s in enumerate(c["streams"][: 1 << 16]):
                 if s is None:
                     streams.append(None)
                     continue
                 n_cells, cell_bytes = int(s["n_cells"]), int(s["cell_bytes"])
+                cells_in_cache += n_cells
                 if not 0 < n_cells <= limits.n_ctx or not 0 < cell_bytes <= n_cells * _MAX_CELL_BYTES:
                     raise FormatError(f"stream {ci}.{si}: {n_cells} cells in {cell_bytes} bytes, the context holds {limits.n_ctx}")
+                if cells_in_cache > limits.n_ctx:
+                    raise FormatError(f"cache {ci}: its streams hold {cells_in_cache} cells or more, the context holds {limits.n_ctx}")
                 if not 0 < len(s["layers"]) <= limits.n_layer:
                     raise FormatError(f"stream {ci}.{si}: {len(s['layers'])} layers, the model has {limits.n_layer}")
                 name = f"cells.{ci}.{si}"

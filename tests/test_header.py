@@ -46,6 +46,9 @@ def _stream(h, cache=0):
     ("more K rows than cells", lambda h: _stream(h)["layers"][0].update(k_shape=[1 << 20, 8]), "larger than the model"),
     ("a negative shape", lambda h: _stream(h)["layers"][0].update(v_shape=[-1, 8]), "invalid shape"),
     ("a three-cache state", lambda h: h["state"]["caches"].extend(h["state"]["caches"] * 2), "one or two caches"),
+    # each stream within the context, but all of them together n_ctx times over: a memory bomb
+    ("streams that together exceed the context", lambda h: h["state"]["caches"][0].update(
+        streams=h["state"]["caches"][0]["streams"] * 1000), "streams hold"),
     ("an unknown cache type", lambda h: _stream(h)["layers"][0].update(k_type="q9_9"), "q9_9"),
 ])
 def test_sizes_beyond_the_models_are_refused(tmp_path, source, what, edit, match):
