@@ -219,3 +219,17 @@ def test_pool_work_started_on_a_pool_thread_runs_there():
     t.join(timeout=60)
     assert done == [True], "nested parallel work deadlocked the pool"
     assert pool() is pool()
+
+
+def test_format_constants_of_the_c_library_match_python():
+    """nxkv.h's enum nxkv_format against the numbers the Python side writes files with."""
+    if not _available("native"):
+        pytest.skip(backend_status()["native"])
+    from nexus_gguf.backends import native, reference
+    from nexus_gguf.stages import lattice
+
+    _, lib = native.load()
+    assert lib.NXKV_FORMAT_RANS_PROB_BITS == reference.RANS_PROB_BITS
+    assert 1 << lib.NXKV_FORMAT_RANS_LOWER_BOUND_BITS == reference.RANS_L
+    assert lib.NXKV_FORMAT_E8_GROUP == 8 == reference.e8_nearest(np.zeros((1, 8))).shape[1]
+    assert lib.NXKV_FORMAT_LATTICE_LOG_STEPS == lattice.LOG_STEPS

@@ -7,10 +7,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../include/nxkv.h" /* enum nxkv_format */
 #include "target.h"
 
-#define NXKV_RANS_PROB_BITS 14
-#define NXKV_RANS_L (1u << 23)
+#define NXKV_RANS_PROB_BITS NXKV_FORMAT_RANS_PROB_BITS
+#define NXKV_RANS_L (1u << NXKV_FORMAT_RANS_LOWER_BOUND_BITS)
 
 /* The decoder's per-slot table: for slot k (0 .. 2^14-1) of symbol s = lookup[k],
  * freqs[s] << 14 | (k - cum[s]), so that one load gives both terms of the state update. */

@@ -17,8 +17,18 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 4 };
+enum nxkv_abi { NXKV_ABI_VERSION = 5 };
 int nxkv_abi_version(void);
+
+/* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
+ * backends/reference.py and stages/): rANS probabilities in 2^14, states renormalised bytewise
+ * above 2^23, E8 groups of 8 values, lattice log-scales in 1/8 octaves. */
+enum nxkv_format {
+    NXKV_FORMAT_RANS_PROB_BITS = 14,
+    NXKV_FORMAT_RANS_LOWER_BOUND_BITS = 23,
+    NXKV_FORMAT_E8_GROUP = 8,
+    NXKV_FORMAT_LATTICE_LOG_STEPS = 8
+};
 
 /* Status codes of the kernels that can fail (a damaged stream, an argument out of range). */
 enum nxkv_status { NXKV_OK = 0, NXKV_ERR_CORRUPT = -1, NXKV_ERR_ARG = -2, NXKV_ERR_NOMEM = -3 };
