@@ -53,6 +53,17 @@ def _inputs(op: str, seed: int):
                 lengths, body = OPS["rans_encode_lanes"].reference(sym, freqs, lanes, chunk)
                 out.append((body, lengths, freqs, n, lanes, chunk))
         return out
+    if op == "lattice_quantize":
+        out = []
+        for m in (0, 1, 5000):
+            x = rng.standard_normal((m, 8)) * np.exp2(rng.normal(0, 4, (m, 1)))
+            step = np.exp2(rng.normal(-2, 3, m))
+            step[::9] = 0.0
+            out.append((x, step))
+        quarter = rng.integers(-40, 41, (3000, 8)) / 4.0  # ties and near-ties of E8 at step 1
+        out.append((quarter + rng.integers(-2, 3, quarter.shape) * np.spacing(np.maximum(np.abs(quarter), 0.25)),
+                    np.ones(3000)))
+        return out
     if op == "lattice_dequantize":
         out = []
         for m, mean_groups in ((0, 0), (1, 1), (4096, 0), (4104, 24), (300, 3)):
@@ -101,8 +112,11 @@ def test_op_matches_its_reference(op, name):
     spec = OPS[op]
     for i, args in enumerate(_inputs(op, seed=len(op))):
         want, got = spec.reference(*args), impl(*args)
-        if isinstance(want, tuple):  # (lane lengths, bytes)
-            assert np.array_equal(got[0], want[0]) and got[1] == want[1], f"{op} case {i}: differs"
+        if isinstance(want, tuple):  # (lane lengths, bytes) or a tuple of arrays
+            for w, g in zip(want, got):
+                same = g == w if isinstance(w, bytes) else (g.dtype == w.dtype and np.array_equal(g, w))
+                assert same, f"{op} case {i}: differs"
+            assert len(got) == len(want)
         elif isinstance(want, bytes):
             assert got == want, f"{op} case {i}: bytes differ"
         elif spec.exact:
@@ -233,3 +247,22 @@ def test_format_constants_of_the_c_library_match_python():
     assert 1 << lib.NXKV_FORMAT_RANS_LOWER_BOUND_BITS == reference.RANS_L
     assert lib.NXKV_FORMAT_E8_GROUP == 8 == reference.e8_nearest(np.zeros((1, 8))).shape[1]
     assert lib.NXKV_FORMAT_LATTICE_LOG_STEPS == lattice.LOG_STEPS
+
+
+@pytest.mark.parametrize("op", ["e8_nearest", "lattice_quantize", "f32_to_f16"])
+def test_native_kernels_without_cpu_extensions_match_the_reference(op):
+    """The C library runs its AVX2 / F16C versions where the CPU has them; its portable code
+    (other CPUs) must give the same bits."""
+    if not _available("native"):
+        pytest.skip(backend_status()["native"])
+    from nexus_gguf.backends import native
+
+    _, lib = native.load()
+    was = lib.nxkv_use_cpu_extensions(0)
+    try:
+        for i, args in enumerate(_inputs(op, seed=7)):
+            want, got = OPS[op].reference(*args), implementation(op, "native")(*args)
+            for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+                assert g.dtype == w.dtype and np.array_equal(g, w), f"{op} case {i}: portable code differs"
+    finally:
+        lib.nxkv_use_cpu_extensions(was)

@@ -11,12 +11,6 @@
 
 #include "target.h"
 
-/* floor(t) for t >= 0 (or NaN), without a libm call where the value fits an integer: the
- * conversion truncates, which is floor for non-negative values, so the result is the same. */
-NXKV_FN double nxkv_core_floor_nonneg(double t) {
-    return t < 4503599627370496.0 ? (double)(int64_t)t : floor(t); /* 2^52: beyond it t is whole */
-}
-
 /* Whether an integer-valued double is odd (fmod(sum, 2) != 0), without a libm call where it
  * fits an integer. */
 NXKV_FN int nxkv_core_is_odd(double sum) {
@@ -24,19 +18,19 @@ NXKV_FN int nxkv_core_is_odd(double sum) {
 }
 
 NXKV_FN void nxkv_core_d8_nearest(const double x[8], double out[8]) {
-    double sum = 0.0, worst_err = -1.0;
-    int worst = 0;
+    double err[8], sum = 0.0, worst_err = -1.0;
     for (int j = 0; j < 8; ++j) {
-        double v = x[j];
-        double r = nxkv_core_floor_nonneg(fabs(v) + 0.5) * (v >= 0 ? 1.0 : -1.0);
+        const double v = x[j];
+        const double r = floor(fabs(v) + 0.5) * (v >= 0 ? 1.0 : -1.0);
         out[j] = r;
         sum += r;
-        double e = fabs(v - r);
-        if (e > worst_err) {
-            worst_err = e;
-            worst = j;
-        }
+        err[j] = fabs(v - r);
     }
+    /* the first index of the largest error, without a branch per coordinate (NaN errors never
+     * win, as in the reference) */
+    for (int j = 0; j < 8; ++j) worst_err = err[j] > worst_err ? err[j] : worst_err;
+    int worst = 0;
+    for (int j = 7; j >= 0; --j) worst = err[j] == worst_err ? j : worst;
     if (nxkv_core_is_odd(sum)) {
         out[worst] += (x[worst] - out[worst] >= 0) ? 1.0 : -1.0;
     }

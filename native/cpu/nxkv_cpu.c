@@ -14,10 +14,65 @@
 
 int nxkv_abi_version(void) { return NXKV_ABI_VERSION; }
 
+/* The E8 loops twice: for any x86-64 CPU, and with AVX2 (every x86-64 CPU since 2013; chosen at
+ * run time), where floor() is one instruction instead of a libm call. The same operations in
+ * the same order (no FMA: -ffp-contract=off), so the same bits. */
+#define E8_ROWS_BODY                                                   \
+    for (size_t i = 0; i < n_rows; ++i) nxkv_core_e8_nearest(x + 8 * i, out + 8 * i);
+
+#define LATTICE_QUANTIZE_BODY                                                                      \
+    for (size_t i = 0; i < n_groups; ++i) {                                                        \
+        for (int j = 0; j < 8; ++j) {                                                              \
+            /* |x / step| within int32 with room for the rounding, or the casts are undefined */   \
+            if (step[i] > 0 && !(fabs(x[8 * i + j] / step[i]) < 2147483000.0)) return NXKV_ERR_ARG; \
+        }                                                                                          \
+        nxkv_core_lattice_point(x + 8 * i, step[i], coset + i, coord + 7 * i, coord_last + i);     \
+    }                                                                                              \
+    return NXKV_OK;
+
+static void e8_rows(const double *x, double *out, size_t n_rows) { E8_ROWS_BODY }
+static int lattice_quantize(const double *x, const double *step, size_t n_groups, uint8_t *coset, int32_t *coord,
+                            int32_t *coord_last) {
+    LATTICE_QUANTIZE_BODY
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define NXKV_HAVE_AVX2_PATH 1
+__attribute__((target("avx2"))) static void e8_rows_avx2(const double *x, double *out, size_t n_rows) { E8_ROWS_BODY }
+__attribute__((target("avx2"))) static int lattice_quantize_avx2(const double *x, const double *step, size_t n_groups,
+                                                                  uint8_t *coset, int32_t *coord, int32_t *coord_last) {
+    LATTICE_QUANTIZE_BODY
+}
+#endif
+
+static int use_extensions = 1; /* nxkv_use_cpu_extensions */
+
+int nxkv_use_cpu_extensions(int on) {
+    const int was = use_extensions;
+    use_extensions = on;
+    return was;
+}
+
+#ifdef NXKV_HAVE_AVX2_PATH
+static int have_avx2(void) { return use_extensions && __builtin_cpu_supports("avx2"); }
+#endif
+
 void nxkv_e8_nearest(const double *x, double *out, size_t n_rows) {
-    for (size_t i = 0; i < n_rows; ++i) {
-        nxkv_core_e8_nearest(x + 8 * i, out + 8 * i);
+#ifdef NXKV_HAVE_AVX2_PATH
+    if (have_avx2()) {
+        e8_rows_avx2(x, out, n_rows);
+        return;
     }
+#endif
+    e8_rows(x, out, n_rows);
+}
+
+int nxkv_lattice_quantize(const double *x, const double *step, size_t n_groups, uint8_t *coset, int32_t *coord,
+                          int32_t *coord_last) {
+#ifdef NXKV_HAVE_AVX2_PATH
+    if (have_avx2()) return lattice_quantize_avx2(x, step, n_groups, coset, coord, coord_last);
+#endif
+    return lattice_quantize(x, step, n_groups, coset, coord, coord_last);
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -36,7 +91,7 @@ __attribute__((target("avx,f16c"))) static void f32_to_f16_f16c(const float *src
 
 void nxkv_f32_to_f16(const float *src, uint16_t *dst, size_t n, int use_hardware) {
 #ifdef NXKV_HAVE_F16C_PATH
-    if (use_hardware && __builtin_cpu_supports("f16c")) {
+    if (use_hardware && use_extensions && __builtin_cpu_supports("f16c")) {
         f32_to_f16_f16c(src, dst, n);
         return;
     }

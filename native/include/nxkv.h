@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 5 };
+enum nxkv_abi { NXKV_ABI_VERSION = 7 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -41,6 +41,10 @@ void nxkv_byteplane_merge(const uint8_t *src, uint8_t *dst, size_t n_elements, s
 /* E8 nearest points of n_rows rows of 8 doubles (core/e8.h); x and out may be the same. */
 void nxkv_e8_nearest(const double *x, double *out, size_t n_rows);
 
+/* Whether the kernels may take the CPU's extensions (AVX2, F16C) where present: 1 by default;
+ * returns the previous setting. The results are the same either way (tests compare both). */
+int nxkv_use_cpu_extensions(int on);
+
 /* float -> IEEE half bits, round to nearest even (core/f16.h), as numpy's astype(float16).
  * use_hardware = 1 takes the CPU's conversion instruction where there is one (same results);
  * 0 the portable code (tests compare both). */
@@ -50,6 +54,12 @@ void nxkv_f32_to_f16(const float *src, uint16_t *dst, size_t n, int use_hardware
  * floats of x[0 .. n_values), into out (may be x). NXKV_ERR_ARG if block is not a power of two
  * or does not divide n_values. */
 int nxkv_hadamard_blocks(const float *x, float *out, size_t n_values, size_t block);
+
+/* The stored E8 points (core/lattice.h) of n_groups groups of 8 doubles x at steps step[i]:
+ * coset[i], coord[7 i .. 7 i + 7), coord_last[i]. Values whose point does not fit int32 make
+ * NXKV_ERR_ARG (the caller's steps were wrong). */
+int nxkv_lattice_quantize(const double *x, const double *step, size_t n_groups, uint8_t *coset, int32_t *coord,
+                          int32_t *coord_last);
 
 /* E8 lattice points back to float values (core/lattice.h), n_groups groups of 8: coset[i] 0 or 1,
  * coord[7 i .. 7 i + 7), coord_last[i], step[i]; mean (mean_groups * 8 doubles, group i uses

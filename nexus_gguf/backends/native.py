@@ -101,6 +101,21 @@ def e8_nearest(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def lattice_quantize(x: np.ndarray, step: np.ndarray):
+    ffi, lib = load()
+    x = np.ascontiguousarray(x, np.float64).reshape(-1, 8)
+    m = x.shape[0]
+    step = np.ascontiguousarray(step, np.float64).reshape(-1)
+    if step.size != m:
+        raise ValueError("lattice_quantize: one step per group of 8")
+    coset, coord, last = np.empty(m, np.uint8), np.empty((m, 7), np.int32), np.empty(m, np.int32)
+    r = lib.nxkv_lattice_quantize(_ptr(ffi, "double[]", x), _ptr(ffi, "double[]", step), m, ffi.from_buffer("uint8_t[]", coset),
+                                  ffi.from_buffer("int32_t[]", coord), ffi.from_buffer("int32_t[]", last))
+    if r != lib.NXKV_OK:
+        raise ValueError("lattice_quantize: values too large for their steps (points beyond int32)")
+    return coset, coord, last
+
+
 def lattice_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndarray, step: np.ndarray,
                        mean: np.ndarray) -> np.ndarray:
     ffi, lib = load()

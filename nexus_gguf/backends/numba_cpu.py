@@ -94,6 +94,36 @@ RANS_L = 1 << 23
 
 
 @njit(cache=True, nogil=True)
+def _lattice_quantize(x, step, coset, coord, last):
+    u = np.empty(8)
+    p = np.empty(8)
+    for i in range(step.size):
+        for j in range(8):
+            u[j] = x[8 * i + j] / step[i] if step[i] > 0 else 0.0
+        _e8(u, p)
+        half = 1 if p[0] != np.floor(p[0]) else 0
+        s = 0
+        for j in range(7):
+            z = np.int64(p[j] - 0.5 * half)
+            coord[7 * i + j] = z
+            s += z
+        coset[i] = half
+        last[i] = (np.int64(p[7] - 0.5 * half) - (s & 1)) // 2
+
+
+def lattice_quantize(x, step):
+    x = np.ascontiguousarray(x, np.float64).reshape(-1)
+    step = np.ascontiguousarray(step, np.float64).reshape(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if np.any((step > 0) & ~(np.abs(x.reshape(-1, 8) / step.reshape(-1, 1)) < 2147483000.0).all(axis=1)):
+            raise ValueError("lattice_quantize: values too large for their steps (points beyond int32)")
+    m = step.size
+    coset, coord, last = np.empty(m, np.uint8), np.empty(m * 7, np.int32), np.empty(m, np.int32)
+    _lattice_quantize(x, step, coset, coord, last)
+    return coset, coord.reshape(m, 7), last
+
+
+@njit(cache=True, nogil=True)
 def _lattice_dequantize(coset, coord, coord_last, step, mean, mean_groups, out):
     for i in range(coset.size):
         s = 0

@@ -48,6 +48,22 @@ def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
     return (y.reshape(-1, block) * np.float32(1.0 / np.sqrt(block))).reshape(shape)
 
 
+def lattice_quantize(x: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The E8 points of m groups of 8 float64 values x[m, 8] at quantizer steps step[m] (0: the
+    group is all zero), stored as stages/lattice.py does: (coset u8 [m]: 1 for D8 + ½, coord
+    int32 [m, 7]: z0..z6 of z = point - coset/2, coord_last int32 [m]: (z7 - parity(z0..z6)) / 2).
+    lattice_dequantize inverts it up to the quantization."""
+    x = np.asarray(x, np.float64).reshape(-1, 8)
+    step = np.asarray(step, np.float64).reshape(-1, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.where(step > 0, x / step, 0.0)
+    p = e8_nearest(u)
+    coset = (p[:, 0] != np.floor(p[:, 0])).astype(np.uint8)
+    z = (p - 0.5 * coset[:, None]).astype(np.int64)
+    parity = z[:, :7].sum(axis=1) & 1
+    return coset, z[:, :7].astype(np.int32), ((z[:, 7] - parity) // 2).astype(np.int32)
+
+
 def lattice_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndarray, step: np.ndarray,
                        mean: np.ndarray) -> np.ndarray:
     """float32 [m, 8] values of m E8 points (stages/lattice.py stores them so): coset[m] 0 or 1,

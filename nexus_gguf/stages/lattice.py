@@ -141,18 +141,10 @@ class Lattice(Stage):
         if buckets is not None:
             out["bucket"] = buckets
             step = step * np.exp2(buckets / BUCKETS_PER_OCTAVE)[:, None, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            u = np.where(step[..., None] > 0, xb / step[..., None], 0.0)
-        p = kernel("e8_nearest")(u.reshape(-1, 8))
-        coset = (p[:, 0] != np.floor(p[:, 0])).astype(np.uint8)
-        z = (p - 0.5 * coset[:, None]).astype(np.int64)
-        parity = z[:, :7].sum(axis=1) & 1
+        group_step = np.repeat(step.reshape(n, -1), block // 8, axis=1)  # [n, g]: each 8-value group's step
+        coset, coord, last = kernel("lattice_quantize")(xb.reshape(-1, 8), group_step)
         g = h * d // 8
-        points = {
-            "coset": coset.reshape(n, g),
-            "coord": z[:, :7].astype(np.int32).reshape(n, g, 7),
-            "coord_last": ((z[:, 7] - parity) // 2).astype(np.int32).reshape(n, g),
-        }
+        points = {"coset": coset.reshape(n, g), "coord": coord.reshape(n, g, 7), "coord_last": last.reshape(n, g)}
         if buckets is not None:
             # one stream (so one rANS table) per step bucket: coarse cells' symbols are mostly
             # zero, fine cells' spread out; mixed in one table each would pay for the other
