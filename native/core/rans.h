@@ -115,10 +115,28 @@ NXKV_FN int nxkv_core_rans_decode_interleaved(const uint8_t *const *data, const 
     return 0;
 }
 
+/* x / f for 0 <= x < 2^31 and f >= 2 as a multiplication and shifts (the reciprocal of ryg_rans'
+ * fast encoder, exact in that range): rcp = ceil(2^(shift + 31) / f), shift = ceil(log2 f). For
+ * f = 1 the quotient is x itself (rcp 0 marks it). */
+NXKV_FN void nxkv_core_rans_reciprocal(uint32_t f, uint32_t *rcp, uint32_t *shift) {
+    if (f < 2) {
+        *rcp = 0;
+        *shift = 0;
+        return;
+    }
+    uint32_t b = 0;
+    while (f > (1u << b)) ++b;
+    *rcp = (uint32_t)(((1ull << (b + 31)) + f - 1) / f);
+    *shift = b - 1;
+}
+
 /* Encode n symbols symbols[0], symbols[stride], ... into the buffer that ends at `end`, growing
- * downwards: the number of bytes written, or -1 if `capacity` bytes were not enough. */
+ * downwards: the number of bytes written, or -1 if `capacity` bytes were not enough. rcp and
+ * shift: nxkv_core_rans_reciprocal of each symbol's frequency (the state stays below 2^31, where
+ * it is exact). */
 NXKV_FN int64_t nxkv_core_rans_encode(const int64_t *symbols, size_t n, size_t stride, const uint32_t *freqs,
-                                      const uint32_t *cum, uint8_t *end, size_t capacity) {
+                                      const uint32_t *cum, const uint32_t *rcp, const uint32_t *shift, uint8_t *end,
+                                      size_t capacity) {
     uint64_t x = NXKV_RANS_L;
     uint8_t *p = end;
     for (size_t k = n; k-- > 0;) {
@@ -130,7 +148,8 @@ NXKV_FN int64_t nxkv_core_rans_encode(const int64_t *symbols, size_t n, size_t s
             *--p = (uint8_t)(x & 0xff);
             x >>= 8;
         }
-        x = ((x / f) << NXKV_RANS_PROB_BITS) + (x % f) + cum[s];
+        const uint64_t q = rcp[s] ? ((x * rcp[s]) >> 32) >> shift[s] : x; /* x / f */
+        x = (q << NXKV_RANS_PROB_BITS) + (x - q * f) + cum[s];
     }
     for (int k = 0; k < 4; ++k) {
         if ((size_t)(end - p) >= capacity) return -1;

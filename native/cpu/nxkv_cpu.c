@@ -184,10 +184,16 @@ int64_t nxkv_rans_encode(const int64_t *symbols, size_t n, size_t stride, const 
             }
         }
     }
+    uint32_t *rcp = malloc(sizeof(uint32_t) * (n_freqs ? n_freqs : 1));
+    uint32_t *shift = malloc(sizeof(uint32_t) * (n_freqs ? n_freqs : 1));
+    if (r == NXKV_OK && !(rcp && shift)) r = NXKV_ERR_NOMEM;
     if (r == NXKV_OK) {
-        r = nxkv_core_rans_encode(symbols, n, stride, t.freqs, t.cum, out + capacity, capacity);
+        for (size_t s = 0; s < n_freqs; ++s) nxkv_core_rans_reciprocal(t.freqs[s], rcp + s, shift + s);
+        r = nxkv_core_rans_encode(symbols, n, stride, t.freqs, t.cum, rcp, shift, out + capacity, capacity);
         if (r < 0) r = NXKV_ERR_ARG;
     }
+    free(rcp);
+    free(shift);
     rans_table_free(&t);
     return r;
 }
