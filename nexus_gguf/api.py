@@ -121,8 +121,8 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
     # sections go to a spool as they are made: past an eighth of the raw state they wait in a
     # temporary file beside the target, so saving holds about the state plus that, not twice it
     local_dir = None if is_url(os.fspath(path)) else os.path.dirname(os.path.abspath(path))
-    with recording() as backends, SpooledSections(max(1 << 20, len(blob) // 8), local_dir,
-                                                                os.fspath(path)) as spool:
+    spool = SpooledSections(max(1 << 20, len(blob) // 8), local_dir, os.fspath(path))
+    with recording() as backends, spool:
         layout, sections = iter_encode_state(state, pipeline, value_dims(facts.n_embd_head_k, facts.n_embd_head_v),
                                              importance)
         spool.add("tokens", encode_tokens(tokens))

@@ -36,8 +36,6 @@ def crc32(data) -> int:
 
 def pack(header: Mapping[str, Any], sections: Iterable[tuple[str, bytes]]) -> list:
     """The file as a list of buffers (header first); `header` must not hold "sections"."""
-    if "sections" in header:
-        raise ValueError("the section table is written by format.pack")
     table, payloads, offset = [], [], 0
     for name, data in sections:
         data = memoryview(data).cast("B")
@@ -124,8 +122,8 @@ def write_atomic(path: str | os.PathLike, buffers: Iterable) -> int:
         os.umask(umask)
         mode = 0o666 & ~umask
     fd = _unnamed_file(directory)
-    tmp = None if fd is not None else ""
-    if fd is None:
+    unnamed, tmp = fd is not None, None  # an unnamed file gets its temporary name once whole
+    if not unnamed:
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     n = 0
     try:
@@ -137,7 +135,7 @@ def write_atomic(path: str | os.PathLike, buffers: Iterable) -> int:
                 n += len(b)
             f.flush()
             os.fsync(f.fileno())
-            if tmp is None:  # name it only now that it is whole
+            if unnamed:  # name it only now that it is whole
                 tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
                 _link_unnamed(f.fileno(), tmp)
         os.replace(tmp, path)
