@@ -170,6 +170,8 @@ def quantize(x: np.ndarray, type_name: str) -> np.ndarray:
         out = kernel("f32_to_f16")(x).view(np.uint8)  # the hot conversion of every f16 cache restore
     elif t.name == "bf16":
         out = _bf16_from_f32(x).astype("<u2").view(np.uint8)
+    elif t.name == "q8_0":
+        out = kernel("quantize_q8_0")(_blocks(x))  # the usual quantized cache: in C
     elif t.name in _QUANTIZE:
         out = _QUANTIZE[t.name](x)
     else:

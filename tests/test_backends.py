@@ -85,6 +85,12 @@ def _inputs(op: str, seed: int):
         randoms = randoms[~np.isnan(randoms)]
         return [(special,), (ties[~np.isnan(ties)] ,), (every_half[~np.isnan(every_half)],), (randoms,),
                 ((rng.standard_normal((7, 33)) * 100).astype(np.float32),), (np.zeros(0, np.float32),)]
+    if op == "quantize_q8_0":
+        x = (rng.standard_normal((300, 64)) * np.exp2(rng.normal(0, 3, (300, 1)))).astype(np.float32)
+        x[0] = 0.0  # an all-zero block
+        x[1, :32] = np.arange(32) - 15.5  # halves after scaling
+        x[2] = rng.integers(-127, 128, 64).astype(np.float32) * np.float32(0.25)  # exact multiples of the step
+        return [(x,), (np.zeros(0, np.float32),), ((rng.standard_normal(32) * 1e-30).astype(np.float32),)]
     if op == "rope_rotate":
         out = []
         for n, h, d, n_rot, neox in ((0, 2, 64, 64, False), (33, 3, 64, 64, False), (33, 3, 64, 64, True),

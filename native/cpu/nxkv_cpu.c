@@ -7,6 +7,7 @@
 #include "../core/byteplane.h"
 #include "../core/e8.h"
 #include "../core/f16.h"
+#include "../core/ggml_rows.h"
 #include "../core/hadamard.h"
 #include "../core/lattice.h"
 #include "../core/rope.h"
@@ -106,6 +107,10 @@ int nxkv_hadamard_blocks(const float *x, float *out, size_t n_values, size_t blo
     if (out != x) memcpy(out, x, n_values * sizeof(float));
     for (size_t i = 0; i < n_values; i += block) nxkv_core_hadamard(out + i, block, scale);
     return NXKV_OK;
+}
+
+void nxkv_quantize_q8_0(const float *x, uint8_t *out, size_t n_blocks) {
+    for (size_t i = 0; i < n_blocks; ++i) nxkv_core_quantize_block_q8_0(x + NXKV_QK * i, out + 34 * i);
 }
 
 void nxkv_lattice_dequantize(const uint8_t *coset, const int32_t *coord, const int32_t *coord_last, const double *step,

@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 7 };
+enum nxkv_abi { NXKV_ABI_VERSION = 8 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -60,6 +60,9 @@ int nxkv_hadamard_blocks(const float *x, float *out, size_t n_values, size_t blo
  * NXKV_ERR_ARG (the caller's steps were wrong). */
 int nxkv_lattice_quantize(const double *x, const double *step, size_t n_groups, uint8_t *coset, int32_t *coord,
                           int32_t *coord_last);
+
+/* ggml q8_0 rows (core/ggml_rows.h): n_blocks blocks of 32 floats into 34 bytes each. */
+void nxkv_quantize_q8_0(const float *x, uint8_t *out, size_t n_blocks);
 
 /* E8 lattice points back to float values (core/lattice.h), n_groups groups of 8: coset[i] 0 or 1,
  * coord[7 i .. 7 i + 7), coord_last[i], step[i]; mean (mean_groups * 8 doubles, group i uses

@@ -151,6 +151,16 @@ def f32_to_f16(x: np.ndarray, use_hardware: bool = True) -> np.ndarray:
     return out
 
 
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    ffi, lib = load()
+    x = np.ascontiguousarray(x, np.float32).reshape(-1)
+    if x.size % 32:
+        raise ValueError(f"{x.size} values are not a whole number of 32-value q8_0 blocks")
+    out = np.empty((x.size // 32, 34), np.uint8)
+    lib.nxkv_quantize_q8_0(_ptr(ffi, "float[]", x), ffi.from_buffer("uint8_t[]", out), x.size // 32)
+    return out
+
+
 def rope_rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, neox: bool) -> np.ndarray:
     ffi, lib = load()
     x = np.ascontiguousarray(x, np.float32)

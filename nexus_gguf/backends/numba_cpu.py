@@ -211,6 +211,33 @@ def f32_to_f16(x) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def _q8_0(x, out, scales):
+    for i in range(out.shape[0]):
+        amax = np.float32(0.0)
+        for j in range(32):
+            a = np.float32(abs(x[32 * i + j]))
+            amax = a if a > amax else amax
+        d = np.float32(amax / np.float32(127.0))
+        scales[i] = d
+        inv = np.float32(np.float32(1.0) / d) if d != 0 else np.float32(0.0)
+        for j in range(32):
+            v = np.float32(x[32 * i + j] * inv)
+            r = np.floor(abs(np.float64(v)) + 0.5)  # C roundf: halves away from zero (exact in double)
+            out[i, 2 + j] = np.uint8(np.int8(r if v >= 0 else -r))
+
+
+def quantize_q8_0(x) -> np.ndarray:
+    x = np.ascontiguousarray(x, np.float32).reshape(-1)
+    if x.size % 32:
+        raise ValueError(f"{x.size} values are not a whole number of 32-value q8_0 blocks")
+    out = np.empty((x.size // 32, 34), np.uint8)
+    scales = np.empty(x.size // 32, np.float32)
+    _q8_0(x, out, scales)
+    out[:, :2] = f32_to_f16(scales).view(np.uint8).reshape(-1, 2)
+    return out
+
+
+@njit(cache=True, nogil=True)
 def _rope_rotate(x, out, cos, sin, n_rot, neox):
     n, h, d = x.shape
     half = n_rot // 2

@@ -48,6 +48,14 @@ def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
     return (y.reshape(-1, block) * np.float32(1.0 / np.sqrt(block))).reshape(shape)
 
 
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """ggml q8_0 blocks (uint8 [n_blocks, 34]) of float32 x, a whole number of 32-value blocks:
+    ggml_quants.quantize_row_q8_0_ref, the numpy twin of ggml's quantize_row_q8_0_ref."""
+    from ..ggml_quants import quantize_row_q8_0_ref  # ggml_quants itself runs kernels: import late
+
+    return quantize_row_q8_0_ref(x)
+
+
 def lattice_quantize(x: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The E8 points of m groups of 8 float64 values x[m, 8] at quantizer steps step[m] (0: the
     group is all zero), stored as stages/lattice.py does: (coset u8 [m]: 1 for D8 + ½, coord
