@@ -177,6 +177,7 @@ def recording() -> Iterator[dict[str, str]]:
 
 
 _executor = None
+_executor_size = 0
 
 
 def threads() -> int:
@@ -193,14 +194,15 @@ def threads() -> int:
 
 def pool():
     """The package's thread pool of threads() workers (kernels that release the GIL run on it)."""
-    global _executor
+    global _executor, _executor_size
     n = threads()
-    if _executor is None or _executor._max_workers != n:
+    if _executor is None or _executor_size != n:
         from concurrent.futures import ThreadPoolExecutor
 
         if _executor is not None:
             _executor.shutdown(wait=False)  # NEXUS_GGUF_THREADS changed: its threads finish what they hold
         _executor = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nexus-gguf", initializer=_mark_worker)
+        _executor_size = n
     return _executor
 
 

@@ -137,6 +137,8 @@ def lattice_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndar
 def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
     ffi, lib = load()
     src = np.ascontiguousarray(x, np.float32)
+    if src.ndim == 0 or src.shape[-1] % max(block, 1):  # blocks must not run across rows
+        raise ValueError(f"rows of {src.shape[-1] if src.ndim else 0} values are not whole {block}-value blocks")
     out = np.empty_like(src)
     if lib.nxkv_hadamard_blocks(_ptr(ffi, "float[]", src), ffi.from_buffer("float[]", out), src.size, block) != lib.NXKV_OK:
         raise ValueError(f"Hadamard size {block} is not a power of two dividing rows of {src.shape[-1] if src.ndim else 0}")
