@@ -212,6 +212,10 @@ def test_entropy_round_trip(coder):
         "bits": rng.integers(0, 2, 50).astype(np.uint8),
         "f16": rng.standard_normal(9).astype(np.float16).view(np.uint16),
         "empty": np.zeros((0, 3), np.int16),
+        # rANS decodes symbol indices in int32 and adds the stream's offset in place: the
+        # largest int32 values must come back without overflow
+        "int32_top": np.array([2**31 - 3, 2**31 - 1, 2**31 - 2, -(2**31)], np.int64)[:3].astype(np.int32),
+        "int32_bottom": np.array([-(2**31), -(2**31) + 2, -(2**31) + 1], np.int32),
     }
     e = Entropy(coder=coder)
     info = TensorInfo("k.0.0.0", "f16", 2, 10**6)

@@ -26,7 +26,7 @@ NXKV_FN void nxkv_core_rans_slots(const uint32_t *freqs, const uint32_t *cum, co
  * or does not end in the encoder's start state. lookup maps a slot (0 .. 2^14-1) to its symbol,
  * slots as nxkv_core_rans_slots. */
 NXKV_FN int nxkv_core_rans_decode(const uint8_t *data, size_t n_data, const uint32_t *slots, const uint32_t *lookup,
-                                  int64_t *out, size_t n, size_t stride) {
+                                  int32_t *out, size_t n, size_t stride) {
     const uint32_t mask = (1u << NXKV_RANS_PROB_BITS) - 1;
     if (n_data < 4) return -1;
     uint32_t x = ((uint32_t)data[0] << 24) | ((uint32_t)data[1] << 16) | ((uint32_t)data[2] << 8) | data[3];
@@ -46,7 +46,7 @@ NXKV_FN int nxkv_core_rans_decode(const uint8_t *data, size_t n_data, const uint
 /* One decoding step of one lane: the symbol, then the state renormalised from d[*p ..). 0, or
  * -1 if the stream runs out. */
 NXKV_FN int nxkv_core_rans_step(uint32_t *x, size_t *p, const uint8_t *d, size_t n_data, const uint32_t *slots,
-                                const uint32_t *lookup, int64_t *out) {
+                                const uint32_t *lookup, int32_t *out) {
     const uint32_t mask = (1u << NXKV_RANS_PROB_BITS) - 1;
     uint32_t xl = *x;
     const uint32_t slot = xl & mask, e = slots[slot];
@@ -80,7 +80,7 @@ NXKV_FN int nxkv_core_rans_step(uint32_t *x, size_t *p, const uint8_t *d, size_t
  * nxkv_core_rans_decode. */
 NXKV_FN int nxkv_core_rans_decode_interleaved(const uint8_t *const *data, const size_t *n_data, size_t lanes,
                                               const uint32_t *slots, const uint32_t *lookup,
-                                              int64_t *out, size_t m, uint32_t *x, size_t *p) {
+                                              int32_t *out, size_t m, uint32_t *x, size_t *p) {
     const size_t active = m < lanes ? m : lanes;
     for (size_t l = 0; l < active; ++l) {
         const uint8_t *d = data[l];

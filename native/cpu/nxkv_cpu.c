@@ -203,7 +203,7 @@ int64_t nxkv_rans_encode(const int64_t *symbols, size_t n, size_t stride, const 
     return r;
 }
 
-int nxkv_rans_decode(const uint8_t *data, size_t n_data, const int64_t *freqs, size_t n_freqs, int64_t *out, size_t n) {
+int nxkv_rans_decode(const uint8_t *data, size_t n_data, const int64_t *freqs, size_t n_freqs, int32_t *out, size_t n) {
     rans_table t;
     int r = rans_table_new(&t, freqs, n_freqs, 1);
     if (r == NXKV_OK) {
@@ -214,7 +214,7 @@ int nxkv_rans_decode(const uint8_t *data, size_t n_data, const int64_t *freqs, s
 }
 
 int nxkv_rans_decode_lanes(const uint8_t *data, size_t n_data, const int64_t *lengths, size_t n_tasks,
-                           const int64_t *freqs, size_t n_freqs, int64_t *out, size_t n, size_t lanes, size_t chunk,
+                           const int64_t *freqs, size_t n_freqs, int32_t *out, size_t n, size_t lanes, size_t chunk,
                            size_t chunk0, size_t chunk1) {
     if (lanes == 0 || chunk < lanes || chunk0 > chunk1 || chunk1 > n_tasks / lanes) return NXKV_ERR_ARG;
     rans_table t;

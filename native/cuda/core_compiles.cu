@@ -10,7 +10,7 @@
 #include "../core/rans.h"
 #include "../core/rope.h"
 
-__global__ void nxkv_core_compiles(double *x, float *f, uint16_t *h, int64_t *out, const uint8_t *data,
+__global__ void nxkv_core_compiles(double *x, float *f, uint16_t *h, int32_t *out, const uint8_t *data,
                                    const uint32_t *slots, const uint32_t *lookup) {
     nxkv_core_e8_nearest(x, x);
     const int32_t z[7] = {0, 1, 2, 3, 4, 5, 6};

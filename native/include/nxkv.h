@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 8 };
+enum nxkv_abi { NXKV_ABI_VERSION = 9 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -82,14 +82,14 @@ void nxkv_rope_rotate(const float *x, float *out, size_t n_rows, size_t n_heads,
  * out[capacity - k .. capacity)) or NXKV_ERR_ARG if capacity is too small. */
 int64_t nxkv_rans_encode(const int64_t *symbols, size_t n, size_t stride, const int64_t *freqs, size_t n_freqs,
                          uint8_t *out, size_t capacity);
-int nxkv_rans_decode(const uint8_t *data, size_t n_data, const int64_t *freqs, size_t n_freqs, int64_t *out, size_t n);
+int nxkv_rans_decode(const uint8_t *data, size_t n_data, const int64_t *freqs, size_t n_freqs, int32_t *out, size_t n);
 
 /* Interleaved rANS (FORMAT.md, entropy method 3): decode chunks chunk0 .. chunk1 of a stream of
  * n symbols in chunks of `chunk`, `lanes` lanes each, whose (chunk, lane) streams have the byte
  * lengths lengths[0 .. n_tasks), into out (n symbols); a chunk's lanes are decoded in lockstep.
  * Disjoint chunk ranges may run on threads. */
 int nxkv_rans_decode_lanes(const uint8_t *data, size_t n_data, const int64_t *lengths, size_t n_tasks,
-                           const int64_t *freqs, size_t n_freqs, int64_t *out, size_t n, size_t lanes, size_t chunk,
+                           const int64_t *freqs, size_t n_freqs, int32_t *out, size_t n, size_t lanes, size_t chunk,
                            size_t chunk0, size_t chunk1);
 
 /* Query capture through llama.cpp's eval callback (ggml_backend_sched_eval_callback): keeps the

@@ -196,8 +196,8 @@ def _rans_encode_strided(ffi, lib, symbols, start: int, count: int, stride: int,
 def rans_decode(data: bytes, freqs: np.ndarray, n: int) -> np.ndarray:
     ffi, lib = load()
     freqs = np.ascontiguousarray(freqs, np.int64)
-    out = np.empty(n, np.int64)
-    r = lib.nxkv_rans_decode(data, len(data), _ptr(ffi, "int64_t[]", freqs), freqs.size, ffi.from_buffer("int64_t[]", out), n)
+    out = np.empty(n, np.int32)
+    r = lib.nxkv_rans_decode(data, len(data), _ptr(ffi, "int64_t[]", freqs), freqs.size, ffi.from_buffer("int32_t[]", out), n)
     if r != lib.NXKV_OK:
         raise ValueError("rANS stream is corrupt (ends early or does not decode to its start state)")
     return out
@@ -229,9 +229,9 @@ def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: in
     if lengths.size != n_tasks or int(lengths.sum()) != len(data):
         raise ValueError("interleaved rANS lane table does not match the stream")
     freqs = np.ascontiguousarray(freqs, np.int64)
-    out = np.empty(n, np.int64)
+    out = np.empty(n, np.int32)
     args = (data, len(data), _ptr(ffi, "int64_t[]", lengths), n_tasks, _ptr(ffi, "int64_t[]", freqs), freqs.size,
-            ffi.from_buffer("int64_t[]", out), n, lanes, chunk)
+            ffi.from_buffer("int32_t[]", out), n, lanes, chunk)
     n_chunks = n_tasks // lanes
     workers = min(threads(), n_chunks) if n >= _PARALLEL_SYMBOLS else 1
     bounds = np.linspace(0, n_chunks, workers + 1).astype(np.int64)

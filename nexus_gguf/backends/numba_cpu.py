@@ -319,7 +319,7 @@ def rans_decode(data: bytes, freqs: np.ndarray, n: int) -> np.ndarray:
     freqs = np.ascontiguousarray(freqs, np.int64)
     cum = np.concatenate([[0], np.cumsum(freqs)]).astype(np.int64)
     lookup = np.repeat(np.arange(freqs.shape[0]), freqs).astype(np.int64)
-    out = np.empty(n, np.int64)
+    out = np.empty(n, np.int32)
     if _rans_decode(np.frombuffer(data, np.uint8), freqs, cum, lookup, out) != 0:
         raise ValueError("rANS stream is corrupt (ends early or does not decode to its start state)")
     return out
@@ -363,7 +363,7 @@ def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: in
     cum = np.concatenate([[0], np.cumsum(freqs)]).astype(np.int64)
     lookup = np.repeat(np.arange(freqs.shape[0]), freqs).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    out = np.empty(n, np.int64)
+    out = np.empty(n, np.int32)
     status = np.zeros(starts.shape[0], np.int64)
     args = (np.frombuffer(data, np.uint8), starts, counts, offsets, freqs, cum, lookup, lanes, out, status)
     n_tasks = starts.shape[0]

@@ -182,7 +182,7 @@ def rans_decode(data: bytes, freqs: np.ndarray, n: int) -> np.ndarray:
         raise ValueError("rANS stream shorter than its state")
     x = int.from_bytes(data[:4], "big")
     p = 4
-    out = np.empty(n, np.int64)
+    out = np.empty(n, np.int32)  # symbol indices: below 2^12
     for i in range(n):
         slot = x & mask
         s = int(lookup[slot])
@@ -222,7 +222,7 @@ def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: in
     tasks = lane_tasks(n, lanes, chunk)
     if len(lengths) != len(tasks) or int(np.sum(lengths)) != len(data):
         raise ValueError("interleaved rANS lane table does not match the stream")
-    out = np.empty(n, np.int64)
+    out = np.empty(n, np.int32)  # symbol indices: below 2^12
     offset = 0
     for (start, count), length in zip(tasks, lengths):
         part = data[offset : offset + int(length)]

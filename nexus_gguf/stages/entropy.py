@@ -127,7 +127,7 @@ class Entropy(Stage):
             method = r.unpack("<B")
             payload = r.take(r.unpack("<I"))
             values = self._decode_stream(method, payload, n, f"{info.name}/{name}")
-            out[name] = values.astype(DTYPES[code]).reshape(shape)
+            out[name] = values.astype(DTYPES[code], copy=False).reshape(shape)
         if r.remaining():
             raise FormatError(f"{info.name}: trailing bytes after the symbol streams")
         return out
@@ -156,11 +156,22 @@ class Entropy(Stage):
                 raise FormatError(f"{where}: rANS frequencies do not sum to 2^{RANS_PROB_BITS}")
             try:
                 if method == METHOD_RANS_LANES:
-                    return _decode_lanes(r, freqs, n, where) + lo
-                return kernel("rans_decode")(bytes(payload[r.pos :]), freqs, n) + lo
+                    symbols = _decode_lanes(r, freqs, n, where)
+                else:
+                    symbols = kernel("rans_decode")(bytes(payload[r.pos :]), freqs, n)
             except ValueError as e:
                 raise FormatError(f"{where}: {e}") from None
+            return _offset(symbols, lo, size)
         raise FormatError(f"{where}: unknown coding method {method}")
+
+
+def _offset(symbols: np.ndarray, lo: int, size: int) -> np.ndarray:
+    """Symbol indices (int32) + lo: in place where every value stays within int32 (the symbols
+    are below `size`), else in int64 (only a damaged table's lo is that large)."""
+    if lo and -(1 << 31) <= lo and lo + size <= 1 << 31:
+        symbols += np.int32(lo)
+        return symbols
+    return symbols.astype(np.int64) + lo if lo else symbols
 
 
 def _encode_lanes(symbols: np.ndarray, freqs: np.ndarray, lanes: int, chunk: int) -> bytes:
