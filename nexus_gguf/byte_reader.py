@@ -58,3 +58,23 @@ class ByteReader:
             shift += 7
             if shift > 35:
                 raise self.error(f"{self.where}: {what} is not a valid varint")
+
+    def varints(self, count: int, what: str = "varint") -> np.ndarray:
+        """`count` LEB128 values as int64, accepting exactly what varint() accepts (at most six
+        bytes each), vectorised: lane tables of chunked streams hold one per (chunk, lane), tens
+        of thousands."""
+        if count <= 0:
+            return np.zeros(0, np.int64)
+        rest = np.frombuffer(self.buf, np.uint8, offset=self.pos)
+        ends = np.flatnonzero(rest < 0x80)[:count]
+        if ends.size < count:
+            raise self.error(f"{self.where}: {what}s need more bytes than the {rest.size} left at offset {self.pos}")
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        lengths = ends - starts + 1
+        if int(lengths.max()) > 6:
+            raise self.error(f"{self.where}: {what} is not a valid varint")
+        used = int(ends[-1]) + 1
+        shift = 7 * (np.arange(used) - np.repeat(starts, lengths))
+        values = np.add.reduceat((rest[:used].astype(np.int64) & 0x7F) << shift, starts)
+        self.pos += used
+        return values

@@ -8,7 +8,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from .backends import parallel_map, threads
+from .backends import backend_name, parallel_map, threads
 from .errors import FormatError, StateLayoutError
 from .ggml_types import GgmlType, ggml_type_by_name
 from .header import LOGITS_DTYPES, Limits
@@ -257,6 +257,9 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
                         raise FormatError(f"layer {ci}.{si}.{li}: values make rows of shape {got.shape}, the header says {want.shape}")
                     want[...] = got
 
+        gpu = _gpu_decoder() if dims else None
+        if gpu is not None and _decode_on_gpu(gpu, pipeline, dims, jobs, state, read):
+            return blob, state
         # the layers decode on all cores (the kernels release the GIL), each into its place,
         # reading their own sections where reads may run at once (memory then holds a layer per
         # core, not the file); else the sections are read here first, in order (a remote file
@@ -267,6 +270,40 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
         raise
     except (KeyError, TypeError, ValueError, StateLayoutError) as e:
         raise FormatError(f"the header's state layout is malformed: {e!r}") from None
+
+
+def _gpu_decoder():
+    """cuda_decode.decode_sections where the cuda backend is chosen (NEXUS_GGUF_BACKEND=cuda),
+    else None."""
+    if backend_name() != "cuda":
+        return None
+    from . import cuda_decode
+
+    return cuda_decode.decode_sections
+
+
+def _decode_on_gpu(decode, pipeline: Pipeline, dims, jobs: list, state: LlamaState, read) -> bool:
+    """Every K/V section decoded by `decode` (cuda_decode.decode_sections) in one batch into its
+    rows of the state buffer; False, with nothing written, where the file needs the CPU path."""
+    from . import cuda_decode
+
+    types = {L[f"{part}_type"] for (_, _, _, L, _, _) in jobs for part in ("k", "v")}
+    if cuda_decode.unsupported(pipeline, dims, types) is not None:
+        return False
+    work = []
+    for job in jobs:
+        ci, si, li, L, cells, v_trans = job
+        data = read(job)
+        dest = state.caches[ci].streams[si].layers[li]
+        for part in ("k", "v"):
+            t, rows = (dest.k_type, dest.k) if part == "k" else (dest.v_type, dest.v)
+            transposed = part == "v" and v_trans
+            n_embd = rows.shape[0] if transposed else rows.shape[1] // t.type_size * t.block_size
+            info = _value_info(pipeline, f"{part}.{ci}.{si}.{li}", part, t, cells, L["model_layer"],
+                               bool(L["sliding_window"]), n_embd, dims)
+            work.append(cuda_decode.SectionJob(info, data[part], rows, t.name == "f16", transposed))
+    decode(pipeline, work)
+    return True
 
 
 def _cells_from_bytes(data: np.ndarray, n: int, has_ext: bool) -> Cells:

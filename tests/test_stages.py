@@ -386,3 +386,21 @@ def test_interleaved_rans_rejects_damage():
     flipped[-1] ^= 0x5A
     with pytest.raises(FormatError):
         e.decode(flipped, info)
+
+
+def test_vectorised_varints_read_exactly_what_the_scalar_reader_reads():
+    from nexus_gguf.byte_reader import ByteReader
+    from nexus_gguf.stages.entropy import _varints
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        values = rng.integers(0, 1 << int(rng.integers(1, 42)), int(rng.integers(1, 60)))
+        data = _varints(values) + b"\x05tail"
+        vector, scalar = ByteReader(data, "t", FormatError), ByteReader(data, "t", FormatError)
+        assert vector.varints(values.size).tolist() == [scalar.varint() for _ in values] == values.tolist()
+        assert vector.pos == scalar.pos
+    for bad in (b"\x80" * 6 + b"\x01", b"\x80\x80"):  # seven bytes; runs out
+        with pytest.raises(FormatError):
+            ByteReader(bad, "t", FormatError).varints(1)
+        with pytest.raises(FormatError):
+            ByteReader(bad, "t", FormatError).varint()

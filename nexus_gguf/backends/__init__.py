@@ -4,13 +4,17 @@ python-zstandard's explicit backend policy).
 OPS declares each op once: its numpy reference (backends/reference.py, the readable truth) and
 the tolerance every other implementation must meet. Backends, fastest first:
 
+    cuda     the CUDA library built from native/cuda/ where nvcc was found (backends/cuda.py);
+             only when asked for: its per-op kernels are round trips over the bus, and its
+             real work, decoding a whole file's lattice sections at once, is cuda_decode.py
     native   the C library built from native/ (backends/native.py binds it with cffi)
     numba    Numba CPU kernels (backends/numba_cpu.py)
     numpy    the references themselves
 
-NEXUS_GGUF_BACKEND = auto (default) | native | numba | numpy  ("reference" is an alias of numpy)
-  auto: native if the library loads, else numba, with a warning that says why.
-  native / numba / numpy: that backend, or a clear error if it cannot load.
+NEXUS_GGUF_BACKEND = auto (default) | cuda | native | numba | numpy  ("reference" is an alias of numpy)
+  auto: native if the library loads, else numba, with a warning that says why (never cuda).
+  cuda / native / numba / numpy: that backend, or a clear error if it cannot load (for cuda: no
+  library built, no driver, no device).
 Each op runs in the chosen backend if it has it, else in the next one down the list (today the
 native library and Numba have every op). A missing op is a coverage gap, named by
 backend_features(), not a fallback that hides a failure: a backend that fails to load is an
@@ -64,8 +68,9 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("hadamard_blocks", reference.hadamard_blocks, exact=True),
 )}
 
-BACKENDS = ("native", "numba", "numpy")
-_MODULES = {"native": "native", "numba": "numba_cpu", "numpy": "reference"}
+BACKENDS = ("cuda", "native", "numba", "numpy")
+CPU_BACKENDS = BACKENDS[1:]  # what auto chooses from
+_MODULES = {"cuda": "cuda", "native": "native", "numba": "numba_cpu", "numpy": "reference"}
 _ALIASES = {"reference": "numpy"}
 _loaded: dict[str, ModuleType | Exception] = {}
 _resolved: dict[str, tuple[str, dict[str, tuple[str, Callable]]]] = {}
@@ -77,7 +82,7 @@ def _load(name: str) -> ModuleType:
     if name not in _loaded:
         try:
             mod = importlib.import_module(f"{__name__}.{_MODULES[name]}")
-            if name == "native":
+            if name in ("native", "cuda"):
                 mod.load()
             _loaded[name] = mod
         except (NativeLibraryError, ImportError) as e:
@@ -99,7 +104,7 @@ def _resolve(policy: str) -> tuple[str, dict[str, tuple[str, Callable]]]:
         return _resolved[policy]
     if policy == "auto":
         chosen = None
-        for name in BACKENDS:
+        for name in CPU_BACKENDS:
             try:
                 _load(name)
                 chosen = name
@@ -163,6 +168,13 @@ def kernel(op: str, name: str | None = None) -> Callable:
     if used is not None:
         used[op] = b
     return impl
+
+
+def note_used(op: str, backend: str) -> None:
+    """Records that `backend` ran `op` (for work done outside kernel(): cuda_decode.py)."""
+    used = _recorder.get()
+    if used is not None:
+        used[op] = backend
 
 
 @contextlib.contextmanager

@@ -35,12 +35,13 @@ def _find(env: str, candidates: list[Path]) -> Path:
     )
 
 
-def _cdef(header: Path) -> str:
+def _cdef(header: Path, marker: str = "NXKV_CDEF") -> str:
+    """The declarations between the header's /* <marker>_BEGIN */ and /* <marker>_END */."""
     text = header.read_text()
     try:
-        body = text.split("/* NXKV_CDEF_BEGIN */", 1)[1].split("/* NXKV_CDEF_END */", 1)[0]
+        body = text.split(f"/* {marker}_BEGIN */", 1)[1].split(f"/* {marker}_END */", 1)[0]
     except IndexError:
-        raise NativeLibraryError(f"{header} has no NXKV_CDEF markers") from None
+        raise NativeLibraryError(f"{header} has no {marker} markers") from None
     return body
 
 

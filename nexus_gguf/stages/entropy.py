@@ -12,6 +12,7 @@ Section layout (all integers little-endian):
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import zstandard
@@ -111,10 +112,11 @@ class Entropy(Stage):
                       struct.pack(f"<{values.ndim}I", *values.shape), bytes([method]), struct.pack("<I", len(payload)), payload]
         return np.frombuffer(b"".join(parts), np.uint8)
 
-    def decode(self, data: np.ndarray, info: TensorInfo) -> dict:
+    def streams(self, data: np.ndarray, info: TensorInfo) -> list["CodedStream"]:
+        """The section's streams as stored, checked for size but not decoded."""
         r = ByteReader(np.ascontiguousarray(data, np.uint8), info.name, FormatError)
         limit = max(info.max_items, 1)
-        out = {}
+        out = []
         for _ in range(r.unpack("<B")):
             name = bytes(r.take(r.unpack("<B"), "stream name")).decode("ascii", errors="replace")
             code, ndim = r.unpack("<BB")
@@ -126,19 +128,70 @@ class Entropy(Stage):
                 raise FormatError(f"{info.name}: stream {name!r} claims {n} values, more than the section can hold")
             method = r.unpack("<B")
             payload = r.take(r.unpack("<I"))
-            values = self._decode_stream(method, payload, n, f"{info.name}/{name}")
-            out[name] = values.astype(DTYPES[code], copy=False).reshape(shape)
+            out.append(CodedStream(name, DTYPES[code], shape, n, method, payload, f"{info.name}/{name}"))
         if r.remaining():
             raise FormatError(f"{info.name}: trailing bytes after the symbol streams")
         return out
 
-    def _decode_stream(self, method: int, payload: bytes, n: int, where: str) -> np.ndarray:
+    def decode(self, data: np.ndarray, info: TensorInfo) -> dict:
+        return {s.name: s.decode() for s in self.streams(data, info)}
+
+
+@dataclass(frozen=True)
+class RansPayload:
+    """A rANS stream's table and bytes as stored: symbol i = index + lo; interleaved in lanes of
+    chunks (a plain stream is one lane of one chunk)."""
+
+    lo: int
+    freqs: np.ndarray  # int64, summing to 2^14
+    lanes: int
+    chunk: int
+    lengths: np.ndarray  # int64 byte length per (chunk, lane)
+    body: bytes
+
+
+@dataclass(frozen=True)
+class CodedStream:
+    name: str
+    dtype: type
+    shape: tuple
+    n: int
+    method: int
+    payload: bytes
+    where: str
+
+    def rans(self) -> RansPayload:
+        """The parsed rANS payload (method rANS or interleaved rANS)."""
+        r = ByteReader(self.payload, self.where, FormatError)
+        lo = r.unpack("<i")
+        size = r.varint()
+        if not 0 < size <= MAX_ALPHABET:
+            raise FormatError(f"{self.where}: rANS alphabet of {size} symbols")
+        freqs = np.array([r.varint() for _ in range(size)], np.int64)
+        if freqs.sum() != 1 << RANS_PROB_BITS:
+            raise FormatError(f"{self.where}: rANS frequencies do not sum to 2^{RANS_PROB_BITS}")
+        if self.method == METHOD_RANS:
+            body = bytes(self.payload[r.pos :])
+            return RansPayload(lo, freqs, 1, max(self.n, 1), np.array([len(body)] if self.n else [], np.int64), body)
+        lanes, chunk = r.varint("lane count"), r.varint("chunk size")
+        if not 1 <= lanes <= MAX_LANES or chunk < lanes:
+            raise FormatError(f"{self.where}: {lanes} lanes in chunks of {chunk} symbols")
+        n_tasks = (-(-self.n // chunk) if self.n else 0) * lanes  # at most n + lanes: chunk >= lanes
+        lengths = r.varints(n_tasks, "lane length")
+        return RansPayload(lo, freqs, lanes, chunk, lengths, bytes(r.take(r.remaining(), "lanes")))
+
+    def decode(self) -> np.ndarray:
+        values = self._values()
+        return values.astype(self.dtype, copy=False).reshape(self.shape)
+
+    def _values(self) -> np.ndarray:
+        method, payload, n, where = self.method, self.payload, self.n, self.where
         if method == METHOD_EMPTY:
             if n:
                 raise FormatError(f"{where}: empty stream with {n} values")
             return np.zeros(0, np.int64)
-        r = ByteReader(payload, where, FormatError)
         if method == METHOD_ZSTD:
+            r = ByteReader(payload, where, FormatError)
             width = r.unpack("<B")
             if width not in (1, 2, 4):
                 raise FormatError(f"{where}: bad integer width {width}")
@@ -147,21 +200,16 @@ class Entropy(Stage):
                 raise FormatError(f"{where}: zstd stream holds {len(raw)} bytes, expected {n * width}")
             return np.frombuffer(raw, {1: "<i1", 2: "<i2", 4: "<i4"}[width]).astype(np.int64)
         if method in (METHOD_RANS, METHOD_RANS_LANES):
-            lo = r.unpack("<i")
-            size = r.varint()
-            if not 0 < size <= MAX_ALPHABET:
-                raise FormatError(f"{where}: rANS alphabet of {size} symbols")
-            freqs = np.array([r.varint() for _ in range(size)], np.int64)
-            if freqs.sum() != 1 << RANS_PROB_BITS:
-                raise FormatError(f"{where}: rANS frequencies do not sum to 2^{RANS_PROB_BITS}")
+            p = self.rans()
             try:
                 if method == METHOD_RANS_LANES:
-                    symbols = _decode_lanes(r, freqs, n, where)
+                    # lanes are independent: the native kernel decodes chunks on all cores
+                    symbols = kernel("rans_decode_lanes")(p.body, p.lengths, p.freqs, n, p.lanes, p.chunk)
                 else:
-                    symbols = kernel("rans_decode")(bytes(payload[r.pos :]), freqs, n)
+                    symbols = kernel("rans_decode")(p.body, p.freqs, n)
             except ValueError as e:
                 raise FormatError(f"{where}: {e}") from None
-            return _offset(symbols, lo, size)
+            return _offset(symbols, p.lo, p.freqs.size)
         raise FormatError(f"{where}: unknown coding method {method}")
 
 
@@ -179,14 +227,3 @@ def _encode_lanes(symbols: np.ndarray, freqs: np.ndarray, lanes: int, chunk: int
     rANS streams in (chunk, lane) order, each a plain stream of its lane's symbols."""
     lengths, body = kernel("rans_encode_lanes")(symbols, freqs, lanes, chunk)
     return _varints([lanes, chunk]) + _varints(lengths) + body
-
-
-def _decode_lanes(r: ByteReader, freqs: np.ndarray, n: int, where: str) -> np.ndarray:
-    """Inverse of _encode_lanes (lanes are independent: the Numba kernel decodes them on all
-    cores)."""
-    lanes, chunk = r.varint("lane count"), r.varint("chunk size")
-    if not 1 <= lanes <= MAX_LANES or chunk < lanes:
-        raise FormatError(f"{where}: {lanes} lanes in chunks of {chunk} symbols")
-    n_tasks = (-(-n // chunk) if n else 0) * lanes  # at most n + lanes: chunk >= lanes
-    lengths = np.array([r.varint("lane length") for _ in range(n_tasks)], np.int64)
-    return kernel("rans_decode_lanes")(bytes(r.take(r.remaining(), "lanes")), lengths, freqs, n, lanes, chunk)

@@ -151,7 +151,9 @@ class Lattice(Stage):
             points = _split_by_bucket(points, buckets)
         return {**out, "scale": scale_symbols, **points}
 
-    def decode(self, symbols: dict[str, np.ndarray], info: TensorInfo) -> np.ndarray:
+    def stream_shapes(self, info: TensorInfo) -> tuple[dict[str, tuple[int, ...]], np.ndarray]:
+        """(stream name -> the shape decode needs, bool [n_cells]: the sink rows), bucket
+        streams aside (they are joined first)."""
         n, h, d = info.n_cells, info.n_heads, info.head_dim
         block = self._block(d, info.name)
         g = h * d // 8
@@ -161,6 +163,18 @@ class Lattice(Stage):
         sink = self._sink_rows(info, n)
         if self.sinks:
             want["sink"] = (int(sink.sum()), h, d)
+        return want, sink
+
+    def group_steps(self, scale_symbols: np.ndarray, info: TensorInfo) -> np.ndarray:
+        """float64 [n, h, blocks] (vector scope) or [h, 1] (head scope): the quantizer step of
+        each scale block, buckets aside."""
+        return self._steps(scale_symbols, info)
+
+    def decode(self, symbols: dict[str, np.ndarray], info: TensorInfo) -> np.ndarray:
+        n, h, d = info.n_cells, info.n_heads, info.head_dim
+        block = self._block(d, info.name)
+        g = h * d // 8
+        want, sink = self.stream_shapes(info)
         if "bucket" in symbols:
             b = symbols["bucket"]
             if b.shape != (n,) or (b.size and int(b.max()) > self.max_bucket):

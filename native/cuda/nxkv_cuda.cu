@@ -1,0 +1,781 @@
+/* CUDA entry points of nexus-gguf (nxkv_cuda.h): launch wrappers over the same native/core/*.h
+ * math the CPU library runs. Built without FMA contraction (-fmad=false, CMakeLists.txt), so
+ * every float and double operation rounds as the numpy references do: the results are the CPU
+ * library's, bit for bit (tests/test_cuda.py compares them). */
+#include <cuda_runtime.h>
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "nxkv_cuda.h"
+#include "../core/target.h"
+#include "../core/e8.h"
+#include "../core/f16.h"
+#include "../core/hadamard.h"
+#include "../core/lattice.h"
+#include "../core/rans.h"
+#include "../core/rope.h"
+
+#define RANS_SLOTS (1u << NXKV_RANS_PROB_BITS)
+#define MAX_HEAD_DIM 512
+
+namespace {
+
+void set_err(char *err, size_t n, const char *fmt, ...) {
+    if (!err || !n) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, n, fmt, ap);
+    va_end(ap);
+}
+
+/* Device buffers freed on every return path. */
+struct Buffers {
+    std::vector<void *> ptrs;
+    ~Buffers() {
+        for (void *p : ptrs) cudaFree(p);
+    }
+    template <typename T>
+    cudaError_t alloc(T **p, size_t count) {
+        *p = nullptr;
+        if (!count) count = 1;
+        cudaError_t e = cudaMalloc((void **)p, count * sizeof(T));
+        if (e == cudaSuccess) ptrs.push_back(*p);
+        return e;
+    }
+    template <typename T>
+    cudaError_t upload(T **p, const T *src, size_t count) {
+        cudaError_t e = alloc(p, count);
+        if (e == cudaSuccess && count) e = cudaMemcpy(*p, src, count * sizeof(T), cudaMemcpyHostToDevice);
+        return e;
+    }
+};
+
+#define CU(call)                                                                                  \
+    do {                                                                                          \
+        cudaError_t e_ = (call);                                                                  \
+        if (e_ != cudaSuccess) {                                                                  \
+            set_err(err, err_size, "%s: %s", #call, cudaGetErrorString(e_));                       \
+            return NXKV_CUDA_ERR_DEVICE;                                                          \
+        }                                                                                         \
+    } while (0)
+
+#define LAUNCHED()                                                                                \
+    do {                                                                                          \
+        CU(cudaGetLastError());                                                                   \
+        CU(cudaDeviceSynchronize());                                                              \
+    } while (0)
+
+thread_local double last_kernel_ms = 0.0;
+
+/* Times the kernels launched while it lives (nxkv_cuda_last_kernel_ms). */
+struct KernelTimer {
+    cudaEvent_t start, stop;
+    KernelTimer() {
+        cudaEventCreate(&start);
+        cudaEventCreate(&stop);
+        cudaEventRecord(start);
+    }
+    void done() {
+        cudaEventRecord(stop);
+        cudaEventSynchronize(stop);
+        float ms = 0;
+        cudaEventElapsedTime(&ms, start, stop);
+        last_kernel_ms = ms;
+    }
+    ~KernelTimer() {
+        cudaEventDestroy(start);
+        cudaEventDestroy(stop);
+    }
+};
+
+unsigned blocks_for(size_t n, unsigned threads) { return (unsigned)((n + threads - 1) / threads); }
+
+/* ---- per-op kernels ---- */
+
+__global__ void k_lattice_dequantize(const uint8_t *coset, const int32_t *coord, const int32_t *coord_last,
+                                     const double *step, size_t n, const double *mean, size_t mean_groups, float *out) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    nxkv_core_lattice_group(coset[i], coord + 7 * i, coord_last[i], step[i], mean_groups ? mean + 8 * (i % mean_groups) : nullptr,
+                            out + 8 * i);
+}
+
+__global__ void k_lattice_quantize(const double *x, const double *step, size_t n, uint8_t *coset, int32_t *coord,
+                                   int32_t *coord_last, int *bad) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    for (int j = 0; j < 8; ++j) {
+        /* as the CPU library: |x / step| within int32 with room for the rounding */
+        if (step[i] > 0 && !(fabs(x[8 * i + j] / step[i]) < 2147483000.0)) {
+            *bad = 1;
+            return;
+        }
+    }
+    nxkv_core_lattice_point(x + 8 * i, step[i], coset + i, coord + 7 * i, coord_last + i);
+}
+
+__global__ void k_hadamard(float *x, size_t n_blocks, size_t block, float scale) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < n_blocks) nxkv_core_hadamard(x + i * block, block, scale);
+}
+
+__global__ void k_rope(const float *x, float *out, size_t n_vectors, size_t n_heads, size_t head_dim, const double *cos,
+                       const double *sin, size_t n_rot, int neox) {
+    const size_t v = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (v >= n_vectors) return;
+    const size_t half = n_rot / 2, row = v / n_heads;
+    const float *xv = x + v * head_dim;
+    float *ov = out + v * head_dim;
+    for (size_t j = n_rot; j < head_dim; ++j) ov[j] = xv[j];
+    for (size_t i = 0; i < half; ++i) {
+        const size_t ia = neox ? i : 2 * i, ib = neox ? i + half : 2 * i + 1;
+        nxkv_core_rope_pair(xv[ia], xv[ib], cos[row * half + i], sin[row * half + i], ov + ia, ov + ib);
+    }
+}
+
+__global__ void k_f32_to_f16(const float *src, uint16_t *dst, size_t n) {
+    const size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = nxkv_core_f32_to_f16(src[i]);
+}
+
+/* ---- rANS ---- */
+
+/* One (chunk, lane) task of an interleaved stream. */
+struct RansTask {
+    int64_t offset;  /* its bytes in the payload */
+    int64_t length;
+    int64_t out;     /* its first symbol's index */
+    int64_t count;   /* symbols */
+    int32_t stride;  /* lanes: its symbols are out, out + stride, ... */
+    int32_t stream;  /* whose table */
+};
+
+/* slots and lookup (core/rans.h) of stream s: one block per stream, a thread per slot, the
+ * slot's symbol by binary search over the cumulative frequencies. */
+__global__ void k_rans_tables(const uint32_t *freqs, const uint32_t *cum, const int64_t *freq0, const int64_t *n_freqs,
+                              uint32_t *slots, uint32_t *lookup) {
+    const int64_t s = blockIdx.x;
+    const uint32_t *f = freqs + freq0[s], *c = cum + freq0[s];
+    const int64_t m = n_freqs[s];
+    for (uint32_t k = threadIdx.x; k < RANS_SLOTS; k += blockDim.x) {
+        int64_t lo = 0, hi = m - 1; /* the last symbol whose cum <= k (with a frequency) */
+        while (lo < hi) {
+            const int64_t mid = (lo + hi + 1) / 2;
+            if (c[mid] <= k) lo = mid;
+            else hi = mid - 1;
+        }
+        while (lo > 0 && f[lo] == 0) --lo; /* never reached for k < 2^14 with sum 2^14, kept for safety */
+        lookup[s * RANS_SLOTS + k] = (uint32_t)lo;
+        slots[s * RANS_SLOTS + k] = (f[lo] << NXKV_RANS_PROB_BITS) | (k - c[lo]);
+    }
+}
+
+__global__ void k_rans_decode(const uint8_t *payload, const RansTask *tasks, size_t n_tasks, const uint32_t *slots,
+                              const uint32_t *lookup, int32_t *symbols, int32_t *stream_status) {
+    const size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (t >= n_tasks) return;
+    const RansTask k = tasks[t];
+    if (!k.count) return;
+    const size_t table = (size_t)k.stream * RANS_SLOTS;
+    if (nxkv_core_rans_decode(payload + k.offset, (size_t)k.length, slots + table, lookup + table, symbols + k.out,
+                              (size_t)k.count, (size_t)k.stride)) {
+        stream_status[k.stream] = NXKV_CUDA_ERR_CORRUPT;
+    }
+}
+
+__global__ void k_rans_encode(const int64_t *symbols, const RansTask *tasks, size_t n_tasks, const uint32_t *freqs,
+                              const uint32_t *cum, const uint32_t *rcp, const uint32_t *shift, uint8_t *out,
+                              size_t slot_bytes, int64_t *lengths) {
+    const size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (t >= n_tasks) return;
+    const RansTask k = tasks[t];
+    if (!k.count) {
+        lengths[t] = 0;
+        return;
+    }
+    uint8_t *end = out + (t + 1) * slot_bytes;
+    lengths[t] = nxkv_core_rans_encode(symbols + k.out, (size_t)k.count, (size_t)k.stride, freqs, cum, rcp, shift, end,
+                                       slot_bytes);
+}
+
+/* The (chunk, lane) tasks of a stream of n symbols, in the order of the file's lane table. */
+void lane_tasks(int64_t n, int64_t lanes, int64_t chunk, int64_t out0, int32_t stream, std::vector<RansTask> &tasks) {
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+        const int64_t m = std::min(chunk, n - c0);
+        for (int64_t j = 0; j < lanes; ++j) {
+            RansTask k{};
+            k.out = out0 + c0 + j;
+            k.count = j < m ? (m - j + lanes - 1) / lanes : 0;
+            k.stride = (int32_t)lanes;
+            k.stream = stream;
+            tasks.push_back(k);
+        }
+    }
+}
+
+int64_t n_lane_tasks(int64_t n, int64_t lanes, int64_t chunk) { return n ? (n + chunk - 1) / chunk * lanes : 0; }
+
+/* ---- the batched section decode ---- */
+
+struct Section {
+    nxkv_cuda_section s;
+    int64_t unit0;   /* its first (head, cell) unit */
+    int64_t out_off; /* its rows' byte offset in the output buffer */
+};
+
+__device__ inline float half_bits_to_float(uint16_t h) {
+    /* exact: every half is a float */
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    uint32_t f;
+    if (e == 0x1f) f = sign | 0x7f800000u | (m << 13);
+    else if (e) f = sign | ((e + 112) << 23) | (m << 13);
+    else if (!m) f = sign;
+    else {
+        int shift = 0;
+        uint32_t mm = m;
+        while (!(mm & 0x400)) {
+            mm <<= 1;
+            ++shift;
+        }
+        f = sign | ((uint32_t)(113 - shift) << 23) | ((mm & 0x3ff) << 13);
+    }
+    return __uint_as_float(f);
+}
+
+/* One head vector of one cell: the lattice values (core/lattice.h), sink rows, the inverse
+ * Hadamard (core/hadamard.h, its own inverse), RoPE (core/rope.h), then f16 or f32 rows. D is
+ * the head size where it is known at compile time (the values stay in registers), 0 for any. */
+template <int D>
+__global__ void k_section_values(const Section *sections, int64_t n_sections, int64_t n_units, const int32_t *symbols,
+                                 const double *steps, const double *means, const int32_t *sink_map, const uint16_t *sinks,
+                                 const double *cos, const double *sin, uint8_t *out, int32_t *section_status) {
+    const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (u >= n_units) return;
+    int64_t lo = 0, hi = n_sections - 1; /* the section holding unit u */
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (sections[mid].unit0 <= u) lo = mid;
+        else hi = mid - 1;
+    }
+    const Section &S = sections[lo];
+    const nxkv_cuda_section &s = S.s;
+    const int64_t d = D ? D : s.head_dim, n_cells = s.n_cells, n_heads = s.n_heads;
+    if (D ? s.head_dim != D : (s.head_dim == 64 || s.head_dim == 128 || s.head_dim == 256)) return; /* another launch's */
+    const int64_t local = u - S.unit0, head = local / n_cells, cell = local % n_cells; /* cells adjacent: coalesced V^T */
+    const int64_t g = n_heads * d / 8, group0 = cell * g + head * (d / 8);
+    const int64_t blocks = d / s.scale_block;
+    const int64_t step_row = s.step0 + (s.step_per_cell ? cell * n_heads + head : head) * blocks;
+    float v[D ? D : MAX_HEAD_DIM];
+    for (int64_t q = 0; q < d / 8; ++q) {
+        const int64_t grp = group0 + q;
+        const int64_t coset = (int64_t)symbols[s.coset0 + grp] + s.coset_lo;
+        if (coset != 0 && coset != 1) {
+            section_status[lo] = 1;
+            return;
+        }
+        int32_t z7[7];
+        for (int j = 0; j < 7; ++j) z7[j] = (int32_t)((int64_t)symbols[s.coord0 + 7 * grp + j] + s.coord_lo);
+        const int32_t last = (int32_t)((int64_t)symbols[s.last0 + grp] + s.last_lo);
+        const double step = steps[step_row + q * 8 / s.scale_block];
+        nxkv_core_lattice_group((uint8_t)coset, z7, last, step, s.mean0 >= 0 ? means + s.mean0 + head * d + q * 8 : nullptr,
+                                v + q * 8);
+    }
+    if (s.sink_map0 >= 0) {
+        const int32_t r = sink_map[s.sink_map0 + cell];
+        if (r >= 0) {
+            const uint16_t *src = sinks + s.sink0 + ((int64_t)r * n_heads + head) * d;
+            for (int64_t j = 0; j < d; ++j) v[j] = half_bits_to_float(src[j]);
+        }
+    }
+    if (s.hadamard) {
+        int64_t start = 0;
+        for (int b = 30; b >= 0; --b) { /* power-of-two blocks, largest first */
+            const int64_t block = (int64_t)1 << b;
+            if (!(d & block)) continue;
+            nxkv_core_hadamard(v + start, (size_t)block, (float)(1.0 / sqrt((double)block)));
+            start += block;
+        }
+    }
+    if (s.rope) {
+        const int64_t half = s.n_rot / 2;
+        const double *c = cos + s.trig0 + cell * half, *sn = sin + s.trig0 + cell * half;
+        for (int64_t i = 0; i < half; ++i) {
+            const int64_t ia = s.rope == 2 ? i : 2 * i, ib = s.rope == 2 ? i + half : 2 * i + 1;
+            float a, b;
+            nxkv_core_rope_pair(v[ia], v[ib], c[i], sn[i], &a, &b);
+            v[ia] = a;
+            v[ib] = b;
+        }
+    }
+    bool finite = true;
+    for (int64_t j = 0; j < d; ++j) finite = finite && isfinite(v[j]);
+    if (!finite) section_status[lo] = 2;
+    const int64_t n_embd = n_heads * d;
+    if (s.out_f16) {
+        uint16_t *o = (uint16_t *)(out + S.out_off);
+        if (s.transposed) {
+            for (int64_t j = 0; j < d; ++j) o[(head * d + j) * n_cells + cell] = nxkv_core_f32_to_f16(v[j]);
+        } else {
+            for (int64_t j = 0; j < d; ++j) o[cell * n_embd + head * d + j] = nxkv_core_f32_to_f16(v[j]);
+        }
+    } else {
+        float *o = (float *)(out + S.out_off);
+        if (s.transposed) {
+            for (int64_t j = 0; j < d; ++j) o[(head * d + j) * n_cells + cell] = v[j];
+        } else {
+            for (int64_t j = 0; j < d; ++j) o[cell * n_embd + head * d + j] = v[j];
+        }
+    }
+}
+
+struct Timer {
+    cudaEvent_t ev[6];
+    int n = 0;
+    Timer() {
+        for (auto &e : ev) cudaEventCreate(&e);
+    }
+    ~Timer() {
+        for (auto &e : ev) cudaEventDestroy(e);
+    }
+    void mark() { cudaEventRecord(ev[n++]); }
+    void times(double *ms) {
+        cudaEventSynchronize(ev[n - 1]);
+        for (int i = 0; i + 1 < n; ++i) {
+            float t = 0;
+            cudaEventElapsedTime(&t, ev[i], ev[i + 1]);
+            ms[i] = t;
+        }
+    }
+};
+
+int check_freqs(const int64_t *freqs, int64_t n, std::vector<uint32_t> &f32, std::vector<uint32_t> &cum) {
+    uint64_t total = 0;
+    for (int64_t s = 0; s < n; ++s) {
+        if (freqs[s] < 0 || freqs[s] > (int64_t)RANS_SLOTS) return NXKV_CUDA_ERR_ARG;
+        f32.push_back((uint32_t)freqs[s]);
+        cum.push_back((uint32_t)total);
+        total += (uint64_t)freqs[s];
+    }
+    return total == RANS_SLOTS ? NXKV_CUDA_OK : NXKV_CUDA_ERR_ARG;
+}
+
+} // namespace
+
+extern "C" {
+
+int nxkv_cuda_abi_version(void) { return NXKV_CUDA_ABI_VERSION; }
+
+double nxkv_cuda_last_kernel_ms(void) { return last_kernel_ms; }
+
+int nxkv_cuda_device(char *name, size_t name_size, int *major, int *minor) {
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess || count == 0) {
+        set_err(name, name_size, "%s", e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device");
+        return NXKV_CUDA_ERR_DEVICE;
+    }
+    int dev = 0;
+    cudaDeviceProp p;
+    if ((e = cudaGetDevice(&dev)) != cudaSuccess || (e = cudaGetDeviceProperties(&p, dev)) != cudaSuccess) {
+        set_err(name, name_size, "%s", cudaGetErrorString(e));
+        return NXKV_CUDA_ERR_DEVICE;
+    }
+    set_err(name, name_size, "%s", p.name);
+    *major = p.major;
+    *minor = p.minor;
+    return NXKV_CUDA_OK;
+}
+
+int nxkv_cuda_lattice_dequantize(const uint8_t *coset, const int32_t *coord, const int32_t *coord_last,
+                                 const double *step, size_t n_groups, const double *mean, size_t mean_groups, float *out,
+                                 char *err, size_t err_size) {
+    if (mean_groups && (n_groups % mean_groups)) return NXKV_CUDA_ERR_ARG;
+    if (!n_groups) return NXKV_CUDA_OK;
+    Buffers b;
+    uint8_t *d_coset;
+    int32_t *d_coord, *d_last;
+    double *d_step, *d_mean;
+    float *d_out;
+    CU(b.upload(&d_coset, coset, n_groups));
+    CU(b.upload(&d_coord, coord, 7 * n_groups));
+    CU(b.upload(&d_last, coord_last, n_groups));
+    CU(b.upload(&d_step, step, n_groups));
+    CU(b.upload(&d_mean, mean, mean_groups ? 8 * mean_groups : 0));
+    CU(b.alloc(&d_out, 8 * n_groups));
+    KernelTimer timer;
+    k_lattice_dequantize<<<blocks_for(n_groups, 256), 256>>>(d_coset, d_coord, d_last, d_step, n_groups, d_mean, mean_groups,
+                                                             d_out);
+    timer.done();
+    LAUNCHED();
+    CU(cudaMemcpy(out, d_out, 8 * n_groups * sizeof(float), cudaMemcpyDeviceToHost));
+    return NXKV_CUDA_OK;
+}
+
+int nxkv_cuda_lattice_quantize(const double *x, const double *step, size_t n_groups, uint8_t *coset, int32_t *coord,
+                               int32_t *coord_last, char *err, size_t err_size) {
+    if (!n_groups) return NXKV_CUDA_OK;
+    Buffers b;
+    double *d_x, *d_step;
+    uint8_t *d_coset;
+    int32_t *d_coord, *d_last;
+    int *d_bad, bad = 0;
+    CU(b.upload(&d_x, x, 8 * n_groups));
+    CU(b.upload(&d_step, step, n_groups));
+    CU(b.alloc(&d_coset, n_groups));
+    CU(b.alloc(&d_coord, 7 * n_groups));
+    CU(b.alloc(&d_last, n_groups));
+    CU(b.upload(&d_bad, &bad, 1));
+    KernelTimer timer;
+    k_lattice_quantize<<<blocks_for(n_groups, 256), 256>>>(d_x, d_step, n_groups, d_coset, d_coord, d_last, d_bad);
+    timer.done();
+    LAUNCHED();
+    CU(cudaMemcpy(&bad, d_bad, sizeof bad, cudaMemcpyDeviceToHost));
+    if (bad) return NXKV_CUDA_ERR_ARG;
+    CU(cudaMemcpy(coset, d_coset, n_groups, cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(coord, d_coord, 7 * n_groups * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(coord_last, d_last, n_groups * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    return NXKV_CUDA_OK;
+}
+
+int nxkv_cuda_hadamard_blocks(const float *x, float *out, size_t n_values, size_t block, char *err, size_t err_size) {
+    if (!block || (block & (block - 1)) || n_values % block) return NXKV_CUDA_ERR_ARG;
+    if (!n_values) return NXKV_CUDA_OK;
+    Buffers b;
+    float *d_x;
+    CU(b.upload(&d_x, x, n_values));
+    const size_t n_blocks = n_values / block;
+    KernelTimer timer;
+    k_hadamard<<<blocks_for(n_blocks, 128), 128>>>(d_x, n_blocks, block, (float)(1.0 / sqrt((double)block)));
+    timer.done();
+    LAUNCHED();
+    CU(cudaMemcpy(out, d_x, n_values * sizeof(float), cudaMemcpyDeviceToHost));
+    return NXKV_CUDA_OK;
+}
+
+int nxkv_cuda_rope_rotate(const float *x, float *out, size_t n_rows, size_t n_heads, size_t head_dim, const double *cos,
+                          const double *sin, size_t n_rot, int neox, char *err, size_t err_size) {
+    if (n_rot > head_dim || n_rot % 2) return NXKV_CUDA_ERR_ARG;
+    const size_t n = n_rows * n_heads * head_dim;
+    if (!n) return NXKV_CUDA_OK;
+    Buffers b;
+    float *d_x, *d_out;
+    double *d_cos, *d_sin;
+    CU(b.upload(&d_x, x, n));
+    CU(b.alloc(&d_out, n));
+    CU(b.upload(&d_cos, cos, n_rows * (n_rot / 2)));
+    CU(b.upload(&d_sin, sin, n_rows * (n_rot / 2)));
+    KernelTimer timer;
+    k_rope<<<blocks_for(n_rows * n_heads, 128), 128>>>(d_x, d_out, n_rows * n_heads, n_heads, head_dim, d_cos, d_sin, n_rot,
+                                                       neox);
+    timer.done();
+    LAUNCHED();
+    CU(cudaMemcpy(out, d_out, n * sizeof(float), cudaMemcpyDeviceToHost));
+    return NXKV_CUDA_OK;
+}
+
+int nxkv_cuda_f32_to_f16(const float *src, uint16_t *dst, size_t n, char *err, size_t err_size) {
+    if (!n) return NXKV_CUDA_OK;
+    Buffers b;
+    float *d_src;
+    uint16_t *d_dst;
+    CU(b.upload(&d_src, src, n));
+    CU(b.alloc(&d_dst, n));
+    KernelTimer timer;
+    k_f32_to_f16<<<blocks_for(n, 256), 256>>>(d_src, d_dst, n);
+    timer.done();
+    LAUNCHED();
+    CU(cudaMemcpy(dst, d_dst, n * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    return NXKV_CUDA_OK;
+}
+
+} // extern "C"
+
+namespace {
+
+/* The decode shared by nxkv_cuda_decode_sections and nxkv_cuda_rans_decode_lanes: symbols_out,
+ * when given, receives the symbol buffer instead of the sections being made. */
+int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size) {
+    /* host-side checks: every task's bytes inside the payload, empty lanes empty, tables valid */
+    std::vector<RansTask> tasks;
+    std::vector<uint32_t> f32, cum;
+    std::vector<int64_t> freq0, n_freqs;
+    for (int64_t i = 0; i < bt->n_streams; ++i) {
+        const nxkv_cuda_rans_stream &st = bt->streams[i];
+        if (st.n_symbols < 0 || st.lanes < 1 || st.chunk < st.lanes || st.out0 < 0 || st.out0 + st.n_symbols > bt->n_symbols ||
+            st.freq0 < 0 || st.n_freqs < 1 || st.freq0 + st.n_freqs > bt->n_freqs || st.payload_offset < 0 || st.task0 < 0) {
+            return NXKV_CUDA_ERR_ARG;
+        }
+        bt->stream_status[i] = 0;
+        freq0.push_back((int64_t)f32.size());
+        n_freqs.push_back(st.n_freqs);
+        if (check_freqs(bt->freqs + st.freq0, st.n_freqs, f32, cum) != NXKV_CUDA_OK) {
+            bt->stream_status[i] = NXKV_CUDA_ERR_CORRUPT;
+            return NXKV_CUDA_ERR_CORRUPT;
+        }
+        const size_t first = tasks.size();
+        lane_tasks(st.n_symbols, st.lanes, st.chunk, st.out0, (int32_t)i, tasks);
+        const int64_t count = (int64_t)(tasks.size() - first);
+        if (st.task0 + count > bt->n_task_lengths) return NXKV_CUDA_ERR_ARG;
+        int64_t offset = st.payload_offset;
+        for (int64_t k = 0; k < count; ++k) {
+            RansTask &t = tasks[first + k];
+            const int64_t len = bt->task_lengths[st.task0 + k];
+            if (len < 0 || len > bt->payload_size - offset || (!t.count && len)) {
+                bt->stream_status[i] = NXKV_CUDA_ERR_CORRUPT;
+                return NXKV_CUDA_ERR_CORRUPT;
+            }
+            t.offset = offset;
+            t.length = len;
+            offset += len;
+        }
+    }
+    if (bt->n_host_symbols && (bt->host_symbols0 < 0 || bt->host_symbols0 + bt->n_host_symbols > bt->n_symbols)) {
+        return NXKV_CUDA_ERR_ARG;
+    }
+    std::vector<Section> sections;
+    int64_t units = 0, out_bytes = 0;
+    int by_size[4] = {0, 0, 0, 0}; /* 64, 128, 256, other */
+    for (int64_t i = 0; i < bt->n_sections; ++i) {
+        const nxkv_cuda_section &s = bt->sections[i];
+        bt->section_status[i] = 0;
+        const int64_t d = s.head_dim, n = s.n_cells, h = s.n_heads;
+        if (d < 8 || d % 8 || d > MAX_HEAD_DIM || n < 0 || h < 1 || s.scale_block < 8 || d % s.scale_block || s.scale_block % 8) {
+            return NXKV_CUDA_ERR_ARG;
+        }
+        const int64_t g = h * d / 8, blocks = d / s.scale_block;
+        const int64_t step_rows = s.step_per_cell ? n * h : h;
+        if (s.coset0 < 0 || s.coset0 + n * g > bt->n_symbols || s.coord0 < 0 || s.coord0 + 7 * n * g > bt->n_symbols ||
+            s.last0 < 0 || s.last0 + n * g > bt->n_symbols || s.step0 < 0 || s.step0 + step_rows * blocks > bt->n_steps ||
+            (s.mean0 >= 0 && s.mean0 + h * d > bt->n_means) || (s.sink_map0 >= 0 && s.sink_map0 + n > bt->n_sink_map) ||
+            (s.rope && (s.n_rot < 2 || s.n_rot % 2 || s.n_rot > d || s.trig0 < 0 || s.trig0 + n * (s.n_rot / 2) > bt->n_trig))) {
+            return NXKV_CUDA_ERR_ARG;
+        }
+        if (s.sink_map0 >= 0) {
+            for (int64_t c = 0; c < n; ++c) {
+                const int32_t r = bt->sink_map[s.sink_map0 + c];
+                if (r >= 0 && (s.sink0 < 0 || s.sink0 + ((int64_t)r + 1) * h * d > bt->n_sinks)) return NXKV_CUDA_ERR_ARG;
+            }
+        }
+        sections.push_back(Section{s, units, out_bytes});
+        units += n * h;
+        out_bytes += n * h * d * (s.out_f16 ? 2 : 4);
+        by_size[d == 64 ? 0 : d == 128 ? 1 : d == 256 ? 2 : 3] += 1;
+    }
+
+    Timer timer;
+    Buffers b;
+    uint8_t *d_payload, *d_out = nullptr;
+    RansTask *d_tasks;
+    uint32_t *d_f32, *d_cum, *d_slots, *d_lookup;
+    int64_t *d_freq0, *d_nfreqs;
+    int32_t *d_symbols, *d_stream_status, *d_section_status, *d_sink_map;
+    double *d_steps, *d_means, *d_cos, *d_sin;
+    uint16_t *d_sinks;
+    Section *d_sections;
+    timer.mark();
+    CU(b.upload(&d_payload, bt->payload, (size_t)bt->payload_size));
+    CU(b.upload(&d_tasks, tasks.data(), tasks.size()));
+    CU(b.upload(&d_f32, f32.data(), f32.size()));
+    CU(b.upload(&d_cum, cum.data(), cum.size()));
+    CU(b.upload(&d_freq0, freq0.data(), freq0.size()));
+    CU(b.upload(&d_nfreqs, n_freqs.data(), n_freqs.size()));
+    CU(b.upload(&d_stream_status, bt->stream_status, (size_t)bt->n_streams));
+    CU(b.alloc(&d_slots, (size_t)bt->n_streams * RANS_SLOTS));
+    CU(b.alloc(&d_lookup, (size_t)bt->n_streams * RANS_SLOTS));
+    CU(b.alloc(&d_symbols, (size_t)bt->n_symbols));
+    if (bt->n_host_symbols) {
+        CU(cudaMemcpy(d_symbols + bt->host_symbols0, bt->host_symbols, (size_t)bt->n_host_symbols * sizeof(int32_t),
+                      cudaMemcpyHostToDevice));
+    }
+    CU(b.upload(&d_steps, bt->steps, (size_t)bt->n_steps));
+    CU(b.upload(&d_means, bt->means, (size_t)bt->n_means));
+    CU(b.upload(&d_sink_map, bt->sink_map, (size_t)bt->n_sink_map));
+    CU(b.upload(&d_sinks, bt->sinks, (size_t)bt->n_sinks));
+    CU(b.upload(&d_cos, bt->cos, (size_t)bt->n_trig));
+    CU(b.upload(&d_sin, bt->sin, (size_t)bt->n_trig));
+    CU(b.upload(&d_sections, sections.data(), sections.size()));
+    CU(b.upload(&d_section_status, bt->section_status, (size_t)bt->n_sections));
+    if (out_bytes) CU(b.alloc(&d_out, (size_t)out_bytes));
+    timer.mark();
+    if (bt->n_streams) {
+        k_rans_tables<<<(unsigned)bt->n_streams, 256>>>(d_f32, d_cum, d_freq0, d_nfreqs, d_slots, d_lookup);
+        CU(cudaGetLastError());
+    }
+    timer.mark();
+    if (!tasks.empty()) {
+        k_rans_decode<<<blocks_for(tasks.size(), 64), 64>>>(d_payload, d_tasks, tasks.size(), d_slots, d_lookup, d_symbols,
+                                                           d_stream_status);
+        CU(cudaGetLastError());
+    }
+    timer.mark();
+    if (units) {
+        const unsigned threads = 128, grid = blocks_for((size_t)units, threads);
+        const int64_t ns = (int64_t)sections.size();
+        if (by_size[0]) k_section_values<64><<<grid, threads>>>(d_sections, ns, units, d_symbols, d_steps, d_means, d_sink_map,
+                                                                d_sinks, d_cos, d_sin, d_out, d_section_status);
+        if (by_size[1]) k_section_values<128><<<grid, threads>>>(d_sections, ns, units, d_symbols, d_steps, d_means, d_sink_map,
+                                                                 d_sinks, d_cos, d_sin, d_out, d_section_status);
+        if (by_size[2]) k_section_values<256><<<grid, threads>>>(d_sections, ns, units, d_symbols, d_steps, d_means, d_sink_map,
+                                                                 d_sinks, d_cos, d_sin, d_out, d_section_status);
+        if (by_size[3]) k_section_values<0><<<grid, threads>>>(d_sections, ns, units, d_symbols, d_steps, d_means, d_sink_map,
+                                                               d_sinks, d_cos, d_sin, d_out, d_section_status);
+        CU(cudaGetLastError());
+    }
+    timer.mark();
+    CU(cudaDeviceSynchronize());
+    if (bt->n_streams) {
+        CU(cudaMemcpy(bt->stream_status, d_stream_status, (size_t)bt->n_streams * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    }
+    if (bt->n_sections) {
+        CU(cudaMemcpy(bt->section_status, d_section_status, (size_t)bt->n_sections * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    }
+    int status = NXKV_CUDA_OK;
+    for (int64_t i = 0; i < bt->n_streams; ++i) status = bt->stream_status[i] ? NXKV_CUDA_ERR_CORRUPT : status;
+    for (int64_t i = 0; i < bt->n_sections; ++i) status = bt->section_status[i] ? NXKV_CUDA_ERR_CORRUPT : status;
+    if (status == NXKV_CUDA_OK) {
+        if (symbols_out && bt->n_symbols) {
+            CU(cudaMemcpy(symbols_out, d_symbols, (size_t)bt->n_symbols * sizeof(int32_t), cudaMemcpyDeviceToHost));
+        }
+        for (const Section &S : sections) {
+            const size_t bytes = (size_t)(S.s.n_cells * S.s.n_heads * S.s.head_dim * (S.s.out_f16 ? 2 : 4));
+            if (bytes) CU(cudaMemcpy(S.s.dest, d_out + S.out_off, bytes, cudaMemcpyDeviceToHost));
+        }
+    }
+    timer.mark();
+    timer.times(bt->ms);
+    return status;
+}
+
+} // namespace
+
+extern "C" {
+
+int nxkv_cuda_decode_sections(nxkv_cuda_batch *batch, char *err, size_t err_size) {
+    return decode(batch, nullptr, err, err_size);
+}
+
+int nxkv_cuda_rans_decode_lanes(const uint8_t *data, size_t n_data, const int64_t *lengths, size_t n_tasks,
+                                const int64_t *freqs, size_t n_freqs, int32_t *out, size_t n, size_t lanes, size_t chunk,
+                                char *err, size_t err_size) {
+    if (!lanes || chunk < lanes || (size_t)n_lane_tasks((int64_t)n, (int64_t)lanes, (int64_t)chunk) != n_tasks) {
+        return NXKV_CUDA_ERR_ARG;
+    }
+    nxkv_cuda_rans_stream st = {0, 0, (int64_t)n, (int64_t)lanes, (int64_t)chunk, 0, (int64_t)n_freqs, 0};
+    int32_t stream_status = 0;
+    nxkv_cuda_batch batch;
+    memset(&batch, 0, sizeof batch);
+    batch.payload = data;
+    batch.payload_size = (int64_t)n_data;
+    batch.task_lengths = lengths;
+    batch.n_task_lengths = (int64_t)n_tasks;
+    batch.freqs = freqs;
+    batch.n_freqs = (int64_t)n_freqs;
+    batch.streams = &st;
+    batch.n_streams = 1;
+    batch.n_symbols = (int64_t)n;
+    batch.stream_status = &stream_status;
+    /* no sections: the symbol buffer comes back instead */
+    return decode(&batch, out, err, err_size);
+}
+
+int nxkv_cuda_rans_encode_lanes(const int64_t *symbols, size_t n, const int64_t *freqs, size_t n_freqs, size_t lanes,
+                                size_t chunk, uint8_t *out, size_t slot_bytes, int64_t *lengths, size_t n_tasks,
+                                char *err, size_t err_size) {
+    if (!lanes || chunk < lanes || (size_t)n_lane_tasks((int64_t)n, (int64_t)lanes, (int64_t)chunk) != n_tasks) {
+        return NXKV_CUDA_ERR_ARG;
+    }
+    std::vector<uint32_t> f32, cum;
+    if (check_freqs(freqs, (int64_t)n_freqs, f32, cum) != NXKV_CUDA_OK) return NXKV_CUDA_ERR_ARG;
+    for (size_t i = 0; i < n; ++i) {
+        if (symbols[i] < 0 || (size_t)symbols[i] >= n_freqs || !f32[(size_t)symbols[i]]) return NXKV_CUDA_ERR_ARG;
+    }
+    if (!n_tasks) return NXKV_CUDA_OK;
+    std::vector<uint32_t> rcp(n_freqs), shift(n_freqs);
+    for (size_t s = 0; s < n_freqs; ++s) nxkv_core_rans_reciprocal(f32[s], &rcp[s], &shift[s]);
+    std::vector<RansTask> tasks;
+    lane_tasks((int64_t)n, (int64_t)lanes, (int64_t)chunk, 0, 0, tasks);
+    Buffers b;
+    int64_t *d_symbols, *d_lengths;
+    RansTask *d_tasks;
+    uint32_t *d_f, *d_cum, *d_rcp, *d_shift;
+    uint8_t *d_out;
+    CU(b.upload(&d_symbols, symbols, n));
+    CU(b.upload(&d_tasks, tasks.data(), tasks.size()));
+    CU(b.upload(&d_f, f32.data(), n_freqs));
+    CU(b.upload(&d_cum, cum.data(), n_freqs));
+    CU(b.upload(&d_rcp, rcp.data(), n_freqs));
+    CU(b.upload(&d_shift, shift.data(), n_freqs));
+    CU(b.alloc(&d_out, n_tasks * slot_bytes));
+    CU(b.alloc(&d_lengths, n_tasks));
+    KernelTimer timer;
+    k_rans_encode<<<blocks_for(n_tasks, 64), 64>>>(d_symbols, d_tasks, n_tasks, d_f, d_cum, d_rcp, d_shift, d_out, slot_bytes,
+                                                   d_lengths);
+    timer.done();
+    LAUNCHED();
+    CU(cudaMemcpy(lengths, d_lengths, n_tasks * sizeof(int64_t), cudaMemcpyDeviceToHost));
+    for (size_t k = 0; k < n_tasks; ++k) {
+        if (lengths[k] < 0) return NXKV_CUDA_ERR_ARG;
+    }
+    CU(cudaMemcpy(out, d_out, n_tasks * slot_bytes, cudaMemcpyDeviceToHost));
+    return NXKV_CUDA_OK;
+}
+
+int nxkv_cuda_copy_times(size_t bytes, int repeats, double *d2d_ms, double *h2d_ms, double *h2d_pinned_ms, char *err,
+                         size_t err_size) {
+    if (!bytes || repeats < 1) return NXKV_CUDA_ERR_ARG;
+    Buffers b;
+    uint8_t *d_a, *d_b, *pinned = nullptr;
+    CU(b.alloc(&d_a, bytes));
+    CU(b.alloc(&d_b, bytes));
+    CU(cudaMemset(d_a, 1, bytes));
+    std::vector<uint8_t> pageable(bytes, 7);
+    CU(cudaMallocHost((void **)&pinned, bytes));
+    memset(pinned, 7, bytes);
+    cudaEvent_t t0, t1;
+    cudaEventCreate(&t0);
+    cudaEventCreate(&t1);
+    std::vector<double> d2d, h2d, h2dp;
+    int status = NXKV_CUDA_OK;
+    for (int r = 0; r <= repeats && status == NXKV_CUDA_OK; ++r) { /* the first round warms up */
+        float ms[3];
+        const void *src[3] = {d_a, pageable.data(), pinned};
+        for (int k = 0; k < 3; ++k) {
+            cudaEventRecord(t0);
+            cudaError_t e = cudaMemcpy(d_b, src[k], bytes, k ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToDevice);
+            cudaEventRecord(t1);
+            cudaEventSynchronize(t1);
+            if (e != cudaSuccess) {
+                set_err(err, err_size, "cudaMemcpy: %s", cudaGetErrorString(e));
+                status = NXKV_CUDA_ERR_DEVICE;
+                break;
+            }
+            cudaEventElapsedTime(&ms[k], t0, t1);
+        }
+        if (r && status == NXKV_CUDA_OK) {
+            d2d.push_back(ms[0]);
+            h2d.push_back(ms[1]);
+            h2dp.push_back(ms[2]);
+        }
+    }
+    cudaEventDestroy(t0);
+    cudaEventDestroy(t1);
+    cudaFreeHost(pinned);
+    if (status != NXKV_CUDA_OK) return status;
+    auto median = [](std::vector<double> v) {
+        std::sort(v.begin(), v.end());
+        return v[v.size() / 2];
+    };
+    *d2d_ms = median(d2d);
+    *h2d_ms = median(h2d);
+    *h2d_pinned_ms = median(h2dp);
+    return NXKV_CUDA_OK;
+}
+
+} // extern "C"

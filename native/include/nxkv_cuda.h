@@ -1,0 +1,139 @@
+/* nxkv_cuda.h: the C ABI of nexus-gguf's CUDA library (libnxkv_cuda), built by CMake wherever
+ * nvcc is found (native/cuda/nxkv_cuda.cu) over the same native/core/*.h math as the CPU library.
+ * Every function takes and returns host memory: the library uploads, runs and downloads itself,
+ * so Python needs no CUDA package. Functions return 0 (NXKV_CUDA_OK) or a negative status; those
+ * that can fail for a CUDA reason write its text into err (err_size bytes, may be NULL).
+ *
+ * Python reads the declarations between the NXKV_CUDA_CDEF markers with cffi (ABI mode): plain C
+ * declarations only.
+ */
+#ifndef NXKV_CUDA_H
+#define NXKV_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* NXKV_CUDA_CDEF_BEGIN */
+enum nxkv_cuda_abi { NXKV_CUDA_ABI_VERSION = 1 };
+int nxkv_cuda_abi_version(void);
+
+enum nxkv_cuda_status {
+    NXKV_CUDA_OK = 0,
+    NXKV_CUDA_ERR_CORRUPT = -1, /* a damaged stream or symbol: the data, not the device */
+    NXKV_CUDA_ERR_ARG = -2,     /* arguments out of range */
+    NXKV_CUDA_ERR_DEVICE = -3   /* no usable device, or a CUDA call failed (err says which) */
+};
+
+/* The current device: 0 with its name and compute capability, or NXKV_CUDA_ERR_DEVICE and why
+ * (no driver, no GPU) in name. */
+int nxkv_cuda_device(char *name, size_t name_size, int *major, int *minor);
+
+/* Per-op kernels over host arrays, the same contracts as the CPU library's functions of the
+ * same names (nxkv.h): the parity tests compare them bit for bit. */
+int nxkv_cuda_lattice_dequantize(const uint8_t *coset, const int32_t *coord, const int32_t *coord_last,
+                                 const double *step, size_t n_groups, const double *mean, size_t mean_groups, float *out,
+                                 char *err, size_t err_size);
+int nxkv_cuda_lattice_quantize(const double *x, const double *step, size_t n_groups, uint8_t *coset, int32_t *coord,
+                               int32_t *coord_last, char *err, size_t err_size);
+int nxkv_cuda_hadamard_blocks(const float *x, float *out, size_t n_values, size_t block, char *err, size_t err_size);
+int nxkv_cuda_rope_rotate(const float *x, float *out, size_t n_rows, size_t n_heads, size_t head_dim, const double *cos,
+                          const double *sin, size_t n_rot, int neox, char *err, size_t err_size);
+int nxkv_cuda_f32_to_f16(const float *src, uint16_t *dst, size_t n, char *err, size_t err_size);
+/* Milliseconds the last per-op call's kernel took on this thread, transfers aside (CUDA events):
+ * the benchmark's measure of the encode kernels. */
+double nxkv_cuda_last_kernel_ms(void);
+/* Interleaved rANS of one stream, one GPU thread per (chunk, lane): lengths[k] bytes per task. */
+int nxkv_cuda_rans_decode_lanes(const uint8_t *data, size_t n_data, const int64_t *lengths, size_t n_tasks,
+                                const int64_t *freqs, size_t n_freqs, int32_t *out, size_t n, size_t lanes, size_t chunk,
+                                char *err, size_t err_size);
+/* Encoding, one GPU thread per (chunk, lane) task: each task's stream is written backwards into
+ * its own slot of `slot_bytes` bytes of out (n_tasks * slot_bytes); lengths[k] receives its
+ * byte count (the stream is the last lengths[k] bytes of slot k). NXKV_CUDA_ERR_ARG if a slot
+ * was too small or a symbol has no frequency. */
+int nxkv_cuda_rans_encode_lanes(const int64_t *symbols, size_t n, const int64_t *freqs, size_t n_freqs, size_t lanes,
+                                size_t chunk, uint8_t *out, size_t slot_bytes, int64_t *lengths, size_t n_tasks,
+                                char *err, size_t err_size);
+
+/* Batched decode of lattice-coded K/V sections (stages rope? hadamard? lattice entropy, the
+ * presets' value path): every rANS stream of every section decoded at once, then one thread per
+ * (section, head, cell) makes the head vector's values (lattice points, sinks, inverse Hadamard,
+ * RoPE) and writes them as f16 or f32 in the cache's layout straight to the section's host rows. */
+typedef struct nxkv_cuda_rans_stream {
+    int64_t payload_offset; /* its (chunk, lane) streams start here in payload, back to back */
+    int64_t task0;          /* its first entry in task_lengths */
+    int64_t n_symbols;
+    int64_t lanes;
+    int64_t chunk;          /* symbols per chunk (n_symbols or more: one chunk) */
+    int64_t freq0;          /* its frequencies: freqs[freq0 .. freq0 + n_freqs), summing to 2^14 */
+    int64_t n_freqs;
+    int64_t out0;           /* its first symbol index goes to symbols[out0] */
+} nxkv_cuda_rans_stream;
+
+typedef struct nxkv_cuda_section {
+    int64_t n_cells, n_heads, head_dim;
+    int64_t coset0, coord0, last0; /* symbol indices of the point streams [n, g], [n, g, 7], [n, g] */
+    int64_t coset_lo, coord_lo, last_lo; /* added to each symbol index (a stream's smallest value) */
+    int64_t step0;          /* steps[step0 + (per-cell ? cell * n_heads + head : head) * blocks + block] */
+    int64_t step_per_cell;
+    int64_t scale_block;    /* values per step within a head vector */
+    int64_t mean0;          /* -1, or the channel means: means[mean0 .. + n_heads * head_dim) */
+    int64_t sink_map0;      /* -1, or sink_map[sink_map0 + cell]: the cell's sink row, -1 if none */
+    int64_t sink0;          /* the sink rows, f16 [n_sink, n_heads * head_dim], at sinks[sink0] */
+    int64_t hadamard;       /* 1: the orthonormal Hadamard in power-of-two blocks, largest first */
+    int64_t rope;           /* 0: none; 1: pairs (2i, 2i + 1); 2: NEOX pairs (i, i + n_rot / 2) */
+    int64_t n_rot;
+    int64_t trig0;          /* cos / sin [n_cells, n_rot / 2] at trig[trig0] */
+    int64_t out_f16;        /* 1: f16 rows, 0: f32 */
+    int64_t transposed;     /* 1: V as [n_heads * head_dim, n_cells] (flash attention off) */
+    void *dest;             /* the host rows: n_cells * n_heads * head_dim values */
+} nxkv_cuda_section;
+
+typedef struct nxkv_cuda_batch {
+    const uint8_t *payload;
+    int64_t payload_size;
+    const int64_t *task_lengths;
+    int64_t n_task_lengths;
+    const int64_t *freqs;
+    int64_t n_freqs;
+    const nxkv_cuda_rans_stream *streams;
+    int64_t n_streams;
+    int64_t n_symbols;          /* size of the int32 symbol buffer */
+    const int32_t *host_symbols; /* symbols the host decoded (other coders), copied to ... */
+    int64_t n_host_symbols;
+    int64_t host_symbols0;      /* ... symbols[host_symbols0 ..) */
+    const double *steps;
+    int64_t n_steps;
+    const double *means;
+    int64_t n_means;
+    const int32_t *sink_map;
+    int64_t n_sink_map;
+    const uint16_t *sinks;
+    int64_t n_sinks;
+    const double *cos;
+    const double *sin;
+    int64_t n_trig;
+    const nxkv_cuda_section *sections;
+    int64_t n_sections;
+    int32_t *stream_status;     /* out, n_streams: 0, or NXKV_CUDA_ERR_CORRUPT */
+    int32_t *section_status;    /* out, n_sections: 0, 1 a coset symbol not 0 or 1, 2 values not finite */
+    double ms[5];               /* out: milliseconds of upload, tables, rANS, values, download */
+} nxkv_cuda_batch;
+
+int nxkv_cuda_decode_sections(nxkv_cuda_batch *batch, char *err, size_t err_size);
+
+/* The device's copy bandwidths, for the benchmark's baseline in the same run: milliseconds per
+ * copy of `bytes` (median of `repeats`) device to device, pageable host to device, pinned host to
+ * device. */
+int nxkv_cuda_copy_times(size_t bytes, int repeats, double *d2d_ms, double *h2d_ms, double *h2d_pinned_ms, char *err,
+                         size_t err_size);
+/* NXKV_CUDA_CDEF_END */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NXKV_CUDA_H */

@@ -1,0 +1,382 @@
+"""Decoding a file's lattice-coded K/V sections on a CUDA GPU, all in one call.
+
+The host parses each section's stream container and decodes the small streams (scales, channel
+means, sink rows; kilobytes), computes the steps and the RoPE angles as the CPU path does, and
+hands the library one batch: every rANS lane of every section (compressed bytes uploaded once),
+the point streams' places, the per-section recipe. The GPU decodes all lanes at once (a thread
+per lane and chunk), then a thread per (section, head, cell) makes the values (lattice point,
+sink rows, inverse Hadamard, RoPE), checks them and writes f16 or f32 rows in the cache's layout,
+copied straight into the llama.cpp state buffer. The float steps are the CPU library's, so the
+rows are the same bits (tests/test_cuda.py).
+
+What it covers: the value path of the presets (stages rope?, hadamard?, lattice, entropy) into
+f16 or f32 caches with head sizes up to 512. Anything else (quantized caches, importance-aware
+steps, delta coding) decodes on the CPU; unsupported() says why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .errors import FormatError
+from .stages import TensorInfo
+from .stages.entropy import METHOD_RANS, METHOD_RANS_LANES, Entropy
+from .stages.hadamard import Hadamard
+from .stages.lattice import Lattice
+from .stages.rope import Rope
+
+MAX_HEAD_DIM = 512
+_INT32 = (-(1 << 31), (1 << 31) - 1)
+
+
+@dataclass
+class SectionJob:
+    """One K or V section to decode: its coded bytes and the rows of the state buffer it fills."""
+
+    info: TensorInfo
+    data: bytes
+    rows: np.ndarray  # uint8, contiguous: n_cells * n_embd values of the cache type (or V^T)
+    out_f16: bool
+    transposed: bool
+
+
+def _stages(pipeline):
+    """(rope, hadamard, lattice, entropy) of a GPU-decodable value path, or a reason string."""
+    stages = list(pipeline.stages)
+    rope = stages.pop(0) if stages and isinstance(stages[0], Rope) else None
+    had = stages.pop(0) if stages and isinstance(stages[0], Hadamard) else None
+    if len(stages) != 2 or not isinstance(stages[0], Lattice) or not isinstance(stages[1], Entropy):
+        return f"stages {[s.stage_id for s in pipeline.stages]} are not rope?, hadamard?, lattice, entropy"
+    return rope, had, stages[0], stages[1]
+
+
+def unsupported(pipeline, dims: dict, types: set[str]) -> Optional[str]:
+    """Why this file's K/V sections cannot be decoded on the GPU, or None."""
+    got = _stages(pipeline)
+    if isinstance(got, str):
+        return got
+    rope, _, lattice, _ = got
+    if lattice.token_steps:
+        return "importance-aware steps (bucket streams) decode on the CPU"
+    if lattice.scale_scope == "head" and lattice.scale_block:
+        return "per-head scales with scale blocks decode on the CPU"
+    bad = sorted(types - {"f16", "f32"})
+    if bad:
+        return f"caches of type {', '.join(bad)} decode on the CPU (the GPU writes f16 and f32 rows)"
+    for kind in ("k", "v"):
+        d = int(dims[f"head_dim_{kind}"])
+        if d > MAX_HEAD_DIM or d % 8 or d < 8:
+            return f"head size {d} (the GPU kernel takes multiples of 8 up to {MAX_HEAD_DIM})"
+    if rope is not None and rope.mode in ("norm", "neox") and rope.n_rot > int(dims["head_dim_k"]):
+        return "RoPE over more than the head size"
+    return None
+
+
+class _Batch:
+    """The arrays of one nxkv_cuda_batch, built section by section."""
+
+    def __init__(self):
+        self.payload: list[bytes] = []
+        self.payload_size = 0
+        self.lengths: list[np.ndarray] = []
+        self.n_lengths = 0
+        self.freqs: list[np.ndarray] = []
+        self.n_freqs = 0
+        self.streams: list[tuple] = []  # nxkv_cuda_rans_stream fields, out0 relative to the rANS area
+        self.stream_names: list[str] = []
+        self.n_rans_symbols = 0
+        self.host: list[np.ndarray] = []  # symbols decoded here, placed after the rANS area
+        self.n_host = 0
+        self.steps: list[np.ndarray] = []
+        self.n_steps = 0
+        self.means: list[np.ndarray] = []
+        self.n_means = 0
+        self.sink_map: list[np.ndarray] = []
+        self.n_sink_map = 0
+        self.sinks: list[np.ndarray] = []
+        self.n_sinks = 0
+        self.cos: list[np.ndarray] = []
+        self.sin: list[np.ndarray] = []
+        self.n_trig = 0
+        self.trig_at: dict = {}
+        self.sections: list[dict] = []
+        self.jobs: list[SectionJob] = []
+
+    def _append(self, name: str, array: np.ndarray) -> int:
+        at = getattr(self, f"n_{name}")
+        getattr(self, name).append(array)
+        setattr(self, f"n_{name}", at + array.size)
+        return at
+
+    def point_stream(self, stream, section: str) -> tuple[str, int, int]:
+        """(area, offset, lo) of a point stream's symbols: rANS lanes decode on the GPU; other
+        coders (zstd for rare wide alphabets, empty streams) here. Coordinates must fit int32
+        (as the CPU path requires); coset symbols are checked by the kernel or here."""
+        coset = stream.name == "coset"
+        if stream.n and stream.method in (METHOD_RANS, METHOD_RANS_LANES):
+            p = stream.rans()
+            if not coset and (p.lo < _INT32[0] or p.lo + p.freqs.size - 1 > _INT32[1]):
+                raise FormatError("lattice coordinates outside int32")
+            out0 = self.n_rans_symbols
+            self.streams.append((self.payload_size, self.n_lengths, stream.n, p.lanes, p.chunk, self.n_freqs, p.freqs.size,
+                                 out0))
+            self.stream_names.append(stream.where)
+            self.payload.append(p.body)
+            self.payload_size += len(p.body)
+            self._append("lengths", p.lengths)
+            self._append("freqs", p.freqs)
+            self.n_rans_symbols += stream.n
+            return "rans", out0, p.lo
+        values = stream.decode().reshape(-1)
+        if coset and values.size and (int(values.min()) < 0 or int(values.max()) > 1):
+            raise FormatError(f"{section}: lattice coset symbols must be 0 or 1")
+        if values.size and (int(values.min()) < _INT32[0] or int(values.max()) > _INT32[1]):
+            raise FormatError("lattice coordinates outside int32")
+        return "host", self._append("host", values.astype(np.int32)), 0
+
+    def trig(self, rope: Rope, info: TensorInfo) -> int:
+        key = (np.asarray(info.positions).tobytes(), bool(info.sliding))
+        if key not in self.trig_at:
+            cos, sin = rope._trig(np.asarray(info.positions), info.sliding, 1.0)
+            self.trig_at[key] = self.n_trig
+            self.cos.append(np.ascontiguousarray(cos, np.float64).reshape(-1))
+            self.sin.append(np.ascontiguousarray(sin, np.float64).reshape(-1))
+            self.n_trig += cos.size
+        return self.trig_at[key]
+
+
+def _section(batch: _Batch, job: SectionJob, stages) -> None:
+    rope, had, lattice, entropy = stages
+    info = job.info
+    n, h, d = info.n_cells, info.n_heads, info.head_dim
+    streams = {s.name: s for s in entropy.streams(np.frombuffer(job.data, np.uint8), info)}
+    want, sink = lattice.stream_shapes(info)
+    for name, shape in want.items():
+        if name not in streams or tuple(streams[name].shape) != shape:
+            raise FormatError(f"{info.name}: lattice symbols {name!r} missing or not of shape {shape}")
+    extra = sorted(set(streams) - set(want))
+    if extra:
+        raise FormatError(f"{info.name}: unexpected lattice symbols {extra}")  # bucket streams: unsupported() said no
+    coset, coord, last = (batch.point_stream(streams[name], info.name) for name in ("coset", "coord", "coord_last"))
+    steps = lattice.group_steps(streams["scale"].decode(), info)
+    per_cell = lattice.scale_scope != "head"
+    block = (lattice.scale_block or d) if per_cell else d
+    sec = {"n_cells": n, "n_heads": h, "head_dim": d, "step0": batch._append("steps", np.ascontiguousarray(steps, np.float64).reshape(-1)),
+           "step_per_cell": int(per_cell), "scale_block": block, "mean0": -1, "sink_map0": -1, "sink0": 0,
+           "hadamard": int(had is not None and not had.passes_through(info)), "rope": 0, "n_rot": 0, "trig0": 0,
+           "out_f16": int(job.out_f16), "transposed": int(job.transposed), "points": (coset, coord, last)}
+    if lattice.center:
+        mean = streams["mean"].decode().astype(np.uint16).view(np.float16).astype(np.float64)
+        sec["mean0"] = batch._append("means", mean.reshape(-1))
+    if lattice.sinks and sink.any():
+        rows = np.full(n, -1, np.int32)
+        rows[sink] = np.arange(int(sink.sum()), dtype=np.int32)
+        sec["sink_map0"] = batch._append("sink_map", rows)
+        sec["sink0"] = batch._append("sinks", streams["sink"].decode().astype(np.uint16).reshape(-1))
+    if rope is not None and not rope.passes_through(info):
+        sec["rope"] = 1 if rope.mode == "norm" else 2
+        sec["n_rot"] = rope.n_rot
+        sec["trig0"] = batch.trig(rope, info)
+    batch.sections.append(sec)
+    batch.jobs.append(job)
+
+
+@dataclass
+class Prepared:
+    """One nxkv_cuda_batch as numpy arrays: what the library (and its numpy reference,
+    reference_decode) receives. streams: (payload_offset, task0, n_symbols, lanes, chunk, freq0,
+    n_freqs, out0) per rANS stream; sections: nxkv_cuda_section fields (dest aside: jobs[i].rows)."""
+
+    arrays: dict[str, np.ndarray]
+    streams: list[tuple]
+    stream_names: list[str]
+    n_symbols: int
+    host_symbols0: int
+    sections: list[dict]
+    jobs: list[SectionJob]
+
+
+def prepare(pipeline, jobs: list[SectionJob]) -> Prepared:
+    """The batch for `jobs` (FormatError for what the host can already see is damaged)."""
+    stages = _stages(pipeline)
+    assert not isinstance(stages, str), stages
+    batch = _Batch()
+    for job in jobs:
+        _section(batch, job, stages)
+
+    def array(parts: list[np.ndarray], dtype) -> np.ndarray:
+        return np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros(0), dtype)
+
+    host0 = batch.n_rans_symbols
+    sections = []
+    for sec in batch.sections:
+        sec = dict(sec)
+        for prefix, (area, offset, lo) in zip(("coset", "coord", "last"), sec.pop("points")):
+            sec[f"{prefix}0"] = offset + (host0 if area == "host" else 0)
+            sec[f"{prefix}_lo"] = lo
+        sections.append(sec)
+    arrays = {
+        "payload": np.frombuffer(b"".join(batch.payload), np.uint8), "task_lengths": array(batch.lengths, np.int64),
+        "freqs": array(batch.freqs, np.int64), "host_symbols": array(batch.host, np.int32),
+        "steps": array(batch.steps, np.float64), "means": array(batch.means, np.float64),
+        "sink_map": array(batch.sink_map, np.int32), "sinks": array(batch.sinks, np.uint16),
+        "cos": array(batch.cos, np.float64), "sin": array(batch.sin, np.float64),
+    }
+    return Prepared(arrays, batch.streams, batch.stream_names, host0 + batch.n_host, host0, sections, batch.jobs)
+
+
+def decode_sections(pipeline, jobs: list[SectionJob]) -> dict[str, float]:
+    """Decode every job on the GPU into its rows; FormatError for a damaged section (no rows are
+    written then). Returns the library's timings in milliseconds."""
+    from .backends import note_used
+
+    timings = run(prepare(pipeline, jobs))
+    note_used("decode_sections", "cuda")
+    return timings
+
+
+def run(prep: Prepared) -> dict[str, float]:
+    """The library's nxkv_cuda_decode_sections on a prepared batch."""
+    from .backends import cuda
+
+    ffi, lib = cuda.load()
+    keep = []  # cffi buffers must outlive the call
+
+    def buf(kind: str, a: np.ndarray):
+        if not a.size:
+            return ffi.NULL
+        p = ffi.from_buffer(kind, a, require_writable=False)
+        keep.append(p)
+        return p
+
+    streams = ffi.new("nxkv_cuda_rans_stream[]", max(len(prep.streams), 1))
+    for i, (off, task0, n, lanes, chunk, freq0, n_freqs, out0) in enumerate(prep.streams):
+        s = streams[i]
+        s.payload_offset, s.task0, s.n_symbols, s.lanes, s.chunk = off, task0, n, lanes, chunk
+        s.freq0, s.n_freqs, s.out0 = freq0, n_freqs, out0
+    sections = ffi.new("nxkv_cuda_section[]", max(len(prep.sections), 1))
+    for i, (sec, job) in enumerate(zip(prep.sections, prep.jobs)):
+        s = sections[i]
+        for key, value in sec.items():
+            setattr(s, key, value)
+        rows = job.rows
+        want = job.info.n_cells * job.info.n_heads * job.info.head_dim * (2 if job.out_f16 else 4)
+        if not rows.flags.c_contiguous or not rows.flags.writeable or rows.nbytes != want:
+            raise FormatError(f"{job.info.name}: rows of {rows.nbytes} bytes do not fit its values")
+        dest = ffi.from_buffer("uint8_t[]", rows)
+        keep.append(dest)
+        s.dest = ffi.cast("void *", dest)
+    a = prep.arrays
+    b = ffi.new("nxkv_cuda_batch *")
+    b.payload, b.payload_size = buf("uint8_t[]", a["payload"]), a["payload"].size
+    b.task_lengths, b.n_task_lengths = buf("int64_t[]", a["task_lengths"]), a["task_lengths"].size
+    b.freqs, b.n_freqs = buf("int64_t[]", a["freqs"]), a["freqs"].size
+    b.streams, b.n_streams = streams, len(prep.streams)
+    b.n_symbols = prep.n_symbols
+    b.host_symbols, b.n_host_symbols = buf("int32_t[]", a["host_symbols"]), a["host_symbols"].size
+    b.host_symbols0 = prep.host_symbols0
+    b.steps, b.n_steps = buf("double[]", a["steps"]), a["steps"].size
+    b.means, b.n_means = buf("double[]", a["means"]), a["means"].size
+    b.sink_map, b.n_sink_map = buf("int32_t[]", a["sink_map"]), a["sink_map"].size
+    b.sinks, b.n_sinks = buf("uint16_t[]", a["sinks"]), a["sinks"].size
+    b.cos, b.sin, b.n_trig = buf("double[]", a["cos"]), buf("double[]", a["sin"]), a["cos"].size
+    b.sections, b.n_sections = sections, len(prep.sections)
+    stream_status = ffi.new("int32_t[]", max(len(prep.streams), 1))
+    section_status = ffi.new("int32_t[]", max(len(prep.sections), 1))
+    b.stream_status, b.section_status = stream_status, section_status
+    err = ffi.new("char[]", 512)
+    r = lib.nxkv_cuda_decode_sections(b, err, 512)
+    if r == lib.NXKV_CUDA_ERR_CORRUPT:
+        raise_corrupt(prep, list(stream_status[0 : len(prep.streams)]), list(section_status[0 : len(prep.sections)]))
+    if r == lib.NXKV_CUDA_ERR_ARG:
+        raise FormatError("the K/V sections' layout is inconsistent (the GPU decoder refused its arguments)")
+    if r != lib.NXKV_CUDA_OK:
+        raise cuda.CudaError(f"GPU decode failed: {ffi.string(err).decode(errors='replace')}")
+    return dict(zip(("upload", "tables", "rans", "values", "download"), list(b.ms)))
+
+
+def raise_corrupt(prep: Prepared, stream_status: list[int], section_status: list[int]) -> None:
+    """The FormatError the CPU path raises for the first damaged stream or section."""
+    for where, status in zip(prep.stream_names, stream_status):
+        if status:
+            raise FormatError(f"{where}: rANS stream is corrupt (a lane ends early or does not decode to its start state)")
+    for job, status in zip(prep.jobs, section_status):
+        if status == 1:
+            raise FormatError(f"{job.info.name}: lattice coset symbols must be 0 or 1")
+        if status == 2:
+            raise FormatError(f"section {job.info.name!r} decodes to values that are not finite")
+    raise FormatError("a K/V section is corrupt")
+
+
+def reference_decode(prep: Prepared) -> None:
+    """The numpy reference of nxkv_cuda_decode_sections (the readable truth the CUDA kernels are
+    tested against, and a test of the batch itself on machines without a GPU): the same arrays,
+    the CPU ops, the same rows."""
+    with np.errstate(all="ignore"):  # values that are not finite are refused below, not warned about
+        _reference_decode(prep)
+
+
+def _reference_decode(prep: Prepared) -> None:
+    from .backends import reference as ref
+    from .stages.hadamard import power_of_two_blocks
+
+    a = prep.arrays
+    symbols = np.zeros(prep.n_symbols, np.int64)
+    symbols[prep.host_symbols0 : prep.host_symbols0 + a["host_symbols"].size] = a["host_symbols"]
+    stream_status = []
+    for off, task0, n, lanes, chunk, freq0, n_freqs, out0 in prep.streams:
+        n_tasks = len(ref.lane_tasks(n, lanes, chunk))
+        lengths = a["task_lengths"][task0 : task0 + n_tasks]
+        data = a["payload"][off : off + int(lengths.sum())].tobytes()
+        try:
+            symbols[out0 : out0 + n] = ref.rans_decode_lanes(data, lengths, a["freqs"][freq0 : freq0 + n_freqs], n, lanes, chunk)
+            stream_status.append(0)
+        except ValueError:
+            stream_status.append(-1)
+    if any(stream_status):
+        raise_corrupt(prep, stream_status, [0] * len(prep.sections))
+    section_status = []
+    made = []
+    for s in prep.sections:
+        n, h, d = s["n_cells"], s["n_heads"], s["head_dim"]
+        g = h * d // 8
+        coset = symbols[s["coset0"] : s["coset0"] + n * g] + s["coset_lo"]
+        coord = symbols[s["coord0"] : s["coord0"] + 7 * n * g] + s["coord_lo"]
+        last = symbols[s["last0"] : s["last0"] + n * g] + s["last_lo"]
+        if coset.size and (coset.min() < 0 or coset.max() > 1):
+            section_status.append(1)
+            made.append(None)
+            continue
+        blocks = d // s["scale_block"]
+        rows = n * h if s["step_per_cell"] else h
+        steps = a["steps"][s["step0"] : s["step0"] + rows * blocks].reshape(-1, h, blocks)
+        steps = np.broadcast_to(steps, (n, h, blocks))
+        group_step = np.repeat(steps.reshape(n, h * blocks), s["scale_block"] // 8, axis=1)
+        mean = a["means"][s["mean0"] : s["mean0"] + h * d] if s["mean0"] >= 0 else np.zeros(0)
+        x = ref.lattice_dequantize(coset.astype(np.uint8), coord.astype(np.int32), last.astype(np.int32), group_step,
+                                   mean).reshape(n, h, d)
+        if s["sink_map0"] >= 0:
+            row = a["sink_map"][s["sink_map0"] : s["sink_map0"] + n]
+            sinks = a["sinks"][s["sink0"] :].view(np.float16)
+            for c in np.flatnonzero(row >= 0):
+                x[c] = sinks[row[c] * h * d : (row[c] + 1) * h * d].reshape(h, d)
+        if s["hadamard"]:
+            start = 0
+            for block in power_of_two_blocks(d):
+                x[..., start : start + block] = ref.hadamard_blocks(np.ascontiguousarray(x[..., start : start + block]), block)
+                start += block
+        if s["rope"]:
+            half = s["n_rot"] // 2
+            cos = a["cos"][s["trig0"] : s["trig0"] + n * half].reshape(n, half)
+            sin = a["sin"][s["trig0"] : s["trig0"] + n * half].reshape(n, half)
+            x = ref.rope_rotate(x, cos, sin, s["n_rot"], s["rope"] == 2)
+        section_status.append(0 if np.isfinite(x).all() else 2)
+        made.append(x.reshape(n, h * d))
+    if any(section_status):
+        raise_corrupt(prep, [0] * len(prep.streams), section_status)
+    for s, job, x in zip(prep.sections, prep.jobs, made):
+        x = np.ascontiguousarray(x.T) if s["transposed"] else x
+        values = ref.f32_to_f16(x) if s["out_f16"] else x.astype("<f4")
+        job.rows[...] = values.view(np.uint8).reshape(job.rows.shape)

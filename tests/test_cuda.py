@@ -1,0 +1,182 @@
+"""The GPU decode of lattice-coded K/V sections (cuda_decode.py, native/cuda/nxkv_cuda.cu): the
+rows it writes are the CPU path's, bit for bit, for the golden files and for option variants
+re-encoded from them. Each case runs twice: through the numpy reference of the batched kernel
+(cuda_decode.reference_decode: tests the batch the host builds, on any machine), and through the
+CUDA library where a GPU answers (skipped with the reason elsewhere; tools/gpu_check.sh runs it).
+The per-op CUDA kernels are compared with their references in test_backends.py."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import golden
+from nexus_gguf import cuda_decode, state_file
+from nexus_gguf.backends import backend_status
+from nexus_gguf.errors import FormatError
+from nexus_gguf.format import NxkvFile
+from nexus_gguf.header import Header
+from nexus_gguf.llama_state import parse_state
+from nexus_gguf.pipeline import Pipeline
+from nexus_gguf.state_file import decode_state_blob, encode_state
+
+FILES = os.path.join(golden.FIXTURES, "v1", "files")
+GPU_FILES = ["gemma3-high.nxkv", "gemma3-balanced.nxkv", "gemma3-max.nxkv", "gemma3-high-0.1.0.nxkv",
+             "smollm2-f16-vtrans-high.nxkv", "smollm2-f16-vtrans-high-0.1.0.nxkv"]
+
+
+def _reference(pipeline, work):
+    cuda_decode.reference_decode(cuda_decode.prepare(pipeline, work))
+
+
+DECODERS = {"reference": _reference, "cuda": cuda_decode.decode_sections}
+
+
+def _decoder(name: str):
+    if name == "cuda" and backend_status()["cuda"] != "available":
+        pytest.skip(f"cuda backend {backend_status()['cuda']}")
+    return DECODERS[name]
+
+
+def _open(path: str):
+    f = NxkvFile.open(path)
+    h = Header(f.header, path)
+    return f, h
+
+
+def _decode(monkeypatch, decoder, pipeline, layout, section, limits) -> tuple[bytes, int]:
+    """(the blob decode_state_blob makes with `decoder` as the GPU path, sections it decoded)."""
+    calls = []
+
+    def counted(p, work):
+        calls.append(len(work))
+        decoder(p, work)
+
+    with monkeypatch.context() as m:
+        m.setattr(state_file, "_gpu_decoder", lambda: counted)
+        blob, _ = decode_state_blob(layout, pipeline, section, limits)
+    return bytes(blob), sum(calls)
+
+
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+@pytest.mark.parametrize("name", GPU_FILES)
+def test_gpu_decode_of_golden_files_matches_the_cpu(monkeypatch, name, decoder):
+    f, h = _open(os.path.join(FILES, name))
+    want, _ = decode_state_blob(h.state, h.pipeline, f.section, h.limits())
+    got, n = _decode(monkeypatch, _decoder(decoder), h.pipeline, h.state, f.section, h.limits())
+    assert n > 0 and got == bytes(want)
+
+
+def _variant(source: str, high: str, edit) -> tuple:
+    """(pipeline, layout, sections, limits): the lossless file's state re-encoded with the high
+    file's (bound) stages as `edit` changes their configs."""
+    f, h = _open(os.path.join(FILES, source))
+    fh, hh = _open(os.path.join(FILES, high))
+    blob, _ = decode_state_blob(h.state, h.pipeline, f.section, h.limits())
+    state = parse_state(bytes(blob), h.state["kind"], golden._layout_of(h.state))
+    configs = [dict(c) for c in hh.pipeline.get_config()["stages"]]
+    edit({c["id"]: c for c in configs})
+    pipeline = Pipeline.from_config({"stages": configs})
+    layout, sections = encode_state(state, pipeline, hh.state["values"])
+    data = {name: bytes(np.ascontiguousarray(v).tobytes()) for name, v in sections}
+    return pipeline, layout, data.__getitem__, hh.limits()
+
+
+VARIANTS = {
+    "chunked-lanes": lambda c: c["entropy"].update(lanes=8, chunk=64),
+    "one-lane": lambda c: c["entropy"].update(lanes=1, chunk=0),
+    "zstd-coder": lambda c: c["entropy"].update(coder="zstd"),
+    "vector-scales": lambda c: c["lattice"].update(scale_scope="vector", scale_block=16),
+    "max-scales-f16": lambda c: c["lattice"].update(scale_scope="vector", scale_stat="max", scale_format="f16"),
+    "no-centre-no-sinks": lambda c: c["lattice"].update(center=False, sinks=0),
+    "all-sinks": lambda c: c["lattice"].update(sinks=1 << 20),
+    "values-not-rotated": lambda c: c["hadamard"].update(values=False),
+    "rope-neox-partial": lambda c: c["rope"].update(mode="neox", n_rot=16),
+}
+
+
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("source,high", [("smollm2-f16-vtrans-lossless.nxkv", "smollm2-f16-vtrans-high.nxkv"),
+                                         ("gemma3-lossless.nxkv", "gemma3-high.nxkv")])
+def test_gpu_decode_of_option_variants_matches_the_cpu(monkeypatch, source, high, variant, decoder):
+    pipeline, layout, section, limits = _variant(source, high, VARIANTS[variant])
+    want, _ = decode_state_blob(layout, pipeline, section, limits)
+    got, n = _decode(monkeypatch, _decoder(decoder), pipeline, layout, section, limits)
+    assert n > 0 and got == bytes(want)
+
+
+@pytest.mark.parametrize("name,why", [("smollm2-q8_0-high.nxkv", "q8_0"), ("gemma3-seed.nxkv", "delta")])
+def test_files_the_gpu_does_not_decode_say_why_and_use_the_cpu(monkeypatch, name, why):
+    f, h = _open(os.path.join(FILES, name))
+    types = {L[f"{p}_type"] for c in h.state["caches"] for s in c["streams"] if s for L in s["layers"] for p in "kv"}
+    assert why in cuda_decode.unsupported(h.pipeline, h.state["values"], types)
+    want, _ = decode_state_blob(h.state, h.pipeline, f.section, h.limits())
+    got, n = _decode(monkeypatch, _reference, h.pipeline, h.state, f.section, h.limits())
+    assert n == 0 and got == bytes(want)
+
+
+def _prepared(name: str = "smollm2-f16-vtrans-high.nxkv"):
+    """A prepared batch of the file's sections, with fresh rows to write into."""
+    f, h = _open(os.path.join(FILES, name))
+    captured = []
+
+    def capture(p, work):
+        captured.append(cuda_decode.prepare(p, work))
+
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as m:
+        m.setattr(state_file, "_gpu_decoder", lambda: capture)
+        decode_state_blob(h.state, h.pipeline, f.section, h.limits())
+    return captured[0]
+
+
+def _runner(decoder: str):
+    _decoder(decoder)
+    return cuda_decode.reference_decode if decoder == "reference" else cuda_decode.run
+
+
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_damaged_lane_is_a_format_error_and_writes_no_rows(decoder):
+    run = _runner(decoder)
+    prep = _prepared()
+    for job in prep.jobs:
+        job.rows[...] = 0xAB
+    prep.arrays["payload"] = prep.arrays["payload"].copy()
+    prep.arrays["payload"][len(prep.arrays["payload"]) // 2] ^= 0x5A
+    with pytest.raises(FormatError, match="rANS stream is corrupt|not finite|coset"):
+        run(prep)
+    assert all((job.rows == 0xAB).all() for job in prep.jobs)
+
+
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_values_that_are_not_finite_are_refused(decoder):
+    run = _runner(decoder)
+    prep = _prepared()
+    prep.arrays["steps"] = prep.arrays["steps"].copy()
+    prep.arrays["steps"][prep.sections[3]["step0"]] = np.inf
+    with pytest.raises(FormatError, match=f"section '{prep.jobs[3].info.name}' decodes to values that are not finite"):
+        run(prep)
+
+
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_coset_symbols_other_than_0_and_1_are_refused(decoder):
+    run = _runner(decoder)
+    prep = _prepared()
+    prep.sections[5]["coset_lo"] += 2
+    with pytest.raises(FormatError, match=f"{prep.jobs[5].info.name}: lattice coset symbols must be 0 or 1"):
+        run(prep)
+
+
+def test_cuda_backend_reports_why_it_is_unavailable_or_names_its_device():
+    status = backend_status()["cuda"]
+    if status == "available":
+        from nexus_gguf.backends import cuda
+
+        name, major, minor = cuda.device()
+        assert name and major >= 5
+    else:
+        assert status.startswith("unavailable: ") and len(status) > len("unavailable: ") + 10

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# tools/gpu_check.sh [STATE.nxkv ...]: on a machine with an NVIDIA GPU, builds the native and CUDA
+# libraries with CMake, runs the CUDA parity tests (every per-op kernel against its numpy
+# reference, bit for bit; the batched section decode against the CPU path, bit for bit, on the
+# golden files and option variants; damaged input refused), then tools/gpu_bench.py on each state
+# file (default: none; any lattice-coded .nxkv). Logs and JSON go to $GPU_CHECK_OUT (default
+# build/gpu-check). Needs nvcc, CMake, numpy, numba, cffi, zstandard, pytest, gguf.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${GPU_CHECK_OUT:-build/gpu-check}
+mkdir -p "$out"
+status=0
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$out/nvidia-smi.txt"
+echo "== build (CMake, CUDA architectures ${CUDA_ARCHS:-native})"
+if cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-native}" >"$out/cmake.log" 2>&1 &&
+   cmake --build build/gpu -j >>"$out/cmake.log" 2>&1; then
+  echo "built: $(ls nexus_gguf/_native)"
+else
+  echo "BUILD FAILED (log: $out/cmake.log); testing the libraries already in nexus_gguf/_native" >&2
+  tail -20 "$out/cmake.log" >&2
+  status=1
+fi
+python3 -c "import nexus_gguf.backends as b; print('backends:', b.backend_status())"
+
+echo "== CUDA parity tests"
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_backends.py 2>&1 | tee "$out/pytest.log" | tail -15
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if grep -q "cuda backend unavailable" "$out/pytest.log"; then
+  echo "the CUDA backend did not load: the GPU tests were skipped" >&2
+  status=1
+fi
+
+for state in "$@"; do
+  echo "== benchmark: $state"
+  name=$(basename "$state" .nxkv)
+  python3 tools/gpu_bench.py "$state" --json "$out/bench-$name.json" || status=1
+done
+exit $status
