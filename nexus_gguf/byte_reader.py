@@ -65,7 +65,7 @@ class ByteReader:
         of thousands."""
         if count <= 0:
             return np.zeros(0, np.int64)
-        rest = np.frombuffer(self.buf, np.uint8, offset=self.pos)
+        rest = np.frombuffer(self.buf, np.uint8, offset=self.pos)[: 6 * count]  # the longest they can take
         ends = np.flatnonzero(rest < 0x80)[:count]
         if ends.size < count:
             raise self.error(f"{self.where}: {what}s need more bytes than the {rest.size} left at offset {self.pos}")

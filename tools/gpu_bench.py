@@ -40,7 +40,7 @@ def _median_time(fn, repeat: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("state", help="a lattice-coded .nxkv file")
-    ap.add_argument("--chunks", default="0,65536,16384,4096", help="entropy chunk sizes to re-encode with (0: as stored)")
+    ap.add_argument("--chunks", default="0,65536,32768,16384,4096", help="entropy chunk sizes to re-encode with (0: as stored)")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
@@ -90,7 +90,10 @@ def main(argv=None) -> int:
 
         def gpu():
             def decoder(pp, work):
-                timings.append(cuda_decode.decode_sections(pp, work))
+                t = time.perf_counter()
+                prep = cuda_decode.prepare(pp, work)
+                t_prep = time.perf_counter() - t
+                timings.append({"prepare (host)": t_prep * 1e3, **cuda_decode.run(prep)})
 
             saved = state_file._gpu_decoder
             state_file._gpu_decoder = lambda: decoder

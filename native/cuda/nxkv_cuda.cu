@@ -157,35 +157,54 @@ struct RansTask {
     int32_t stream;  /* whose table */
 };
 
-/* slots and lookup (core/rans.h) of stream s: one block per stream, a thread per slot, the
- * slot's symbol by binary search over the cumulative frequencies. */
+/* The packed slot table (core/rans.h nxkv_core_rans_packed_slot) of stream s: one block per
+ * stream, a thread per slot, the slot's symbol by binary search over the cumulative frequencies. */
 __global__ void k_rans_tables(const uint32_t *freqs, const uint32_t *cum, const int64_t *freq0, const int64_t *n_freqs,
-                              uint32_t *slots, uint32_t *lookup) {
+                              uint32_t *packed) {
     const int64_t s = blockIdx.x;
-    const uint32_t *f = freqs + freq0[s], *c = cum + freq0[s];
+    const uint32_t *c = cum + freq0[s];
     const int64_t m = n_freqs[s];
     for (uint32_t k = threadIdx.x; k < RANS_SLOTS; k += blockDim.x) {
-        int64_t lo = 0, hi = m - 1; /* the last symbol whose cum <= k (with a frequency) */
+        int64_t lo = 0, hi = m - 1; /* the last symbol whose cum <= k: it holds slot k (frequencies sum to 2^14) */
         while (lo < hi) {
             const int64_t mid = (lo + hi + 1) / 2;
             if (c[mid] <= k) lo = mid;
             else hi = mid - 1;
         }
-        while (lo > 0 && f[lo] == 0) --lo; /* never reached for k < 2^14 with sum 2^14, kept for safety */
-        lookup[s * RANS_SLOTS + k] = (uint32_t)lo;
-        slots[s * RANS_SLOTS + k] = (f[lo] << NXKV_RANS_PROB_BITS) | (k - c[lo]);
+        packed[s * RANS_SLOTS + k] = nxkv_core_rans_packed_slot(c, (uint32_t)lo, k);
     }
+    (void)freqs;
 }
 
-__global__ void k_rans_decode(const uint8_t *payload, const RansTask *tasks, size_t n_tasks, const uint32_t *slots,
-                              const uint32_t *lookup, int32_t *symbols, int32_t *stream_status) {
-    const size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (t >= n_tasks) return;
+/* Up to RANS_BLOCK tasks of one stream. */
+struct RansBlock {
+    int64_t task0, task1;
+    int32_t stream;
+};
+
+#define RANS_BLOCK 128
+#define RANS_SMEM (RANS_SLOTS * sizeof(uint32_t) + 4096 * sizeof(uint16_t))
+
+/* A block per (stream, up to RANS_BLOCK of its tasks): the stream's packed table and frequencies
+ * into shared memory (72 KiB), then a thread per task decodes its lane with them. */
+__global__ void k_rans_decode(const uint8_t *payload, const RansTask *tasks, const RansBlock *blocks, const uint32_t *packed,
+                              const uint32_t *freqs, const int64_t *freq0, const int64_t *n_freqs, int32_t *symbols,
+                              int32_t *stream_status) {
+    extern __shared__ uint32_t smem[];
+    uint32_t *table = smem;
+    uint16_t *freq = (uint16_t *)(smem + RANS_SLOTS);
+    const RansBlock b = blocks[blockIdx.x];
+    const uint4 *src = (const uint4 *)(packed + (size_t)b.stream * RANS_SLOTS);
+    for (uint32_t k = threadIdx.x; k < RANS_SLOTS / 4; k += blockDim.x) ((uint4 *)table)[k] = src[k];
+    const int64_t nf = n_freqs[b.stream];
+    for (int64_t k = threadIdx.x; k < nf; k += blockDim.x) freq[k] = (uint16_t)freqs[freq0[b.stream] + k];
+    __syncthreads();
+    const int64_t t = b.task0 + threadIdx.x;
+    if (t >= b.task1) return;
     const RansTask k = tasks[t];
     if (!k.count) return;
-    const size_t table = (size_t)k.stream * RANS_SLOTS;
-    if (nxkv_core_rans_decode(payload + k.offset, (size_t)k.length, slots + table, lookup + table, symbols + k.out,
-                              (size_t)k.count, (size_t)k.stride)) {
+    if (nxkv_core_rans_decode_packed(payload + k.offset, (size_t)k.length, table, freq, symbols + k.out, (size_t)k.count,
+                                     (size_t)k.stride)) {
         stream_status[k.stream] = NXKV_CUDA_ERR_CORRUPT;
     }
 }
@@ -504,6 +523,7 @@ namespace {
 int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size) {
     /* host-side checks: every task's bytes inside the payload, empty lanes empty, tables valid */
     std::vector<RansTask> tasks;
+    std::vector<RansBlock> rans_blocks;
     std::vector<uint32_t> f32, cum;
     std::vector<int64_t> freq0, n_freqs;
     for (int64_t i = 0; i < bt->n_streams; ++i) {
@@ -515,13 +535,16 @@ int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size
         bt->stream_status[i] = 0;
         freq0.push_back((int64_t)f32.size());
         n_freqs.push_back(st.n_freqs);
-        if (check_freqs(bt->freqs + st.freq0, st.n_freqs, f32, cum) != NXKV_CUDA_OK) {
+        if (st.n_freqs > 4096 || check_freqs(bt->freqs + st.freq0, st.n_freqs, f32, cum) != NXKV_CUDA_OK) {
             bt->stream_status[i] = NXKV_CUDA_ERR_CORRUPT;
             return NXKV_CUDA_ERR_CORRUPT;
         }
         const size_t first = tasks.size();
         lane_tasks(st.n_symbols, st.lanes, st.chunk, st.out0, (int32_t)i, tasks);
         const int64_t count = (int64_t)(tasks.size() - first);
+        for (int64_t t0 = 0; t0 < count; t0 += RANS_BLOCK) {
+            rans_blocks.push_back(RansBlock{(int64_t)first + t0, (int64_t)first + std::min(count, t0 + RANS_BLOCK), (int32_t)i});
+        }
         if (st.task0 + count > bt->n_task_lengths) return NXKV_CUDA_ERR_ARG;
         int64_t offset = st.payload_offset;
         for (int64_t k = 0; k < count; ++k) {
@@ -573,7 +596,8 @@ int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size
     Buffers b;
     uint8_t *d_payload, *d_out = nullptr;
     RansTask *d_tasks;
-    uint32_t *d_f32, *d_cum, *d_slots, *d_lookup;
+    uint32_t *d_f32, *d_cum, *d_packed;
+    RansBlock *d_blocks;
     int64_t *d_freq0, *d_nfreqs;
     int32_t *d_symbols, *d_stream_status, *d_section_status, *d_sink_map;
     double *d_steps, *d_means, *d_cos, *d_sin;
@@ -587,8 +611,8 @@ int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size
     CU(b.upload(&d_freq0, freq0.data(), freq0.size()));
     CU(b.upload(&d_nfreqs, n_freqs.data(), n_freqs.size()));
     CU(b.upload(&d_stream_status, bt->stream_status, (size_t)bt->n_streams));
-    CU(b.alloc(&d_slots, (size_t)bt->n_streams * RANS_SLOTS));
-    CU(b.alloc(&d_lookup, (size_t)bt->n_streams * RANS_SLOTS));
+    CU(b.alloc(&d_packed, (size_t)bt->n_streams * RANS_SLOTS));
+    CU(b.upload(&d_blocks, rans_blocks.data(), rans_blocks.size()));
     CU(b.alloc(&d_symbols, (size_t)bt->n_symbols));
     if (bt->n_host_symbols) {
         CU(cudaMemcpy(d_symbols + bt->host_symbols0, bt->host_symbols, (size_t)bt->n_host_symbols * sizeof(int32_t),
@@ -605,13 +629,14 @@ int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size
     if (out_bytes) CU(b.alloc(&d_out, (size_t)out_bytes));
     timer.mark();
     if (bt->n_streams) {
-        k_rans_tables<<<(unsigned)bt->n_streams, 256>>>(d_f32, d_cum, d_freq0, d_nfreqs, d_slots, d_lookup);
+        k_rans_tables<<<(unsigned)bt->n_streams, 256>>>(d_f32, d_cum, d_freq0, d_nfreqs, d_packed);
         CU(cudaGetLastError());
     }
     timer.mark();
-    if (!tasks.empty()) {
-        k_rans_decode<<<blocks_for(tasks.size(), 64), 64>>>(d_payload, d_tasks, tasks.size(), d_slots, d_lookup, d_symbols,
-                                                           d_stream_status);
+    if (!rans_blocks.empty()) {
+        CU(cudaFuncSetAttribute(k_rans_decode, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)RANS_SMEM));
+        k_rans_decode<<<(unsigned)rans_blocks.size(), RANS_BLOCK, RANS_SMEM>>>(d_payload, d_tasks, d_blocks, d_packed, d_f32,
+                                                                              d_freq0, d_nfreqs, d_symbols, d_stream_status);
         CU(cudaGetLastError());
     }
     timer.mark();

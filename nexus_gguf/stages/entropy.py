@@ -147,7 +147,7 @@ class RansPayload:
     lanes: int
     chunk: int
     lengths: np.ndarray  # int64 byte length per (chunk, lane)
-    body: bytes
+    body: memoryview  # of the section's bytes (no copy)
 
 
 @dataclass(frozen=True)
@@ -171,14 +171,14 @@ class CodedStream:
         if freqs.sum() != 1 << RANS_PROB_BITS:
             raise FormatError(f"{self.where}: rANS frequencies do not sum to 2^{RANS_PROB_BITS}")
         if self.method == METHOD_RANS:
-            body = bytes(self.payload[r.pos :])
+            body = self.payload[r.pos :]
             return RansPayload(lo, freqs, 1, max(self.n, 1), np.array([len(body)] if self.n else [], np.int64), body)
         lanes, chunk = r.varint("lane count"), r.varint("chunk size")
         if not 1 <= lanes <= MAX_LANES or chunk < lanes:
             raise FormatError(f"{self.where}: {lanes} lanes in chunks of {chunk} symbols")
         n_tasks = (-(-self.n // chunk) if self.n else 0) * lanes  # at most n + lanes: chunk >= lanes
         lengths = r.varints(n_tasks, "lane length")
-        return RansPayload(lo, freqs, lanes, chunk, lengths, bytes(r.take(r.remaining(), "lanes")))
+        return RansPayload(lo, freqs, lanes, chunk, lengths, r.take(r.remaining(), "lanes"))
 
     def decode(self) -> np.ndarray:
         values = self._values()
@@ -204,9 +204,9 @@ class CodedStream:
             try:
                 if method == METHOD_RANS_LANES:
                     # lanes are independent: the native kernel decodes chunks on all cores
-                    symbols = kernel("rans_decode_lanes")(p.body, p.lengths, p.freqs, n, p.lanes, p.chunk)
+                    symbols = kernel("rans_decode_lanes")(bytes(p.body), p.lengths, p.freqs, n, p.lanes, p.chunk)
                 else:
-                    symbols = kernel("rans_decode")(p.body, p.freqs, n)
+                    symbols = kernel("rans_decode")(bytes(p.body), p.freqs, n)
             except ValueError as e:
                 raise FormatError(f"{where}: {e}") from None
             return _offset(symbols, p.lo, p.freqs.size)
