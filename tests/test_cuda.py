@@ -24,7 +24,8 @@ from nexus_gguf.state_file import decode_state_blob, encode_state
 
 FILES = os.path.join(golden.FIXTURES, "v1", "files")
 GPU_FILES = ["gemma3-high.nxkv", "gemma3-balanced.nxkv", "gemma3-max.nxkv", "gemma3-high-0.1.0.nxkv",
-             "smollm2-f16-vtrans-high.nxkv", "smollm2-f16-vtrans-high-0.1.0.nxkv"]
+             "gemma3-high-0.1.0-2.nxkv", "gemma3-max-0.1.0-2.nxkv", "smollm2-f16-vtrans-high.nxkv",
+             "smollm2-f16-vtrans-high-0.1.0.nxkv", "smollm2-f16-vtrans-high-0.1.0-2.nxkv"]
 
 
 def _reference(pipeline, work):

@@ -179,7 +179,13 @@ def write_files(vdir: str, existing: list[dict]) -> list[dict]:
             key = _preset_key(pipeline.get_config()["stages"], None if pipeline.eviction is None else pipeline.eviction.get_config())
             if key in have.get((source, preset), set()):
                 continue
-            name = f"{prefix}-{preset}.nxkv" if not existing else f"{prefix}-{preset}-{ng.__version__}.nxkv"
+            stem = f"{prefix}-{preset}" if not existing else f"{prefix}-{preset}-{ng.__version__}"
+            taken = stem
+            for k in range(2, 1000):  # one version may change a preset's encoding twice: never overwrite
+                if not os.path.exists(os.path.join(files_dir, f"{stem}.nxkv")):
+                    break
+                stem = f"{taken}-{k}"
+            name = f"{stem}.nxkv"
             path = os.path.join(files_dir, name)
             ng.save_state(llm, path, preset)
             entry = {"file": f"files/{name}", "preset": preset, "source": source}
@@ -188,7 +194,7 @@ def write_files(vdir: str, existing: list[dict]) -> list[dict]:
                 blob = bridge.get_seq_state(llm, 0)
                 state = golden.parse_state(blob, "sequence", bridge.model_facts(llm).state_layout())
                 scores = score_cells(llm, blob, state, tokens, pipeline.scoring.window, pipeline.scoring.scorer)
-                entry["importance"] = f"files/{prefix}-{preset}-{ng.__version__}.importance.npy"
+                entry["importance"] = f"files/{stem}.importance.npy"
                 np.save(os.path.join(vdir, entry["importance"]), scores.importance)
             d = golden.decode_file(path)
             entry.update({

@@ -167,7 +167,7 @@ class CodedStream:
         size = r.varint()
         if not 0 < size <= MAX_ALPHABET:
             raise FormatError(f"{self.where}: rANS alphabet of {size} symbols")
-        freqs = np.array([r.varint() for _ in range(size)], np.int64)
+        freqs = r.varints(size, "frequency")
         if freqs.sum() != 1 << RANS_PROB_BITS:
             raise FormatError(f"{self.where}: rANS frequencies do not sum to 2^{RANS_PROB_BITS}")
         if self.method == METHOD_RANS:
