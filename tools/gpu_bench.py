@@ -53,7 +53,6 @@ def main(argv=None) -> int:
     from nexus_gguf.pipeline import Pipeline
 
     name, major, minor = cuda.device()
-    _, lib = cuda.load()
     f = NxkvFile.open(args.state)
     h = Header(f.header, args.state)
     limits = h.limits()
@@ -105,17 +104,9 @@ def main(argv=None) -> int:
 
         gpu_blob = gpu()
         same = bytes(gpu_blob) == bytes(cpu_blob)
-        # the values kernel's instance for any head size, for comparison (same bits)
-        was = lib.nxkv_cuda_values_in_registers(0)
-        timings.clear()
-        same = same and bytes(gpu()) == bytes(cpu_blob)
-        _median_time(gpu, args.repeat)
-        generic_values_ms = statistics.median(t["values"] for t in timings)
-        lib.nxkv_cuda_values_in_registers(was)
         timings.clear()
         gpu_s = _median_time(gpu, args.repeat)
         phase = {k: statistics.median(t[k] for t in timings) for k in timings[0]}
-        phase["values (generic instance)"] = generic_values_ms
         kernels_ms = phase["tables"] + phase["rans"] + phase["values"]
         row = {"chunk": chunk, "kv_section_bytes": size, "cpu_decode_s": cpu_s, "gpu_decode_s": gpu_s, "phases_ms": phase,
                "kernel_gbs": kv_bytes / kernels_ms / 1e6, "bit_identical": same}

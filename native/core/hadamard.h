@@ -14,7 +14,6 @@ NXKV_FN void nxkv_core_hadamard(float *v, size_t n, float scale) {
     if (n >= 8) {
         /* the passes h = 1, 2, 4 within each group of 8, unrolled (the same butterflies in the
          * same order, so the same roundings), leaving contiguous passes the compiler vectorises */
-        NXKV_UNROLL
         for (size_t i = 0; i < n; i += 8) {
             float *g = v + i;
             float a0 = g[0] + g[1], a1 = g[0] - g[1], a2 = g[2] + g[3], a3 = g[2] - g[3];
@@ -26,14 +25,8 @@ NXKV_FN void nxkv_core_hadamard(float *v, size_t n, float scale) {
         }
         h = 8;
     }
-    int levels = 0; /* log2(n): a count the GPU compiler can unroll by, where h *= 2 is not */
-    while (((size_t)1 << levels) < n) ++levels;
-    NXKV_UNROLL
-    for (int level = h == 8 ? 3 : 0; level < levels; ++level) {
-        h = (size_t)1 << level;
-        NXKV_UNROLL
+    for (; h < n; h *= 2) {
         for (size_t i = 0; i < n; i += 2 * h) {
-            NXKV_UNROLL
             for (size_t j = i; j < i + h; ++j) {
                 const float a = v[j], b = v[j + h];
                 v[j] = a + b;
@@ -41,7 +34,6 @@ NXKV_FN void nxkv_core_hadamard(float *v, size_t n, float scale) {
             }
         }
     }
-    NXKV_UNROLL
     for (size_t j = 0; j < n; ++j) v[j] *= scale;
 }
 

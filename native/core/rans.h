@@ -117,10 +117,39 @@ NXKV_FN int nxkv_core_rans_decode_interleaved(const uint8_t *const *data, const 
 
 /* The GPU's one-table form of the decoder's slot table: for slot k of symbol s,
  * s << 14 | (k - cum[s]) (s < 2^12: the alphabet is at most 4096 wide), the frequency then read
- * from a table of the alphabet's size. 64 KiB a stream, held in a GPU block's shared memory
- * (native/cuda/nxkv_cuda.cu rans_decode_words). */
+ * from a table of the alphabet's size. 64 KiB a stream, held in a GPU block's shared memory. */
 NXKV_FN uint32_t nxkv_core_rans_packed_slot(const uint32_t *cum, uint32_t s, uint32_t k) {
     return (s << NXKV_RANS_PROB_BITS) | (k - cum[s]);
+}
+
+/* nxkv_core_rans_decode with packed slots (nxkv_core_rans_packed_slot) and the frequencies as
+ * 16-bit values: the same symbols, the same checks. The renormalisation reads both possible bytes
+ * without a branch where the stream has them (as nxkv_core_rans_step), so the threads of a GPU
+ * warp do not diverge on it. */
+NXKV_FN int nxkv_core_rans_decode_packed(const uint8_t *data, size_t n_data, const uint32_t *packed, const uint16_t *freqs,
+                                         int32_t *out, size_t n, size_t stride) {
+    const uint32_t mask = (1u << NXKV_RANS_PROB_BITS) - 1;
+    if (n_data < 4) return -1;
+    uint32_t x = ((uint32_t)data[0] << 24) | ((uint32_t)data[1] << 16) | ((uint32_t)data[2] << 8) | data[3];
+    size_t p = 4;
+    for (size_t i = 0; i < n; ++i) {
+        const uint32_t e = packed[x & mask], s = e >> NXKV_RANS_PROB_BITS;
+        out[i * stride] = (int32_t)s;
+        x = (uint32_t)freqs[s] * (x >> NXKV_RANS_PROB_BITS) + (e & mask);
+        if (p + 2 <= n_data) {
+            const uint32_t n1 = x < NXKV_RANS_L;
+            x = n1 ? (x << 8) | data[p] : x;
+            const uint32_t n2 = x < NXKV_RANS_L;
+            x = n2 ? (x << 8) | data[p + n1] : x;
+            p += n1 + n2;
+        } else {
+            while (x < NXKV_RANS_L) {
+                if (p >= n_data) return -1;
+                x = (x << 8) | data[p++];
+            }
+        }
+    }
+    return (x == NXKV_RANS_L && p == n_data) ? 0 : -1;
 }
 
 /* x / f for 0 <= x < 2^31 and f >= 2 as a multiplication and shifts (the reciprocal of ryg_rans'

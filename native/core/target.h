@@ -5,12 +5,8 @@
 
 #if defined(__CUDACC__)
 #define NXKV_FN static inline __host__ __device__
-/* unroll where the trip count is known at compile time (a GPU thread's values then stay in
- * registers); the CPU compilers decide for themselves */
-#define NXKV_UNROLL _Pragma("unroll")
 #else
 #define NXKV_FN static inline
-#define NXKV_UNROLL
 #endif
 
 #endif

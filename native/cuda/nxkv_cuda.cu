@@ -176,49 +176,6 @@ __global__ void k_rans_tables(const uint32_t *freqs, const uint32_t *cum, const 
     (void)freqs;
 }
 
-/* nxkv_core_rans_decode (core/rans.h) with packed slots (nxkv_core_rans_packed_slot) and 16-bit
- * frequencies in shared memory, the stream's bytes read a 32-bit word at a time (one load per
- * ~12 symbols instead of one per symbol) and the renormalisation branchless where the stream
- * has both bytes it may need (as nxkv_core_rans_step): the same symbols, the same checks. The
- * payload is allocated 4 bytes longer, so the last word may be read whole. */
-__device__ int rans_decode_words(const uint8_t *data, size_t n_data, const uint32_t *packed, const uint16_t *freqs,
-                                 int32_t *out, size_t n, size_t stride) {
-    const uint32_t mask = (1u << NXKV_RANS_PROB_BITS) - 1;
-    if (n_data < 4) return -1;
-    const uint32_t *words = (const uint32_t *)((uintptr_t)data & ~(uintptr_t)3);
-    const size_t skew = (uintptr_t)data & 3;
-    size_t have = ~(size_t)0; /* index of the word in `word` */
-    uint32_t word = 0;
-    auto byte = [&](size_t p) -> uint32_t {
-        const size_t q = p + skew;
-        if ((q >> 2) != have) {
-            have = q >> 2;
-            word = __ldg(words + have);
-        }
-        return (word >> (8 * (q & 3))) & 0xffu;
-    };
-    uint32_t x = (byte(0) << 24) | (byte(1) << 16) | (byte(2) << 8) | byte(3);
-    size_t p = 4;
-    for (size_t i = 0; i < n; ++i) {
-        const uint32_t e = packed[x & mask], s = e >> NXKV_RANS_PROB_BITS;
-        out[i * stride] = (int32_t)s;
-        x = (uint32_t)freqs[s] * (x >> NXKV_RANS_PROB_BITS) + (e & mask);
-        if (p + 2 <= n_data) {
-            const uint32_t n1 = x < NXKV_RANS_L;
-            x = n1 ? (x << 8) | byte(p) : x;
-            const uint32_t n2 = x < NXKV_RANS_L;
-            x = n2 ? (x << 8) | byte(p + n1) : x;
-            p += n1 + n2;
-        } else {
-            while (x < NXKV_RANS_L) {
-                if (p >= n_data) return -1;
-                x = (x << 8) | byte(p++);
-            }
-        }
-    }
-    return (x == NXKV_RANS_L && p == n_data) ? 0 : -1;
-}
-
 /* Up to RANS_BLOCK tasks of one stream. */
 struct RansBlock {
     int64_t task0, task1;
@@ -246,8 +203,8 @@ __global__ void k_rans_decode(const uint8_t *payload, const RansTask *tasks, con
     if (t >= b.task1) return;
     const RansTask k = tasks[t];
     if (!k.count) return;
-    if (rans_decode_words(payload + k.offset, (size_t)k.length, table, freq, symbols + k.out, (size_t)k.count,
-                          (size_t)k.stride)) {
+    if (nxkv_core_rans_decode_packed(payload + k.offset, (size_t)k.length, table, freq, symbols + k.out, (size_t)k.count,
+                                     (size_t)k.stride)) {
         stream_status[k.stream] = NXKV_CUDA_ERR_CORRUPT;
     }
 }
@@ -290,18 +247,7 @@ struct Section {
     nxkv_cuda_section s;
     int64_t unit0;   /* its first (head, cell) unit */
     int64_t out_off; /* its rows' byte offset in the output buffer */
-    int32_t size;    /* which k_section_values instance makes it: 64 (registers) or 0 (any) */
 };
-
-/* Which k_section_values instance makes a section: 64 keeps a head vector in registers,
- * which needs every index known at compile time (NEOX pairs (i, i + n_rot / 2) only with n_rot
- * the head size); 0 takes any head size, the vector in local memory. */
-int values_registers = 1; /* nxkv_cuda_values_in_registers */
-
-int32_t values_size(const nxkv_cuda_section &s) {
-    if (values_registers && s.head_dim == 64 && (s.rope != 2 || s.n_rot == s.head_dim)) return (int32_t)s.head_dim;
-    return 0; /* 128 in registers spills (ptxas: 255 registers, 1.5 KB of spills) */
-}
 
 __device__ inline float half_bits_to_float(uint16_t h) {
     /* exact: every half is a float */
@@ -324,9 +270,9 @@ __device__ inline float half_bits_to_float(uint16_t h) {
 
 /* One head vector of one cell: the lattice values (core/lattice.h), sink rows, the inverse
  * Hadamard (core/hadamard.h, its own inverse), RoPE (core/rope.h), then f16 or f32 rows (16-byte
- * stores where the rows are cell-major). D: the head size of the sections this instance makes
- * (values_size), 0 for the rest. */
-template <int D>
+ * stores where the rows are cell-major). The vector lives in local memory (L1): an instance for
+ * 64-value heads that kept it in registers measured no faster on an H200 (0.55 ms either way for
+ * a 4096-token SmolLM2 state). */
 __global__ void k_section_values(const Section *sections, int64_t n_sections, int64_t n_units, const int32_t *symbols,
                                  const double *steps, const double *means, const int32_t *sink_map, const uint16_t *sinks,
                                  const double *cos, const double *sin, uint8_t *out, int32_t *section_status) {
@@ -339,22 +285,19 @@ __global__ void k_section_values(const Section *sections, int64_t n_sections, in
         else hi = mid - 1;
     }
     const Section &S = sections[lo];
-    if (S.size != D) return; /* another instance's */
     const nxkv_cuda_section &s = S.s;
-    const int64_t d = D ? D : s.head_dim, n_cells = s.n_cells, n_heads = s.n_heads;
+    const int64_t d = s.head_dim, n_cells = s.n_cells, n_heads = s.n_heads;
     const int64_t local = u - S.unit0, head = local / n_cells, cell = local % n_cells; /* cells adjacent: coalesced V^T */
     const int64_t g = n_heads * d / 8, group0 = cell * g + head * (d / 8);
     const int64_t blocks = d / s.scale_block;
     const int64_t step_row = s.step0 + (s.step_per_cell ? cell * n_heads + head : head) * blocks;
-    float v[D ? D : MAX_HEAD_DIM];
+    float v[MAX_HEAD_DIM];
     bool coset_ok = true;
-#pragma unroll
-    for (int64_t q = 0; q < (D ? D / 8 : d / 8); ++q) {
+    for (int64_t q = 0; q < d / 8; ++q) {
         const int64_t grp = group0 + q;
         const int64_t coset = (int64_t)symbols[s.coset0 + grp] + s.coset_lo;
         coset_ok = coset_ok && (coset == 0 || coset == 1);
         int32_t z7[7];
-#pragma unroll
         for (int j = 0; j < 7; ++j) z7[j] = (int32_t)((int64_t)symbols[s.coord0 + 7 * grp + j] + s.coord_lo);
         const int32_t last = (int32_t)((int64_t)symbols[s.last0 + grp] + s.last_lo);
         const double step = steps[step_row + q * 8 / s.scale_block];
@@ -369,60 +312,41 @@ __global__ void k_section_values(const Section *sections, int64_t n_sections, in
         const int32_t r = sink_map[s.sink_map0 + cell];
         if (r >= 0) {
             const uint16_t *src = sinks + s.sink0 + ((int64_t)r * n_heads + head) * d;
-#pragma unroll
-            for (int64_t j = 0; j < (D ? D : d); ++j) v[j] = half_bits_to_float(src[j]);
+            for (int64_t j = 0; j < d; ++j) v[j] = half_bits_to_float(src[j]);
         }
     }
     if (s.hadamard) {
-        if (D) {
-            nxkv_core_hadamard(v, D, (float)(1.0 / sqrt((double)D)));
-        } else {
-            int64_t start = 0;
-            for (int b = 30; b >= 0; --b) { /* power-of-two blocks, largest first */
-                const int64_t block = (int64_t)1 << b;
-                if (!(d & block)) continue;
-                nxkv_core_hadamard(v + start, (size_t)block, (float)(1.0 / sqrt((double)block)));
-                start += block;
-            }
+        int64_t start = 0;
+        for (int b = 30; b >= 0; --b) { /* power-of-two blocks, largest first */
+            const int64_t block = (int64_t)1 << b;
+            if (!(d & block)) continue;
+            nxkv_core_hadamard(v + start, (size_t)block, (float)(1.0 / sqrt((double)block)));
+            start += block;
         }
     }
     if (s.rope) {
         const int64_t half = s.n_rot / 2;
         const double *c = cos + s.trig0 + cell * half, *sn = sin + s.trig0 + cell * half;
-        if (D && s.rope == 1) { /* indices known at compile time */
-#pragma unroll
-            for (int64_t i = 0; i < D / 2; ++i) {
-                if (i < half) nxkv_core_rope_pair(v[2 * i], v[2 * i + 1], c[i], sn[i], v + 2 * i, v + 2 * i + 1);
-            }
-        } else if (D) { /* NEOX, n_rot == D (values_size) */
-#pragma unroll
-            for (int64_t i = 0; i < D / 2; ++i) nxkv_core_rope_pair(v[i], v[i + D / 2], c[i], sn[i], v + i, v + i + D / 2);
-        } else {
-            for (int64_t i = 0; i < half; ++i) {
-                const int64_t ia = s.rope == 2 ? i : 2 * i, ib = s.rope == 2 ? i + half : 2 * i + 1;
-                float a, b;
-                nxkv_core_rope_pair(v[ia], v[ib], c[i], sn[i], &a, &b);
-                v[ia] = a;
-                v[ib] = b;
-            }
+        for (int64_t i = 0; i < half; ++i) {
+            const int64_t ia = s.rope == 2 ? i : 2 * i, ib = s.rope == 2 ? i + half : 2 * i + 1;
+            float a, b;
+            nxkv_core_rope_pair(v[ia], v[ib], c[i], sn[i], &a, &b);
+            v[ia] = a;
+            v[ib] = b;
         }
     }
     bool finite = true;
-#pragma unroll
-    for (int64_t j = 0; j < (D ? D : d); ++j) finite = finite && isfinite(v[j]);
+    for (int64_t j = 0; j < d; ++j) finite = finite && isfinite(v[j]);
     if (!finite) section_status[lo] = 2;
     const int64_t n_embd = n_heads * d;
     if (s.out_f16) {
         uint16_t *o = (uint16_t *)(out + S.out_off);
         if (s.transposed) {
-#pragma unroll
-            for (int64_t j = 0; j < (D ? D : d); ++j) o[(head * d + j) * n_cells + cell] = nxkv_core_f32_to_f16(v[j]);
+            for (int64_t j = 0; j < d; ++j) o[(head * d + j) * n_cells + cell] = nxkv_core_f32_to_f16(v[j]);
         } else {
             uint4 *row = (uint4 *)(o + cell * n_embd + head * d); /* 16-byte aligned: d and n_embd are multiples of 8 */
-#pragma unroll
-            for (int64_t q = 0; q < (D ? D / 8 : d / 8); ++q) {
+            for (int64_t q = 0; q < d / 8; ++q) {
                 uint32_t w[4];
-#pragma unroll
                 for (int k = 0; k < 4; ++k) {
                     w[k] = (uint32_t)nxkv_core_f32_to_f16(v[q * 8 + 2 * k]) |
                            ((uint32_t)nxkv_core_f32_to_f16(v[q * 8 + 2 * k + 1]) << 16);
@@ -433,12 +357,10 @@ __global__ void k_section_values(const Section *sections, int64_t n_sections, in
     } else {
         float *o = (float *)(out + S.out_off);
         if (s.transposed) {
-#pragma unroll
-            for (int64_t j = 0; j < (D ? D : d); ++j) o[(head * d + j) * n_cells + cell] = v[j];
+            for (int64_t j = 0; j < d; ++j) o[(head * d + j) * n_cells + cell] = v[j];
         } else {
             float4 *row = (float4 *)(o + cell * n_embd + head * d);
-#pragma unroll
-            for (int64_t q = 0; q < (D ? D / 4 : d / 4); ++q) row[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+            for (int64_t q = 0; q < d / 4; ++q) row[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
         }
     }
 }
@@ -481,12 +403,6 @@ extern "C" {
 int nxkv_cuda_abi_version(void) { return NXKV_CUDA_ABI_VERSION; }
 
 double nxkv_cuda_last_kernel_ms(void) { return last_kernel_ms; }
-
-int nxkv_cuda_values_in_registers(int on) {
-    const int was = values_registers;
-    values_registers = on;
-    return was;
-}
 
 int nxkv_cuda_device(char *name, size_t name_size, int *major, int *minor) {
     int count = 0;
@@ -659,7 +575,6 @@ int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size
     }
     std::vector<Section> sections;
     int64_t units = 0, out_bytes = 0;
-    int by_size[3] = {0, 0, 0}; /* sections of each k_section_values instance: 64, (128: unused), any */
     for (int64_t i = 0; i < bt->n_sections; ++i) {
         const nxkv_cuda_section &s = bt->sections[i];
         bt->section_status[i] = 0;
@@ -681,11 +596,9 @@ int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size
                 if (r >= 0 && (s.sink0 < 0 || s.sink0 + ((int64_t)r + 1) * h * d > bt->n_sinks)) return NXKV_CUDA_ERR_ARG;
             }
         }
-        const int32_t size = values_size(s);
-        sections.push_back(Section{s, units, out_bytes, size});
+        sections.push_back(Section{s, units, out_bytes});
         units += n * h;
         out_bytes += n * h * d * (s.out_f16 ? 2 : 4);
-        by_size[size == 64 ? 0 : 2] += 1;
     }
 
     Timer timer;
@@ -700,8 +613,7 @@ int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size
     uint16_t *d_sinks;
     Section *d_sections;
     timer.mark();
-    CU(b.alloc(&d_payload, (size_t)bt->payload_size + 4)); /* + 4: rans_decode_words reads whole words */
-    if (bt->payload_size) CU(cudaMemcpy(d_payload, bt->payload, (size_t)bt->payload_size, cudaMemcpyHostToDevice));
+    CU(b.upload(&d_payload, bt->payload, (size_t)bt->payload_size));
     CU(b.upload(&d_tasks, tasks.data(), tasks.size()));
     CU(b.upload(&d_f32, f32.data(), f32.size()));
     CU(b.upload(&d_cum, cum.data(), cum.size()));
@@ -740,10 +652,8 @@ int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size
     if (units) {
         const unsigned threads = 128, grid = blocks_for((size_t)units, threads);
         const int64_t ns = (int64_t)sections.size();
-        if (by_size[0]) k_section_values<64><<<grid, threads>>>(d_sections, ns, units, d_symbols, d_steps, d_means, d_sink_map,
-                                                                d_sinks, d_cos, d_sin, d_out, d_section_status);
-        if (by_size[2]) k_section_values<0><<<grid, threads>>>(d_sections, ns, units, d_symbols, d_steps, d_means, d_sink_map,
-                                                               d_sinks, d_cos, d_sin, d_out, d_section_status);
+        k_section_values<<<grid, threads>>>(d_sections, ns, units, d_symbols, d_steps, d_means, d_sink_map, d_sinks, d_cos, d_sin,
+                                            d_out, d_section_status);
         CU(cudaGetLastError());
     }
     timer.mark();

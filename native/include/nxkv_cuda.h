@@ -46,10 +46,6 @@ int nxkv_cuda_f32_to_f16(const float *src, uint16_t *dst, size_t n, char *err, s
 /* Milliseconds the last per-op call's kernel took on this thread, transfers aside (CUDA events):
  * the benchmark's measure of the encode kernels. */
 double nxkv_cuda_last_kernel_ms(void);
-/* Whether the section decode keeps 64-value head vectors in registers (1, default) or makes
- * every section with the instance for any head size (0): the same results; the benchmark times
- * both. Returns the previous setting. */
-int nxkv_cuda_values_in_registers(int on);
 /* Interleaved rANS of one stream, one GPU thread per (chunk, lane): lengths[k] bytes per task. */
 int nxkv_cuda_rans_decode_lanes(const uint8_t *data, size_t n_data, const int64_t *lengths, size_t n_tasks,
                                 const int64_t *freqs, size_t n_freqs, int32_t *out, size_t n, size_t lanes, size_t chunk,
