@@ -104,8 +104,36 @@ def iter_encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict
     return layout, _sections(state, pipeline, dims, importance)
 
 
+def _gpu_encoder():
+    """cuda_encode.encode_sections where the cuda backend is chosen, else None."""
+    if backend_name() != "cuda":
+        return None
+    from . import cuda_encode
+
+    return cuda_encode.encode_sections
+
+
+def _encode_on_gpu(encode, pipeline: Pipeline, dims, ci: int, si: int, s: Stream, importance) -> Optional[list]:
+    """The stream's K/V sections, every layer in one GPU batch (cuda_encode.py), in the CPU
+    path's order; None where they need the CPU path."""
+    from . import cuda_encode
+
+    types = {t.name for layer in s.layers for t in (layer.k_type, layer.v_type)}
+    if cuda_encode.unsupported(pipeline, dims, types) is not None:
+        return None
+    jobs = []
+    for layer in s.layers:
+        for kind, t, rows in (("k", layer.k_type, layer.k), ("v", layer.v_type, layer.v)):
+            name = f"{kind}.{ci}.{si}.{layer.cache_layer}"
+            info = _value_info(pipeline, name, kind, t, s.cells, layer.model_layer, layer.sliding_window, layer.n_embd(kind),
+                               dims, importance if ci == 0 else None)
+            jobs.append(cuda_encode.EncodeJob(name, info, np.ascontiguousarray(rows), t.name == "f16", kind == "v" and layer.v_trans))
+    return encode(pipeline, jobs)
+
+
 def _sections(state: LlamaState, pipeline: Pipeline, dims, importance) -> Iterator[tuple[str, np.ndarray]]:
     meta = meta_pipeline()
+    gpu = _gpu_encoder() if pipeline.values_path else None
     for ci, cache in enumerate(state.caches):
         for si, s in enumerate(cache.streams):
             if s is None:
@@ -113,6 +141,10 @@ def _sections(state: LlamaState, pipeline: Pipeline, dims, importance) -> Iterat
             cells = np.frombuffer(s.cells.to_bytes(), np.uint8)
             name = f"cells.{ci}.{si}"
             yield name, meta.encode(cells, _meta_info(name, cells.size))
+            coded_on_gpu = _encode_on_gpu(gpu, pipeline, dims, ci, si, s, importance) if gpu is not None else None
+            if coded_on_gpu is not None:
+                yield from coded_on_gpu
+                continue
 
             def encode_layer(layer, ci=ci, si=si, s=s) -> list:
                 out = []

@@ -85,6 +85,14 @@ def _inputs(op: str, seed: int):
         randoms = randoms[~np.isnan(randoms)]
         return [(special,), (ties[~np.isnan(ties)] ,), (every_half[~np.isnan(every_half)],), (randoms,),
                 ((rng.standard_normal((7, 33)) * 100).astype(np.float32),), (np.zeros(0, np.float32),)]
+    if op == "f64_to_f16":
+        halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
+        halves = halves[np.isfinite(halves)]
+        mid = (halves[:-1] + halves[1:]) / 2  # ties, and a hair either side: no double rounding through float
+        bits = rng.integers(0, 1 << 63, 50000, dtype=np.uint64).view(np.float64)
+        special = np.array([0.0, -0.0, np.inf, -np.inf, 65504.0, 65520.0, 1e300, 5.96e-8, 2.98e-8, 1e-300])
+        return [(special,), (mid,), (np.nextafter(mid, np.inf),), (np.nextafter(mid, -np.inf),), (halves,),
+                (bits[~np.isnan(bits)],), (rng.standard_normal(1000) * 3,), (np.zeros(0),)]
     if op == "quantize_q8_0":
         x = (rng.standard_normal((300, 64)) * np.exp2(rng.normal(0, 3, (300, 1)))).astype(np.float32)
         x[0] = 0.0  # an all-zero block

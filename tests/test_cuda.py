@@ -19,7 +19,7 @@ from nexus_gguf.errors import FormatError
 from nexus_gguf.format import NxkvFile
 from nexus_gguf.header import Header
 from nexus_gguf.llama_state import parse_state
-from nexus_gguf.pipeline import Pipeline
+from nexus_gguf.pipeline import PRESETS, Pipeline
 from nexus_gguf.state_file import decode_state_blob, encode_state
 
 FILES = os.path.join(golden.FIXTURES, "v1", "files")
@@ -181,3 +181,77 @@ def test_cuda_backend_reports_why_it_is_unavailable_or_names_its_device():
         assert name and major >= 5
     else:
         assert status.startswith("unavailable: ") and len(status) > len("unavailable: ") + 10
+
+
+# ---------------------------------------------------------------- encode
+
+
+def _encode_both(monkeypatch, source: str, high: str, edit, engine: str):
+    """(the CPU writer's sections, the GPU path's sections, how many the GPU path made)."""
+    from functools import partial
+
+    from nexus_gguf import cuda_encode
+
+    if engine == "cuda" and backend_status()["cuda"] != "available":
+        pytest.skip(f"cuda backend {backend_status()['cuda']}")
+    f, h = _open(os.path.join(FILES, source))
+    _, hh = _open(os.path.join(FILES, high))
+    blob, _ = decode_state_blob(h.state, h.pipeline, f.section, h.limits())
+    state = parse_state(bytes(blob), h.state["kind"], golden._layout_of(h.state))
+    configs = [dict(c) for c in hh.pipeline.get_config()["stages"]]
+    edit({c["id"]: c for c in configs})
+    pipeline = Pipeline.from_config({"stages": configs})
+    dims = hh.state["values"]
+    _, cpu = encode_state(state, pipeline, dims)
+    made = []
+
+    def counted(p, jobs):
+        made.append(len(jobs))
+        run = cuda_encode.encode_sections if engine == "cuda" else partial(cuda_encode.encode_sections,
+                                                                          engine=cuda_encode._ReferenceEngine())
+        return run(p, jobs)
+
+    with monkeypatch.context() as m:
+        m.setattr(state_file, "_gpu_encoder", lambda: counted)
+        _, gpu = encode_state(state, pipeline, dims)
+    return cpu, gpu, sum(made)
+
+
+ENCODE_VARIANTS = {
+    "preset": lambda c: c["entropy"].update(next(s for s in PRESETS["high"]["stages"] if s["id"] == "entropy")),
+    "chunked-lanes": lambda c: c["entropy"].update(lanes=8, chunk=64),
+    "one-plain-stream": lambda c: c["entropy"].update(lanes=1, chunk=0),
+    "no-centre-no-sinks": lambda c: c["lattice"].update(center=False, sinks=0),
+    "all-sinks": lambda c: c["lattice"].update(sinks=1 << 20),
+    "values-not-rotated": lambda c: c["hadamard"].update(values=False),
+    "rope-neox-partial": lambda c: c["rope"].update(mode="neox", n_rot=16),
+    "wide-coordinates": lambda c: c["lattice"].update(k_bits=12.0, v_bits=12.0),  # alphabets past rANS: zstd
+}
+
+
+@pytest.mark.parametrize("engine", ["reference", "cuda"])
+@pytest.mark.parametrize("variant", sorted(ENCODE_VARIANTS))
+@pytest.mark.parametrize("source,high", [("smollm2-f16-vtrans-lossless.nxkv", "smollm2-f16-vtrans-high.nxkv"),
+                                         ("gemma3-lossless.nxkv", "gemma3-high.nxkv")])
+def test_gpu_encode_writes_the_cpu_writers_bytes(monkeypatch, source, high, variant, engine):
+    cpu, gpu, n = _encode_both(monkeypatch, source, high, ENCODE_VARIANTS[variant], engine)
+    assert n > 0
+    assert [name for name, _ in gpu] == [name for name, _ in cpu]
+    for (name, want), (_, got) in zip(cpu, gpu):
+        assert bytes(np.asarray(got)) == bytes(np.asarray(want)), name
+
+
+@pytest.mark.parametrize("edit,why", [
+    (lambda c: c["entropy"].update(coder="zstd"), "zstd"),
+    (lambda c: c["lattice"].update(scale_scope="vector", scale_block=16), "per head"),
+    (lambda c: c["lattice"].update(token_steps=0.5), "importance"),
+])
+def test_sections_the_gpu_does_not_encode_say_why_and_use_the_cpu(monkeypatch, edit, why):
+    from nexus_gguf import cuda_encode
+
+    _, hh = _open(os.path.join(FILES, "smollm2-f16-vtrans-high.nxkv"))
+    configs = [dict(c) for c in hh.pipeline.get_config()["stages"]]
+    edit({c["id"]: c for c in configs})
+    pipeline = Pipeline.from_config({"stages": configs})
+    assert why in cuda_encode.unsupported(pipeline, hh.state["values"], {"f16"})
+    assert "q8_0" in cuda_encode.unsupported(hh.pipeline, hh.state["values"], {"f16", "q8_0"})

@@ -10,8 +10,8 @@ variant: the CPU decode (this machine's cores, native backend), the GPU decode e
 (decode_state_blob with NEXUS_GGUF_BACKEND=cuda: host parsing, upload, kernels, rows copied into
 the state buffer) and the library's own phase times (CUDA events), checked bit-identical to the
 CPU's rows. Baselines: the device-to-device copy and the host-to-device upload of the decoded
-K/V bytes (llama.cpp's state upload copies them so). Then the per-op encode kernels (RoPE
-removal, Hadamard, E8 quantization, rANS encode) on the same state's values, kernel time only.
+K/V bytes (llama.cpp's state upload copies them so). Then the whole state encoded with the
+file's stages on the CPU and on the GPU (cuda_encode.py), the same bytes checked.
 Figures are medians; throughputs are decoded f16 K/V bytes per second."""
 
 from __future__ import annotations
@@ -117,7 +117,9 @@ def main(argv=None) -> int:
               f"({row['kernel_gbs'] / d2d_gbs:.2f} of the copy); phases {json.dumps({k: round(v, 2) for k, v in phase.items()})}; "
               f"bit-identical {same}", flush=True)
 
-    out["encode_kernels"] = _encode_kernels(state0, pipeline, layout["values"], cuda, kv_bytes)
+    configs = [dict(c) for c in pipeline.get_config()["stages"]]
+    preset_pipeline = Pipeline.from_config({"stages": configs})
+    out["encode"] = enc = _encode(raw_state, preset_pipeline, layout["values"], max(3, args.repeat // 2), kv_bytes)
     print("\n| chunk | K/V bytes | CPU decode ms | GPU decode ms (end to end) | GPU kernels ms | kernel GB/s | x copy | same bits |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -126,13 +128,12 @@ def main(argv=None) -> int:
               f"{r['gpu_decode_s'] * 1e3:.1f} | {k:.2f} | {r['kernel_gbs']:.0f} | {r['kernel_gbs'] / d2d_gbs:.2f} | {r['bit_identical']} |")
     print(f"\ncopies of {kv_bytes / 1e6:.1f} MB: device-to-device {copies['d2d_ms']:.3f} ms, upload {copies['h2d_ms']:.2f} ms "
           f"(pageable), {copies['h2d_pinned_ms']:.2f} ms (pinned)")
-    enc = out["encode_kernels"]
-    print("encode kernels (kernel time only, " + ", ".join(f"{k} {v:.2f} ms" for k, v in enc["ms"].items())
-          + f"): {enc['gbs']:.0f} GB/s of f16 K/V")
+    print(f"encode (the file's stages, whole state): CPU {enc['cpu_encode_s'] * 1e3:.0f} ms ({enc['cpu_mbs']:.0f} MB/s), "
+          f"GPU {enc['gpu_encode_s'] * 1e3:.0f} ms ({enc['gpu_mbs']:.0f} MB/s) end to end; same bytes {enc['bit_identical']}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)
-    return 0 if all(r["bit_identical"] for r in rows) else 1
+    return 0 if all(r["bit_identical"] for r in rows) and enc["bit_identical"] else 1
 
 
 def _layout_of(layout):
@@ -143,48 +144,29 @@ def _layout_of(layout):
                        [bool(st["layers"][0]["sliding_window"]) for st in first])
 
 
-def _encode_kernels(state, pipeline, dims, cuda, kv_bytes: int) -> dict:
-    """The per-op encode kernels on every K section of the state (V skips RoPE), kernel time only
-    (nxkv_cuda_last_kernel_ms), against the CPU references' outputs."""
-    from nexus_gguf.backends import reference as ref
-    from nexus_gguf.stages.entropy import normalized_freqs
-    from nexus_gguf.stages.rope import Rope
+def _encode(raw_state, pipeline, dims, repeat: int, kv_bytes: int) -> dict:
+    """The preset's encode of the whole state on the CPU and on the GPU (cuda_encode.py), same
+    bytes checked; MB/s of raw K/V."""
+    from nexus_gguf import state_file
+    from nexus_gguf.cuda_encode import encode_sections
 
-    _, lib = cuda.load()
-    rope = next((s for s in pipeline.stages if isinstance(s, Rope)), None)
-    ms = {"rope": 0.0, "hadamard": 0.0, "lattice": 0.0, "rans": 0.0}
-    checked = False
-    for _, _, layer in state.layers():
-        for kind in ("k", "v"):
-            x = layer.values(kind)
-            d = int(dims[f"head_dim_{kind}"])
-            n = x.shape[0]
-            x = x.reshape(n, -1, d)
-            if kind == "k" and rope is not None and rope.mode in ("norm", "neox"):
-                pos = np.arange(n)
-                cos, sin = rope._trig(pos, False, -1.0)
-                x = cuda.rope_rotate(x, cos, sin, rope.n_rot, rope.mode == "neox")
-                ms["rope"] += lib.nxkv_cuda_last_kernel_ms()
-            x = cuda.hadamard_blocks(x, d) if d & (d - 1) == 0 else x
-            ms["hadamard"] += lib.nxkv_cuda_last_kernel_ms()
-            groups = x.reshape(-1, 8).astype(np.float64)
-            step = np.full(groups.shape[0], float(np.sqrt((groups**2).mean())) * 2.0 ** (2.047 - 3.5))
-            coset, coord, last = cuda.lattice_quantize(groups, step)
-            ms["lattice"] += lib.nxkv_cuda_last_kernel_ms()
-            sym = coord.reshape(-1).astype(np.int64)
-            lo = int(sym.min())
-            freqs = normalized_freqs(np.bincount(sym - lo))
-            lengths, body = cuda.rans_encode_lanes(sym - lo, freqs, 4, 4096)
-            ms["rans"] += lib.nxkv_cuda_last_kernel_ms()
-            if not checked:  # one section checked against the references
-                assert (coset, coord, last) is not None
-                want = ref.lattice_quantize(groups, step)
-                assert all(np.array_equal(a, b) for a, b in zip(want, (coset, coord, last)))
-                want_lengths, want_body = ref.rans_encode_lanes(sym - lo, freqs, 4, 4096)
-                assert np.array_equal(want_lengths, lengths) and want_body == body
-                checked = True
-    total = sum(ms.values())
-    return {"ms": ms, "gbs": kv_bytes / total / 1e6, "note": "coord streams only for rANS; steps from a global RMS"}
+    def cpu():
+        return state_file.encode_state(raw_state, pipeline, dims)[1]
+
+    def gpu():
+        saved = state_file._gpu_encoder
+        state_file._gpu_encoder = lambda: encode_sections
+        try:
+            return state_file.encode_state(raw_state, pipeline, dims)[1]
+        finally:
+            state_file._gpu_encoder = saved
+
+    want, got = cpu(), gpu()
+    same = [n for n, _ in want] == [n for n, _ in got] and all(
+        bytes(np.asarray(a)) == bytes(np.asarray(b)) for (_, a), (_, b) in zip(want, got))
+    cpu_s, gpu_s = _median_time(cpu, repeat), _median_time(gpu, repeat)
+    return {"cpu_encode_s": cpu_s, "gpu_encode_s": gpu_s, "cpu_mbs": kv_bytes / cpu_s / 1e6, "gpu_mbs": kv_bytes / gpu_s / 1e6,
+            "bit_identical": same}
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 # libraries with CMake, runs the CUDA parity tests (every per-op kernel against its numpy
 # reference, bit for bit; the batched section decode against the CPU path, bit for bit, on the
 # golden files and option variants; damaged input refused), then tools/gpu_bench.py on each state
-# file (default: none; any lattice-coded .nxkv). Logs and JSON go to $GPU_CHECK_OUT (default
-# build/gpu-check). Needs nvcc, CMake, numpy, numba, cffi, zstandard, pytest, gguf.
+# file (default: none; any lattice-coded .nxkv; options for it in $GPU_BENCH_ARGS). Logs and JSON go
+# to $GPU_CHECK_OUT (default build/gpu-check). Needs nvcc, CMake, numpy, numba, cffi, zstandard, pytest, gguf.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${GPU_CHECK_OUT:-build/gpu-check}
@@ -34,6 +34,7 @@ fi
 for state in "$@"; do
   echo "== benchmark: $state"
   name=$(basename "$state" .nxkv)
-  python3 tools/gpu_bench.py "$state" --json "$out/bench-$name.json" || status=1
+  # shellcheck disable=SC2086 # GPU_BENCH_ARGS is a list of options
+  python3 tools/gpu_bench.py "$state" --json "$out/bench-$name.json" ${GPU_BENCH_ARGS:-} || status=1
 done
 exit $status

@@ -39,4 +39,34 @@ NXKV_FN uint16_t nxkv_core_f32_to_f16(float value) {
     return (uint16_t)(sign + (uint16_t)((f_sig >> 13) + h_exp));
 }
 
+/* double -> IEEE half, rounding to nearest even straight from the double (numpy's
+ * astype(float16) of float64, npy_doublebits_to_halfbits: no double rounding through float). */
+NXKV_FN uint16_t nxkv_core_f64_to_f16(double value) {
+    uint64_t d;
+    memcpy(&d, &value, sizeof d);
+    const uint16_t sign = (uint16_t)((d & 0x8000000000000000ull) >> 48);
+    uint64_t d_exp = d & 0x7ff0000000000000ull, d_sig;
+    if (d_exp >= 0x40f0000000000000ull) { /* overflow, infinity or NaN */
+        d_sig = d & 0x000fffffffffffffull;
+        if (d_exp == 0x7ff0000000000000ull && d_sig) {
+            uint16_t nan = (uint16_t)(0x7c00u + (d_sig >> 42));
+            return (uint16_t)(sign + (nan == 0x7c00u ? 0x7c01u : nan));
+        }
+        return (uint16_t)(sign + 0x7c00u);
+    }
+    if (d_exp <= 0x3f00000000000000ull) { /* a half subnormal or zero */
+        if (d_exp < 0x3e60000000000000ull) return sign;
+        d_exp >>= 52;
+        d_sig = 0x0010000000000000ull + (d & 0x000fffffffffffffull);
+        d_sig <<= (d_exp - 998); /* doubles have room: no bit is lost */
+        if ((d_sig & 0x003fffffffffffffull) != 0x0010000000000000ull) d_sig += 0x0010000000000000ull;
+        return (uint16_t)(sign + (uint16_t)(d_sig >> 53));
+    }
+    const uint16_t h_exp = (uint16_t)((d_exp - 0x3f00000000000000ull) >> 42);
+    d_sig = d & 0x000fffffffffffffull;
+    if ((d_sig & 0x000007ffffffffffull) != 0x0000020000000000ull) d_sig += 0x0000020000000000ull;
+    /* a carry out of the significand moves into the exponent, up to infinity: as it should */
+    return (uint16_t)(sign + (uint16_t)((d_sig >> 42) + h_exp));
+}
+
 #endif

@@ -101,6 +101,10 @@ void nxkv_f32_to_f16(const float *src, uint16_t *dst, size_t n, int use_hardware
     for (size_t i = 0; i < n; ++i) dst[i] = nxkv_core_f32_to_f16(src[i]);
 }
 
+void nxkv_f64_to_f16(const double *src, uint16_t *dst, size_t n) {
+    for (size_t i = 0; i < n; ++i) dst[i] = nxkv_core_f64_to_f16(src[i]);
+}
+
 int nxkv_hadamard_blocks(const float *x, float *out, size_t n_values, size_t block) {
     if (block == 0 || (block & (block - 1)) || n_values % block) return NXKV_ERR_ARG;
     const float scale = (float)(1.0 / sqrt((double)block));

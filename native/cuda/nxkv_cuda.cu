@@ -807,3 +807,547 @@ int nxkv_cuda_copy_times(size_t bytes, int repeats, double *d2d_ms, double *h2d_
 }
 
 } // extern "C"
+
+/* ---- the batched section encode ---- */
+
+namespace {
+
+struct EncSection {
+    nxkv_cuda_encode_section s;
+    int64_t unit0;   /* its first (head, cell) unit */
+    int64_t x0;      /* its values in x: [n_cells, n_heads, head_dim] floats */
+    int64_t chan0;   /* its channel means: n_heads * head_dim */
+    int64_t sym0;    /* its point streams: coset [n g], coord [n g 7], coord_last [n g] */
+    int64_t step0;   /* its steps: n_heads */
+    int64_t n_sink;
+    int64_t sink0;   /* its sink rows in the sink buffer (f16) */
+    int64_t map0;    /* sink_map offset or -1 */
+};
+
+__device__ inline float row_value(const nxkv_cuda_encode_section &s, const uint8_t *rows, int64_t cell, int64_t c) {
+    const int64_t n_embd = s.n_heads * s.head_dim;
+    const int64_t i = s.transposed ? c * s.n_cells + cell : cell * n_embd + c;
+    return s.rows_f16 ? half_bits_to_float(((const uint16_t *)rows)[i]) : ((const float *)rows)[i];
+}
+
+__device__ int64_t find_section(const EncSection *sections, int64_t n_sections, int64_t u) {
+    int64_t lo = 0, hi = n_sections - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (sections[mid].unit0 <= u) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* RoPE removal and the Hadamard rotation of one head vector of one cell (the encode direction
+ * of k_section_values), its sink row as f16. */
+__global__ void k_enc_transform(const EncSection *sections, int64_t n_sections, int64_t n_units, const uint8_t *const *rows,
+                                const int32_t *sink_map, const double *cos, const double *sin, float *x, uint16_t *sinks) {
+    const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (u >= n_units) return;
+    const int64_t si = find_section(sections, n_sections, u);
+    const EncSection &E = sections[si];
+    const nxkv_cuda_encode_section &s = E.s;
+    const int64_t d = s.head_dim, n_cells = s.n_cells;
+    const int64_t local = u - E.unit0, head = local / n_cells, cell = local % n_cells;
+    float v[MAX_HEAD_DIM];
+    for (int64_t j = 0; j < d; ++j) v[j] = row_value(s, rows[si], cell, head * d + j);
+    if (s.rope) {
+        const int64_t half = s.n_rot / 2;
+        const double *c = cos + s.trig0 + cell * half, *sn = sin + s.trig0 + cell * half;
+        for (int64_t i = 0; i < half; ++i) {
+            const int64_t ia = s.rope == 2 ? i : 2 * i, ib = s.rope == 2 ? i + half : 2 * i + 1;
+            float a, b;
+            nxkv_core_rope_pair(v[ia], v[ib], c[i], sn[i], &a, &b);
+            v[ia] = a;
+            v[ib] = b;
+        }
+    }
+    if (s.hadamard) {
+        int64_t start = 0;
+        for (int b = 30; b >= 0; --b) {
+            const int64_t block = (int64_t)1 << b;
+            if (!(d & block)) continue;
+            nxkv_core_hadamard(v + start, (size_t)block, (float)(1.0 / sqrt((double)block)));
+            start += block;
+        }
+    }
+    float *o = x + E.x0 + (cell * s.n_heads + head) * d;
+    for (int64_t j = 0; j < d; ++j) o[j] = v[j];
+    if (E.map0 >= 0) {
+        const int32_t r = sink_map[E.map0 + cell];
+        if (r >= 0) {
+            uint16_t *so = sinks + E.sink0 + ((int64_t)r * s.n_heads + head) * d;
+            for (int64_t j = 0; j < d; ++j) so[j] = nxkv_core_f32_to_f16(v[j]);
+        }
+    }
+}
+
+/* Channel means over the cells that are not sinks (all cells if every one is), as numpy's
+ * mean(axis=0): the cells summed in order in double, then divided; stored as f16 and used as
+ * the f16 value. A thread per (section, channel). */
+__global__ void k_enc_mean(const EncSection *sections, int64_t n_sections, int64_t n_channels, const float *x,
+                           const int32_t *sink_map, uint16_t *mean16, double *mean) {
+    const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (u >= n_channels) return;
+    int64_t lo = 0, hi = n_sections - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (sections[mid].chan0 <= u) lo = mid;
+        else hi = mid - 1;
+    }
+    const EncSection &E = sections[lo];
+    const nxkv_cuda_encode_section &s = E.s;
+    const int64_t c = u - E.chan0, n_embd = s.n_heads * s.head_dim;
+    if (!s.center) return;
+    const bool all = E.n_sink == s.n_cells;
+    double sum = 0.0;
+    int64_t count = 0;
+    for (int64_t cell = 0; cell < s.n_cells; ++cell) {
+        if (!all && E.map0 >= 0 && sink_map[E.map0 + cell] >= 0) continue;
+        const double v = (double)x[E.x0 + cell * n_embd + c];
+        sum = count ? sum + v : v; /* numpy starts from the first row: -0.0 stays -0.0 */
+        ++count;
+    }
+    const uint16_t h = nxkv_core_f64_to_f16(count ? sum / (double)count : 0.0);
+    mean16[u] = h;
+    mean[u] = (double)half_bits_to_float(h);
+}
+
+/* Each head's sum of squares after centring, over all cells: a block per (section, head),
+ * strided partial sums then a fixed tree, so the same bits every run. */
+__global__ void k_enc_sumsq(const EncSection *sections, const int64_t *head0, int64_t n_sections, const float *x,
+                            const double *mean, double *sumsq) {
+    __shared__ double part[256];
+    const int64_t hh = blockIdx.x;
+    int64_t lo = 0, hi = n_sections - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (head0[mid] <= hh) lo = mid;
+        else hi = mid - 1;
+    }
+    const EncSection &E = sections[lo];
+    const nxkv_cuda_encode_section &s = E.s;
+    const int64_t head = hh - head0[lo], d = s.head_dim, n_embd = s.n_heads * d, total = s.n_cells * d;
+    double acc = 0.0;
+    for (int64_t k = threadIdx.x; k < total; k += blockDim.x) {
+        const int64_t cell = k / d, j = k % d;
+        double v = (double)x[E.x0 + cell * n_embd + head * d + j];
+        if (s.center) v = v - mean[E.chan0 + head * d + j];
+        acc += v * v;
+    }
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    for (int w = 128; w > 0; w >>= 1) {
+        if ((int)threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) sumsq[hh] = part[0];
+}
+
+/* E8 points of one 8-value group of one cell (core/lattice.h), centred values at the head's
+ * step; each stream's extremes. */
+__global__ void k_enc_quantize(const EncSection *sections, const int64_t *group0, int64_t n_sections, int64_t n_groups,
+                               const float *x, const double *mean, const double *steps, int32_t *symbols, int32_t *minmax,
+                               int *bad) {
+    const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (u >= n_groups) return;
+    int64_t lo = 0, hi = n_sections - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (group0[mid] <= u) lo = mid;
+        else hi = mid - 1;
+    }
+    const EncSection &E = sections[lo];
+    const nxkv_cuda_encode_section &s = E.s;
+    const int64_t gi = u - group0[lo], d = s.head_dim, g = s.n_heads * d / 8, ng = s.n_cells * g;
+    const int64_t within = gi % g, head = within / (d / 8);
+    const double step = steps[E.step0 + head];
+    double v[8];
+    for (int j = 0; j < 8; ++j) {
+        v[j] = (double)x[E.x0 + gi * 8 + j];
+        if (s.center) v[j] = v[j] - mean[E.chan0 + within * 8 + j];
+        if (step > 0 && !(fabs(v[j] / step) < 2147483000.0)) *bad = 1; /* as the CPU library */
+    }
+    uint8_t coset;
+    int32_t z7[7], last;
+    nxkv_core_lattice_point(v, step, &coset, z7, &last);
+    int32_t *cs = symbols + E.sym0, *co = cs + ng, *cl = co + 7 * ng;
+    cs[gi] = coset;
+    int32_t zmin = z7[0], zmax = z7[0];
+    for (int j = 0; j < 7; ++j) {
+        co[7 * gi + j] = z7[j];
+        zmin = min(zmin, z7[j]);
+        zmax = max(zmax, z7[j]);
+    }
+    cl[gi] = last;
+    int32_t *mm = minmax + 6 * lo;
+    atomicMin(mm + 0, (int32_t)coset);
+    atomicMax(mm + 1, (int32_t)coset);
+    atomicMin(mm + 2, zmin);
+    atomicMax(mm + 3, zmax);
+    atomicMin(mm + 4, last);
+    atomicMax(mm + 5, last);
+}
+
+/* A block per 4096 symbols of one stream: a histogram in shared memory, then added to the
+ * stream's counts. */
+struct HistBlock {
+    int64_t first, count, hist, lo, size;
+};
+
+__global__ void k_enc_hist(const HistBlock *blocks, const int32_t *symbols, unsigned long long *hist) {
+    __shared__ unsigned int local[4096];
+    const HistBlock b = blocks[blockIdx.x];
+    for (int64_t k = threadIdx.x; k < b.size; k += blockDim.x) local[k] = 0;
+    __syncthreads();
+    for (int64_t k = threadIdx.x; k < b.count; k += blockDim.x) atomicAdd(&local[symbols[b.first + k] - b.lo], 1u);
+    __syncthreads();
+    for (int64_t k = threadIdx.x; k < b.size; k += blockDim.x) {
+        if (local[k]) atomicAdd(hist + b.hist + k, (unsigned long long)local[k]);
+    }
+}
+
+__global__ void k_enc_index(const int32_t *symbols, int64_t first, int64_t n, int64_t lo, int64_t *index) {
+    const int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (k < n) index[k] = (int64_t)symbols[first + k] - lo;
+}
+
+struct EncTask {
+    int64_t first;     /* its first symbol in the index buffer */
+    int64_t count;
+    int64_t stride;
+    int64_t table;     /* its stream's frequency tables at freqs/cum/rcp/shift + table */
+    int64_t slot;      /* its slot's end offset in the scratch buffer */
+    int64_t capacity;
+};
+
+__global__ void k_enc_rans(const int64_t *index, const EncTask *tasks, int64_t n_tasks, const uint32_t *freqs,
+                           const uint32_t *cum, const uint32_t *rcp, const uint32_t *shift, uint8_t *scratch,
+                           int64_t *lengths) {
+    const int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (t >= n_tasks) return;
+    const EncTask k = tasks[t];
+    if (!k.count) {
+        lengths[t] = 0;
+        return;
+    }
+    lengths[t] = nxkv_core_rans_encode(index + k.first, (size_t)k.count, (size_t)k.stride, freqs + k.table, cum + k.table,
+                                       rcp + k.table, shift + k.table, scratch + k.slot, (size_t)k.capacity);
+}
+
+/* A block per task: its bytes (the end of its slot) to their place in the body. */
+__global__ void k_enc_gather(const EncTask *tasks, const int64_t *lengths, const int64_t *offsets, const uint8_t *scratch,
+                             uint8_t *body) {
+    const int64_t t = blockIdx.x;
+    const int64_t len = lengths[t];
+    const uint8_t *src = scratch + tasks[t].slot - len;
+    for (int64_t k = threadIdx.x; k < len; k += blockDim.x) body[offsets[t] + k] = src[k];
+}
+
+} // namespace
+
+struct nxkv_cuda_encoder {
+    std::vector<EncSection> sections;
+    std::vector<int64_t> head0, group0;
+    Buffers b;
+    EncSection *d_sections = nullptr;
+    int64_t *d_head0 = nullptr, *d_group0 = nullptr;
+    float *x = nullptr;
+    double *mean = nullptr;
+    int32_t *symbols = nullptr;
+    int64_t n_symbols = 0, n_groups = 0, n_heads = 0;
+};
+
+extern "C" {
+
+void nxkv_cuda_encode_free(nxkv_cuda_encoder *e) { delete e; }
+
+int nxkv_cuda_encode_begin(nxkv_cuda_encode_section *sections, int64_t n_sections, const int32_t *sink_map,
+                           int64_t n_sink_map, const double *cos, const double *sin, int64_t n_trig,
+                           nxkv_cuda_encoder **encoder, char *err, size_t err_size) {
+    *encoder = nullptr;
+    nxkv_cuda_encoder *e = new nxkv_cuda_encoder();
+    struct Guard {
+        nxkv_cuda_encoder *&e;
+        ~Guard() { delete e; }
+    } guard{e};
+    int64_t units = 0, xs = 0, chans = 0, syms = 0, sink_rows = 0, heads = 0, groups = 0;
+    for (int64_t i = 0; i < n_sections; ++i) {
+        const nxkv_cuda_encode_section &s = sections[i];
+        const int64_t d = s.head_dim, n = s.n_cells, h = s.n_heads;
+        if (d < 8 || d % 8 || d > MAX_HEAD_DIM || n < 1 || h < 1 || !s.rows ||
+            (s.rope && (s.n_rot < 2 || s.n_rot % 2 || s.n_rot > d || s.trig0 < 0 || s.trig0 + n * (s.n_rot / 2) > n_trig)) ||
+            (s.sink_map0 >= 0 && s.sink_map0 + n > n_sink_map)) {
+            return NXKV_CUDA_ERR_ARG;
+        }
+        int64_t n_sink = 0;
+        if (s.sink_map0 >= 0) {
+            for (int64_t c = 0; c < n; ++c) {
+                const int32_t r = sink_map[s.sink_map0 + c];
+                if (r >= 0 && r != n_sink) return NXKV_CUDA_ERR_ARG; /* sink rows in cell order */
+                n_sink += r >= 0;
+            }
+        }
+        EncSection E{};
+        E.s = s;
+        E.unit0 = units;
+        E.x0 = xs;
+        E.chan0 = chans;
+        E.sym0 = syms;
+        E.step0 = heads;
+        E.n_sink = n_sink;
+        E.sink0 = sink_rows;
+        E.map0 = s.sink_map0;
+        e->sections.push_back(E);
+        e->head0.push_back(heads);
+        e->group0.push_back(groups);
+        units += n * h;
+        xs += n * h * d;
+        chans += h * d;
+        syms += 9 * n * h * d / 8;
+        sink_rows += n_sink * h * d;
+        heads += h;
+        groups += n * h * d / 8;
+    }
+    e->n_symbols = syms;
+    e->n_groups = groups;
+    e->n_heads = heads;
+    Buffers &b = e->b;
+    std::vector<const uint8_t *> d_rows(n_sections);
+    for (int64_t i = 0; i < n_sections; ++i) {
+        const nxkv_cuda_encode_section &s = sections[i];
+        uint8_t *p;
+        const size_t bytes = (size_t)(s.n_cells * s.n_heads * s.head_dim * (s.rows_f16 ? 2 : 4));
+        CU(b.upload(&p, (const uint8_t *)s.rows, bytes));
+        d_rows[i] = p;
+    }
+    const uint8_t **d_row_ptrs;
+    int32_t *d_map;
+    double *d_cos, *d_sin, *d_sumsq;
+    uint16_t *d_sinks, *d_mean16;
+    CU(b.upload(&d_row_ptrs, d_rows.data(), d_rows.size()));
+    CU(b.upload(&d_map, sink_map, (size_t)n_sink_map));
+    CU(b.upload(&d_cos, cos, (size_t)n_trig));
+    CU(b.upload(&d_sin, sin, (size_t)n_trig));
+    CU(b.upload(&e->d_sections, e->sections.data(), e->sections.size()));
+    CU(b.upload(&e->d_head0, e->head0.data(), e->head0.size()));
+    CU(b.upload(&e->d_group0, e->group0.data(), e->group0.size()));
+    CU(b.alloc(&e->x, (size_t)xs));
+    CU(b.alloc(&e->mean, (size_t)chans));
+    CU(b.alloc(&d_mean16, (size_t)chans));
+    CU(b.alloc(&d_sinks, (size_t)sink_rows));
+    CU(b.alloc(&d_sumsq, (size_t)heads));
+    CU(b.alloc(&e->symbols, (size_t)syms));
+    k_enc_transform<<<blocks_for((size_t)units, 128), 128>>>(e->d_sections, n_sections, units, d_row_ptrs, d_map, d_cos, d_sin,
+                                                             e->x, d_sinks);
+    CU(cudaGetLastError());
+    k_enc_mean<<<blocks_for((size_t)chans, 128), 128>>>(e->d_sections, n_sections, chans, e->x, d_map, d_mean16, e->mean);
+    CU(cudaGetLastError());
+    if (heads) {
+        k_enc_sumsq<<<(unsigned)heads, 256>>>(e->d_sections, e->d_head0, n_sections, e->x, e->mean, d_sumsq);
+        CU(cudaGetLastError());
+    }
+    CU(cudaDeviceSynchronize());
+    std::vector<uint16_t> mean16((size_t)chans), sinks_h((size_t)sink_rows);
+    std::vector<double> sumsq((size_t)heads);
+    if (chans) CU(cudaMemcpy(mean16.data(), d_mean16, (size_t)chans * 2, cudaMemcpyDeviceToHost));
+    if (sink_rows) CU(cudaMemcpy(sinks_h.data(), d_sinks, (size_t)sink_rows * 2, cudaMemcpyDeviceToHost));
+    if (heads) CU(cudaMemcpy(sumsq.data(), d_sumsq, (size_t)heads * 8, cudaMemcpyDeviceToHost));
+    for (const EncSection &E : e->sections) {
+        const nxkv_cuda_encode_section &s = E.s;
+        const int64_t hd = s.n_heads * s.head_dim;
+        if (s.center && s.mean_out) memcpy(s.mean_out, mean16.data() + E.chan0, (size_t)hd * 2);
+        if (E.n_sink && s.sinks_out) memcpy(s.sinks_out, sinks_h.data() + E.sink0, (size_t)(E.n_sink * hd) * 2);
+        if (s.sumsq_out) memcpy(s.sumsq_out, sumsq.data() + E.step0, (size_t)s.n_heads * 8);
+    }
+    *encoder = e;
+    e = nullptr; /* the guard lets it live */
+    return NXKV_CUDA_OK;
+}
+
+int nxkv_cuda_encode_quantize(nxkv_cuda_encoder *e, const double *steps, int64_t n_steps, int64_t *minmax, char *err,
+                              size_t err_size) {
+    if (n_steps != e->n_heads) return NXKV_CUDA_ERR_ARG;
+    const int64_t ns = (int64_t)e->sections.size();
+    Buffers b;
+    double *d_steps;
+    int32_t *d_minmax;
+    int *d_bad, bad = 0;
+    std::vector<int32_t> mm((size_t)(6 * ns));
+    for (int64_t i = 0; i < ns; ++i) {
+        for (int k = 0; k < 3; ++k) {
+            mm[(size_t)(6 * i + 2 * k)] = INT32_MAX;
+            mm[(size_t)(6 * i + 2 * k + 1)] = INT32_MIN;
+        }
+    }
+    CU(b.upload(&d_steps, steps, (size_t)n_steps));
+    CU(b.upload(&d_minmax, mm.data(), mm.size()));
+    CU(b.upload(&d_bad, &bad, 1));
+    if (e->n_groups) {
+        k_enc_quantize<<<blocks_for((size_t)e->n_groups, 128), 128>>>(e->d_sections, e->d_group0, ns, e->n_groups, e->x, e->mean,
+                                                                       d_steps, e->symbols, d_minmax, d_bad);
+        CU(cudaGetLastError());
+    }
+    CU(cudaDeviceSynchronize());
+    CU(cudaMemcpy(&bad, d_bad, sizeof bad, cudaMemcpyDeviceToHost));
+    if (bad) return NXKV_CUDA_ERR_ARG;
+    if (!mm.empty()) CU(cudaMemcpy(mm.data(), d_minmax, mm.size() * 4, cudaMemcpyDeviceToHost));
+    for (size_t k = 0; k < mm.size(); ++k) minmax[k] = mm[k];
+    return NXKV_CUDA_OK;
+}
+
+} // extern "C"
+
+namespace {
+
+/* (first symbol, count) of stream k = 3 * section + part in the encoder's symbol buffer. */
+void stream_span(const nxkv_cuda_encoder *e, int64_t k, int64_t *first, int64_t *count) {
+    const EncSection &E = e->sections[(size_t)(k / 3)];
+    const int64_t ng = E.s.n_cells * E.s.n_heads * E.s.head_dim / 8;
+    const int64_t part = k % 3;
+    *first = E.sym0 + (part == 0 ? 0 : part == 1 ? ng : 8 * ng);
+    *count = part == 1 ? 7 * ng : ng;
+}
+
+} // namespace
+
+extern "C" {
+
+int nxkv_cuda_encode_histogram(nxkv_cuda_encoder *e, const int64_t *hist_offset, const int64_t *lo, const int64_t *size,
+                               int64_t *hist, int64_t n_hist, char *err, size_t err_size) {
+    const int64_t n_streams = 3 * (int64_t)e->sections.size();
+    std::vector<HistBlock> blocks;
+    for (int64_t k = 0; k < n_streams; ++k) {
+        if (hist_offset[k] < 0) continue;
+        if (size[k] < 1 || size[k] > 4096 || hist_offset[k] + size[k] > n_hist) return NXKV_CUDA_ERR_ARG;
+        int64_t first, count;
+        stream_span(e, k, &first, &count);
+        for (int64_t c0 = 0; c0 < count; c0 += 4096) {
+            blocks.push_back(HistBlock{first + c0, std::min((int64_t)4096, count - c0), hist_offset[k], lo[k], size[k]});
+        }
+    }
+    Buffers b;
+    HistBlock *d_blocks;
+    unsigned long long *d_hist;
+    CU(b.upload(&d_blocks, blocks.data(), blocks.size()));
+    CU(b.alloc(&d_hist, (size_t)n_hist));
+    if (n_hist) CU(cudaMemset(d_hist, 0, (size_t)n_hist * sizeof(unsigned long long)));
+    if (!blocks.empty()) {
+        k_enc_hist<<<(unsigned)blocks.size(), 256>>>(d_blocks, e->symbols, d_hist);
+        CU(cudaGetLastError());
+    }
+    CU(cudaDeviceSynchronize());
+    if (n_hist) CU(cudaMemcpy(hist, d_hist, (size_t)n_hist * 8, cudaMemcpyDeviceToHost));
+    return NXKV_CUDA_OK;
+}
+
+int nxkv_cuda_encode_rans(nxkv_cuda_encoder *e, const int64_t *freq_offset, const int64_t *freqs, int64_t n_freqs,
+                          const int64_t *lo, int64_t lanes, const int64_t *chunk, int64_t *lengths, int64_t n_lengths,
+                          uint8_t *body, int64_t *body_size, char *err, size_t err_size) {
+    if (lanes < 1) return NXKV_CUDA_ERR_ARG;
+    const int64_t n_streams = 3 * (int64_t)e->sections.size();
+    std::vector<uint32_t> f32, cum, rcp, shift;
+    std::vector<EncTask> tasks;
+    int64_t n_index = 0, scratch = 0;
+    for (int64_t k = 0; k < n_streams; ++k) {
+        if (freq_offset[k] < 0) continue;
+        int64_t first, count;
+        stream_span(e, k, &first, &count);
+        /* the alphabet runs to the next stream's table (or the end) */
+        int64_t size = -1;
+        for (int64_t j = k + 1; j <= n_streams; ++j) {
+            if (j == n_streams || freq_offset[j] >= 0) {
+                size = (j == n_streams ? n_freqs : freq_offset[j]) - freq_offset[k];
+                break;
+            }
+        }
+        if (size < 1 || size > 4096 || freq_offset[k] + size > n_freqs || chunk[k] < lanes) return NXKV_CUDA_ERR_ARG;
+        const int64_t table = (int64_t)f32.size();
+        std::vector<uint32_t> f, c;
+        if (check_freqs(freqs + freq_offset[k], size, f, c) != NXKV_CUDA_OK) return NXKV_CUDA_ERR_ARG;
+        for (int64_t q = 0; q < size; ++q) {
+            uint32_t r, sh;
+            nxkv_core_rans_reciprocal(f[(size_t)q], &r, &sh);
+            f32.push_back(f[(size_t)q]);
+            cum.push_back(c[(size_t)q]);
+            rcp.push_back(r);
+            shift.push_back(sh);
+        }
+        std::vector<RansTask> t2;
+        lane_tasks(count, lanes, chunk[k], n_index, 0, t2);
+        for (const RansTask &t : t2) {
+            EncTask k2{};
+            k2.first = t.out;
+            k2.count = t.count;
+            k2.stride = t.stride;
+            k2.table = table;
+            k2.capacity = 2 * t.count + 8; /* at most 2 bytes a symbol with 14-bit probabilities, and the state */
+            scratch += k2.capacity;
+            k2.slot = scratch;
+            tasks.push_back(k2);
+        }
+        n_index += count;
+    }
+    if ((int64_t)tasks.size() != n_lengths) return NXKV_CUDA_ERR_ARG;
+    Buffers b;
+    int64_t *d_index, *d_lengths, *d_offsets;
+    EncTask *d_tasks;
+    uint32_t *d_f, *d_cum, *d_rcp, *d_shift;
+    uint8_t *d_scratch, *d_body;
+    CU(b.alloc(&d_index, (size_t)n_index));
+    for (int64_t k = 0, at = 0; k < n_streams; ++k) { /* the coded streams' symbol indices, back to back */
+        if (freq_offset[k] < 0) continue;
+        int64_t first, count;
+        stream_span(e, k, &first, &count);
+        if (count) {
+            k_enc_index<<<blocks_for((size_t)count, 256), 256>>>(e->symbols, first, count, lo[k], d_index + at);
+            CU(cudaGetLastError());
+        }
+        at += count;
+    }
+    CU(b.upload(&d_tasks, tasks.data(), tasks.size()));
+    CU(b.upload(&d_f, f32.data(), f32.size()));
+    CU(b.upload(&d_cum, cum.data(), cum.size()));
+    CU(b.upload(&d_rcp, rcp.data(), rcp.size()));
+    CU(b.upload(&d_shift, shift.data(), shift.size()));
+    CU(b.alloc(&d_scratch, (size_t)scratch));
+    CU(b.alloc(&d_lengths, tasks.size()));
+    if (!tasks.empty()) {
+        k_enc_rans<<<blocks_for(tasks.size(), 64), 64>>>(d_index, d_tasks, (int64_t)tasks.size(), d_f, d_cum, d_rcp, d_shift,
+                                                         d_scratch, d_lengths);
+        CU(cudaGetLastError());
+    }
+    CU(cudaDeviceSynchronize());
+    if (!tasks.empty()) CU(cudaMemcpy(lengths, d_lengths, tasks.size() * 8, cudaMemcpyDeviceToHost));
+    std::vector<int64_t> offsets(tasks.size());
+    int64_t total = 0;
+    for (size_t t = 0; t < tasks.size(); ++t) {
+        if (lengths[t] < 0) return NXKV_CUDA_ERR_ARG; /* a symbol without frequency: the caller's tables were wrong */
+        offsets[t] = total;
+        total += lengths[t];
+    }
+    if (total > *body_size) return NXKV_CUDA_ERR_ARG;
+    CU(b.upload(&d_offsets, offsets.data(), offsets.size()));
+    CU(b.alloc(&d_body, (size_t)total));
+    if (!tasks.empty()) {
+        k_enc_gather<<<(unsigned)tasks.size(), 128>>>(d_tasks, d_lengths, d_offsets, d_scratch, d_body);
+        CU(cudaGetLastError());
+    }
+    CU(cudaDeviceSynchronize());
+    if (total) CU(cudaMemcpy(body, d_body, (size_t)total, cudaMemcpyDeviceToHost));
+    *body_size = total;
+    return NXKV_CUDA_OK;
+}
+
+int nxkv_cuda_encode_symbols(nxkv_cuda_encoder *e, int64_t stream, int32_t *out, int64_t n, char *err, size_t err_size) {
+    if (stream < 0 || stream >= 3 * (int64_t)e->sections.size()) return NXKV_CUDA_ERR_ARG;
+    int64_t first, count;
+    stream_span(e, stream, &first, &count);
+    if (n != count) return NXKV_CUDA_ERR_ARG;
+    if (count) CU(cudaMemcpy(out, e->symbols + first, (size_t)count * 4, cudaMemcpyDeviceToHost));
+    return NXKV_CUDA_OK;
+}
+
+} // extern "C"

@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 9 };
+enum nxkv_abi { NXKV_ABI_VERSION = 10 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -49,6 +49,10 @@ int nxkv_use_cpu_extensions(int on);
  * use_hardware = 1 takes the CPU's conversion instruction where there is one (same results);
  * 0 the portable code (tests compare both). */
 void nxkv_f32_to_f16(const float *src, uint16_t *dst, size_t n, int use_hardware);
+
+/* double -> IEEE half bits straight from the double (core/f16.h), as numpy's astype(float16)
+ * of float64 (the channel means the GPU encoder computes in double). */
+void nxkv_f64_to_f16(const double *src, uint16_t *dst, size_t n);
 
 /* Orthonormal Hadamard rotation (core/hadamard.h) of each run of `block` (a power of two)
  * floats of x[0 .. n_values), into out (may be x). NXKV_ERR_ARG if block is not a power of two

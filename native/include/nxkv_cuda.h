@@ -125,6 +125,61 @@ typedef struct nxkv_cuda_batch {
 
 int nxkv_cuda_decode_sections(nxkv_cuda_batch *batch, char *err, size_t err_size);
 
+/* Batched encode of K/V sections on the lattice path (cuda_encode.py drives it), in steps that
+ * leave the frequency tables and the file's layout to the host:
+ *   begin      uploads every section's rows and, a thread per (section, head, cell), removes RoPE
+ *              and applies the Hadamard rotation; returns the sink rows (f16), the channel means
+ *              over the other cells (f16, as numpy's mean: cells summed in order) and each head's
+ *              sum of squares after centring (a fixed-order tree: the host takes its scale)
+ *   quantize   the E8 points at the host's steps (one per head) into the point streams; each
+ *              stream's smallest and largest value
+ *   histogram  counts of value - smallest, for the streams the host codes with rANS
+ *   rans       interleaved rANS of those streams with the host's frequencies; lane lengths and
+ *              the lanes' bytes back to back, as the file stores them
+ *   symbols    a stream's values (for the host's own coder)
+ * Everything on the device is freed by nxkv_cuda_encode_free. */
+typedef struct nxkv_cuda_encode_section {
+    int64_t n_cells, n_heads, head_dim;
+    const void *rows;       /* host: f16 or f32 values, [n_cells, n_heads * head_dim] or transposed */
+    int64_t rows_f16;
+    int64_t transposed;
+    int64_t rope;           /* 0: none; 1: pairs (2i, 2i + 1); 2: NEOX pairs (i, i + n_rot / 2) */
+    int64_t n_rot;
+    int64_t trig0;          /* cos / sin of the removing angles [n_cells, n_rot / 2] at trig[trig0] */
+    int64_t hadamard;
+    int64_t sink_map0;      /* -1, or sink_map[sink_map0 + cell]: the cell's sink row, -1 if none */
+    int64_t center;
+    uint16_t *sinks_out;    /* host, [n_sink, n_heads * head_dim] f16 (when sink_map0 >= 0) */
+    uint16_t *mean_out;     /* host, [n_heads * head_dim] f16 (when center) */
+    double *sumsq_out;      /* host, [n_heads] */
+} nxkv_cuda_encode_section;
+
+typedef struct nxkv_cuda_encoder nxkv_cuda_encoder;
+
+int nxkv_cuda_encode_begin(nxkv_cuda_encode_section *sections, int64_t n_sections, const int32_t *sink_map,
+                           int64_t n_sink_map, const double *cos, const double *sin, int64_t n_trig,
+                           nxkv_cuda_encoder **encoder, char *err, size_t err_size);
+/* steps: n_heads per section, back to back; minmax: per section its coset, coord and coord_last
+ * streams' smallest and largest value (6 entries). NXKV_CUDA_ERR_ARG if a value does not fit
+ * int32 points at its step (as nxkv_lattice_quantize). */
+int nxkv_cuda_encode_quantize(nxkv_cuda_encoder *encoder, const double *steps, int64_t n_steps, int64_t *minmax,
+                              char *err, size_t err_size);
+/* Streams are numbered 3 * section + (0 coset, 1 coord, 2 coord_last). hist_offset[stream]: -1,
+ * or where the counts of value - lo[stream] (size[stream] of them, at most 4096) go in hist. */
+int nxkv_cuda_encode_histogram(nxkv_cuda_encoder *encoder, const int64_t *hist_offset, const int64_t *lo,
+                               const int64_t *size, int64_t *hist, int64_t n_hist, char *err, size_t err_size);
+/* For each stream with freq_offset[stream] >= 0 (in increasing order): its frequencies from
+ * freqs[freq_offset] to the next such stream's (or n_freqs), its symbols coded as value - lo[stream],
+ * in `lanes` lanes of chunks of chunk[stream] symbols (>= lanes; the stream's size for one chunk).
+ * lengths: one entry per (chunk, lane) of every such stream, in stream order; body: their bytes,
+ * stream after stream (body_size in, bytes written out). */
+int nxkv_cuda_encode_rans(nxkv_cuda_encoder *encoder, const int64_t *freq_offset, const int64_t *freqs, int64_t n_freqs,
+                          const int64_t *lo, int64_t lanes, const int64_t *chunk, int64_t *lengths, int64_t n_lengths,
+                          uint8_t *body, int64_t *body_size, char *err, size_t err_size);
+int nxkv_cuda_encode_symbols(nxkv_cuda_encoder *encoder, int64_t stream, int32_t *out, int64_t n, char *err,
+                             size_t err_size);
+void nxkv_cuda_encode_free(nxkv_cuda_encoder *encoder);
+
 /* The device's copy bandwidths, for the benchmark's baseline in the same run: milliseconds per
  * copy of `bytes` (median of `repeats`) device to device, pageable host to device, pinned host to
  * device. */

@@ -60,6 +60,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("lattice_dequantize", reference.lattice_dequantize, exact=True),
     Op("rope_rotate", reference.rope_rotate, exact=True),
     Op("f32_to_f16", reference.f32_to_f16, exact=True),
+    Op("f64_to_f16", reference.f64_to_f16, exact=True),
     Op("quantize_q8_0", reference.quantize_q8_0, exact=True),
     Op("rans_encode", reference.rans_encode, exact=True),
     Op("rans_decode", reference.rans_decode, exact=True),

@@ -154,6 +154,14 @@ def f32_to_f16(x: np.ndarray, use_hardware: bool = True) -> np.ndarray:
     return out
 
 
+def f64_to_f16(x: np.ndarray) -> np.ndarray:
+    ffi, lib = load()
+    x = np.ascontiguousarray(x, np.float64)
+    out = np.empty(x.shape, "<u2")
+    lib.nxkv_f64_to_f16(_ptr(ffi, "double[]", x), ffi.from_buffer("uint16_t[]", out), x.size)
+    return out
+
+
 def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     ffi, lib = load()
     x = np.ascontiguousarray(x, np.float32).reshape(-1)

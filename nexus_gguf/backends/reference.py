@@ -95,6 +95,12 @@ def f32_to_f16(x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x, np.float32).astype("<f2").view("<u2")
 
 
+def f64_to_f16(x: np.ndarray) -> np.ndarray:
+    """uint16 bits of IEEE half values of float64 x, rounded once, straight from the double."""
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(x, np.float64).astype("<f2").view("<u2")
+
+
 def rope_rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, neox: bool) -> np.ndarray:
     """float32 x[n, h, d] with the first n_rot values of each head vector rotated in pairs
     (2i, 2i+1), or (i, i + n_rot/2) for NEOX, by the angles whose float64 cos and sin [n, n_rot/2]

@@ -89,27 +89,33 @@ class Entropy(Stage):
         if self.coder == "rans" and hi - lo < MAX_ALPHABET:
             counts = np.bincount(flat - lo, minlength=hi - lo + 1)
             freqs = normalized_freqs(counts)
-            table = struct.pack("<i", lo) + _varints([freqs.size]) + _varints(freqs)
-            if self.lanes == 1 and not self.chunk:
-                return METHOD_RANS, table + kernel("rans_encode")(flat - lo, freqs)
-            chunk = max(self.chunk or flat.size, self.lanes)
-            return METHOD_RANS_LANES, table + _encode_lanes(flat - lo, freqs, self.lanes, chunk)
+            if self.plain_rans:
+                return METHOD_RANS, rans_table(lo, freqs) + kernel("rans_encode")(flat - lo, freqs)
+            lengths, body = kernel("rans_encode_lanes")(flat - lo, freqs, self.lanes, self.chunk_of(flat.size))
+            return METHOD_RANS_LANES, rans_table(lo, freqs) + lanes_table(self.lanes, self.chunk_of(flat.size), lengths) + body
         width = next(w for w, t in ((1, np.int8), (2, np.int16), (4, np.int32)) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
         raw = flat.astype({1: "<i1", 2: "<i2", 4: "<i4"}[width]).tobytes()
         return METHOD_ZSTD, bytes([width]) + zstandard.ZstdCompressor(level=self.level).compress(raw)
 
+    @property
+    def plain_rans(self) -> bool:
+        """One plain rANS stream (method 1) rather than interleaved lanes (method 3)."""
+        return self.lanes == 1 and not self.chunk
+
+    def chunk_of(self, n: int) -> int:
+        """Symbols per chunk of an interleaved stream of n symbols."""
+        return max(self.chunk or n, self.lanes)
+
+    def stream_record(self, name: str, values: np.ndarray) -> bytes:
+        """One stream of the section as stored (coded here)."""
+        values = np.asarray(values)
+        if np.dtype(values.dtype) not in DTYPE_CODES:
+            values = values.astype(np.int32)
+        method, payload = self._stream(values)
+        return stream_record(name, values.dtype, values.shape, method, payload)
+
     def encode(self, symbols: dict, info: TensorInfo) -> np.ndarray:
-        parts = [bytes([len(symbols)])]
-        for name, values in symbols.items():
-            values = np.asarray(values)
-            dtype = np.dtype(values.dtype)
-            if dtype not in DTYPE_CODES:
-                values = values.astype(np.int32)
-                dtype = np.dtype(np.int32)
-            method, payload = self._stream(values)
-            key = name.encode("ascii")
-            parts += [bytes([len(key)]), key, bytes([DTYPE_CODES[dtype], values.ndim]),
-                      struct.pack(f"<{values.ndim}I", *values.shape), bytes([method]), struct.pack("<I", len(payload)), payload]
+        parts = [bytes([len(symbols)])] + [self.stream_record(name, values) for name, values in symbols.items()]
         return np.frombuffer(b"".join(parts), np.uint8)
 
     def streams(self, data: np.ndarray, info: TensorInfo) -> list["CodedStream"]:
@@ -222,8 +228,19 @@ def _offset(symbols: np.ndarray, lo: int, size: int) -> np.ndarray:
     return symbols.astype(np.int64) + lo if lo else symbols
 
 
-def _encode_lanes(symbols: np.ndarray, freqs: np.ndarray, lanes: int, chunk: int) -> bytes:
-    """varint lanes, varint chunk, one varint byte length per (chunk, lane), then the lanes'
-    rANS streams in (chunk, lane) order, each a plain stream of its lane's symbols."""
-    lengths, body = kernel("rans_encode_lanes")(symbols, freqs, lanes, chunk)
-    return _varints([lanes, chunk]) + _varints(lengths) + body
+def stream_record(name: str, dtype, shape: tuple, method: int, payload: bytes) -> bytes:
+    """A stream's bytes in the section (the layout in this module's docstring)."""
+    key = name.encode("ascii")
+    return b"".join([bytes([len(key)]), key, bytes([DTYPE_CODES[np.dtype(dtype)], len(shape)]),
+                     struct.pack(f"<{len(shape)}I", *shape), bytes([method]), struct.pack("<I", len(payload)), payload])
+
+
+def rans_table(lo: int, freqs: np.ndarray) -> bytes:
+    """A rANS payload's start: i32 smallest symbol, varint alphabet size, varint frequencies."""
+    return struct.pack("<i", lo) + _varints([len(freqs)]) + _varints(freqs)
+
+
+def lanes_table(lanes: int, chunk: int, lengths) -> bytes:
+    """Interleaved rANS after the table: varint lanes, varint chunk, one varint byte length per
+    (chunk, lane); the lanes' plain rANS streams follow in (chunk, lane) order."""
+    return _varints([lanes, chunk]) + _varints(lengths)
