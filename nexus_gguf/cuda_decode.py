@@ -42,8 +42,8 @@ class SectionJob:
     transposed: bool
 
 
-def _stages(pipeline):
-    """(rope, hadamard, lattice, entropy) of a GPU-decodable value path, or a reason string."""
+def value_stages(pipeline):
+    """(rope, hadamard, lattice, entropy) of a value path the GPU can code, or why not (a string)."""
     stages = list(pipeline.stages)
     rope = stages.pop(0) if stages and isinstance(stages[0], Rope) else None
     had = stages.pop(0) if stages and isinstance(stages[0], Hadamard) else None
@@ -53,18 +53,19 @@ def _stages(pipeline):
 
 
 def unsupported(pipeline, dims: dict, types: set[str]) -> Optional[str]:
-    """Why this file's K/V sections cannot be decoded on the GPU, or None."""
-    got = _stages(pipeline)
+    """Why this file's K/V sections cannot be decoded on the GPU, or None (cuda_encode adds its
+    own conditions to these)."""
+    got = value_stages(pipeline)
     if isinstance(got, str):
         return got
     rope, _, lattice, _ = got
     if lattice.token_steps:
-        return "importance-aware steps (bucket streams) decode on the CPU"
+        return "importance-aware steps (bucket streams) are coded on the CPU"
     if lattice.scale_scope == "head" and lattice.scale_block:
-        return "per-head scales with scale blocks decode on the CPU"
+        return "per-head scales with scale blocks are coded on the CPU"
     bad = sorted(types - {"f16", "f32"})
     if bad:
-        return f"caches of type {', '.join(bad)} decode on the CPU (the GPU writes f16 and f32 rows)"
+        return f"caches of type {', '.join(bad)} are coded on the CPU (the GPU reads and writes f16 and f32 rows)"
     for kind in ("k", "v"):
         d = int(dims[f"head_dim_{kind}"])
         if d > MAX_HEAD_DIM or d % 8 or d < 8:
@@ -200,7 +201,7 @@ class Prepared:
 
 def prepare(pipeline, jobs: list[SectionJob]) -> Prepared:
     """The batch for `jobs` (FormatError for what the host can already see is damaged)."""
-    stages = _stages(pipeline)
+    stages = value_stages(pipeline)
     assert not isinstance(stages, str), stages
     batch = _Batch()
     for job in jobs:

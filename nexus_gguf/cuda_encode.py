@@ -26,15 +26,15 @@ from typing import Optional
 
 import numpy as np
 
+from .cuda_decode import unsupported as decode_unsupported
+from .cuda_decode import value_stages
 from .errors import ConfigError
 from .stages import TensorInfo
-from .stages.entropy import (MAX_ALPHABET, METHOD_EMPTY, METHOD_RANS, METHOD_RANS_LANES, Entropy, lanes_table,
-                             normalized_freqs, rans_table, stream_record)
-from .stages.hadamard import Hadamard, power_of_two_blocks
-from .stages.lattice import LOG_STEPS, LOG_ZERO, Lattice
-from .stages.rope import Rope
+from .stages.entropy import (MAX_ALPHABET, METHOD_EMPTY, METHOD_RANS, METHOD_RANS_LANES, lanes_table, normalized_freqs,
+                             rans_table, stream_record)
+from .stages.hadamard import power_of_two_blocks
+from .stages.lattice import LOG_STEPS, LOG_ZERO
 
-MAX_HEAD_DIM = 512
 POINT_STREAMS = (("coset", np.uint8), ("coord", np.int32), ("coord_last", np.int32))
 
 
@@ -49,36 +49,16 @@ class EncodeJob:
     transposed: bool  # V stored as [n_embd, n_cells]
 
 
-def _stages(pipeline):
-    stages = list(pipeline.stages)
-    rope = stages.pop(0) if stages and isinstance(stages[0], Rope) else None
-    had = stages.pop(0) if stages and isinstance(stages[0], Hadamard) else None
-    if len(stages) != 2 or not isinstance(stages[0], Lattice) or not isinstance(stages[1], Entropy):
-        return f"stages {[s.stage_id for s in pipeline.stages]} are not rope?, hadamard?, lattice, entropy"
-    return rope, had, stages[0], stages[1]
-
-
 def unsupported(pipeline, dims: dict, types: set[str]) -> Optional[str]:
     """Why these sections cannot be encoded on the GPU, or None."""
-    got = _stages(pipeline)
-    if isinstance(got, str):
-        return got
-    rope, _, lattice, entropy = got
-    if pipeline.uses_importance or lattice.token_steps:
-        return "importance-aware steps encode on the CPU"
+    why = decode_unsupported(pipeline, dims, types)
+    if why is not None:
+        return why
+    _, _, lattice, entropy = value_stages(pipeline)
     if (lattice.scale_scope, lattice.scale_stat, lattice.scale_format, lattice.scale_block) != ("head", "rms", "log", 0):
         return "the GPU encoder takes one RMS scale per head on the log scale (the presets')"
     if entropy.coder != "rans":
         return "the zstd coder encodes on the CPU"
-    bad = sorted(types - {"f16", "f32"})
-    if bad:
-        return f"caches of type {', '.join(bad)} encode on the CPU"
-    for kind in ("k", "v"):
-        d = int(dims[f"head_dim_{kind}"])
-        if d > MAX_HEAD_DIM or d % 8 or d < 8:
-            return f"head size {d} (the GPU kernels take multiples of 8 up to {MAX_HEAD_DIM})"
-    if rope is not None and rope.mode in ("norm", "neox") and rope.n_rot > int(dims["head_dim_k"]):
-        return "RoPE over more than the head size"
     return None
 
 
@@ -87,7 +67,7 @@ def encode_sections(pipeline, jobs: list[EncodeJob], engine=None) -> list[tuple[
     _ReferenceEngine()."""
     from .backends import note_used
 
-    rope, had, lattice, entropy = _stages(pipeline)
+    rope, had, lattice, entropy = value_stages(pipeline)
     engine = engine if engine is not None else _CudaEngine()
     sections, sink_maps, trig, trig_at = [], [], [], {}
     n_sink_map = n_trig = 0

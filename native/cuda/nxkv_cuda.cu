@@ -249,6 +249,44 @@ struct Section {
     int64_t out_off; /* its rows' byte offset in the output buffer */
 };
 
+/* The last i < n whose start(i) <= u, for starts that grow with i and start(0) <= u: which
+ * section (or head, or group run) a flat thread index falls in. */
+template <typename Start>
+__device__ int64_t last_start_at_or_below(int64_t n, int64_t u, Start start) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (start(mid) <= u) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+/* RoPE of one head vector by its cell's angles (core/rope.h): mode 1 pairs (2i, 2i + 1), 2 NEOX
+ * pairs (i, i + n_rot / 2); c and sn hold the n_rot / 2 cosines and sines. */
+__device__ void rope_vector(float *v, int64_t mode, int64_t n_rot, const double *c, const double *sn) {
+    const int64_t half = n_rot / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        const int64_t ia = mode == 2 ? i : 2 * i, ib = mode == 2 ? i + half : 2 * i + 1;
+        float a, b;
+        nxkv_core_rope_pair(v[ia], v[ib], c[i], sn[i], &a, &b);
+        v[ia] = a;
+        v[ib] = b;
+    }
+}
+
+/* The orthonormal Hadamard rotation of one head vector of d values in power-of-two blocks,
+ * largest first (core/hadamard.h; stages/hadamard.py): its own inverse. */
+__device__ void hadamard_vector(float *v, int64_t d) {
+    int64_t start = 0;
+    for (int b = 30; b >= 0; --b) {
+        const int64_t block = (int64_t)1 << b;
+        if (!(d & block)) continue;
+        nxkv_core_hadamard(v + start, (size_t)block, (float)(1.0 / sqrt((double)block)));
+        start += block;
+    }
+}
+
 __device__ inline float half_bits_to_float(uint16_t h) {
     /* exact: every half is a float */
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
@@ -278,12 +316,7 @@ __global__ void k_section_values(const Section *sections, int64_t n_sections, in
                                  const double *cos, const double *sin, uint8_t *out, int32_t *section_status) {
     const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (u >= n_units) return;
-    int64_t lo = 0, hi = n_sections - 1; /* the section holding unit u */
-    while (lo < hi) {
-        const int64_t mid = (lo + hi + 1) / 2;
-        if (sections[mid].unit0 <= u) lo = mid;
-        else hi = mid - 1;
-    }
+    const int64_t lo = last_start_at_or_below(n_sections, u, [&](int64_t i) { return sections[i].unit0; });
     const Section &S = sections[lo];
     const nxkv_cuda_section &s = S.s;
     const int64_t d = s.head_dim, n_cells = s.n_cells, n_heads = s.n_heads;
@@ -315,26 +348,8 @@ __global__ void k_section_values(const Section *sections, int64_t n_sections, in
             for (int64_t j = 0; j < d; ++j) v[j] = half_bits_to_float(src[j]);
         }
     }
-    if (s.hadamard) {
-        int64_t start = 0;
-        for (int b = 30; b >= 0; --b) { /* power-of-two blocks, largest first */
-            const int64_t block = (int64_t)1 << b;
-            if (!(d & block)) continue;
-            nxkv_core_hadamard(v + start, (size_t)block, (float)(1.0 / sqrt((double)block)));
-            start += block;
-        }
-    }
-    if (s.rope) {
-        const int64_t half = s.n_rot / 2;
-        const double *c = cos + s.trig0 + cell * half, *sn = sin + s.trig0 + cell * half;
-        for (int64_t i = 0; i < half; ++i) {
-            const int64_t ia = s.rope == 2 ? i : 2 * i, ib = s.rope == 2 ? i + half : 2 * i + 1;
-            float a, b;
-            nxkv_core_rope_pair(v[ia], v[ib], c[i], sn[i], &a, &b);
-            v[ia] = a;
-            v[ib] = b;
-        }
-    }
+    if (s.hadamard) hadamard_vector(v, d);
+    if (s.rope) rope_vector(v, s.rope, s.n_rot, cos + s.trig0 + cell * (s.n_rot / 2), sin + s.trig0 + cell * (s.n_rot / 2));
     bool finite = true;
     for (int64_t j = 0; j < d; ++j) finite = finite && isfinite(v[j]);
     if (!finite) section_status[lo] = 2;
@@ -831,12 +846,7 @@ __device__ inline float row_value(const nxkv_cuda_encode_section &s, const uint8
 }
 
 __device__ int64_t find_section(const EncSection *sections, int64_t n_sections, int64_t u) {
-    int64_t lo = 0, hi = n_sections - 1;
-    while (lo < hi) {
-        const int64_t mid = (lo + hi + 1) / 2;
-        if (sections[mid].unit0 <= u) lo = mid;
-        else hi = mid - 1;
-    }
+    const int64_t lo = last_start_at_or_below(n_sections, u, [&](int64_t i) { return sections[i].unit0; });
     return lo;
 }
 
@@ -853,26 +863,8 @@ __global__ void k_enc_transform(const EncSection *sections, int64_t n_sections, 
     const int64_t local = u - E.unit0, head = local / n_cells, cell = local % n_cells;
     float v[MAX_HEAD_DIM];
     for (int64_t j = 0; j < d; ++j) v[j] = row_value(s, rows[si], cell, head * d + j);
-    if (s.rope) {
-        const int64_t half = s.n_rot / 2;
-        const double *c = cos + s.trig0 + cell * half, *sn = sin + s.trig0 + cell * half;
-        for (int64_t i = 0; i < half; ++i) {
-            const int64_t ia = s.rope == 2 ? i : 2 * i, ib = s.rope == 2 ? i + half : 2 * i + 1;
-            float a, b;
-            nxkv_core_rope_pair(v[ia], v[ib], c[i], sn[i], &a, &b);
-            v[ia] = a;
-            v[ib] = b;
-        }
-    }
-    if (s.hadamard) {
-        int64_t start = 0;
-        for (int b = 30; b >= 0; --b) {
-            const int64_t block = (int64_t)1 << b;
-            if (!(d & block)) continue;
-            nxkv_core_hadamard(v + start, (size_t)block, (float)(1.0 / sqrt((double)block)));
-            start += block;
-        }
-    }
+    if (s.rope) rope_vector(v, s.rope, s.n_rot, cos + s.trig0 + cell * (s.n_rot / 2), sin + s.trig0 + cell * (s.n_rot / 2));
+    if (s.hadamard) hadamard_vector(v, d);
     float *o = x + E.x0 + (cell * s.n_heads + head) * d;
     for (int64_t j = 0; j < d; ++j) o[j] = v[j];
     if (E.map0 >= 0) {
@@ -891,12 +883,7 @@ __global__ void k_enc_mean(const EncSection *sections, int64_t n_sections, int64
                            const int32_t *sink_map, uint16_t *mean16, double *mean) {
     const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (u >= n_channels) return;
-    int64_t lo = 0, hi = n_sections - 1;
-    while (lo < hi) {
-        const int64_t mid = (lo + hi + 1) / 2;
-        if (sections[mid].chan0 <= u) lo = mid;
-        else hi = mid - 1;
-    }
+    const int64_t lo = last_start_at_or_below(n_sections, u, [&](int64_t i) { return sections[i].chan0; });
     const EncSection &E = sections[lo];
     const nxkv_cuda_encode_section &s = E.s;
     const int64_t c = u - E.chan0, n_embd = s.n_heads * s.head_dim;
@@ -921,12 +908,7 @@ __global__ void k_enc_sumsq(const EncSection *sections, const int64_t *head0, in
                             const double *mean, double *sumsq) {
     __shared__ double part[256];
     const int64_t hh = blockIdx.x;
-    int64_t lo = 0, hi = n_sections - 1;
-    while (lo < hi) {
-        const int64_t mid = (lo + hi + 1) / 2;
-        if (head0[mid] <= hh) lo = mid;
-        else hi = mid - 1;
-    }
+    const int64_t lo = last_start_at_or_below(n_sections, hh, [&](int64_t i) { return head0[i]; });
     const EncSection &E = sections[lo];
     const nxkv_cuda_encode_section &s = E.s;
     const int64_t head = hh - head0[lo], d = s.head_dim, n_embd = s.n_heads * d, total = s.n_cells * d;
@@ -953,12 +935,7 @@ __global__ void k_enc_quantize(const EncSection *sections, const int64_t *group0
                                int *bad) {
     const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (u >= n_groups) return;
-    int64_t lo = 0, hi = n_sections - 1;
-    while (lo < hi) {
-        const int64_t mid = (lo + hi + 1) / 2;
-        if (group0[mid] <= u) lo = mid;
-        else hi = mid - 1;
-    }
+    const int64_t lo = last_start_at_or_below(n_sections, u, [&](int64_t i) { return group0[i]; });
     const EncSection &E = sections[lo];
     const nxkv_cuda_encode_section &s = E.s;
     const int64_t gi = u - group0[lo], d = s.head_dim, g = s.n_heads * d / 8, ng = s.n_cells * g;

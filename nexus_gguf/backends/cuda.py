@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NativeLibraryError
+from . import native
 
 _PKG = Path(__file__).resolve().parent.parent
 _lib = _ffi = None
@@ -39,22 +40,20 @@ def load():
         return _ffi, _lib
     import cffi
 
-    from .native import _cdef, _find
-
     native_dir = _PKG / "_native"
     names = _library_names()
     if not names and not os.environ.get("NEXUS_GGUF_CUDA_LIB"):
         raise NativeLibraryError("CUDA is not supported on this platform")
     try:
-        lib_path = _find("NEXUS_GGUF_CUDA_LIB", [native_dir / n for n in names])
+        lib_path = native._find("NEXUS_GGUF_CUDA_LIB", [native_dir / n for n in names])
     except NativeLibraryError:
         raise NativeLibraryError(
             f"nexus-gguf's CUDA library is not built (looked in {native_dir}): it is built by CMake where "
             "nvcc is found (pip install . or cmake -S . -B build && cmake --build build on a machine with the CUDA toolkit)"
         ) from None
-    header = _find("NEXUS_GGUF_CUDA_HEADER", [native_dir / "nxkv_cuda.h", _PKG.parent / "native/include/nxkv_cuda.h"])
+    header = native._find("NEXUS_GGUF_CUDA_HEADER", [native_dir / "nxkv_cuda.h", _PKG.parent / "native/include/nxkv_cuda.h"])
     ffi = cffi.FFI()
-    ffi.cdef(_cdef(header, "NXKV_CUDA_CDEF"))
+    ffi.cdef(native._cdef(header, "NXKV_CUDA_CDEF"))
     try:
         lib = ffi.dlopen(str(lib_path))
     except OSError as e:
@@ -99,14 +98,8 @@ def _in(ffi, kind: str, a: np.ndarray):
 
 def lattice_dequantize(coset, coord, coord_last, step, mean) -> np.ndarray:
     ffi, lib = load()
-    coset = np.ascontiguousarray(coset, np.uint8).reshape(-1)
+    coset, coord, coord_last, step, mean = native.lattice_dequantize_args(coset, coord, coord_last, step, mean)
     m = coset.size
-    coord = np.ascontiguousarray(coord, np.int32).reshape(-1)
-    coord_last = np.ascontiguousarray(coord_last, np.int32).reshape(-1)
-    step = np.ascontiguousarray(step, np.float64).reshape(-1)
-    mean = np.ascontiguousarray(mean, np.float64).reshape(-1)
-    if coord.size != 7 * m or coord_last.size != m or step.size != m or mean.size % 8 or (mean.size and m % (mean.size // 8)):
-        raise ValueError("lattice_dequantize: arrays of mismatched sizes")
     out = np.empty((m, 8), np.float32)
     err = ffi.new("char[]", _ERR)
     r = lib.nxkv_cuda_lattice_dequantize(_in(ffi, "uint8_t[]", coset), _in(ffi, "int32_t[]", coord),
@@ -119,12 +112,8 @@ def lattice_dequantize(coset, coord, coord_last, step, mean) -> np.ndarray:
 
 def lattice_quantize(x: np.ndarray, step: np.ndarray):
     ffi, lib = load()
-    x = np.ascontiguousarray(x, np.float64).reshape(-1, 8)
+    x, step, coset, coord, last = native.lattice_quantize_args(x, step)
     m = x.shape[0]
-    step = np.ascontiguousarray(step, np.float64).reshape(-1)
-    if step.size != m:
-        raise ValueError("lattice_quantize: one step per group of 8")
-    coset, coord, last = np.empty(m, np.uint8), np.empty((m, 7), np.int32), np.empty(m, np.int32)
     err = ffi.new("char[]", _ERR)
     r = lib.nxkv_cuda_lattice_quantize(_in(ffi, "double[]", x), _in(ffi, "double[]", step), m,
                                        ffi.from_buffer("uint8_t[]", coset), ffi.from_buffer("int32_t[]", coord),
@@ -149,12 +138,8 @@ def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
 
 def rope_rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, neox: bool) -> np.ndarray:
     ffi, lib = load()
-    x = np.ascontiguousarray(x, np.float32)
+    x, cos, sin = native.rope_args(x, cos, sin, n_rot)
     n, h, d = x.shape
-    cos = np.ascontiguousarray(cos, np.float64)
-    sin = np.ascontiguousarray(sin, np.float64)
-    if n_rot % 2 or n_rot > d or cos.shape != (n, n_rot // 2) or sin.shape != cos.shape:
-        raise ValueError("rope_rotate: angles not of shape [n_cells, n_rot / 2] or n_rot odd or above the head size")
     out = np.empty_like(x)
     err = ffi.new("char[]", _ERR)
     _check(lib.nxkv_cuda_rope_rotate(_in(ffi, "float[]", x), ffi.from_buffer("float[]", out), n, h, d,

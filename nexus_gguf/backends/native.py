@@ -102,14 +102,21 @@ def e8_nearest(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def lattice_quantize(x: np.ndarray, step: np.ndarray):
-    ffi, lib = load()
+def lattice_quantize_args(x: np.ndarray, step: np.ndarray):
+    """(x [m, 8] float64, step [m] float64, coset, coord, coord_last outputs), checked: what the
+    C kernels of lattice_quantize take (here and backends/cuda.py)."""
     x = np.ascontiguousarray(x, np.float64).reshape(-1, 8)
     m = x.shape[0]
     step = np.ascontiguousarray(step, np.float64).reshape(-1)
     if step.size != m:
         raise ValueError("lattice_quantize: one step per group of 8")
-    coset, coord, last = np.empty(m, np.uint8), np.empty((m, 7), np.int32), np.empty(m, np.int32)
+    return x, step, np.empty(m, np.uint8), np.empty((m, 7), np.int32), np.empty(m, np.int32)
+
+
+def lattice_quantize(x: np.ndarray, step: np.ndarray):
+    ffi, lib = load()
+    x, step, coset, coord, last = lattice_quantize_args(x, step)
+    m = x.shape[0]
     r = lib.nxkv_lattice_quantize(_ptr(ffi, "double[]", x), _ptr(ffi, "double[]", step), m, ffi.from_buffer("uint8_t[]", coset),
                                   ffi.from_buffer("int32_t[]", coord), ffi.from_buffer("int32_t[]", last))
     if r != lib.NXKV_OK:
@@ -117,9 +124,8 @@ def lattice_quantize(x: np.ndarray, step: np.ndarray):
     return coset, coord, last
 
 
-def lattice_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndarray, step: np.ndarray,
-                       mean: np.ndarray) -> np.ndarray:
-    ffi, lib = load()
+def lattice_dequantize_args(coset, coord, coord_last, step, mean):
+    """The arrays lattice_dequantize's C kernels take (here and backends/cuda.py), checked."""
     coset = np.ascontiguousarray(coset, np.uint8).reshape(-1)
     m = coset.size
     coord = np.ascontiguousarray(coord, np.int32).reshape(-1)
@@ -128,6 +134,14 @@ def lattice_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndar
     mean = np.ascontiguousarray(mean, np.float64).reshape(-1)
     if coord.size != 7 * m or coord_last.size != m or step.size != m or mean.size % 8 or (mean.size and m % (mean.size // 8)):
         raise ValueError("lattice_dequantize: arrays of mismatched sizes")
+    return coset, coord, coord_last, step, mean
+
+
+def lattice_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndarray, step: np.ndarray,
+                       mean: np.ndarray) -> np.ndarray:
+    ffi, lib = load()
+    coset, coord, coord_last, step, mean = lattice_dequantize_args(coset, coord, coord_last, step, mean)
+    m = coset.size
     out = np.empty((m, 8), np.float32)
     lib.nxkv_lattice_dequantize(_ptr(ffi, "uint8_t[]", coset), _ptr(ffi, "int32_t[]", coord), _ptr(ffi, "int32_t[]", coord_last),
                                 _ptr(ffi, "double[]", step), m, _ptr(ffi, "double[]", mean) if mean.size else ffi.NULL,
@@ -172,14 +186,21 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def rope_rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, neox: bool) -> np.ndarray:
-    ffi, lib = load()
+def rope_args(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int):
+    """(x, cos, sin) as rope_rotate's C kernels take them (here and backends/cuda.py), checked."""
     x = np.ascontiguousarray(x, np.float32)
     n, h, d = x.shape
     cos = np.ascontiguousarray(cos, np.float64)
     sin = np.ascontiguousarray(sin, np.float64)
     if n_rot % 2 or n_rot > d or cos.shape != (n, n_rot // 2) or sin.shape != cos.shape:
         raise ValueError("rope_rotate: angles not of shape [n_cells, n_rot / 2] or n_rot odd or above the head size")
+    return x, cos, sin
+
+
+def rope_rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int, neox: bool) -> np.ndarray:
+    ffi, lib = load()
+    x, cos, sin = rope_args(x, cos, sin, n_rot)
+    n, h, d = x.shape
     out = np.empty_like(x)
     lib.nxkv_rope_rotate(_ptr(ffi, "float[]", x), ffi.from_buffer("float[]", out), n, h, d, _ptr(ffi, "double[]", cos),
                          _ptr(ffi, "double[]", sin), n_rot, int(bool(neox)))
