@@ -28,6 +28,7 @@ from .stages.lattice import Lattice
 from .stages.rope import Rope
 
 MAX_HEAD_DIM = 512
+_POINT_TYPES = {"coset": np.dtype(np.uint8), "coord": np.dtype(np.int32), "coord_last": np.dtype(np.int32)}
 _INT32 = (-(1 << 31), (1 << 31) - 1)
 
 
@@ -116,7 +117,9 @@ class _Batch:
         coders (zstd for rare wide alphabets, empty streams) here. Coordinates must fit int32
         (as the CPU path requires); coset symbols are checked by the kernel or here."""
         coset = stream.name == "coset"
-        if stream.n and stream.method in (METHOD_RANS, METHOD_RANS_LANES):
+        # on the GPU: rANS streams of the types the encoder writes; any other (a damaged header's
+        # int16 coordinates, say) is decoded here with the CPU path's checks
+        if stream.n and stream.method in (METHOD_RANS, METHOD_RANS_LANES) and np.dtype(stream.dtype) == _POINT_TYPES[stream.name]:
             p = stream.rans()
             if not coset and (p.lo < _INT32[0] or p.lo + p.freqs.size - 1 > _INT32[1]):
                 raise FormatError("lattice coordinates outside int32")
@@ -157,11 +160,10 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
     for name, shape in want.items():
         if name not in streams or tuple(streams[name].shape) != shape:
             raise FormatError(f"{info.name}: lattice symbols {name!r} missing or not of shape {shape}")
-    extra = sorted(set(streams) - set(want))
-    if extra:
-        raise FormatError(f"{info.name}: unexpected lattice symbols {extra}")  # bucket streams: unsupported() said no
-    coset, coord, last = (batch.point_stream(streams[name], info.name) for name in ("coset", "coord", "coord_last"))
-    steps = lattice.group_steps(streams["scale"].decode(), info)
+    # every other stream is decoded here, as the CPU path decodes all: damage anywhere is found
+    small = {name: stream.decode() for name, stream in streams.items() if name not in _POINT_TYPES}
+    coset, coord, last = (batch.point_stream(streams[name], info.name) for name in _POINT_TYPES)
+    steps = lattice.group_steps(small["scale"], info)
     per_cell = lattice.scale_scope != "head"
     block = (lattice.scale_block or d) if per_cell else d
     sec = {"n_cells": n, "n_heads": h, "head_dim": d, "step0": batch._append("steps", np.ascontiguousarray(steps, np.float64).reshape(-1)),
@@ -169,13 +171,13 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
            "hadamard": int(had is not None and not had.passes_through(info)), "rope": 0, "n_rot": 0, "trig0": 0,
            "out_f16": int(job.out_f16), "transposed": int(job.transposed), "points": (coset, coord, last)}
     if lattice.center:
-        mean = streams["mean"].decode().astype(np.uint16).view(np.float16).astype(np.float64)
+        mean = small["mean"].astype(np.uint16).view(np.float16).astype(np.float64)
         sec["mean0"] = batch._append("means", mean.reshape(-1))
     if lattice.sinks and sink.any():
         rows = np.full(n, -1, np.int32)
         rows[sink] = np.arange(int(sink.sum()), dtype=np.int32)
         sec["sink_map0"] = batch._append("sink_map", rows)
-        sec["sink0"] = batch._append("sinks", streams["sink"].decode().astype(np.uint16).reshape(-1))
+        sec["sink0"] = batch._append("sinks", small["sink"].astype(np.uint16).reshape(-1))
     if rope is not None and not rope.passes_through(info):
         sec["rope"] = 1 if rope.mode == "norm" else 2
         sec["n_rot"] = rope.n_rot

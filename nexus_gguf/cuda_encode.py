@@ -11,7 +11,8 @@ section bytes (entropy.stream_record and friends), so a section is the CPU write
 One difference is allowed and stated: each head's sum of squares is added up in a fixed tree on
 the GPU, numpy adds in its own order; the scale symbol round(8 log2 rms) then differs only when
 the two sums straddle a rounding boundary (a relative 1e-15 window), and the file stays valid
-either way. Everything else is exact: the same float and double operations as the CPU library
+either way. (And a cache holding infinities gives NaN channel means whose bits the GPU's NaN may
+not share; such a file is refused when loaded, from either writer.) Everything else is exact: the same float and double operations as the CPU library
 (native/core), numpy's mean order for the channel means.
 
 What it covers: the presets' value path (rope?, hadamard?, lattice with per-head RMS scales on

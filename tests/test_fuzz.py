@@ -144,3 +144,118 @@ def test_committed_corpus():
     for name in sorted(os.listdir(CORPUS)):
         if name.endswith(".nxkv"):
             _allowed(_decode, open(os.path.join(CORPUS, name), "rb").read())
+
+
+def _decode_both(data: bytes):
+    """(CPU result, GPU-path result) of decoding `data`: the blob, or the NxkvError raised. The GPU
+    path runs the batch through the numpy reference of its kernels (cuda_decode.reference_decode)."""
+    import tempfile
+
+    from nexus_gguf import cuda_decode, state_file
+
+    def reference(pipeline, work):
+        cuda_decode.reference_decode(cuda_decode.prepare(pipeline, work))
+
+    with tempfile.NamedTemporaryFile(suffix=".nxkv", delete=False) as f:
+        f.write(data)
+    out = []
+    try:
+        for gpu in (False, True):
+            with pytest.MonkeyPatch.context() as m:
+                if gpu:
+                    m.setattr(state_file, "_gpu_decoder", lambda: reference)
+                try:
+                    out.append(golden.decode_file(f.name)["blob"])
+                except NxkvError as e:
+                    out.append(e)
+    finally:
+        os.unlink(f.name)
+    return out
+
+
+GPU_FILES = [p for p in FILES if any(k in os.path.basename(p) for k in ("gemma3-high", "gemma3-max", "f16-vtrans-high"))]
+
+
+@FUZZ
+@given(st.sampled_from(GPU_FILES), st.data())
+def test_gpu_decode_path_agrees_with_the_cpu_on_damaged_sections(path, data):
+    """A K/V section flipped or cut behind valid CRCs: the GPU path's batch (host parsing, and its
+    kernels' numpy reference) refuses with a documented error exactly when the CPU path does, and
+    otherwise makes the same blob."""
+    names = [n for n in fmt.NxkvFile.open(path).names() if n[:2] in ("k.", "v.")]
+    target = data.draw(st.sampled_from(names))
+    how = data.draw(st.sampled_from(["flip", "cut", "zero"]))
+
+    def edit(name, body):
+        if name != target or not body:
+            return body
+        b = bytearray(body)
+        i = data.draw(st.integers(0, len(b) - 1))
+        if how == "flip":
+            b[i] ^= data.draw(st.integers(1, 255))
+        elif how == "cut":
+            del b[i:]
+        else:
+            b[i : i + 16] = bytes(len(b[i : i + 16]))
+        return bytes(b)
+
+    cpu, gpu = _decode_both(_repacked(path, edit_section=edit))
+    if isinstance(cpu, Exception) or isinstance(gpu, Exception):
+        assert isinstance(cpu, Exception) and isinstance(gpu, Exception), (cpu, gpu)
+    else:
+        assert cpu == gpu
+
+
+@FUZZ
+@given(st.data())
+def test_gpu_encode_path_writes_the_cpu_writers_bytes_for_any_values(data):
+    """Random sections (cells, heads, head sizes with Hadamard blocks of several sizes, value
+    scales, zero heads, extremes, sinks, positions) through the GPU encoder's batch and the numpy
+    reference of its kernels: the CPU writer's bytes, or the same error."""
+    import numpy as np
+
+    from nexus_gguf import cuda_encode
+    from nexus_gguf.pipeline import Pipeline
+    from nexus_gguf.stages import TensorInfo
+
+    n = data.draw(st.integers(1, 40))
+    h = data.draw(st.integers(1, 3))
+    d = data.draw(st.sampled_from([8, 16, 48, 64, 80]))
+    kind = data.draw(st.sampled_from(["k", "v"]))
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    scale = data.draw(st.sampled_from([1e-6, 0.01, 1.0, 100.0, 3e4]))
+    values = (rng.standard_normal((n, h * d)) * scale).astype(np.float16)
+    if data.draw(st.booleans()):
+        values[:, : d] = 0  # a head of zeros: its scale is the log scale's zero
+    if data.draw(st.booleans()):
+        values[rng.integers(0, n), rng.integers(0, h * d)] = np.float16(65504.0)
+    positions = np.sort(rng.choice(10_000, n, replace=False)).astype(np.int32) if data.draw(st.booleans()) else np.arange(n, dtype=np.int32)
+    transposed = kind == "v" and data.draw(st.booleans())
+    stages = [
+        {"id": "rope", "mode": data.draw(st.sampled_from(["norm", "neox"])), "n_rot": 2 * data.draw(st.integers(1, d // 2)),
+         "freq_base": 10000.0},
+        {"id": "hadamard"},
+        {"id": "lattice", "k_bits": data.draw(st.sampled_from([1.5, 3.0, 3.5, 8.0])), "v_bits": 3.0, "scale_scope": "head",
+         "center": data.draw(st.booleans()), "sinks": data.draw(st.sampled_from([0, 4, 100]))},
+        {"id": "entropy", "lanes": data.draw(st.sampled_from([1, 4])), "chunk": data.draw(st.sampled_from([0, 16, 16384]))},
+    ]
+    pipeline = Pipeline.from_config({"stages": stages})
+    info = TensorInfo(f"{kind}.0.0.0", "f16", 2, n * h * d, kind=kind, positions=positions, model_layer=0, n_cells=n,
+                      n_heads=h, head_dim=d)
+    rows = np.ascontiguousarray(values.T if transposed else values).view(np.uint8)
+
+    def cpu():
+        return bytes(pipeline.encode_values(values.astype(np.float32), info))
+
+    def gpu():
+        job = cuda_encode.EncodeJob(info.name, info, rows, True, transposed)
+        return bytes(cuda_encode.encode_sections(pipeline, [job], engine=cuda_encode._ReferenceEngine())[0][1])
+
+    results = []
+    for fn in (cpu, gpu):
+        try:
+            results.append(fn())
+        except (ValueError, NxkvError) as e:
+            results.append(type(e))
+    assert results[0] == results[1]

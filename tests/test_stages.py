@@ -404,3 +404,19 @@ def test_vectorised_varints_read_exactly_what_the_scalar_reader_reads():
             ByteReader(bad, "t", FormatError).varints(1)
         with pytest.raises(FormatError):
             ByteReader(bad, "t", FormatError).varint()
+
+
+def test_stream_values_its_type_cannot_hold_are_refused_not_wrapped():
+    # a rANS table whose smallest symbol was damaged to 256 decodes a uint8 stream to 256, 257:
+    # refused (stored as uint8 they would wrap to the valid cosets 0 and 1)
+    from nexus_gguf.stages.entropy import Entropy, rans_table
+
+    ent = Entropy()
+    values = np.array([0, 1, 1, 0, 1], np.uint8)
+    good = ent.encode({"coset": values}, TensorInfo("k.0.0.0", "f16", 2, 100))
+    assert np.array_equal(ent.decode(good, TensorInfo("k.0.0.0", "f16", 2, 100))["coset"], values)
+    table = rans_table(0, np.array([6554, 9830]))
+    assert bytes(table) in bytes(good)
+    bad = bytes(good).replace(bytes(table), bytes(rans_table(256, np.array([6554, 9830]))))
+    with pytest.raises(FormatError, match="outside the stream's type uint8"):
+        ent.decode(np.frombuffer(bad, np.uint8), TensorInfo("k.0.0.0", "f16", 2, 100))

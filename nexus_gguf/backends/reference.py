@@ -60,10 +60,13 @@ def lattice_quantize(x: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.nd
     """The E8 points of m groups of 8 float64 values x[m, 8] at quantizer steps step[m] (0: the
     group is all zero), stored as stages/lattice.py does: (coset u8 [m]: 1 for D8 + ½, coord
     int32 [m, 7]: z0..z6 of z = point - coset/2, coord_last int32 [m]: (z7 - parity(z0..z6)) / 2).
-    lattice_dequantize inverts it up to the quantization."""
+    lattice_dequantize inverts it up to the quantization. ValueError if a value divided by its
+    step is not within int32 with room for the rounding (infinite or NaN included)."""
     x = np.asarray(x, np.float64).reshape(-1, 8)
     step = np.asarray(step, np.float64).reshape(-1, 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if np.any((step[:, 0] > 0) & ~(np.abs(x / step) < 2147483000.0).all(axis=1)):
+            raise ValueError("lattice_quantize: values too large for their steps (points beyond int32)")
         u = np.where(step > 0, x / step, 0.0)
     p = e8_nearest(u)
     coset = (p[:, 0] != np.floor(p[:, 0])).astype(np.uint8)

@@ -188,7 +188,14 @@ class CodedStream:
 
     def decode(self) -> np.ndarray:
         values = self._values()
-        return values.astype(self.dtype, copy=False).reshape(self.shape)
+        kind = np.dtype(self.dtype)
+        if values.dtype != kind and values.size:
+            # a damaged table can decode to values the stream's type cannot hold: refused, not
+            # wrapped around (a coset of 256 is not a coset of 0)
+            limits = np.iinfo(kind)
+            if int(values.min()) < limits.min or int(values.max()) > limits.max:
+                raise FormatError(f"{self.where}: values outside the stream's type {kind.name}")
+        return values.astype(kind, copy=False).reshape(self.shape)
 
     def _values(self) -> np.ndarray:
         method, payload, n, where = self.method, self.payload, self.n, self.where
