@@ -27,8 +27,8 @@ from typing import Optional
 
 import numpy as np
 
-from .cuda_decode import unsupported as decode_unsupported
-from .cuda_decode import value_stages
+from .section_decode import unsupported as decode_unsupported
+from .section_decode import value_stages
 from .errors import ConfigError
 from .stages import TensorInfo
 from .stages.entropy import (MAX_ALPHABET, METHOD_EMPTY, METHOD_RANS, METHOD_RANS_LANES, lanes_table, normalized_freqs,

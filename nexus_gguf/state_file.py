@@ -262,11 +262,24 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
         def read(job) -> dict:
             return {part: section(f"{part}.{job[0]}.{job[1]}.{job[2]}") for part in ("k", "v")}
 
+        batchable = _batchable(pipeline, dims, jobs)
+        gpu = _gpu_decoder() if batchable else None
+        if gpu is not None:  # every section in one GPU batch
+            gpu(pipeline, [sj for job in jobs for sj in _layer_sections(pipeline, dims, job, state.caches[job[0]].streams[job[1]]
+                                                                         .layers[job[2]], read(job))])
+            return blob, state
+        native_batches = batchable and _native_batches()
+
         def decode_layer(job) -> None:
             """Decode one layer's K and V sections into their place in the blob."""
             ci, si, li, L, cells, v_trans, data = job
             data = data if data is not None else read(job)
             dest = state.caches[ci].streams[si].layers[li]
+            if native_batches:
+                from . import section_decode
+
+                section_decode.run_native(section_decode.prepare(pipeline, _layer_sections(pipeline, dims, job, dest, data)))
+                return
             arrays = []
             for part in ("k", "v"):
                 name = f"{part}.{ci}.{si}.{li}"
@@ -289,9 +302,6 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
                         raise FormatError(f"layer {ci}.{si}.{li}: values make rows of shape {got.shape}, the header says {want.shape}")
                     want[...] = got
 
-        gpu = _gpu_decoder() if dims else None
-        if gpu is not None and _decode_on_gpu(gpu, pipeline, dims, jobs, state, read):
-            return blob, state
         # the layers decode on all cores (the kernels release the GIL), each into its place,
         # reading their own sections where reads may run at once (memory then holds a layer per
         # core, not the file); else the sections are read here first, in order (a remote file
@@ -305,37 +315,44 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
 
 
 def _gpu_decoder():
-    """cuda_decode.decode_sections where the cuda backend is chosen (NEXUS_GGUF_BACKEND=cuda),
+    """section_decode.decode_sections where the cuda backend is chosen (NEXUS_GGUF_BACKEND=cuda),
     else None."""
     if backend_name() != "cuda":
         return None
-    from . import cuda_decode
+    from . import section_decode
 
-    return cuda_decode.decode_sections
+    return section_decode.decode_sections
 
 
-def _decode_on_gpu(decode, pipeline: Pipeline, dims, jobs: list, state: LlamaState, read) -> bool:
-    """Every K/V section decoded by `decode` (cuda_decode.decode_sections) in one batch into its
-    rows of the state buffer; False, with nothing written, where the file needs the CPU path."""
-    from . import cuda_decode
+def _native_batches() -> bool:
+    """Whether lattice sections decode through section_decode's batch on the CPU library (its
+    one-pass C loop over head vectors) rather than stage by stage: where the native backend runs."""
+    return backend_name() == "native"
+
+
+def _layer_sections(pipeline: Pipeline, dims, job: tuple, dest: LayerKV, data: dict) -> list:
+    """section_decode.SectionJob of a layer's K and V sections, their rows those of `dest`."""
+    from . import section_decode
+
+    ci, si, li, L, cells, v_trans = job[:6]
+    out = []
+    for part in ("k", "v"):
+        t, rows = (dest.k_type, dest.k) if part == "k" else (dest.v_type, dest.v)
+        transposed = part == "v" and v_trans
+        n_embd = rows.shape[0] if transposed else rows.shape[1] // t.type_size * t.block_size
+        info = _value_info(pipeline, f"{part}.{ci}.{si}.{li}", part, t, cells, L["model_layer"], bool(L["sliding_window"]),
+                           n_embd, dims)
+        out.append(section_decode.SectionJob(info, data[part], rows, t.name == "f16", transposed))
+    return out
+
+
+def _batchable(pipeline: Pipeline, dims, jobs: list) -> bool:
+    """Whether these K/V sections can decode as section_decode batches (the presets' value path
+    into f16/f32 rows)."""
+    from . import section_decode
 
     types = {L[f"{part}_type"] for (_, _, _, L, _, _) in jobs for part in ("k", "v")}
-    if cuda_decode.unsupported(pipeline, dims, types) is not None:
-        return False
-    work = []
-    for job in jobs:
-        ci, si, li, L, cells, v_trans = job
-        data = read(job)
-        dest = state.caches[ci].streams[si].layers[li]
-        for part in ("k", "v"):
-            t, rows = (dest.k_type, dest.k) if part == "k" else (dest.v_type, dest.v)
-            transposed = part == "v" and v_trans
-            n_embd = rows.shape[0] if transposed else rows.shape[1] // t.type_size * t.block_size
-            info = _value_info(pipeline, f"{part}.{ci}.{si}.{li}", part, t, cells, L["model_layer"],
-                               bool(L["sliding_window"]), n_embd, dims)
-            work.append(cuda_decode.SectionJob(info, data[part], rows, t.name == "f16", transposed))
-    decode(pipeline, work)
-    return True
+    return bool(dims) and section_decode.unsupported(pipeline, dims, types) is None
 
 
 def _cells_from_bytes(data: np.ndarray, n: int, has_ext: bool) -> Cells:

@@ -1,7 +1,7 @@
-"""The GPU decode of lattice-coded K/V sections (cuda_decode.py, native/cuda/nxkv_cuda.cu): the
+"""The GPU decode of lattice-coded K/V sections (section_decode.py, native/cuda/nxkv_cuda.cu): the
 rows it writes are the CPU path's, bit for bit, for the golden files and for option variants
 re-encoded from them. Each case runs twice: through the numpy reference of the batched kernel
-(cuda_decode.reference_decode: tests the batch the host builds, on any machine), and through the
+(section_decode.reference_decode: tests the batch the host builds, on any machine), and through the
 CUDA library where a GPU answers (skipped with the reason elsewhere; tools/gpu_check.sh runs it).
 The per-op CUDA kernels are compared with their references in test_backends.py."""
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import golden
-from nexus_gguf import cuda_decode, state_file
+from nexus_gguf import section_decode, state_file
 from nexus_gguf.backends import backend_status
 from nexus_gguf.errors import FormatError
 from nexus_gguf.format import NxkvFile
@@ -29,10 +29,10 @@ GPU_FILES = ["gemma3-high.nxkv", "gemma3-balanced.nxkv", "gemma3-max.nxkv", "gem
 
 
 def _reference(pipeline, work):
-    cuda_decode.reference_decode(cuda_decode.prepare(pipeline, work))
+    section_decode.reference_decode(section_decode.prepare(pipeline, work))
 
 
-DECODERS = {"reference": _reference, "cuda": cuda_decode.decode_sections}
+DECODERS = {"reference": _reference, "cuda": section_decode.decode_sections}
 
 
 def _decoder(name: str):
@@ -113,7 +113,7 @@ def test_gpu_decode_of_option_variants_matches_the_cpu(monkeypatch, source, high
 def test_files_the_gpu_does_not_decode_say_why_and_use_the_cpu(monkeypatch, name, why):
     f, h = _open(os.path.join(FILES, name))
     types = {L[f"{p}_type"] for c in h.state["caches"] for s in c["streams"] if s for L in s["layers"] for p in "kv"}
-    assert why in cuda_decode.unsupported(h.pipeline, h.state["values"], types)
+    assert why in section_decode.unsupported(h.pipeline, h.state["values"], types)
     want, _ = decode_state_blob(h.state, h.pipeline, f.section, h.limits())
     got, n = _decode(monkeypatch, _reference, h.pipeline, h.state, f.section, h.limits())
     assert n == 0 and got == bytes(want)
@@ -125,7 +125,7 @@ def _prepared(name: str = "smollm2-f16-vtrans-high.nxkv"):
     captured = []
 
     def capture(p, work):
-        captured.append(cuda_decode.prepare(p, work))
+        captured.append(section_decode.prepare(p, work))
 
     import pytest as _pytest
 
@@ -137,7 +137,7 @@ def _prepared(name: str = "smollm2-f16-vtrans-high.nxkv"):
 
 def _runner(decoder: str):
     _decoder(decoder)
-    return cuda_decode.reference_decode if decoder == "reference" else cuda_decode.run
+    return section_decode.reference_decode if decoder == "reference" else section_decode.run
 
 
 @pytest.mark.parametrize("decoder", sorted(DECODERS))

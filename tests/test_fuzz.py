@@ -148,13 +148,13 @@ def test_committed_corpus():
 
 def _decode_both(data: bytes):
     """(CPU result, GPU-path result) of decoding `data`: the blob, or the NxkvError raised. The GPU
-    path runs the batch through the numpy reference of its kernels (cuda_decode.reference_decode)."""
+    path runs the batch through the numpy reference of its kernels (section_decode.reference_decode)."""
     import tempfile
 
-    from nexus_gguf import cuda_decode, state_file
+    from nexus_gguf import section_decode, state_file
 
     def reference(pipeline, work):
-        cuda_decode.reference_decode(cuda_decode.prepare(pipeline, work))
+        section_decode.reference_decode(section_decode.prepare(pipeline, work))
 
     with tempfile.NamedTemporaryFile(suffix=".nxkv", delete=False) as f:
         f.write(data)
@@ -225,7 +225,8 @@ def test_gpu_encode_path_writes_the_cpu_writers_bytes_for_any_values(data):
     seed = data.draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     scale = data.draw(st.sampled_from([1e-6, 0.01, 1.0, 100.0, 3e4]))
-    values = (rng.standard_normal((n, h * d)) * scale).astype(np.float16)
+    with np.errstate(over="ignore"):  # 3e4-scale values overflow f16 to infinity now and then: kept
+        values = (rng.standard_normal((n, h * d)) * scale).astype(np.float16)
     if data.draw(st.booleans()):
         values[:, : d] = 0  # a head of zeros: its scale is the log scale's zero
     if data.draw(st.booleans()):
@@ -255,7 +256,8 @@ def test_gpu_encode_path_writes_the_cpu_writers_bytes_for_any_values(data):
     results = []
     for fn in (cpu, gpu):
         try:
-            results.append(fn())
+            with np.errstate(all="ignore"):  # caches holding infinities: refused below, not warned about
+                results.append(fn())
         except (ValueError, NxkvError) as e:
             results.append(type(e))
     assert results[0] == results[1]

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
 
-    from nexus_gguf import backends, cuda_decode, state_file
+    from nexus_gguf import backends, section_decode, state_file
     from nexus_gguf.backends import cuda
     from nexus_gguf.format import NxkvFile
     from nexus_gguf.header import Header
@@ -84,9 +84,9 @@ def main(argv=None) -> int:
         def gpu():
             def decoder(pp, work):
                 t = time.perf_counter()
-                prep = cuda_decode.prepare(pp, work)
+                prep = section_decode.prepare(pp, work)
                 t_prep = time.perf_counter() - t
-                timings.append({"prepare (host)": t_prep * 1e3, **cuda_decode.run(prep)})
+                timings.append({"prepare (host)": t_prep * 1e3, **section_decode.run(prep)})
 
             saved = state_file._gpu_decoder
             state_file._gpu_decoder = lambda: decoder

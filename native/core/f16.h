@@ -69,4 +69,27 @@ NXKV_FN uint16_t nxkv_core_f64_to_f16(double value) {
     return (uint16_t)(sign + (uint16_t)((d_sig >> 42) + h_exp));
 }
 
+/* IEEE half bits -> float, exactly (every half is a float). */
+NXKV_FN float nxkv_core_f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t f;
+    if (e == 0x1f) {
+        f = sign | 0x7f800000u | (m << 13);
+    } else if (e) {
+        f = sign | ((e + 112) << 23) | (m << 13);
+    } else if (!m) {
+        f = sign;
+    } else { /* subnormal: normalise */
+        uint32_t shift = 0, mm = m;
+        while (!(mm & 0x400u)) {
+            mm <<= 1;
+            ++shift;
+        }
+        f = sign | ((113 - shift) << 23) | ((mm & 0x3ffu) << 13);
+    }
+    float out;
+    memcpy(&out, &f, sizeof out);
+    return out;
+}
+
 #endif

@@ -12,6 +12,7 @@
 #include "../core/lattice.h"
 #include "../core/rope.h"
 #include "../core/rans.h"
+#include "../core/section.h"
 
 int nxkv_abi_version(void) { return NXKV_ABI_VERSION; }
 
@@ -284,4 +285,33 @@ void nxkv_byteplane_merge(const uint8_t *src, uint8_t *dst, size_t n_elements, s
         return;
     }
     nxkv_core_byteplane_merge_range(src, dst, n_elements, element_size, 0, n_elements);
+}
+
+int nxkv_decode_values(const nxkv_section *sections, int64_t n_sections, const nxkv_values *arrays, int32_t *status) {
+    for (int64_t i = 0; i < n_sections; ++i) {
+        if (!nxkv_core_section_fits(sections + i, arrays)) return NXKV_ERR_ARG;
+    }
+    float v[NXKV_MAX_HEAD_DIM];
+    for (int64_t i = 0; i < n_sections; ++i) {
+        const nxkv_section *s = sections + i;
+        const int64_t d = s->head_dim, n_embd = s->n_heads * d;
+        status[i] = 0;
+        /* heads outside, cells inside: a transposed V is then written along its rows */
+        for (int64_t head = 0; head < s->n_heads && !status[i]; ++head) {
+            for (int64_t cell = 0; cell < s->n_cells; ++cell) {
+                const int r = nxkv_core_section_vector(s, arrays, head, cell, v);
+                if (r) {
+                    status[i] = r;
+                    break;
+                }
+                if (s->out_f16 && !s->transposed) {
+                    /* a cell-major f16 row: the whole head vector at once (F16C where present) */
+                    nxkv_f32_to_f16(v, (uint16_t *)s->dest + cell * n_embd + head * d, (size_t)d, 1);
+                } else {
+                    nxkv_core_section_store(s, head, cell, v);
+                }
+            }
+        }
+    }
+    return NXKV_OK;
 }

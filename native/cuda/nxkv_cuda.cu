@@ -21,9 +21,10 @@
 #include "../core/lattice.h"
 #include "../core/rans.h"
 #include "../core/rope.h"
+#include "../core/section.h"
 
 #define RANS_SLOTS (1u << NXKV_RANS_PROB_BITS)
-#define MAX_HEAD_DIM 512
+#define MAX_HEAD_DIM NXKV_MAX_HEAD_DIM
 
 namespace {
 
@@ -244,7 +245,7 @@ int64_t n_lane_tasks(int64_t n, int64_t lanes, int64_t chunk) { return n ? (n + 
 /* ---- the batched section decode ---- */
 
 struct Section {
-    nxkv_cuda_section s;
+    nxkv_section s;
     int64_t unit0;   /* its first (head, cell) unit */
     int64_t out_off; /* its rows' byte offset in the output buffer */
 };
@@ -262,121 +263,39 @@ __device__ int64_t last_start_at_or_below(int64_t n, int64_t u, Start start) {
     return lo;
 }
 
-/* RoPE of one head vector by its cell's angles (core/rope.h): mode 1 pairs (2i, 2i + 1), 2 NEOX
- * pairs (i, i + n_rot / 2); c and sn hold the n_rot / 2 cosines and sines. */
-__device__ void rope_vector(float *v, int64_t mode, int64_t n_rot, const double *c, const double *sn) {
-    const int64_t half = n_rot / 2;
-    for (int64_t i = 0; i < half; ++i) {
-        const int64_t ia = mode == 2 ? i : 2 * i, ib = mode == 2 ? i + half : 2 * i + 1;
-        float a, b;
-        nxkv_core_rope_pair(v[ia], v[ib], c[i], sn[i], &a, &b);
-        v[ia] = a;
-        v[ib] = b;
-    }
-}
-
-/* The orthonormal Hadamard rotation of one head vector of d values in power-of-two blocks,
- * largest first (core/hadamard.h; stages/hadamard.py): its own inverse. */
-__device__ void hadamard_vector(float *v, int64_t d) {
-    int64_t start = 0;
-    for (int b = 30; b >= 0; --b) {
-        const int64_t block = (int64_t)1 << b;
-        if (!(d & block)) continue;
-        nxkv_core_hadamard(v + start, (size_t)block, (float)(1.0 / sqrt((double)block)));
-        start += block;
-    }
-}
-
-__device__ inline float half_bits_to_float(uint16_t h) {
-    /* exact: every half is a float */
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
-    uint32_t f;
-    if (e == 0x1f) f = sign | 0x7f800000u | (m << 13);
-    else if (e) f = sign | ((e + 112) << 23) | (m << 13);
-    else if (!m) f = sign;
-    else {
-        int shift = 0;
-        uint32_t mm = m;
-        while (!(mm & 0x400)) {
-            mm <<= 1;
-            ++shift;
-        }
-        f = sign | ((uint32_t)(113 - shift) << 23) | ((mm & 0x3ff) << 13);
-    }
-    return __uint_as_float(f);
-}
 
 /* One head vector of one cell: the lattice values (core/lattice.h), sink rows, the inverse
  * Hadamard (core/hadamard.h, its own inverse), RoPE (core/rope.h), then f16 or f32 rows (16-byte
  * stores where the rows are cell-major). The vector lives in local memory (L1): an instance for
  * 64-value heads that kept it in registers measured no faster on an H200 (0.55 ms either way for
  * a 4096-token SmolLM2 state). */
-__global__ void k_section_values(const Section *sections, int64_t n_sections, int64_t n_units, const int32_t *symbols,
-                                 const double *steps, const double *means, const int32_t *sink_map, const uint16_t *sinks,
-                                 const double *cos, const double *sin, uint8_t *out, int32_t *section_status) {
+__global__ void k_section_values(const Section *sections, int64_t n_sections, int64_t n_units, nxkv_values arrays,
+                                 uint8_t *out, int32_t *section_status) {
     const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
     if (u >= n_units) return;
     const int64_t lo = last_start_at_or_below(n_sections, u, [&](int64_t i) { return sections[i].unit0; });
     const Section &S = sections[lo];
-    const nxkv_cuda_section &s = S.s;
-    const int64_t d = s.head_dim, n_cells = s.n_cells, n_heads = s.n_heads;
+    nxkv_section s = S.s;
+    s.dest = out + S.out_off; /* the device copy of the rows */
+    const int64_t d = s.head_dim, n_cells = s.n_cells, n_embd = s.n_heads * d;
     const int64_t local = u - S.unit0, head = local / n_cells, cell = local % n_cells; /* cells adjacent: coalesced V^T */
-    const int64_t g = n_heads * d / 8, group0 = cell * g + head * (d / 8);
-    const int64_t blocks = d / s.scale_block;
-    const int64_t step_row = s.step0 + (s.step_per_cell ? cell * n_heads + head : head) * blocks;
     float v[MAX_HEAD_DIM];
-    bool coset_ok = true;
-    for (int64_t q = 0; q < d / 8; ++q) {
-        const int64_t grp = group0 + q;
-        const int64_t coset = (int64_t)symbols[s.coset0 + grp] + s.coset_lo;
-        coset_ok = coset_ok && (coset == 0 || coset == 1);
-        int32_t z7[7];
-        for (int j = 0; j < 7; ++j) z7[j] = (int32_t)((int64_t)symbols[s.coord0 + 7 * grp + j] + s.coord_lo);
-        const int32_t last = (int32_t)((int64_t)symbols[s.last0 + grp] + s.last_lo);
-        const double step = steps[step_row + q * 8 / s.scale_block];
-        nxkv_core_lattice_group((uint8_t)(coset & 1), z7, last, step, s.mean0 >= 0 ? means + s.mean0 + head * d + q * 8 : nullptr,
-                                v + q * 8);
-    }
-    if (!coset_ok) {
-        section_status[lo] = 1;
+    const int r = nxkv_core_section_vector(&s, &arrays, head, cell, v);
+    if (r) {
+        section_status[lo] = r;
         return;
     }
-    if (s.sink_map0 >= 0) {
-        const int32_t r = sink_map[s.sink_map0 + cell];
-        if (r >= 0) {
-            const uint16_t *src = sinks + s.sink0 + ((int64_t)r * n_heads + head) * d;
-            for (int64_t j = 0; j < d; ++j) v[j] = half_bits_to_float(src[j]);
-        }
-    }
-    if (s.hadamard) hadamard_vector(v, d);
-    if (s.rope) rope_vector(v, s.rope, s.n_rot, cos + s.trig0 + cell * (s.n_rot / 2), sin + s.trig0 + cell * (s.n_rot / 2));
-    bool finite = true;
-    for (int64_t j = 0; j < d; ++j) finite = finite && isfinite(v[j]);
-    if (!finite) section_status[lo] = 2;
-    const int64_t n_embd = n_heads * d;
-    if (s.out_f16) {
-        uint16_t *o = (uint16_t *)(out + S.out_off);
-        if (s.transposed) {
-            for (int64_t j = 0; j < d; ++j) o[(head * d + j) * n_cells + cell] = nxkv_core_f32_to_f16(v[j]);
-        } else {
-            uint4 *row = (uint4 *)(o + cell * n_embd + head * d); /* 16-byte aligned: d and n_embd are multiples of 8 */
-            for (int64_t q = 0; q < d / 8; ++q) {
-                uint32_t w[4];
-                for (int k = 0; k < 4; ++k) {
-                    w[k] = (uint32_t)nxkv_core_f32_to_f16(v[q * 8 + 2 * k]) |
-                           ((uint32_t)nxkv_core_f32_to_f16(v[q * 8 + 2 * k + 1]) << 16);
-                }
-                row[q] = make_uint4(w[0], w[1], w[2], w[3]);
+    if (s.out_f16 && !s.transposed) { /* 16-byte stores: d and n_embd are multiples of 8 */
+        uint4 *row = (uint4 *)((uint16_t *)s.dest + cell * n_embd + head * d);
+        for (int64_t q = 0; q < d / 8; ++q) {
+            uint32_t w[4];
+            for (int k = 0; k < 4; ++k) {
+                w[k] = (uint32_t)nxkv_core_f32_to_f16(v[q * 8 + 2 * k]) | ((uint32_t)nxkv_core_f32_to_f16(v[q * 8 + 2 * k + 1]) << 16);
             }
+            row[q] = make_uint4(w[0], w[1], w[2], w[3]);
         }
     } else {
-        float *o = (float *)(out + S.out_off);
-        if (s.transposed) {
-            for (int64_t j = 0; j < d; ++j) o[(head * d + j) * n_cells + cell] = v[j];
-        } else {
-            float4 *row = (float4 *)(o + cell * n_embd + head * d);
-            for (int64_t q = 0; q < d / 4; ++q) row[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
-        }
+        nxkv_core_section_store(&s, head, cell, v);
     }
 }
 
@@ -591,26 +510,12 @@ int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size
     std::vector<Section> sections;
     int64_t units = 0, out_bytes = 0;
     for (int64_t i = 0; i < bt->n_sections; ++i) {
-        const nxkv_cuda_section &s = bt->sections[i];
+        const nxkv_section &s = bt->sections[i];
         bt->section_status[i] = 0;
+        const nxkv_values host = {nullptr, bt->n_symbols, nullptr, bt->n_steps, nullptr, bt->n_means, bt->sink_map,
+                                  bt->n_sink_map, nullptr, bt->n_sinks, nullptr, nullptr, bt->n_trig};
+        if (!nxkv_core_section_fits(&s, &host)) return NXKV_CUDA_ERR_ARG; /* the CPU library's check */
         const int64_t d = s.head_dim, n = s.n_cells, h = s.n_heads;
-        if (d < 8 || d % 8 || d > MAX_HEAD_DIM || n < 0 || h < 1 || s.scale_block < 8 || d % s.scale_block || s.scale_block % 8) {
-            return NXKV_CUDA_ERR_ARG;
-        }
-        const int64_t g = h * d / 8, blocks = d / s.scale_block;
-        const int64_t step_rows = s.step_per_cell ? n * h : h;
-        if (s.coset0 < 0 || s.coset0 + n * g > bt->n_symbols || s.coord0 < 0 || s.coord0 + 7 * n * g > bt->n_symbols ||
-            s.last0 < 0 || s.last0 + n * g > bt->n_symbols || s.step0 < 0 || s.step0 + step_rows * blocks > bt->n_steps ||
-            (s.mean0 >= 0 && s.mean0 + h * d > bt->n_means) || (s.sink_map0 >= 0 && s.sink_map0 + n > bt->n_sink_map) ||
-            (s.rope && (s.n_rot < 2 || s.n_rot % 2 || s.n_rot > d || s.trig0 < 0 || s.trig0 + n * (s.n_rot / 2) > bt->n_trig))) {
-            return NXKV_CUDA_ERR_ARG;
-        }
-        if (s.sink_map0 >= 0) {
-            for (int64_t c = 0; c < n; ++c) {
-                const int32_t r = bt->sink_map[s.sink_map0 + c];
-                if (r >= 0 && (s.sink0 < 0 || s.sink0 + ((int64_t)r + 1) * h * d > bt->n_sinks)) return NXKV_CUDA_ERR_ARG;
-            }
-        }
         sections.push_back(Section{s, units, out_bytes});
         units += n * h;
         out_bytes += n * h * d * (s.out_f16 ? 2 : 4);
@@ -667,8 +572,9 @@ int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size
     if (units) {
         const unsigned threads = 128, grid = blocks_for((size_t)units, threads);
         const int64_t ns = (int64_t)sections.size();
-        k_section_values<<<grid, threads>>>(d_sections, ns, units, d_symbols, d_steps, d_means, d_sink_map, d_sinks, d_cos, d_sin,
-                                            d_out, d_section_status);
+        const nxkv_values arrays = {d_symbols, bt->n_symbols, d_steps, bt->n_steps, d_means, bt->n_means, d_sink_map,
+                                    bt->n_sink_map, d_sinks, bt->n_sinks, d_cos, d_sin, bt->n_trig};
+        k_section_values<<<grid, threads>>>(d_sections, ns, units, arrays, d_out, d_section_status);
         CU(cudaGetLastError());
     }
     timer.mark();
@@ -842,7 +748,7 @@ struct EncSection {
 __device__ inline float row_value(const nxkv_cuda_encode_section &s, const uint8_t *rows, int64_t cell, int64_t c) {
     const int64_t n_embd = s.n_heads * s.head_dim;
     const int64_t i = s.transposed ? c * s.n_cells + cell : cell * n_embd + c;
-    return s.rows_f16 ? half_bits_to_float(((const uint16_t *)rows)[i]) : ((const float *)rows)[i];
+    return s.rows_f16 ? nxkv_core_f16_to_f32(((const uint16_t *)rows)[i]) : ((const float *)rows)[i];
 }
 
 __device__ int64_t find_section(const EncSection *sections, int64_t n_sections, int64_t u) {
@@ -863,8 +769,8 @@ __global__ void k_enc_transform(const EncSection *sections, int64_t n_sections, 
     const int64_t local = u - E.unit0, head = local / n_cells, cell = local % n_cells;
     float v[MAX_HEAD_DIM];
     for (int64_t j = 0; j < d; ++j) v[j] = row_value(s, rows[si], cell, head * d + j);
-    if (s.rope) rope_vector(v, s.rope, s.n_rot, cos + s.trig0 + cell * (s.n_rot / 2), sin + s.trig0 + cell * (s.n_rot / 2));
-    if (s.hadamard) hadamard_vector(v, d);
+    if (s.rope) nxkv_core_rope_vector(v, s.rope, s.n_rot, cos + s.trig0 + cell * (s.n_rot / 2), sin + s.trig0 + cell * (s.n_rot / 2));
+    if (s.hadamard) nxkv_core_hadamard_vector(v, d);
     float *o = x + E.x0 + (cell * s.n_heads + head) * d;
     for (int64_t j = 0; j < d; ++j) o[j] = v[j];
     if (E.map0 >= 0) {
@@ -899,7 +805,7 @@ __global__ void k_enc_mean(const EncSection *sections, int64_t n_sections, int64
     }
     const uint16_t h = nxkv_core_f64_to_f16(count ? sum / (double)count : 0.0);
     mean16[u] = h;
-    mean[u] = (double)half_bits_to_float(h);
+    mean[u] = (double)nxkv_core_f16_to_f32(h);
 }
 
 /* Each head's sum of squares after centring, over all cells: a block per (section, head),

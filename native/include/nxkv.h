@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 10 };
+enum nxkv_abi { NXKV_ABI_VERSION = 11 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -95,6 +95,50 @@ int nxkv_rans_decode(const uint8_t *data, size_t n_data, const int64_t *freqs, s
 int nxkv_rans_decode_lanes(const uint8_t *data, size_t n_data, const int64_t *lengths, size_t n_tasks,
                            const int64_t *freqs, size_t n_freqs, int32_t *out, size_t n, size_t lanes, size_t chunk,
                            size_t chunk0, size_t chunk1);
+
+/* A lattice-coded K or V section's values made from its decoded point streams (core/section.h),
+ * for the CPU here and the GPU (nxkv_cuda.h): the E8 points at their steps plus the channel
+ * means, sink rows, the inverse Hadamard rotation, RoPE, written as f16 or f32 rows in the
+ * cache's layout to dest. Offsets index the arrays of an nxkv_values. */
+typedef struct nxkv_section {
+    int64_t n_cells, n_heads, head_dim;
+    int64_t coset0, coord0, last0; /* symbol indices of the point streams [n, g], [n, g, 7], [n, g] */
+    int64_t coset_lo, coord_lo, last_lo; /* added to each symbol index (a stream's smallest value) */
+    int64_t step0;          /* steps[step0 + (per-cell ? cell * n_heads + head : head) * blocks + block] */
+    int64_t step_per_cell;
+    int64_t scale_block;    /* values per step within a head vector */
+    int64_t mean0;          /* -1, or the channel means: means[mean0 .. + n_heads * head_dim) */
+    int64_t sink_map0;      /* -1, or sink_map[sink_map0 + cell]: the cell's sink row, -1 if none */
+    int64_t sink0;          /* the sink rows, f16 [n_sink, n_heads * head_dim], at sinks[sink0] */
+    int64_t hadamard;       /* 1: the orthonormal Hadamard in power-of-two blocks, largest first */
+    int64_t rope;           /* 0: none; 1: pairs (2i, 2i + 1); 2: NEOX pairs (i, i + n_rot / 2) */
+    int64_t n_rot;
+    int64_t trig0;          /* cos / sin [n_cells, n_rot / 2] at cos[trig0], sin[trig0] */
+    int64_t out_f16;        /* 1: f16 rows, 0: f32 */
+    int64_t transposed;     /* 1: V as [n_heads * head_dim, n_cells] (flash attention off) */
+    void *dest;             /* the rows: n_cells * n_heads * head_dim values */
+} nxkv_section;
+
+typedef struct nxkv_values {
+    const int32_t *symbols;
+    int64_t n_symbols;
+    const double *steps;
+    int64_t n_steps;
+    const double *means;
+    int64_t n_means;
+    const int32_t *sink_map;
+    int64_t n_sink_map;
+    const uint16_t *sinks;
+    int64_t n_sinks;
+    const double *cos;
+    const double *sin;
+    int64_t n_trig;
+} nxkv_values;
+
+/* The sections' rows, on this thread: status[i] 0, 1 a coset symbol not 0 or 1, 2 values not
+ * finite (the rows of such a section are partly written: the caller discards them). NXKV_ERR_ARG,
+ * with nothing written, if a section does not fit the arrays. */
+int nxkv_decode_values(const nxkv_section *sections, int64_t n_sections, const nxkv_values *arrays, int32_t *status);
 
 /* Query capture through llama.cpp's eval callback (ggml_backend_sched_eval_callback): keeps the
  * f32 data of graph nodes named "Qcur-<layer>" that the ROPE op produced, while `enabled`.

@@ -4,8 +4,8 @@
  * so Python needs no CUDA package. Functions return 0 (NXKV_CUDA_OK) or a negative status; those
  * that can fail for a CUDA reason write its text into err (err_size bytes, may be NULL).
  *
- * Python reads the declarations between the NXKV_CUDA_CDEF markers with cffi (ABI mode): plain C
- * declarations only.
+ * Python reads the declarations between the NXKV_CUDA_CDEF markers with cffi (ABI mode), after
+ * nxkv.h's (nxkv_section is declared there): plain C declarations only.
  */
 #ifndef NXKV_CUDA_H
 #define NXKV_CUDA_H
@@ -13,12 +13,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "nxkv.h" /* nxkv_section */
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 /* NXKV_CUDA_CDEF_BEGIN */
-enum nxkv_cuda_abi { NXKV_CUDA_ABI_VERSION = 1 };
+enum nxkv_cuda_abi { NXKV_CUDA_ABI_VERSION = 2 };
 int nxkv_cuda_abi_version(void);
 
 enum nxkv_cuda_status {
@@ -73,24 +75,6 @@ typedef struct nxkv_cuda_rans_stream {
     int64_t out0;           /* its first symbol index goes to symbols[out0] */
 } nxkv_cuda_rans_stream;
 
-typedef struct nxkv_cuda_section {
-    int64_t n_cells, n_heads, head_dim;
-    int64_t coset0, coord0, last0; /* symbol indices of the point streams [n, g], [n, g, 7], [n, g] */
-    int64_t coset_lo, coord_lo, last_lo; /* added to each symbol index (a stream's smallest value) */
-    int64_t step0;          /* steps[step0 + (per-cell ? cell * n_heads + head : head) * blocks + block] */
-    int64_t step_per_cell;
-    int64_t scale_block;    /* values per step within a head vector */
-    int64_t mean0;          /* -1, or the channel means: means[mean0 .. + n_heads * head_dim) */
-    int64_t sink_map0;      /* -1, or sink_map[sink_map0 + cell]: the cell's sink row, -1 if none */
-    int64_t sink0;          /* the sink rows, f16 [n_sink, n_heads * head_dim], at sinks[sink0] */
-    int64_t hadamard;       /* 1: the orthonormal Hadamard in power-of-two blocks, largest first */
-    int64_t rope;           /* 0: none; 1: pairs (2i, 2i + 1); 2: NEOX pairs (i, i + n_rot / 2) */
-    int64_t n_rot;
-    int64_t trig0;          /* cos / sin [n_cells, n_rot / 2] at trig[trig0] */
-    int64_t out_f16;        /* 1: f16 rows, 0: f32 */
-    int64_t transposed;     /* 1: V as [n_heads * head_dim, n_cells] (flash attention off) */
-    void *dest;             /* the host rows: n_cells * n_heads * head_dim values */
-} nxkv_cuda_section;
 
 typedef struct nxkv_cuda_batch {
     const uint8_t *payload;
@@ -116,7 +100,7 @@ typedef struct nxkv_cuda_batch {
     const double *cos;
     const double *sin;
     int64_t n_trig;
-    const nxkv_cuda_section *sections;
+    const nxkv_section *sections; /* nxkv.h; their dest: host rows */
     int64_t n_sections;
     int32_t *stream_status;     /* out, n_streams: 0, or NXKV_CUDA_ERR_CORRUPT */
     int32_t *section_status;    /* out, n_sections: 0, 1 a coset symbol not 0 or 1, 2 values not finite */

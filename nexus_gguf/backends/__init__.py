@@ -6,7 +6,7 @@ the tolerance every other implementation must meet. Backends, fastest first:
 
     cuda     the CUDA library built from native/cuda/ where nvcc was found (backends/cuda.py);
              only when asked for: its per-op kernels are round trips over the bus, and its
-             real work, decoding a whole file's lattice sections at once, is cuda_decode.py
+             real work, decoding a whole file's lattice sections at once, is section_decode.py
     native   the C library built from native/ (backends/native.py binds it with cffi)
     numba    Numba CPU kernels (backends/numba_cpu.py)
     numpy    the references themselves
@@ -172,7 +172,7 @@ def kernel(op: str, name: str | None = None) -> Callable:
 
 
 def note_used(op: str, backend: str) -> None:
-    """Records that `backend` ran `op` (for work done outside kernel(): cuda_decode.py)."""
+    """Records that `backend` ran `op` (for work done outside kernel(): section_decode.py)."""
     used = _recorder.get()
     if used is not None:
         used[op] = backend

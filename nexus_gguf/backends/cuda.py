@@ -5,7 +5,7 @@ failure. Every function takes and returns host arrays (the library uploads and d
 
 The per-op functions here have the CPU ops' contracts, for NEXUS_GGUF_BACKEND=cuda and the
 parity tests; each one is a round trip over the bus, so the GPU's real work is decode_sections
-(cuda_decode.py builds its batch): a whole file's lattice sections in one call."""
+(section_decode.py builds its batch): a whole file's lattice sections in one call."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def load():
         ) from None
     header = native._find("NEXUS_GGUF_CUDA_HEADER", [native_dir / "nxkv_cuda.h", _PKG.parent / "native/include/nxkv_cuda.h"])
     ffi = cffi.FFI()
-    ffi.cdef(native._cdef(header, "NXKV_CUDA_CDEF"))
+    # nxkv.h (beside it) declares nxkv_section; its CPU functions are not looked up here
+    ffi.cdef(native._cdef(header.parent / "nxkv.h") + native._cdef(header, "NXKV_CUDA_CDEF"))
     try:
         lib = ffi.dlopen(str(lib_path))
     except OSError as e:

@@ -247,9 +247,10 @@ def rans_encode_lanes(symbols: np.ndarray, freqs: np.ndarray, lanes: int, chunk:
 _PARALLEL_SYMBOLS = 1 << 16  # fewer symbols decode faster on one thread
 
 
-def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: int, lanes: int, chunk: int) -> np.ndarray:
+def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: int, lanes: int, chunk: int,
+                      out: np.ndarray | None = None) -> np.ndarray:
     """Chunks decoded on all cores (cffi releases the GIL around each call), a chunk's lanes in
-    lockstep on one."""
+    lockstep on one; into `out` (int32, n, contiguous) when given."""
     from . import parallel_map, threads
     from .reference import lane_tasks
 
@@ -259,7 +260,10 @@ def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: in
     if lengths.size != n_tasks or int(lengths.sum()) != len(data):
         raise ValueError("interleaved rANS lane table does not match the stream")
     freqs = np.ascontiguousarray(freqs, np.int64)
-    out = np.empty(n, np.int32)
+    if out is None:
+        out = np.empty(n, np.int32)
+    elif out.dtype != np.int32 or out.size != n or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("rans_decode_lanes: out must be a writable contiguous int32 array of n values")
     args = (data, len(data), _ptr(ffi, "int64_t[]", lengths), n_tasks, _ptr(ffi, "int64_t[]", freqs), freqs.size,
             ffi.from_buffer("int32_t[]", out), n, lanes, chunk)
     n_chunks = n_tasks // lanes

@@ -241,7 +241,7 @@ def decode_sections(pipeline, jobs: list[SectionJob]) -> dict[str, float]:
 
 
 def run(prep: Prepared) -> dict[str, float]:
-    """The library's nxkv_cuda_decode_sections on a prepared batch."""
+    """The library's nxkv_section_decode_sections on a prepared batch."""
     from .backends import cuda
 
     ffi, lib = cuda.load()
@@ -259,7 +259,7 @@ def run(prep: Prepared) -> dict[str, float]:
         s = streams[i]
         s.payload_offset, s.task0, s.n_symbols, s.lanes, s.chunk = off, task0, n, lanes, chunk
         s.freq0, s.n_freqs, s.out0 = freq0, n_freqs, out0
-    sections = ffi.new("nxkv_cuda_section[]", max(len(prep.sections), 1))
+    sections = ffi.new("nxkv_section[]", max(len(prep.sections), 1))
     for i, (sec, job) in enumerate(zip(prep.sections, prep.jobs)):
         s = sections[i]
         for key, value in sec.items():
@@ -290,7 +290,7 @@ def run(prep: Prepared) -> dict[str, float]:
     section_status = ffi.new("int32_t[]", max(len(prep.sections), 1))
     b.stream_status, b.section_status = stream_status, section_status
     err = ffi.new("char[]", 512)
-    r = lib.nxkv_cuda_decode_sections(b, err, 512)
+    r = lib.nxkv_section_decode_sections(b, err, 512)
     if r == lib.NXKV_CUDA_ERR_CORRUPT:
         raise_corrupt(prep, list(stream_status[0 : len(prep.streams)]), list(section_status[0 : len(prep.sections)]))
     if r == lib.NXKV_CUDA_ERR_ARG:
@@ -298,6 +298,61 @@ def run(prep: Prepared) -> dict[str, float]:
     if r != lib.NXKV_CUDA_OK:
         raise cuda.CudaError(f"GPU decode failed: {ffi.string(err).decode(errors='replace')}")
     return dict(zip(("upload", "tables", "rans", "values", "download"), list(b.ms)))
+
+
+def run_native(prep: Prepared) -> None:
+    """The same batch on the CPU library: each rANS stream decoded by the native kernel straight
+    into the symbol buffer, then nxkv_decode_values makes every section's rows in one pass over
+    its head vectors (core/section.h, the code the GPU kernel runs)."""
+    from .backends import native
+    from .backends.reference import lane_tasks
+
+    ffi, lib = native.load()
+    a = prep.arrays
+    symbols = np.empty(prep.n_symbols, np.int32)
+    symbols[prep.host_symbols0 : prep.host_symbols0 + a["host_symbols"].size] = a["host_symbols"]
+    for (off, task0, n, lanes, chunk, freq0, n_freqs, out0), where in zip(prep.streams, prep.stream_names):
+        lengths = a["task_lengths"][task0 : task0 + len(lane_tasks(n, lanes, chunk))]
+        data = a["payload"][off : off + int(lengths.sum())].tobytes()
+        try:
+            native.rans_decode_lanes(data, lengths, a["freqs"][freq0 : freq0 + n_freqs], n, lanes, chunk,
+                                     out=symbols[out0 : out0 + n])
+        except ValueError:
+            raise FormatError(f"{where}: rANS stream is corrupt (a lane ends early or does not decode to its start state)") from None
+    keep = []
+
+    def buf(kind: str, arr: np.ndarray):
+        if not arr.size:
+            return ffi.NULL
+        p = ffi.from_buffer(kind, arr, require_writable=False)
+        keep.append(p)
+        return p
+
+    sections = ffi.new("nxkv_section[]", max(len(prep.sections), 1))
+    for i, (sec, job) in enumerate(zip(prep.sections, prep.jobs)):
+        s = sections[i]
+        for key, value in sec.items():
+            setattr(s, key, value)
+        rows = job.rows
+        want = job.info.n_cells * job.info.n_heads * job.info.head_dim * (2 if job.out_f16 else 4)
+        if not rows.flags.c_contiguous or not rows.flags.writeable or rows.nbytes != want:
+            raise FormatError(f"{job.info.name}: rows of {rows.nbytes} bytes do not fit its values")
+        dest = ffi.from_buffer("uint8_t[]", rows)
+        keep.append(dest)
+        s.dest = ffi.cast("void *", dest)
+    v = ffi.new("nxkv_values *")
+    v.symbols, v.n_symbols = buf("int32_t[]", symbols), symbols.size
+    v.steps, v.n_steps = buf("double[]", a["steps"]), a["steps"].size
+    v.means, v.n_means = buf("double[]", a["means"]), a["means"].size
+    v.sink_map, v.n_sink_map = buf("int32_t[]", a["sink_map"]), a["sink_map"].size
+    v.sinks, v.n_sinks = buf("uint16_t[]", a["sinks"]), a["sinks"].size
+    v.cos, v.sin, v.n_trig = buf("double[]", a["cos"]), buf("double[]", a["sin"]), a["cos"].size
+    status = ffi.new("int32_t[]", max(len(prep.sections), 1))
+    if lib.nxkv_decode_values(sections, len(prep.sections), v, status) != lib.NXKV_OK:
+        raise FormatError("the K/V sections' layout is inconsistent (the decoder refused its arguments)")
+    got = list(status[0 : len(prep.sections)])
+    if any(got):
+        raise_corrupt(prep, [0] * len(prep.streams), got)
 
 
 def raise_corrupt(prep: Prepared, stream_status: list[int], section_status: list[int]) -> None:
@@ -314,7 +369,7 @@ def raise_corrupt(prep: Prepared, stream_status: list[int], section_status: list
 
 
 def reference_decode(prep: Prepared) -> None:
-    """The numpy reference of nxkv_cuda_decode_sections (the readable truth the CUDA kernels are
+    """The numpy reference of nxkv_section_decode_sections (the readable truth the CUDA kernels are
     tested against, and a test of the batch itself on machines without a GPU): the same arrays,
     the CPU ops, the same rows."""
     with np.errstate(all="ignore"):  # values that are not finite are refused below, not warned about

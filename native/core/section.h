@@ -1,0 +1,114 @@
+/* One head vector of a lattice-coded K or V section made from its decoded point streams: the CPU
+ * library (nxkv_decode_values) and the GPU kernel (native/cuda/nxkv_cuda.cu k_section_values) run
+ * this same code, so their rows are the same bits, and those of the Python stages
+ * (stages/lattice.py, hadamard.py, rope.py, then f16 rows). The nxkv_section and nxkv_values
+ * structs are declared in nxkv.h. */
+#ifndef NXKV_CORE_SECTION_H
+#define NXKV_CORE_SECTION_H
+
+#include <math.h>
+#include <stdint.h>
+
+#include "../include/nxkv.h"
+#include "f16.h"
+#include "hadamard.h"
+#include "lattice.h"
+#include "rope.h"
+#include "target.h"
+
+#define NXKV_MAX_HEAD_DIM 512
+
+/* Whether every index the section makes lies inside the arrays (checked before any is read). */
+NXKV_FN int nxkv_core_section_fits(const nxkv_section *s, const nxkv_values *a) {
+    const int64_t d = s->head_dim, n = s->n_cells, h = s->n_heads;
+    if (d < 8 || d % 8 || d > NXKV_MAX_HEAD_DIM || n < 0 || h < 1 || s->scale_block < 8 || d % s->scale_block ||
+        s->scale_block % 8 || !s->dest) {
+        return 0;
+    }
+    const int64_t g = h * d / 8, blocks = d / s->scale_block, step_rows = s->step_per_cell ? n * h : h;
+    if (s->coset0 < 0 || s->coset0 + n * g > a->n_symbols || s->coord0 < 0 || s->coord0 + 7 * n * g > a->n_symbols ||
+        s->last0 < 0 || s->last0 + n * g > a->n_symbols || s->step0 < 0 || s->step0 + step_rows * blocks > a->n_steps ||
+        (s->mean0 >= 0 && s->mean0 + h * d > a->n_means) || (s->sink_map0 >= 0 && s->sink_map0 + n > a->n_sink_map) ||
+        (s->rope && (s->n_rot < 2 || s->n_rot % 2 || s->n_rot > d || s->trig0 < 0 || s->trig0 + n * (s->n_rot / 2) > a->n_trig))) {
+        return 0;
+    }
+    if (s->sink_map0 >= 0) {
+        for (int64_t c = 0; c < n; ++c) {
+            const int32_t r = a->sink_map[s->sink_map0 + c];
+            if (r >= 0 && (s->sink0 < 0 || s->sink0 + ((int64_t)r + 1) * h * d > a->n_sinks)) return 0;
+        }
+    }
+    return 1;
+}
+
+/* The orthonormal Hadamard rotation of a head vector of d values in power-of-two blocks, largest
+ * first (stages/hadamard.py): its own inverse. */
+NXKV_FN void nxkv_core_hadamard_vector(float *v, int64_t d) {
+    int64_t start = 0;
+    for (int b = 30; b >= 0; --b) {
+        const int64_t block = (int64_t)1 << b;
+        if (!(d & block)) continue;
+        nxkv_core_hadamard(v + start, (size_t)block, (float)(1.0 / sqrt((double)block)));
+        start += block;
+    }
+}
+
+/* RoPE of a head vector by its cell's angles: mode 1 pairs (2i, 2i + 1), 2 NEOX pairs
+ * (i, i + n_rot / 2); c and sn hold the n_rot / 2 cosines and sines. */
+NXKV_FN void nxkv_core_rope_vector(float *v, int64_t mode, int64_t n_rot, const double *c, const double *sn) {
+    const int64_t half = n_rot / 2;
+    for (int64_t i = 0; i < half; ++i) {
+        const int64_t ia = mode == 2 ? i : 2 * i, ib = mode == 2 ? i + half : 2 * i + 1;
+        float x, y;
+        nxkv_core_rope_pair(v[ia], v[ib], c[i], sn[i], &x, &y);
+        v[ia] = x;
+        v[ib] = y;
+    }
+}
+
+/* The values of head `head` of cell `cell` into v (head_dim floats): 0, or 1 if a coset symbol
+ * is not 0 or 1, 2 if a value is not finite. */
+NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a, int64_t head, int64_t cell, float *v) {
+    const int64_t d = s->head_dim, n_heads = s->n_heads;
+    const int64_t g = n_heads * d / 8, group0 = cell * g + head * (d / 8), blocks = d / s->scale_block;
+    const int64_t step_row = s->step0 + (s->step_per_cell ? cell * n_heads + head : head) * blocks;
+    int coset_ok = 1;
+    for (int64_t q = 0; q < d / 8; ++q) {
+        const int64_t grp = group0 + q;
+        const int64_t coset = (int64_t)a->symbols[s->coset0 + grp] + s->coset_lo;
+        coset_ok &= coset == 0 || coset == 1;
+        int32_t z7[7];
+        for (int j = 0; j < 7; ++j) z7[j] = (int32_t)((int64_t)a->symbols[s->coord0 + 7 * grp + j] + s->coord_lo);
+        const int32_t last = (int32_t)((int64_t)a->symbols[s->last0 + grp] + s->last_lo);
+        nxkv_core_lattice_group((uint8_t)(coset & 1), z7, last, a->steps[step_row + q * 8 / s->scale_block],
+                                s->mean0 >= 0 ? a->means + s->mean0 + head * d + q * 8 : 0, v + q * 8);
+    }
+    if (!coset_ok) return 1;
+    if (s->sink_map0 >= 0) {
+        const int32_t r = a->sink_map[s->sink_map0 + cell];
+        if (r >= 0) {
+            const uint16_t *src = a->sinks + s->sink0 + ((int64_t)r * n_heads + head) * d;
+            for (int64_t j = 0; j < d; ++j) v[j] = nxkv_core_f16_to_f32(src[j]);
+        }
+    }
+    if (s->hadamard) nxkv_core_hadamard_vector(v, d);
+    if (s->rope) {
+        const int64_t half = s->n_rot / 2;
+        nxkv_core_rope_vector(v, s->rope, s->n_rot, a->cos + s->trig0 + cell * half, a->sin + s->trig0 + cell * half);
+    }
+    int finite = 1;
+    for (int64_t j = 0; j < d; ++j) finite &= isfinite(v[j]) != 0;
+    return finite ? 0 : 2;
+}
+
+/* v into the section's rows, one value at a time (cell-major or transposed). */
+NXKV_FN void nxkv_core_section_store(const nxkv_section *s, int64_t head, int64_t cell, const float *v) {
+    const int64_t d = s->head_dim, n_embd = s->n_heads * d;
+    for (int64_t j = 0; j < d; ++j) {
+        const int64_t i = s->transposed ? (head * d + j) * s->n_cells + cell : cell * n_embd + head * d + j;
+        if (s->out_f16) ((uint16_t *)s->dest)[i] = nxkv_core_f32_to_f16(v[j]);
+        else ((float *)s->dest)[i] = v[j];
+    }
+}
+
+#endif
