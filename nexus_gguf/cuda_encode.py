@@ -27,6 +27,7 @@ from typing import Optional
 
 import numpy as np
 
+from .backends.reference import n_lane_tasks
 from .section_decode import unsupported as decode_unsupported
 from .section_decode import value_stages
 from .errors import ConfigError
@@ -123,7 +124,7 @@ def encode_sections(pipeline, jobs: list[EncodeJob], engine=None) -> list[tuple[
         chunk = np.array([counts[k] if entropy.plain_rans else entropy.chunk_of(counts[k]) for k in range(n_streams)], np.int64)
         lanes = 1 if entropy.plain_rans else entropy.lanes
         lengths, body = engine.rans(hist_offset, np.concatenate([f for f in freqs if f is not None] or [np.zeros(0, np.int64)]),
-                                    lo, lanes, chunk, [len(_lane_starts(counts[k], lanes, chunk[k])) if coded[k] else 0
+                                    lo, lanes, chunk, [n_lane_tasks(counts[k], lanes, int(chunk[k])) if coded[k] else 0
                                                        for k in range(n_streams)])
         out = []
         task = at = 0
@@ -142,7 +143,7 @@ def encode_sections(pipeline, jobs: list[EncodeJob], engine=None) -> list[tuple[
                 if not counts[k]:
                     parts.append(stream_record(name, dtype, shape, METHOD_EMPTY, b""))
                 elif coded[k]:
-                    n_tasks = len(_lane_starts(counts[k], lanes, chunk[k]))
+                    n_tasks = n_lane_tasks(counts[k], lanes, int(chunk[k]))
                     lens = lengths[task : task + n_tasks]
                     data = body[at : at + int(lens.sum())]
                     task += n_tasks
@@ -166,12 +167,6 @@ def encode_sections(pipeline, jobs: list[EncodeJob], engine=None) -> list[tuple[
 def _point_count(sec: dict, part: int) -> int:
     groups = sec["n_cells"] * sec["n_heads"] * sec["head_dim"] // 8
     return 7 * groups if part == 1 else groups
-
-
-def _lane_starts(n: int, lanes: int, chunk: int) -> list:
-    from .backends.reference import lane_tasks
-
-    return lane_tasks(n, lanes, int(chunk))
 
 
 class _CudaEngine:

@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import FormatError
+from .backends.reference import n_lane_tasks
 from .stages import TensorInfo
 from .stages.entropy import METHOD_RANS, METHOD_RANS_LANES, Entropy
 from .stages.hadamard import Hadamard
@@ -305,14 +306,13 @@ def run_native(prep: Prepared) -> None:
     into the symbol buffer, then nxkv_decode_values makes every section's rows in one pass over
     its head vectors (core/section.h, the code the GPU kernel runs)."""
     from .backends import native
-    from .backends.reference import lane_tasks
 
     ffi, lib = native.load()
     a = prep.arrays
     symbols = np.empty(prep.n_symbols, np.int32)
     symbols[prep.host_symbols0 : prep.host_symbols0 + a["host_symbols"].size] = a["host_symbols"]
     for (off, task0, n, lanes, chunk, freq0, n_freqs, out0), where in zip(prep.streams, prep.stream_names):
-        lengths = a["task_lengths"][task0 : task0 + len(lane_tasks(n, lanes, chunk))]
+        lengths = a["task_lengths"][task0 : task0 + n_lane_tasks(n, lanes, chunk)]
         data = a["payload"][off : off + int(lengths.sum())].tobytes()
         try:
             native.rans_decode_lanes(data, lengths, a["freqs"][freq0 : freq0 + n_freqs], n, lanes, chunk,
@@ -385,7 +385,7 @@ def _reference_decode(prep: Prepared) -> None:
     symbols[prep.host_symbols0 : prep.host_symbols0 + a["host_symbols"].size] = a["host_symbols"]
     stream_status = []
     for off, task0, n, lanes, chunk, freq0, n_freqs, out0 in prep.streams:
-        n_tasks = len(ref.lane_tasks(n, lanes, chunk))
+        n_tasks = n_lane_tasks(n, lanes, chunk)
         lengths = a["task_lengths"][task0 : task0 + n_tasks]
         data = a["payload"][off : off + int(lengths.sum())].tobytes()
         try:

@@ -160,11 +160,11 @@ def f32_to_f16(x: np.ndarray) -> np.ndarray:
 
 
 def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: int, lanes: int, chunk: int) -> np.ndarray:
-    from .reference import lane_tasks
+    from .reference import n_lane_tasks
 
     ffi, lib = load()
     lengths = np.ascontiguousarray(lengths, np.int64)
-    if lengths.size != len(lane_tasks(n, lanes, chunk)) or int(lengths.sum()) != len(data):
+    if lengths.size != n_lane_tasks(n, lanes, chunk) or int(lengths.sum()) != len(data):
         raise ValueError("interleaved rANS lane table does not match the stream")
     freqs = np.ascontiguousarray(freqs, np.int64)
     out = np.empty(n, np.int32)

@@ -252,11 +252,11 @@ def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: in
     """Chunks decoded on all cores (cffi releases the GIL around each call), a chunk's lanes in
     lockstep on one; into `out` (int32, n, contiguous) when given."""
     from . import parallel_map, threads
-    from .reference import lane_tasks
+    from .reference import n_lane_tasks
 
     ffi, lib = load()
     lengths = np.ascontiguousarray(lengths, np.int64)
-    n_tasks = len(lane_tasks(n, lanes, chunk))
+    n_tasks = n_lane_tasks(n, lanes, chunk)
     if lengths.size != n_tasks or int(lengths.sum()) != len(data):
         raise ValueError("interleaved rANS lane table does not match the stream")
     freqs = np.ascontiguousarray(freqs, np.int64)

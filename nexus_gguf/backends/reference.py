@@ -217,6 +217,11 @@ def lane_tasks(n: int, lanes: int, chunk: int) -> list[tuple[int, int]]:
     return out
 
 
+def n_lane_tasks(n: int, lanes: int, chunk: int) -> int:
+    """len(lane_tasks(n, lanes, chunk)), without building the list."""
+    return -(-n // chunk) * lanes if n else 0
+
+
 def rans_encode_lanes(symbols: np.ndarray, freqs: np.ndarray, lanes: int, chunk: int) -> tuple[np.ndarray, bytes]:
     """Interleaved rANS: (byte length of each (chunk, lane) stream, the streams back to back).
     Each stream is rans_encode of its lane's symbols; an empty lane is an empty stream."""
