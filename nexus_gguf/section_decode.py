@@ -241,25 +241,17 @@ def decode_sections(pipeline, jobs: list[SectionJob]) -> dict[str, float]:
     return timings
 
 
-def run(prep: Prepared) -> dict[str, float]:
-    """The library's nxkv_section_decode_sections on a prepared batch."""
-    from .backends import cuda
+def _buffer(ffi, kind: str, arr: np.ndarray, keep: list):
+    """A cffi view of arr (NULL when empty), kept alive in `keep` for the call."""
+    if not arr.size:
+        return ffi.NULL
+    p = ffi.from_buffer(kind, arr, require_writable=False)
+    keep.append(p)
+    return p
 
-    ffi, lib = cuda.load()
-    keep = []  # cffi buffers must outlive the call
 
-    def buf(kind: str, a: np.ndarray):
-        if not a.size:
-            return ffi.NULL
-        p = ffi.from_buffer(kind, a, require_writable=False)
-        keep.append(p)
-        return p
-
-    streams = ffi.new("nxkv_cuda_rans_stream[]", max(len(prep.streams), 1))
-    for i, (off, task0, n, lanes, chunk, freq0, n_freqs, out0) in enumerate(prep.streams):
-        s = streams[i]
-        s.payload_offset, s.task0, s.n_symbols, s.lanes, s.chunk = off, task0, n, lanes, chunk
-        s.freq0, s.n_freqs, s.out0 = freq0, n_freqs, out0
+def _sections(ffi, prep: Prepared, keep: list):
+    """The batch's nxkv_section array (nxkv.h), each pointing at its job's rows."""
     sections = ffi.new("nxkv_section[]", max(len(prep.sections), 1))
     for i, (sec, job) in enumerate(zip(prep.sections, prep.jobs)):
         s = sections[i]
@@ -272,6 +264,26 @@ def run(prep: Prepared) -> dict[str, float]:
         dest = ffi.from_buffer("uint8_t[]", rows)
         keep.append(dest)
         s.dest = ffi.cast("void *", dest)
+    keep.append(sections)
+    return sections
+
+
+def run(prep: Prepared) -> dict[str, float]:
+    """The library's nxkv_cuda_decode_sections on a prepared batch."""
+    from .backends import cuda
+
+    ffi, lib = cuda.load()
+    keep = []  # cffi buffers must outlive the call
+
+    def buf(kind: str, arr: np.ndarray):
+        return _buffer(ffi, kind, arr, keep)
+
+    streams = ffi.new("nxkv_cuda_rans_stream[]", max(len(prep.streams), 1))
+    for i, (off, task0, n, lanes, chunk, freq0, n_freqs, out0) in enumerate(prep.streams):
+        s = streams[i]
+        s.payload_offset, s.task0, s.n_symbols, s.lanes, s.chunk = off, task0, n, lanes, chunk
+        s.freq0, s.n_freqs, s.out0 = freq0, n_freqs, out0
+    sections = _sections(ffi, prep, keep)
     a = prep.arrays
     b = ffi.new("nxkv_cuda_batch *")
     b.payload, b.payload_size = buf("uint8_t[]", a["payload"]), a["payload"].size
@@ -291,7 +303,7 @@ def run(prep: Prepared) -> dict[str, float]:
     section_status = ffi.new("int32_t[]", max(len(prep.sections), 1))
     b.stream_status, b.section_status = stream_status, section_status
     err = ffi.new("char[]", 512)
-    r = lib.nxkv_section_decode_sections(b, err, 512)
+    r = lib.nxkv_cuda_decode_sections(b, err, 512)
     if r == lib.NXKV_CUDA_ERR_CORRUPT:
         raise_corrupt(prep, list(stream_status[0 : len(prep.streams)]), list(section_status[0 : len(prep.sections)]))
     if r == lib.NXKV_CUDA_ERR_ARG:
@@ -322,24 +334,9 @@ def run_native(prep: Prepared) -> None:
     keep = []
 
     def buf(kind: str, arr: np.ndarray):
-        if not arr.size:
-            return ffi.NULL
-        p = ffi.from_buffer(kind, arr, require_writable=False)
-        keep.append(p)
-        return p
+        return _buffer(ffi, kind, arr, keep)
 
-    sections = ffi.new("nxkv_section[]", max(len(prep.sections), 1))
-    for i, (sec, job) in enumerate(zip(prep.sections, prep.jobs)):
-        s = sections[i]
-        for key, value in sec.items():
-            setattr(s, key, value)
-        rows = job.rows
-        want = job.info.n_cells * job.info.n_heads * job.info.head_dim * (2 if job.out_f16 else 4)
-        if not rows.flags.c_contiguous or not rows.flags.writeable or rows.nbytes != want:
-            raise FormatError(f"{job.info.name}: rows of {rows.nbytes} bytes do not fit its values")
-        dest = ffi.from_buffer("uint8_t[]", rows)
-        keep.append(dest)
-        s.dest = ffi.cast("void *", dest)
+    sections = _sections(ffi, prep, keep)
     v = ffi.new("nxkv_values *")
     v.symbols, v.n_symbols = buf("int32_t[]", symbols), symbols.size
     v.steps, v.n_steps = buf("double[]", a["steps"]), a["steps"].size
@@ -369,7 +366,7 @@ def raise_corrupt(prep: Prepared, stream_status: list[int], section_status: list
 
 
 def reference_decode(prep: Prepared) -> None:
-    """The numpy reference of nxkv_section_decode_sections (the readable truth the CUDA kernels are
+    """The numpy reference of nxkv_cuda_decode_sections (the readable truth the CUDA kernels are
     tested against, and a test of the batch itself on machines without a GPU): the same arrays,
     the CPU ops, the same rows."""
     with np.errstate(all="ignore"):  # values that are not finite are refused below, not warned about

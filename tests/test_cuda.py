@@ -255,3 +255,28 @@ def test_sections_the_gpu_does_not_encode_say_why_and_use_the_cpu(monkeypatch, e
     pipeline = Pipeline.from_config({"stages": configs})
     assert why in cuda_encode.unsupported(pipeline, hh.state["values"], {"f16"})
     assert "q8_0" in cuda_encode.unsupported(hh.pipeline, hh.state["values"], {"f16", "q8_0"})
+
+
+def test_every_library_function_the_python_side_calls_is_declared():
+    """The GPU paths run only where a GPU is: a misspelt library call would first fail there. Every
+    `lib.nxkv_...` the Python side calls must be declared in the headers cffi reads."""
+    import re
+    from pathlib import Path
+
+    import cffi
+
+    from nexus_gguf.backends import native
+
+    root = Path(native.__file__).resolve().parent.parent
+    include = root.parent / "native" / "include"
+    if not include.is_dir():
+        pytest.skip("no native/ sources (an installed package's tests)")
+    declarations = native._cdef(include / "nxkv.h") + native._cdef(include / "nxkv_cuda.h", "NXKV_CUDA_CDEF")
+    cffi.FFI().cdef(declarations)  # what backends/cuda.py parses
+    declared = set(re.findall(r"\b(nxkv_\w+)\s*\(", declarations))
+    called = set()
+    for source in ("backends/native.py", "backends/cuda.py", "section_decode.py", "cuda_encode.py", "llama_capture.py"):
+        path = root / source
+        if path.exists():
+            called |= set(re.findall(r"\blib\.(nxkv_\w+)", path.read_text()))
+    assert called and called <= declared, sorted(called - declared)
