@@ -1,17 +1,19 @@
-"""Decoding a file's lattice-coded K/V sections on a CUDA GPU, all in one call.
+"""Decoding lattice-coded K/V sections as one batch: a whole file on a CUDA GPU (run), or a
+layer at a time on the CPU library (run_native).
 
 The host parses each section's stream container and decodes the small streams (scales, channel
-means, sink rows; kilobytes), computes the steps and the RoPE angles as the CPU path does, and
-hands the library one batch: every rANS lane of every section (compressed bytes uploaded once),
-the point streams' places, the per-section recipe. The GPU decodes all lanes at once (a thread
-per lane and chunk), then a thread per (section, head, cell) makes the values (lattice point,
-sink rows, inverse Hadamard, RoPE), checks them and writes f16 or f32 rows in the cache's layout,
-copied straight into the llama.cpp state buffer. The float steps are the CPU library's, so the
-rows are the same bits (tests/test_cuda.py).
+means, sink rows; kilobytes), computes the steps and the RoPE angles as the stages do, and builds
+one batch (prepare): every rANS lane of every section, the point streams' places, the
+per-section recipe. The rANS lanes are decoded (on the GPU a thread per lane and chunk), then
+each head vector of each cell is made by native/core/section.h (lattice point, sink rows,
+inverse Hadamard, RoPE), checked and written as f16 or f32 rows in the cache's layout, straight
+into the llama.cpp state buffer. The same core code on both, the same float operations as the
+stages: the rows are the same bits (tests/test_cuda.py, tests/test_golden.py). reference_decode
+is the numpy reference of the batch.
 
 What it covers: the value path of the presets (stages rope?, hadamard?, lattice, entropy) into
 f16 or f32 caches with head sizes up to 512. Anything else (quantized caches, importance-aware
-steps, delta coding) decodes on the CPU; unsupported() says why."""
+steps, delta coding) decodes stage by stage; unsupported() says why."""
 
 from __future__ import annotations
 
