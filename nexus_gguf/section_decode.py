@@ -65,6 +65,8 @@ def unsupported(pipeline, dims: dict, types: set[str]) -> Optional[str]:
     rope, _, lattice, _ = got
     if lattice.token_steps:
         return "importance-aware steps (bucket streams) are coded on the CPU"
+    if lattice.transform != "none" or lattice.classes:
+        return "the PCA transform and component classes are coded stage by stage on the CPU"
     if lattice.scale_scope == "head" and lattice.scale_block:
         return "per-head scales with scale blocks are coded on the CPU"
     bad = sorted(types - {"f16", "f32"})

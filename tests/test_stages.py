@@ -420,3 +420,94 @@ def test_stream_values_its_type_cannot_hold_are_refused_not_wrapped():
     bad = bytes(good).replace(bytes(table), bytes(rans_table(256, np.array([6554, 9830]))))
     with pytest.raises(FormatError, match="outside the stream's type uint8"):
         ent.decode(np.frombuffer(bad, np.uint8), TensorInfo("k.0.0.0", "f16", 2, 100))
+
+
+def _correlated(n, h=2, d=64, seed=1):
+    """Head vectors with a few strong directions (as RoPE-removed keys have), not along channels."""
+    rng = np.random.default_rng(seed)
+    spread = np.exp2(-np.arange(d) / 6.0)  # component RMS falling 12 octaves over the head
+    mix = np.linalg.qr(rng.standard_normal((h, d, d)))[0]
+    x = np.einsum("nhj,hji->nhi", rng.standard_normal((n, h, d)) * spread, mix) + 2 * rng.standard_normal((1, h, d))
+    return x.astype(np.float32)
+
+
+def test_pca_transform_stores_its_basis_and_saves_bits():
+    """transform=pca codes each head on its own principal axes, the basis in the section; with
+    component classes the same quality costs fewer bytes than one table per stream; sections
+    below pca_min_cells are coded as they are (the decoder decides the same from the cell count)."""
+    n = 600
+    x = _correlated(n)
+    info = _info(n=n)
+    plain = Lattice(k_bits=3.5, scale_scope="head")
+    pca = Lattice(k_bits=3.5, scale_scope="head", transform="pca", classes=True, pca_min_cells=500)
+    s = pca.encode(x, info)
+    assert s["basis"].shape == (2, 64, 64) and s["basis"].dtype == np.int16 and np.abs(s["basis"]).max() <= 32
+    assert s["class"].shape == (2, 64) and s["class"][:, 0].min() > s["class"][:, -1].max()  # falling variance
+    assert not {"coset", "coord", "coord_last"} & set(s) and "coord.c0" in s
+    y = pca.decode(Entropy().decode(Entropy().encode(s, info), info), info)
+    y_plain = plain.decode(plain.encode(x, info), info)
+    err, err_plain = ((y - x)[4:] ** 2).mean(), ((y_plain - x)[4:] ** 2).mean()
+    assert err < 1.2 * err_plain
+    assert len(Entropy().encode(s, info)) < 0.9 * len(Entropy().encode(plain.encode(x, info), info))
+    np.testing.assert_array_equal(y[:4], x[:4].astype(np.float16).astype(np.float32))  # sinks as f16
+    # too few cells for a basis to pay: none stored, and decode agrees
+    small = _info(n=300)
+    s_small = pca.encode(x[:300], small)
+    assert "basis" not in s_small
+    assert np.abs(pca.decode(s_small, small) - x[:300]).max() < 0.5 * np.abs(x).max()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "native"])
+def test_pca_decode_is_bit_identical_on_every_backend(backend, monkeypatch):
+    if backend_status()[backend] != "available":
+        pytest.skip(backend_status()[backend])
+    from nexus_gguf import backends
+
+    x, info = _correlated(300), _info(n=300)
+    lat = Lattice(k_bits=3.0, scale_scope="head", transform="pca", classes=True, pca_min_cells=100)
+    s = lat.encode(x, info)
+    want = lat.decode(s, info)
+    monkeypatch.setenv("NEXUS_GGUF_BACKEND", backend)
+    backends._resolved.clear()
+    try:
+        got = lat.decode(s, info)
+    finally:
+        backends._resolved.clear()
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def test_pca_and_classes_refuse_damaged_symbols():
+    x, info = _correlated(300), _info(n=300)
+    lat = Lattice(k_bits=3.0, scale_scope="head", transform="pca", classes=True, pca_min_cells=100)
+    s = lat.encode(x, info)
+    some_class = next(k for k in s if k.startswith("coord.c"))
+    for bad in ({**s, "basis": s["basis"][:1]}, {**s, "basis": s["basis"] * 4},
+                {**s, "class": s["class"][:, :8]}, {**s, "class": np.full_like(s["class"], 8)},
+                {**s, "class": (s["class"] + 1) % 8},
+                {k: v for k, v in s.items() if k != some_class}, {k: v for k, v in s.items() if k != "basis"},
+                {**s, some_class: s[some_class][:-1]}):
+        with pytest.raises(FormatError):
+            lat.decode(bad, info)
+    with pytest.raises(ConfigError):
+        Lattice(transform="svd")
+    with pytest.raises(ConfigError):
+        Lattice(classes=True, scale_scope="vector")
+    with pytest.raises(ConfigError):
+        Lattice(classes=True, scale_scope="head", token_steps=0.5, step_octaves=16.0)  # too many streams
+    with pytest.raises(ConfigError):
+        Lattice(transform="pca", basis_bits=9)
+
+
+def test_classes_combine_with_token_steps():
+    n = 300
+    x, info = _correlated(n), _info(n=n)
+    importance = np.ones(n)
+    importance[100:200] = 1 / 64
+    with_imp = TensorInfo(**{**info.__dict__, "importance": importance})
+    lat = Lattice(k_bits=3.5, scale_scope="head", classes=True, token_steps=0.5, step_octaves=3.0)
+    s = lat.encode(x, with_imp)
+    assert "coord.0.c7" in s or any(k.startswith("coord.6.c") for k in s)
+    y = lat.decode(Entropy().decode(Entropy().encode(s, with_imp), info), info)
+    assert np.array_equal(y, lat.decode(s, info))
+    err = ((y - x) ** 2).mean(axis=(1, 2))
+    assert err[100:200].mean() > 4 * err[4:100].mean()

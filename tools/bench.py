@@ -51,6 +51,22 @@ def eviction_variants():
     return out
 
 
+def transform_variants():
+    """`high` with its values coded on each head's own principal axes (lattice transform=pca,
+    no Hadamard) and one entropy model per component class; at 3.5 bits (high's), 3.3, and 3.3
+    with importance-aware steps (the last window's attention). Not presets yet: README."""
+    from nexus_gguf.pipeline import Pipeline, build_pipeline
+
+    pca = dict(lattice_transform="pca", lattice_classes=True)
+    out = []
+    for name, extra in (("high-pca", {}), ("high-pca3.3", dict(lattice_k_bits=3.3, lattice_v_bits=3.3)),
+                        ("high-pca3.3+steps", dict(lattice_k_bits=3.3, lattice_v_bits=3.3, lattice_token_steps=0.35,
+                                                   lattice_step_octaves=3.0))):
+        p = build_pipeline("high", ["hadamard"], **pca, **extra)
+        out.append(Pipeline(p.stages, name, p.eviction, p.scoring))
+    return out
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -255,7 +271,7 @@ def main(argv=None) -> int:
             llm, TEXTS[name].read_text(encoding="utf-8"), text_name=name, presets=presets,
             prefix_tokens=plan["prefixes"], eval_tokens=plan["eval_tokens"],
             ablate=[p for p in plan["ablate"] if p in presets],
-            variants=eviction_variants(), variant_prefixes=plan["eviction_at"],
+            variants=eviction_variants() + transform_variants(), variant_prefixes=plan["eviction_at"],
             recall_trials=plan["recall_trials"], recall_prefixes=plan["recall"].get(name, []),
             progress_factory=lambda label: Progress(label, "tok"), log=lambda s: print(s, file=sys.stderr),
         )

@@ -109,6 +109,13 @@ def stage_cases(rng):
     wide = {"coord": rng.integers(-9000, 9000, (20, 3)).astype(np.int32), "empty": np.zeros((0, 2), np.int16),
             "bits": rng.integers(0, 2, 33).astype(np.uint8)}
     out.append(({"case": "entropy-rans-mixed", "stages": [{"id": "entropy"}]}, wide, _info("k", n, h, d)))
+    # each head on its own principal axes (basis stored), one entropy model per component class;
+    # its own generator, so the cases above keep their inputs
+    prng = np.random.default_rng(2026)
+    xp = _values(prng, 160, 2, 32)
+    pca = {"id": "lattice", "k_bits": 3.5, "v_bits": 3.5, "scale_scope": "head", "transform": "pca", "pca_min_cells": 64,
+           "classes": True}
+    out.append(({"case": "lattice-pca-classes", "stages": [pca, {"id": "entropy"}]}, xp, _info("k", 160, 2, 32)))
     return out
 
 

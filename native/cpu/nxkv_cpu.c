@@ -13,6 +13,7 @@
 #include "../core/rope.h"
 #include "../core/rans.h"
 #include "../core/section.h"
+#include "../core/transform.h"
 
 int nxkv_abi_version(void) { return NXKV_ABI_VERSION; }
 
@@ -111,6 +112,22 @@ int nxkv_hadamard_blocks(const float *x, float *out, size_t n_values, size_t blo
     const float scale = (float)(1.0 / sqrt((double)block));
     if (out != x) memcpy(out, x, n_values * sizeof(float));
     for (size_t i = 0; i < n_values; i += block) nxkv_core_hadamard(out + i, block, scale);
+    return NXKV_OK;
+}
+
+int nxkv_basis_inverse(const float *y, const int16_t *basis, size_t n_vectors, size_t n_heads, size_t d, int shift,
+                       const double *mean, float *out) {
+    if (d == 0 || d > 4096 || n_heads == 0 || shift < 0 || shift > 30) return NXKV_ERR_ARG;
+    double *b = malloc(sizeof(double) * (n_heads * d * d + d));
+    if (!b) return NXKV_ERR_NOMEM;
+    for (size_t i = 0; i < n_heads * d * d; ++i) b[i] = (double)basis[i];
+    double *acc = b + n_heads * d * d;
+    const double scale = ldexp(1.0, -shift);
+    for (size_t v = 0; v < n_vectors; ++v) {
+        const size_t k = v % n_heads;
+        nxkv_core_basis_inverse(y + v * d, b + k * d * d, d, scale, mean ? mean + k * d : NULL, acc, out + v * d);
+    }
+    free(b);
     return NXKV_OK;
 }
 

@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 11 };
+enum nxkv_abi { NXKV_ABI_VERSION = 12 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -58,6 +58,13 @@ void nxkv_f64_to_f16(const double *src, uint16_t *dst, size_t n);
  * floats of x[0 .. n_values), into out (may be x). NXKV_ERR_ARG if block is not a power of two
  * or does not divide n_values. */
 int nxkv_hadamard_blocks(const float *x, float *out, size_t n_values, size_t block);
+
+/* The lattice's PCA transform undone (core/transform.h): n_vectors head vectors of d floats y,
+ * head k = vector index % n_heads, each mapped through basis[k] (int16 [n_heads][d][d], rows the
+ * components) times 2^-shift, plus mean[k d .. k d + d) (NULL: none), into out (not y).
+ * NXKV_ERR_ARG if d is 0 or above 4096 or shift outside 0 .. 30. */
+int nxkv_basis_inverse(const float *y, const int16_t *basis, size_t n_vectors, size_t n_heads, size_t d, int shift,
+                       const double *mean, float *out);
 
 /* The stored E8 points (core/lattice.h) of n_groups groups of 8 doubles x at steps step[i]:
  * coset[i], coord[7 i .. 7 i + 7), coord_last[i]. Values whose point does not fit int32 make

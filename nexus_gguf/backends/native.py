@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NativeLibraryError
+from . import reference
 
 _PKG = Path(__file__).resolve().parent.parent
 _lib = _ffi = None
@@ -157,6 +158,17 @@ def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
     out = np.empty_like(src)
     if lib.nxkv_hadamard_blocks(_ptr(ffi, "float[]", src), ffi.from_buffer("float[]", out), src.size, block) != lib.NXKV_OK:
         raise ValueError(f"Hadamard size {block} is not a power of two dividing rows of {src.shape[-1] if src.ndim else 0}")
+    return out
+
+
+def basis_inverse(y: np.ndarray, basis: np.ndarray, shift: int, mean: np.ndarray) -> np.ndarray:
+    ffi, lib = load()
+    y, basis, mean = reference.basis_inverse_args(y, basis, mean)
+    n, h, d = y.shape
+    out = np.empty_like(y)
+    if lib.nxkv_basis_inverse(_ptr(ffi, "float[]", y), _ptr(ffi, "int16_t[]", basis), n * h, h, d, int(shift),
+                              _ptr(ffi, "double[]", mean) if mean.size else ffi.NULL, ffi.from_buffer("float[]", out)) != lib.NXKV_OK:
+        raise ValueError(f"basis_inverse: head size {d} or shift {shift} out of range")
     return out
 
 

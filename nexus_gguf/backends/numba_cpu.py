@@ -173,6 +173,33 @@ def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def _basis_inverse(y, basis, scale, mean, out):
+    # native/core/transform.h: a double sum in the order j = 0 .. d-1 (exact products)
+    n, h, d = y.shape
+    acc = np.empty(d)
+    for c in range(n):
+        for k in range(h):
+            acc[:] = 0.0
+            for j in range(d):
+                yj = np.float64(y[c, k, j])
+                if yj == 0.0:
+                    continue
+                for i in range(d):
+                    acc[i] += basis[k, j, i] * yj
+            for i in range(d):
+                out[c, k, i] = np.float32(acc[i] * scale + (mean[k * d + i] if mean.size else 0.0))
+
+
+def basis_inverse(y: np.ndarray, basis: np.ndarray, shift: int, mean: np.ndarray) -> np.ndarray:
+    from .reference import basis_inverse_args
+
+    y, basis, mean = basis_inverse_args(y, basis, mean)
+    out = np.empty_like(y)
+    _basis_inverse(y, basis.astype(np.float64), 2.0 ** -int(shift), mean, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
 def _f32_to_f16(bits, out):
     # native/core/f16.h, bit for bit (numba has no float16)
     for i in range(bits.size):

@@ -91,6 +91,38 @@ def lattice_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndar
     return x.astype(np.float32)
 
 
+def basis_inverse_args(y, basis, mean):
+    """The arrays basis_inverse's kernels take (every backend's), checked."""
+    y = np.ascontiguousarray(y, np.float32)
+    if y.ndim != 3:
+        raise ValueError("basis_inverse: y must be [n, heads, head size]")
+    _, h, d = y.shape
+    basis = np.ascontiguousarray(basis, np.int16)
+    mean = np.ascontiguousarray(mean, np.float64).reshape(-1)
+    if basis.shape != (h, d, d) or mean.size not in (0, h * d):
+        raise ValueError(f"basis_inverse: basis {basis.shape} or mean ({mean.size}) do not fit head vectors {y.shape[1:]}")
+    return y, basis, mean
+
+
+def basis_inverse(y: np.ndarray, basis: np.ndarray, shift: int, mean: np.ndarray) -> np.ndarray:
+    """float32 [n, h, d]: each head vector y[c, k] (float32 [n, h, d], coefficients on the rows
+    of head k's basis) back in the original coordinates, x[c, k, i] = sum over j = 0 .. d-1 in
+    that order of basis[k, j, i] * y[c, k, j], times 2^-shift, plus mean[k * d + i] (float64
+    [h * d], or empty). Integer basis entries (|b| < 2^15) times float32 values are exact in a
+    double, so the double sum in this order is the same on every backend (no FMA question);
+    one rounding to float32 at the end. stages/lattice.py's PCA transform."""
+    y, basis, mean = basis_inverse_args(y, basis, mean)
+    n, h, d = y.shape
+    b = basis.astype(np.float64)
+    acc = np.zeros((n, h, d))
+    for j in range(d):
+        acc += y[:, :, j, None].astype(np.float64) * b[None, :, j, :]
+    acc *= 2.0 ** -int(shift)
+    if mean.size:
+        acc += mean.reshape(h, d)
+    return acc.astype(np.float32)
+
+
 def f32_to_f16(x: np.ndarray) -> np.ndarray:
     """uint16 bits of IEEE half values of float32 x, rounded to nearest even (numpy's astype;
     ggml's GGML_FP32_TO_FP16). NaN stays NaN (its payload bits are not specified here)."""

@@ -24,6 +24,9 @@ GAUSS_BITS = 0.5 * np.log2(2 * np.pi * np.e)  # differential entropy of N(0, 1) 
 LOG_STEPS = 8  # log-scale resolution: steps per octave
 LOG_ZERO = -32768  # the log scale of an all-zero block
 BUCKETS_PER_OCTAVE = 2  # importance-aware steps come in half octaves
+N_CLASSES = 8  # component classes: the octave of RMS / step, from below 2^-3 (0) to 2^4 and above (7)
+CLASS_OFFSET = 4
+MAX_STREAMS = 255  # entropy.py's u8 stream count
 
 
 class Lattice(Stage):
@@ -43,6 +46,16 @@ class Lattice(Stage):
         # in half octaves (the `bucket` stream), at most step_octaves coarser; 0: one step for all
         "token_steps": (float, 0.0),
         "step_octaves": (float, 4.0),
+        # pca: each head's values (centred, sinks aside) coded on the principal axes of that
+        # section's own head vectors, the basis stored in the section (`basis`, int16 entries of
+        # basis_bits bits: x = y @ basis / 2^(basis_bits-1)); sections of fewer than
+        # pca_min_cells cells (where the basis would cost more than it saves) are coded as they are
+        "transform": (str, "none"),  # none | pca
+        "basis_bits": (int, 6),
+        "pca_min_cells": (int, 1024),
+        # one entropy model per component class (the octave of the component's RMS over the
+        # step, `class` [h, d]) instead of one per stream: the point streams split by column
+        "classes": (bool, False),
     }
     # more bits for the first and last layers measured no gain (README); format 1 files of 0.1
     # wrote edge_layers=0 with the model's n_layer
@@ -60,6 +73,13 @@ class Lattice(Stage):
                 raise ConfigError(f"lattice: bits must lie in 0.5 .. 12, got {b}")
         if not (0.0 <= self.token_steps <= 4.0 and 0.0 <= self.step_octaves <= 16.0):
             raise ConfigError("lattice: token_steps in 0 .. 4, step_octaves in 0 .. 16")
+        if self.transform not in ("none", "pca") or not 2 <= self.basis_bits <= 8 or self.pca_min_cells < 1:
+            raise ConfigError("lattice: transform is none or pca, basis_bits in 2 .. 8, pca_min_cells at least 1")
+        if self.classes and self.scale_scope != "head":
+            raise ConfigError("lattice: component classes need one step per head (scale_scope head)")
+        if self.classes and self.token_steps and (self.max_bucket + 1) * 3 * N_CLASSES + 8 > MAX_STREAMS:
+            raise ConfigError(f"lattice: component classes with step_octaves {self.step_octaves} would need more than "
+                              f"{MAX_STREAMS} streams a section; at most {(MAX_STREAMS - 8) // (3 * N_CLASSES) // BUCKETS_PER_OCTAVE - 1} octaves")
 
     @property
     def uses_importance(self) -> bool:
@@ -123,6 +143,9 @@ class Lattice(Stage):
             mean = rest.mean(axis=0).astype(np.float16)
             out["mean"] = mean.view(np.uint16)
             x = x - mean.astype(np.float64)
+        if self._pca(info, sink):
+            out["basis"] = pca_basis(x[~sink], self.basis_bits)
+            x = to_basis(x, out["basis"], self.basis_bits)
         xb = x.reshape(n, h, d // block, block)
         if self.scale_scope == "head":
             sq = (xb**2).mean(axis=(0, 2, 3)) if self.scale_stat == "rms" else None
@@ -149,6 +172,12 @@ class Lattice(Stage):
             # one stream (so one rANS table) per step bucket: coarse cells' symbols are mostly
             # zero, fine cells' spread out; mixed in one table each would pay for the other
             points = _split_by_bucket(points, buckets)
+        if self.classes:
+            # likewise per component class: after PCA the first components spread over many
+            # steps and the last are nearly all zero
+            rest = x[~sink] if (~sink).any() else x
+            out["class"] = component_classes(np.sqrt((rest**2).mean(axis=0)), self._steps(scale_symbols, info))
+            points = _split_by_class(points, _column_classes(out["class"]))
         return {**out, "scale": scale_symbols, **points}
 
     def stream_shapes(self, info: TensorInfo) -> tuple[dict[str, tuple[int, ...]], np.ndarray]:
@@ -163,7 +192,13 @@ class Lattice(Stage):
         sink = self._sink_rows(info, n)
         if self.sinks:
             want["sink"] = (int(sink.sum()), h, d)
+        if self._pca(info, sink):
+            want["basis"] = (h, d, d)
         return want, sink
+
+    def _pca(self, info: TensorInfo, sink: np.ndarray) -> bool:
+        """Whether this section is coded on its principal axes (decided from what decode knows)."""
+        return self.transform == "pca" and int((~sink).sum()) >= self.pca_min_cells
 
     def group_steps(self, scale_symbols: np.ndarray, info: TensorInfo) -> np.ndarray:
         """float64 [n, h, blocks] (vector scope) or [h, 1] (head scope): the quantizer step of
@@ -175,6 +210,11 @@ class Lattice(Stage):
         block = self._block(d, info.name)
         g = h * d // 8
         want, sink = self.stream_shapes(info)
+        if self.classes:
+            cls = symbols.get("class")
+            if cls is None or cls.shape != (h, d) or (cls.size and int(cls.max()) >= N_CLASSES):
+                raise FormatError(f"{info.name}: component classes missing, not of shape {(h, d)} or above {N_CLASSES - 1}")
+            symbols = {**symbols, **_join_by_class(symbols, _column_classes(cls), info.name)}
         if "bucket" in symbols:
             b = symbols["bucket"]
             if b.shape != (n,) or (b.size and int(b.max()) > self.max_bucket):
@@ -191,8 +231,13 @@ class Lattice(Stage):
             step = step * np.exp2(symbols["bucket"].astype(np.float64) / BUCKETS_PER_OCTAVE)[:, None, None]
         group_step = np.repeat(step.reshape(n, -1), block // 8, axis=1)  # [n, g]: each 8-value group's step
         mean = symbols["mean"].astype(np.uint16).view(np.float16).astype(np.float64) if self.center else np.zeros(0)
+        basis = symbols.get("basis") if "basis" in want else None
+        if basis is not None and basis.size and int(np.abs(basis.astype(np.int64)).max()) > 1 << (self.basis_bits - 1):
+            raise FormatError(f"{info.name}: basis entries beyond {self.basis_bits} bits")
         x = kernel("lattice_dequantize")(coset, _int32(symbols["coord"]), _int32(symbols["coord_last"]), group_step,
-                                         mean).reshape(n, h, d)
+                                         mean if basis is None else np.zeros(0)).reshape(n, h, d)
+        if basis is not None:
+            x = kernel("basis_inverse")(x, basis, self.basis_bits - 1, mean)
         if self.sinks:
             x[sink] = symbols["sink"].astype(np.uint16).view(np.float16)
         return x
@@ -238,4 +283,82 @@ def _join_by_bucket(symbols: dict, buckets: np.ndarray, g: int, where: str) -> d
                 raise FormatError(f"{where}: lattice symbols {name}.{int(b)} missing or not of shape {(int(mask.sum()), g) + tail}")
             joined[mask] = part
         out[name] = joined
+    return out
+
+
+def pca_basis(x: np.ndarray, bits: int) -> np.ndarray:
+    """int16 [h, d, d]: for each head of x [m, h, d] (float64, centred), the principal axes of
+    its vectors as rows, largest variance first, each row's largest entry positive, in units of
+    2^-(bits-1). A head whose rounded axes are singular gets the identity (exactly stored)."""
+    m, h, d = x.shape
+    one = 1 << (bits - 1)
+    out = np.empty((h, d, d), np.int16)
+    for k in range(h):
+        xk = x[:, k, :]
+        _, vec = np.linalg.eigh(xk.T @ xk)
+        axes = vec[:, ::-1].T
+        sign = np.where(axes[np.arange(d), np.abs(axes).argmax(axis=1)] < 0, -1.0, 1.0)
+        q = np.round(axes * sign[:, None] * one)
+        if not np.isfinite(q).all() or np.linalg.cond(q) > 1e6:
+            q = np.eye(d) * one
+        out[k] = q
+    return out
+
+
+def to_basis(x: np.ndarray, basis: np.ndarray, bits: int) -> np.ndarray:
+    """float64 [n, h, d] coefficients y with y[:, k] @ basis[k] / 2^(bits-1) = x[:, k] (what
+    basis_inverse maps back)."""
+    scaled = basis.astype(np.float64) / (1 << (bits - 1))
+    return np.stack([x[:, k, :] @ np.linalg.inv(scaled[k]) for k in range(x.shape[1])], axis=1)
+
+
+def component_classes(rms: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """uint8 [h, d]: each component's octave of RMS / its head's step (step [h, 1]), offset by
+    CLASS_OFFSET, within 0 .. N_CLASSES-1; 0 where the RMS or the step is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        octave = np.floor(np.log2(rms / np.asarray(step, np.float64).reshape(-1, 1)))
+    c = np.clip(np.nan_to_num(octave + CLASS_OFFSET, nan=0.0, posinf=N_CLASSES - 1, neginf=0.0), 0, N_CLASSES - 1)
+    return c.astype(np.uint8)
+
+
+def _column_classes(cls: np.ndarray) -> dict[str, np.ndarray]:
+    """Point stream -> the class of each of its columns (per cell: groups, or groups x 7),
+    from the component classes [h, d]: coord_last is component 7 of its group, a coset takes
+    its group's largest class."""
+    groups = cls.reshape(-1, 8)
+    return {"coset": groups.max(axis=1), "coord": groups[:, :7].reshape(-1), "coord_last": groups[:, 7]}
+
+
+def _split_by_class(points: dict, column_class: dict) -> dict:
+    """Point streams (plain or per bucket) as one stream per component class, `name.cK`: the
+    columns of that class, row by row."""
+    out = {}
+    for name, a in points.items():
+        cols = column_class[name.split(".")[0]]
+        flat = a.reshape(a.shape[0], -1)
+        for c in np.unique(cols):
+            out[f"{name}.c{int(c)}"] = np.ascontiguousarray(flat[:, cols == c])
+    return out
+
+
+def _join_by_class(symbols: dict, column_class: dict, where: str) -> dict:
+    """Inverse of _split_by_class for every point stream found split (the plain ones, or those
+    of each bucket)."""
+    out = {}
+    prefixes = {k.rsplit(".c", 1)[0] for k in symbols if ".c" in k and k.split(".")[0] in column_class}
+    for prefix in sorted(prefixes):
+        base = prefix.split(".")[0]
+        cols = column_class[base]
+        parts = {int(c): symbols.get(f"{prefix}.c{int(c)}") for c in np.unique(cols)}
+        rows = {p.shape[0] for p in parts.values() if p is not None}
+        if any(p is None for p in parts.values()) or len(rows) != 1:
+            raise FormatError(f"{where}: lattice symbols {prefix} by component class missing or of unequal rows")
+        n_rows = rows.pop()
+        joined = np.zeros((n_rows, cols.size), np.uint8 if base == "coset" else np.int32)
+        for c, part in parts.items():
+            want = (n_rows, int((cols == c).sum()))
+            if part.shape != want:
+                raise FormatError(f"{where}: lattice symbols {prefix}.c{c} not of shape {want}")
+            joined[:, cols == c] = part
+        out[prefix] = joined.reshape((n_rows, -1, 7) if base == "coord" else (n_rows, -1))
     return out
