@@ -172,6 +172,20 @@ def continue_restored(llm, report, extra: list[int], n: int, temp: float, stream
     return head + _generate(llm, tokens, n, temp, stream)
 
 
+def _stage_label(config: dict) -> str:
+    """A stage as `info` names it: its id, and for the lattice its bits and what it codes on."""
+    if config.get("id") != "lattice":
+        return str(config.get("id"))
+    parts = [f"K {config.get('k_bits')} / V {config.get('v_bits')} bits"]
+    if config.get("transform", "none") != "none":
+        parts.append(str(config["transform"]))
+    if config.get("classes"):
+        parts.append("classes")
+    if config.get("token_steps"):
+        parts.append(f"token steps {config['token_steps']}")
+    return f"lattice ({', '.join(parts)})"
+
+
 def cmd_info(args) -> int:
     from .api import read_info
 
@@ -183,7 +197,7 @@ def cmd_info(args) -> int:
     print(f"file       {args.state}: {info['file_bytes']:,} B, raw state {info['raw']['bytes']:,} B, ratio {info['ratio']:.2f}x")
     print(f"model      {m['file_name']} ({m['arch']}, {m['n_layer']} layers, fingerprint {m['fingerprint'][:12]})")
     print(f"prompt     {p['n_tokens']} tokens, needs n_ctx >= {p['n_ctx_required']}")
-    stages = [s["id"] for s in info["pipeline"]["stages"] if s.get("id") != "evict"]  # 0.1 files listed it there
+    stages = [_stage_label(s) for s in info["pipeline"]["stages"] if s.get("id") != "evict"]  # 0.1 files listed it there
     print(f"pipeline   {info['pipeline']['preset']}: " + " -> ".join(stages))
     sc, ev = info["scoring"], info["eviction"]
     if sc:

@@ -25,7 +25,8 @@ from typing import Any, Iterable, Mapping
 from .errors import ChecksumError, FormatError, UnsupportedVersionError
 
 MAGIC = b"NXKV\r\n\x1a\n"
-FORMAT_VERSION = 1
+# 2: the `high` preset's PCA transform and component classes (docs/FORMAT.md, "Version 2")
+FORMAT_VERSION = 2
 MAX_HEADER_BYTES = 16 << 20
 _PRELUDE = struct.Struct("<8sIQ")
 

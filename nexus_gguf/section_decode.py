@@ -12,8 +12,9 @@ stages: the rows are the same bits (tests/test_cuda.py, tests/test_golden.py). r
 is the numpy reference of the batch.
 
 What it covers: the value path of the presets (stages rope?, hadamard?, lattice, entropy) into
-f16 or f32 caches with head sizes up to 512. Anything else (quantized caches, importance-aware
-steps, delta coding) decodes stage by stage; unsupported() says why."""
+f16 or f32 caches with head sizes up to 512, on the CPU also the lattice's PCA transform and
+component classes (the GPU has not run those yet). Anything else (quantized caches,
+importance-aware steps, delta coding) decodes stage by stage; unsupported() says why."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .backends.reference import n_lane_tasks
 from .stages import TensorInfo
 from .stages.entropy import METHOD_RANS, METHOD_RANS_LANES, Entropy
 from .stages.hadamard import Hadamard
-from .stages.lattice import Lattice
+from .stages.lattice import N_CLASSES, Lattice, column_classes
 from .stages.rope import Rope
 
 MAX_HEAD_DIM = 512
@@ -56,17 +57,18 @@ def value_stages(pipeline):
     return rope, had, stages[0], stages[1]
 
 
-def unsupported(pipeline, dims: dict, types: set[str]) -> Optional[str]:
-    """Why this file's K/V sections cannot be decoded on the GPU, or None (cuda_encode adds its
-    own conditions to these)."""
+def unsupported(pipeline, dims: dict, types: set[str], gpu: bool = True) -> Optional[str]:
+    """Why this file's K/V sections cannot be decoded as a batch on the GPU (gpu) or the CPU
+    library, or None (cuda_encode adds its own conditions to the GPU's)."""
     got = value_stages(pipeline)
     if isinstance(got, str):
         return got
     rope, _, lattice, _ = got
     if lattice.token_steps:
         return "importance-aware steps (bucket streams) are coded on the CPU"
-    if lattice.transform != "none" or lattice.classes:
-        return "the PCA transform and component classes are coded stage by stage on the CPU"
+    if gpu and (lattice.transform != "none" or lattice.classes):
+        # core/section.h decodes them (the CPU library runs it), but no GPU has run them yet
+        return "the PCA transform and component classes are decoded on the CPU (not yet run on a GPU)"
     if lattice.scale_scope == "head" and lattice.scale_block:
         return "per-head scales with scale blocks are coded on the CPU"
     bad = sorted(types - {"f16", "f32"})
@@ -108,6 +110,8 @@ class _Batch:
         self.sin: list[np.ndarray] = []
         self.n_trig = 0
         self.trig_at: dict = {}
+        self.bases: list[np.ndarray] = []
+        self.n_bases = 0
         self.sections: list[dict] = []
         self.jobs: list[SectionJob] = []
 
@@ -117,14 +121,15 @@ class _Batch:
         setattr(self, f"n_{name}", at + array.size)
         return at
 
-    def point_stream(self, stream, section: str) -> tuple[str, int, int]:
-        """(area, offset, lo) of a point stream's symbols: rANS lanes decode on the GPU; other
-        coders (zstd for rare wide alphabets, empty streams) here. Coordinates must fit int32
-        (as the CPU path requires); coset symbols are checked by the kernel or here."""
-        coset = stream.name == "coset"
+    def point_stream(self, stream, section: str, kind: str) -> tuple[str, int, int]:
+        """(area, offset, lo) of a point stream's symbols (kind: coset, coord or coord_last):
+        rANS lanes decode on the GPU; other coders (zstd for rare wide alphabets, empty streams)
+        here. Coordinates must fit int32 (as the CPU path requires); coset symbols are checked by
+        the kernel or here."""
+        coset = kind == "coset"
         # on the GPU: rANS streams of the types the encoder writes; any other (a damaged header's
         # int16 coordinates, say) is decoded here with the CPU path's checks
-        if stream.n and stream.method in (METHOD_RANS, METHOD_RANS_LANES) and np.dtype(stream.dtype) == _POINT_TYPES[stream.name]:
+        if stream.n and stream.method in (METHOD_RANS, METHOD_RANS_LANES) and np.dtype(stream.dtype) == _POINT_TYPES[kind]:
             p = stream.rans()
             if not coset and (p.lo < _INT32[0] or p.lo + p.freqs.size - 1 > _INT32[1]):
                 raise FormatError("lattice coordinates outside int32")
@@ -162,19 +167,59 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
     n, h, d = info.n_cells, info.n_heads, info.head_dim
     streams = {s.name: s for s in entropy.streams(np.frombuffer(job.data, np.uint8), info)}
     want, sink = lattice.stream_shapes(info)
+    columns = None
+    if lattice.uses_classes(info):
+        if "class" not in streams:
+            raise FormatError(f"{info.name}: component classes missing")
+        cls = streams["class"].decode()
+        if cls.shape != (h, d) or (cls.size and int(cls.max()) >= N_CLASSES):
+            raise FormatError(f"{info.name}: component classes missing, not of shape {(h, d)} or above {N_CLASSES - 1}")
+        column_class = column_classes(cls)
+        columns = []
     for name, shape in want.items():
+        if columns is not None and name in _POINT_TYPES:
+            continue  # split by class: checked below
         if name not in streams or tuple(streams[name].shape) != shape:
             raise FormatError(f"{info.name}: lattice symbols {name!r} missing or not of shape {shape}")
     # every other stream is decoded here, as the CPU path decodes all: damage anywhere is found
-    small = {name: stream.decode() for name, stream in streams.items() if name not in _POINT_TYPES}
-    coset, coord, last = (batch.point_stream(streams[name], info.name) for name in _POINT_TYPES)
+    split = {f"{name}.c{int(c)}" for name in _POINT_TYPES for c in (np.unique(column_class[name]) if columns is not None else ())}
+    small = {name: stream.decode() for name, stream in streams.items() if name not in _POINT_TYPES and name not in split}
+    if columns is None:
+        coset, coord, last = (batch.point_stream(streams[name], info.name, name) for name in _POINT_TYPES)
+    else:
+        coset = coord = last = ("rans", 0, 0)
+        for name in _POINT_TYPES:  # row of a cell: coset g | coord 7 g | last g
+            cols = column_class[name]
+            start = np.zeros(cols.size, np.int64)
+            stride = np.zeros(cols.size, np.int64)
+            lo = np.zeros(cols.size, np.int64)
+            host = np.zeros(cols.size, bool)
+            for c in np.unique(cols):
+                key = f"{name}.c{int(c)}"
+                mine = np.flatnonzero(cols == c)
+                if key not in streams or tuple(streams[key].shape) != (n, mine.size):
+                    raise FormatError(f"{info.name}: lattice symbols {key} missing or not of shape {(n, mine.size)}")
+                area, offset, low = batch.point_stream(streams[key], info.name, name)
+                start[mine] = offset + np.arange(mine.size)
+                stride[mine] = mine.size
+                lo[mine] = low
+                host[mine] = area == "host"
+            columns.append((start, stride, lo, host))
     steps = lattice.group_steps(small["scale"], info)
     per_cell = lattice.scale_scope != "head"
     block = (lattice.scale_block or d) if per_cell else d
     sec = {"n_cells": n, "n_heads": h, "head_dim": d, "step0": batch._append("steps", np.ascontiguousarray(steps, np.float64).reshape(-1)),
            "step_per_cell": int(per_cell), "scale_block": block, "mean0": -1, "sink_map0": -1, "sink0": 0,
            "hadamard": int(had is not None and not had.passes_through(info)), "rope": 0, "n_rot": 0, "trig0": 0,
-           "out_f16": int(job.out_f16), "transposed": int(job.transposed), "points": (coset, coord, last)}
+           "out_f16": int(job.out_f16), "transposed": int(job.transposed), "points": (coset, coord, last),
+           "basis": 0, "basis0": 0, "basis_shift": 0, "by_class": int(columns is not None), "cols0": 0, "columns": columns}
+    if "basis" in want:
+        basis = small["basis"]
+        one = 1 << (lattice.basis_bits - 1)
+        if basis.shape != (h, d, d) or (basis.size and int(np.abs(basis.astype(np.int64)).max()) > one):
+            raise FormatError(f"{info.name}: basis entries beyond {lattice.basis_bits} bits")
+        sec.update(basis=1, basis0=batch._append("bases", np.ascontiguousarray(basis, np.float32).reshape(-1)),
+                   basis_shift=lattice.basis_bits - 1)
     if lattice.center:
         mean = small["mean"].astype(np.uint16).view(np.float16).astype(np.float64)
         sec["mean0"] = batch._append("means", mean.reshape(-1))
@@ -219,11 +264,19 @@ def prepare(pipeline, jobs: list[SectionJob]) -> Prepared:
 
     host0 = batch.n_rans_symbols
     sections = []
+    columns, n_columns = [], 0
     for sec in batch.sections:
         sec = dict(sec)
         for prefix, (area, offset, lo) in zip(("coset", "coord", "last"), sec.pop("points")):
             sec[f"{prefix}0"] = offset + (host0 if area == "host" else 0)
             sec[f"{prefix}_lo"] = lo
+        by_class = sec.pop("columns")
+        if by_class is not None:  # (symbol index at cell 0, stride, lo) per column of the row
+            start, stride, lo, host = (np.concatenate(parts) for parts in zip(*by_class))
+            table = np.stack([start + host * host0, stride, lo], axis=1).reshape(-1)
+            sec["cols0"] = n_columns
+            columns.append(table)
+            n_columns += table.size
         sections.append(sec)
     arrays = {
         "payload": np.frombuffer(b"".join(batch.payload), np.uint8), "task_lengths": array(batch.lengths, np.int64),
@@ -231,6 +284,7 @@ def prepare(pipeline, jobs: list[SectionJob]) -> Prepared:
         "steps": array(batch.steps, np.float64), "means": array(batch.means, np.float64),
         "sink_map": array(batch.sink_map, np.int32), "sinks": array(batch.sinks, np.uint16),
         "cos": array(batch.cos, np.float64), "sin": array(batch.sin, np.float64),
+        "bases": array(batch.bases, np.float32), "columns": array(columns, np.int64),
     }
     return Prepared(arrays, batch.streams, batch.stream_names, host0 + batch.n_host, host0, sections, batch.jobs)
 
@@ -348,6 +402,8 @@ def run_native(prep: Prepared) -> None:
     v.sink_map, v.n_sink_map = buf("int32_t[]", a["sink_map"]), a["sink_map"].size
     v.sinks, v.n_sinks = buf("uint16_t[]", a["sinks"]), a["sinks"].size
     v.cos, v.sin, v.n_trig = buf("double[]", a["cos"]), buf("double[]", a["sin"]), a["cos"].size
+    v.bases, v.n_bases = buf("float[]", a["bases"]), a["bases"].size
+    v.columns, v.n_columns = buf("int64_t[]", a["columns"]), a["columns"].size
     status = ffi.new("int32_t[]", max(len(prep.sections), 1))
     if lib.nxkv_decode_values(sections, len(prep.sections), v, status) != lib.NXKV_OK:
         raise FormatError("the K/V sections' layout is inconsistent (the decoder refused its arguments)")
@@ -401,9 +457,14 @@ def _reference_decode(prep: Prepared) -> None:
     for s in prep.sections:
         n, h, d = s["n_cells"], s["n_heads"], s["head_dim"]
         g = h * d // 8
-        coset = symbols[s["coset0"] : s["coset0"] + n * g] + s["coset_lo"]
-        coord = symbols[s["coord0"] : s["coord0"] + 7 * n * g] + s["coord_lo"]
-        last = symbols[s["last0"] : s["last0"] + n * g] + s["last_lo"]
+        if s["by_class"]:
+            table = a["columns"][s["cols0"] : s["cols0"] + 27 * g].reshape(9 * g, 3)
+            row = symbols[table[:, 0][None, :] + np.arange(n)[:, None] * table[:, 1][None, :]] + table[:, 2]
+            coset, coord, last = row[:, :g].reshape(-1), row[:, g : 8 * g].reshape(-1), row[:, 8 * g :].reshape(-1)
+        else:
+            coset = symbols[s["coset0"] : s["coset0"] + n * g] + s["coset_lo"]
+            coord = symbols[s["coord0"] : s["coord0"] + 7 * n * g] + s["coord_lo"]
+            last = symbols[s["last0"] : s["last0"] + n * g] + s["last_lo"]
         if coset.size and (coset.min() < 0 or coset.max() > 1):
             section_status.append(1)
             made.append(None)
@@ -414,8 +475,13 @@ def _reference_decode(prep: Prepared) -> None:
         steps = np.broadcast_to(steps, (n, h, blocks))
         group_step = np.repeat(steps.reshape(n, h * blocks), s["scale_block"] // 8, axis=1)
         mean = a["means"][s["mean0"] : s["mean0"] + h * d] if s["mean0"] >= 0 else np.zeros(0)
-        x = ref.lattice_dequantize(coset.astype(np.uint8), coord.astype(np.int32), last.astype(np.int32), group_step,
-                                   mean).reshape(n, h, d)
+        if s["basis"]:
+            basis = a["bases"][s["basis0"] : s["basis0"] + h * d * d].reshape(h, d, d).astype(np.int16)
+            x = ref.basis_dequantize(coset.astype(np.uint8), coord.astype(np.int32), last.astype(np.int32), steps[:, :, 0],
+                                     basis, s["basis_shift"], mean)
+        else:
+            x = ref.lattice_dequantize(coset.astype(np.uint8), coord.astype(np.int32), last.astype(np.int32), group_step,
+                                       mean).reshape(n, h, d)
         if s["sink_map0"] >= 0:
             row = a["sink_map"][s["sink_map0"] : s["sink_map0"] + n]
             sinks = a["sinks"][s["sink0"] :].view(np.float16)

@@ -46,8 +46,9 @@ def _value_info(pipeline: Pipeline, name: str, kind: str, t: GgmlType, cells: Ce
     head_dim = dims[f"head_dim_{kind}"]
     if head_dim <= 0 or n_embd % head_dim:
         raise StateLayoutError(f"{name}: rows of {n_embd} values are not whole heads of {head_dim}")
-    # symbol streams hold at most one value per cache value, whatever the cache type's size
-    info = TensorInfo(name, t.name, t.float_bytes, len(cells) * n_embd, kind=kind, positions=cells.pos,
+    # symbol streams hold at most one value per cache value, whatever the cache type's size, or
+    # a head_dim x head_dim basis per head (the lattice's PCA transform)
+    info = TensorInfo(name, t.name, t.float_bytes, max(len(cells), head_dim) * n_embd, kind=kind, positions=cells.pos,
                       model_layer=layer_model, sliding=sliding, n_cells=len(cells), n_heads=n_embd // head_dim,
                       head_dim=head_dim, importance=importance)
     block = dims[f"llama_rot_{kind}"] if not t.float_bytes else 0
@@ -262,13 +263,12 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
         def read(job) -> dict:
             return {part: section(f"{part}.{job[0]}.{job[1]}.{job[2]}") for part in ("k", "v")}
 
-        batchable = _batchable(pipeline, dims, jobs)
-        gpu = _gpu_decoder() if batchable else None
+        gpu = _gpu_decoder() if _batchable(pipeline, dims, jobs, gpu=True) else None
         if gpu is not None:  # every section in one GPU batch
             gpu(pipeline, [sj for job in jobs for sj in _layer_sections(pipeline, dims, job, state.caches[job[0]].streams[job[1]]
                                                                          .layers[job[2]], read(job))])
             return blob, state
-        native_batches = batchable and _native_batches()
+        native_batches = _native_batches() and _batchable(pipeline, dims, jobs, gpu=False)
 
         def decode_layer(job) -> None:
             """Decode one layer's K and V sections into their place in the blob."""
@@ -346,13 +346,13 @@ def _layer_sections(pipeline: Pipeline, dims, job: tuple, dest: LayerKV, data: d
     return out
 
 
-def _batchable(pipeline: Pipeline, dims, jobs: list) -> bool:
+def _batchable(pipeline: Pipeline, dims, jobs: list, gpu: bool) -> bool:
     """Whether these K/V sections can decode as section_decode batches (the presets' value path
-    into f16/f32 rows)."""
+    into f16/f32 rows) on the GPU or the CPU library."""
     from . import section_decode
 
     types = {L[f"{part}_type"] for (_, _, _, L, _, _) in jobs for part in ("k", "v")}
-    return bool(dims) and section_decode.unsupported(pipeline, dims, types) is None
+    return bool(dims) and section_decode.unsupported(pipeline, dims, types, gpu) is None
 
 
 def _cells_from_bytes(data: np.ndarray, n: int, has_ext: bool) -> Cells:

@@ -108,15 +108,21 @@ def _inputs(op: str, seed: int):
         return out
     if op == "hadamard_blocks":
         return [(rng.standard_normal((50, 3, 128)).astype(np.float32), b) for b in (1, 2, 4, 8, 16, 32, 64, 128)]
-    if op == "basis_inverse":
+    if op == "basis_dequantize":
         out = []
-        for n, h, d, shift in ((0, 2, 64, 5), (1, 1, 8, 1), (300, 3, 64, 5), (50, 2, 80, 7), (20, 1, 128, 3)):
-            y = (rng.standard_normal((n, h, d)) * np.exp2(rng.normal(0, 3, (n, h, 1)))).astype(np.float32)
-            y[:, :, d // 2 :: 3] = 0.0  # zero coefficients (skipped by the C loop) and their signs
-            y[:, :, d // 2 + 1 :: 5] = -0.0
-            basis = rng.integers(-(1 << shift), 1 << shift, (h, d, d)).astype(np.int16)
+        for n, h, d, shift, wide in ((0, 2, 64, 5, 0), (1, 1, 8, 1, 0), (300, 3, 64, 5, 0), (50, 2, 80, 7, 0), (20, 1, 128, 3, 0),
+                                     (40, 2, 64, 5, 1)):
+            g = d // 8
+            hi = (1 << 30) if wide else 40  # wide: coordinates past the int32 sum's bound (the int64 path)
+            coord = rng.integers(-hi, hi, (n, h, g, 7)).astype(np.int32)
+            coord[:, :, ::3] = 0  # zero points (skipped by the C loop)
+            last = rng.integers(-hi // 2, hi // 2, (n, h, g)).astype(np.int32)
+            coset = rng.integers(0, 2, (n, h, g)).astype(np.uint8)
+            step = np.exp2(rng.normal(-3, 3, (n, h)))
+            step[:, 0] = 0.0 if n else step[:, 0]
+            basis = rng.integers(-(1 << shift), (1 << shift) + 1, (h, d, d)).astype(np.int16)
             mean = rng.standard_normal(h * d) * 10 if n % 2 == 0 else np.zeros(0)
-            out.append((y, basis, shift, mean))
+            out.append((coset, coord, last, step, basis, shift, mean))
         return out
     raise AssertionError(f"no test inputs for op {op!r}: add them here")
 

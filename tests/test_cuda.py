@@ -280,3 +280,63 @@ def test_every_library_function_the_python_side_calls_is_declared():
         if path.exists():
             called |= set(re.findall(r"\blib\.(nxkv_\w+)", path.read_text()))
     assert called and called <= declared, sorted(called - declared)
+
+
+PCA_VARIANTS = {
+    "pca-classes": lambda c: (c.pop("hadamard", None), c["lattice"].update(transform="pca", classes=True, pca_min_cells=1)),
+    "pca": lambda c: (c.pop("hadamard", None), c["lattice"].update(transform="pca", pca_min_cells=1)),
+    "classes-hadamard": lambda c: c["lattice"].update(classes=True),
+    "pca-classes-no-centre": lambda c: (c.pop("hadamard", None),
+                                        c["lattice"].update(transform="pca", classes=True, pca_min_cells=1, center=False, sinks=0)),
+    "pca-classes-zstd": lambda c: (c.pop("hadamard", None),
+                                   c["lattice"].update(transform="pca", classes=True, pca_min_cells=1), c["entropy"].update(coder="zstd")),
+}
+
+
+def _pca_variant(source, high, edit):
+    """As _variant, where `edit` may also drop a stage (the PCA transform replaces Hadamard)."""
+    f, h = _open(os.path.join(FILES, source))
+    fh, hh = _open(os.path.join(FILES, high))
+    blob, _ = decode_state_blob(h.state, h.pipeline, f.section, h.limits())
+    state = parse_state(bytes(blob), h.state["kind"], golden._layout_of(h.state))
+    configs = {c["id"]: dict(c) for c in hh.pipeline.get_config()["stages"]}
+    edit(configs)
+    pipeline = Pipeline.from_config({"stages": list(configs.values())})
+    layout, sections = encode_state(state, pipeline, hh.state["values"])
+    data = {name: bytes(np.ascontiguousarray(v).tobytes()) for name, v in sections}
+    return pipeline, layout, data.__getitem__, hh.limits()
+
+
+@pytest.mark.parametrize("decoder", ["reference", "native"])
+@pytest.mark.parametrize("variant", sorted(PCA_VARIANTS))
+@pytest.mark.parametrize("source,high", [("smollm2-f16-vtrans-lossless.nxkv", "smollm2-f16-vtrans-high.nxkv"),
+                                         ("gemma3-lossless.nxkv", "gemma3-high.nxkv")])
+def test_cpu_batch_of_pca_and_classes_matches_the_stages(monkeypatch, source, high, variant, decoder):
+    """The lattice's PCA transform and component classes decode through the CPU library's batch
+    (core/section.h: basis, per-class symbol columns) to the stage-by-stage rows, bit for bit;
+    the GPU refuses them until a GPU has run them."""
+    if decoder == "native" and backend_status()["native"] != "available":
+        pytest.skip(f"native backend {backend_status()['native']}")
+    pipeline, layout, section, limits = _pca_variant(source, high, PCA_VARIANTS[variant])
+    types = {L[f"{p}_type"] for c in layout["caches"] for s in c["streams"] if s for L in s["layers"] for p in "kv"}
+    assert section_decode.unsupported(pipeline, layout["values"], types, gpu=False) is None
+    assert "not yet run on a GPU" in section_decode.unsupported(pipeline, layout["values"], types)
+    with monkeypatch.context() as m:
+        m.setattr(state_file, "_native_batches", lambda: False)  # stage by stage
+        want, _ = decode_state_blob(layout, pipeline, section, limits)
+    calls = []
+
+    def batch(prep):
+        calls.append(prep)
+        (section_decode.reference_decode if decoder == "reference" else run_native)(prep)
+
+    run_native = section_decode.run_native
+    with monkeypatch.context() as m:
+        m.setattr(state_file, "_native_batches", lambda: True)
+        m.setattr(section_decode, "run_native", batch)
+        got, _ = decode_state_blob(layout, pipeline, section, limits)
+    assert calls and bytes(got) == bytes(want)
+    if "pca" in variant:
+        assert any(s["basis"] for prep in calls for s in prep.sections)
+    if "classes" in variant:
+        assert all(s["by_class"] for prep in calls for s in prep.sections)

@@ -126,3 +126,24 @@ def test_a_changed_encoder_byte_fails_a_named_case(monkeypatch):
 
     ties = np.load(os.path.join(golden.version_dir(VERSIONS[-1]), "e8_ties.npz"))
     assert not np.array_equal(e8_other_ties(ties["input"]), ties["nearest"])
+
+
+def test_the_current_high_file_pins_the_pca_transform_and_classes():
+    """The golden files of `high` must exercise what `high` does: a state with enough cells for
+    the PCA basis and the class split (gemma3-long: 1100 tokens in its full-attention layer),
+    so that the pinned hashes cover core/transform.h and the per-class symbol columns."""
+    from nexus_gguf.header import Header
+    from nexus_gguf.stages import TensorInfo
+
+    entries = [e for v, e in FILE_CASES if v == FORMAT_VERSION and e["preset"] == "high" and "long" in e["file"]]
+    assert entries, "no long `high` file in the current version's fixtures"
+    path = os.path.join(golden.version_dir(FORMAT_VERSION), entries[-1]["file"])
+    f = NxkvFile.open(path)
+    h = Header(f.header, path)
+    entropy = h.pipeline.stages[-1]
+    names = set()
+    for section in f.names():
+        if section.startswith(("k.", "v.")):
+            data = np.frombuffer(bytes(f.section(section)), np.uint8)
+            names |= {s.name for s in entropy.streams(data, TensorInfo(section, "f16", 2, 1 << 30))}
+    assert "basis" in names and "class" in names and any(n.startswith("coset.c") for n in names)

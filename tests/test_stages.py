@@ -292,7 +292,8 @@ def test_value_path_absorbs_llamas_rotation_instead_of_undoing_it():
     hadamard_blocks = reference.hadamard_blocks
 
     x = _values(h=3)
-    high = Pipeline([Rope(mode="norm", n_rot=64)] + build_pipeline("high").stages[1:])  # rope as bound to a model
+    # a Hadamard preset's value path (balanced's, without eviction), rope as bound to a model
+    high = Pipeline([Rope(mode="norm", n_rot=64)] + build_pipeline("balanced", ["evict"]).stages[1:])
     v = _info("v", h=3)
     assert high.absorbs_rotation(v, 64) and not high.absorbs_rotation(v, 0)
     assert not high.absorbs_rotation(_info("k", h=3), 64)  # RoPE removal needs the unrotated keys

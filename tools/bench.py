@@ -52,17 +52,22 @@ def eviction_variants():
 
 
 def transform_variants():
-    """`high` with its values coded on each head's own principal axes (lattice transform=pca,
-    no Hadamard) and one entropy model per component class; at 3.5 bits (high's), 3.3, and 3.3
-    with importance-aware steps (the last window's attention). Not presets yet: README."""
+    """`high` as format 1 coded it (Hadamard, one rANS table per stream: `high-hadamard`), without
+    its PCA transform or its component classes (one at a time), and at 3.3 bits, with and
+    without importance-aware steps (the last window's attention): what each part of `high`
+    buys, and where the next bits are (README)."""
     from nexus_gguf.pipeline import Pipeline, build_pipeline
+    from nexus_gguf.stages import stage_from_config
 
-    pca = dict(lattice_transform="pca", lattice_classes=True)
-    out = []
-    for name, extra in (("high-pca", {}), ("high-pca3.3", dict(lattice_k_bits=3.3, lattice_v_bits=3.3)),
-                        ("high-pca3.3+steps", dict(lattice_k_bits=3.3, lattice_v_bits=3.3, lattice_token_steps=0.35,
-                                                   lattice_step_octaves=3.0))):
-        p = build_pipeline("high", ["hadamard"], **pca, **extra)
+    high = build_pipeline("high")
+    rope, lattice, entropy = high.stages
+    hadamard_lattice = stage_from_config({**lattice.get_config(), "transform": "none", "classes": False})
+    out = [Pipeline([rope, stage_from_config({"id": "hadamard"}), hadamard_lattice, entropy], "high-hadamard")]
+    for name, extra in (("high-no-pca", dict(lattice_transform="none")), ("high-no-classes", dict(lattice_classes=False)),
+                        ("high-3.3", dict(lattice_k_bits=3.3, lattice_v_bits=3.3)),
+                        ("high-3.3+steps", dict(lattice_k_bits=3.3, lattice_v_bits=3.3, lattice_token_steps=0.35,
+                                                lattice_step_octaves=3.0))):
+        p = build_pipeline("high", **extra)
         out.append(Pipeline(p.stages, name, p.eviction, p.scoring))
     return out
 

@@ -164,8 +164,8 @@ def write_files(vdir: str, existing: list[dict]) -> list[dict]:
         # canonical configs: options a version retired drop out, defaults fill in
         have.setdefault((e["source"], e["preset"]), set()).add(_preset_key(h.pipeline.get_config()["stages"], h.eviction))
 
-    def llama(path, **kw):
-        return llama_cpp.Llama(path, n_ctx=256, n_threads=2, n_batch=256, verbose=False, **kw)
+    def llama(path, n_ctx=256, **kw):
+        return llama_cpp.Llama(path, n_ctx=n_ctx, n_threads=2, n_batch=256, verbose=False, **kw)
 
     setups = [
         # (prefix, model, Llama kwargs, tokens)
@@ -173,8 +173,11 @@ def write_files(vdir: str, existing: list[dict]) -> list[dict]:
         ("smollm2-f16-vtrans", default_model_path(), {"flash_attn": False}, lambda m: m.tokenize(text.encode(), add_bos=True)[:16]),
         ("smollm2-q8_0", default_model_path(), {"flash_attn": True, "type_k": 8, "type_v": 8},
          lambda m: m.tokenize(text.encode(), add_bos=True)[:16]),
+        # enough cells for the PCA transform (pca_min_cells) in the full-attention layer
+        ("gemma3-long", gemma, {"swa_full": False, "n_ctx": 1280}, lambda m: m.tokenize(text.encode(), add_bos=False)[:1100]),
     ]
-    presets = {"gemma3": list(PRESETS), "smollm2-f16-vtrans": ["lossless", "high"], "smollm2-q8_0": ["lossless", "high"]}
+    presets = {"gemma3": list(PRESETS), "smollm2-f16-vtrans": ["lossless", "high"], "smollm2-q8_0": ["lossless", "high"],
+               "gemma3-long": ["lossless", "high"]}
     entries = []
     for prefix, model, kw, toks in setups:
         llm = llama(model, **kw)

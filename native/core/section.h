@@ -15,6 +15,7 @@
 #include "lattice.h"
 #include "rope.h"
 #include "target.h"
+#include "transform.h"
 
 #define NXKV_MAX_HEAD_DIM 512
 
@@ -26,11 +27,23 @@ NXKV_FN int nxkv_core_section_fits(const nxkv_section *s, const nxkv_values *a) 
         return 0;
     }
     const int64_t g = h * d / 8, blocks = d / s->scale_block, step_rows = s->step_per_cell ? n * h : h;
-    if (s->coset0 < 0 || s->coset0 + n * g > a->n_symbols || s->coord0 < 0 || s->coord0 + 7 * n * g > a->n_symbols ||
-        s->last0 < 0 || s->last0 + n * g > a->n_symbols || s->step0 < 0 || s->step0 + step_rows * blocks > a->n_steps ||
+    if ((!s->by_class && (s->coset0 < 0 || s->coset0 + n * g > a->n_symbols || s->coord0 < 0 ||
+                          s->coord0 + 7 * n * g > a->n_symbols || s->last0 < 0 || s->last0 + n * g > a->n_symbols)) ||
+        s->step0 < 0 || s->step0 + step_rows * blocks > a->n_steps ||
         (s->mean0 >= 0 && s->mean0 + h * d > a->n_means) || (s->sink_map0 >= 0 && s->sink_map0 + n > a->n_sink_map) ||
         (s->rope && (s->n_rot < 2 || s->n_rot % 2 || s->n_rot > d || s->trig0 < 0 || s->trig0 + n * (s->n_rot / 2) > a->n_trig))) {
         return 0;
+    }
+    if (s->basis && (s->scale_block != d || s->basis_shift < 0 || s->basis_shift > 14 ||
+                     s->basis0 < 0 || s->basis0 + h * d * d > a->n_bases)) {
+        return 0;
+    }
+    if (s->by_class) {
+        if (s->cols0 < 0 || s->cols0 + 27 * g > a->n_columns) return 0;
+        for (int64_t c = 0; c < 9 * g && n > 0; ++c) {
+            const int64_t *col = a->columns + s->cols0 + 3 * c;
+            if (col[0] < 0 || col[1] < 0 || col[1] > a->n_symbols || col[0] + (n - 1) * col[1] >= a->n_symbols) return 0;
+        }
     }
     if (s->sink_map0 >= 0) {
         for (int64_t c = 0; c < n; ++c) {
@@ -66,24 +79,48 @@ NXKV_FN void nxkv_core_rope_vector(float *v, int64_t mode, int64_t n_rot, const 
     }
 }
 
+/* Symbol `col` of a cell's row of point symbols [coset g | coord 7 g | last g], its stream's
+ * smallest value added. */
+NXKV_FN int64_t nxkv_core_point_symbol(const nxkv_section *s, const nxkv_values *a, int64_t g, int64_t cell, int64_t col) {
+    if (s->by_class) {
+        const int64_t *c = a->columns + s->cols0 + 3 * col;
+        return (int64_t)a->symbols[c[0] + cell * c[1]] + c[2];
+    }
+    if (col < g) return (int64_t)a->symbols[s->coset0 + cell * g + col] + s->coset_lo;
+    if (col < 8 * g) return (int64_t)a->symbols[s->coord0 + cell * 7 * g + col - g] + s->coord_lo;
+    return (int64_t)a->symbols[s->last0 + cell * g + col - 8 * g] + s->last_lo;
+}
+
 /* The values of head `head` of cell `cell` into v (head_dim floats): 0, or 1 if a coset symbol
  * is not 0 or 1, 2 if a value is not finite. */
 NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a, int64_t head, int64_t cell, float *v) {
     const int64_t d = s->head_dim, n_heads = s->n_heads;
-    const int64_t g = n_heads * d / 8, group0 = cell * g + head * (d / 8), blocks = d / s->scale_block;
+    const int64_t g = n_heads * d / 8, blocks = d / s->scale_block;
     const int64_t step_row = s->step0 + (s->step_per_cell ? cell * n_heads + head : head) * blocks;
+    const double *mean = s->mean0 >= 0 ? a->means + s->mean0 + head * d : 0;
     int coset_ok = 1;
+    int64_t p2[NXKV_MAX_HEAD_DIM], l1 = 0;
     for (int64_t q = 0; q < d / 8; ++q) {
-        const int64_t grp = group0 + q;
-        const int64_t coset = (int64_t)a->symbols[s->coset0 + grp] + s->coset_lo;
+        const int64_t grp = head * (d / 8) + q;
+        const int64_t coset = nxkv_core_point_symbol(s, a, g, cell, grp);
         coset_ok &= coset == 0 || coset == 1;
         int32_t z7[7];
-        for (int j = 0; j < 7; ++j) z7[j] = (int32_t)((int64_t)a->symbols[s->coord0 + 7 * grp + j] + s->coord_lo);
-        const int32_t last = (int32_t)((int64_t)a->symbols[s->last0 + grp] + s->last_lo);
-        nxkv_core_lattice_group((uint8_t)(coset & 1), z7, last, a->steps[step_row + q * 8 / s->scale_block],
-                                s->mean0 >= 0 ? a->means + s->mean0 + head * d + q * 8 : 0, v + q * 8);
+        for (int j = 0; j < 7; ++j) z7[j] = (int32_t)nxkv_core_point_symbol(s, a, g, cell, g + 7 * grp + j);
+        const int32_t last = (int32_t)nxkv_core_point_symbol(s, a, g, cell, 8 * g + grp);
+        if (s->basis) {
+            l1 += nxkv_core_doubled_group(coset & 1, z7, last, p2 + 8 * q);
+        } else {
+            nxkv_core_lattice_group((uint8_t)(coset & 1), z7, last, a->steps[step_row + q * 8 / s->scale_block],
+                                    mean ? mean + q * 8 : 0, v + q * 8);
+        }
     }
     if (!coset_ok) return 1;
+    if (s->basis) {
+        int64_t acc64[NXKV_MAX_HEAD_DIM];
+        float acc32[NXKV_MAX_HEAD_DIM];
+        const double c = a->steps[step_row] * ldexp(1.0, -(int)(s->basis_shift + 1));
+        nxkv_core_basis_vector(p2, l1, a->bases + s->basis0 + head * d * d, d, (int)s->basis_shift, c, mean, acc32, acc64, v);
+    }
     if (s->sink_map0 >= 0) {
         const int32_t r = a->sink_map[s->sink_map0 + cell];
         if (r >= 0) {

@@ -115,17 +115,25 @@ int nxkv_hadamard_blocks(const float *x, float *out, size_t n_values, size_t blo
     return NXKV_OK;
 }
 
-int nxkv_basis_inverse(const float *y, const int16_t *basis, size_t n_vectors, size_t n_heads, size_t d, int shift,
-                       const double *mean, float *out) {
-    if (d == 0 || d > 4096 || n_heads == 0 || shift < 0 || shift > 30) return NXKV_ERR_ARG;
-    double *b = malloc(sizeof(double) * (n_heads * d * d + d));
+int nxkv_basis_dequantize(const uint8_t *coset, const int32_t *coord, const int32_t *coord_last, const double *step,
+                          const int16_t *basis, size_t n_vectors, size_t n_heads, size_t d, int shift, const double *mean,
+                          float *out) {
+    if (d == 0 || d % 8 || d > NXKV_MAX_HEAD_DIM || n_heads == 0 || shift < 0 || shift > 14) return NXKV_ERR_ARG;
+    for (size_t i = 0; i < n_heads * d * d; ++i) {
+        if (basis[i] > (1 << shift) || basis[i] < -(1 << shift)) return NXKV_ERR_ARG;
+    }
+    float *b = malloc(sizeof(float) * n_heads * d * d + 1);
     if (!b) return NXKV_ERR_NOMEM;
-    for (size_t i = 0; i < n_heads * d * d; ++i) b[i] = (double)basis[i];
-    double *acc = b + n_heads * d * d;
-    const double scale = ldexp(1.0, -shift);
+    for (size_t i = 0; i < n_heads * d * d; ++i) b[i] = (float)basis[i];
+    int64_t p2[NXKV_MAX_HEAD_DIM], acc64[NXKV_MAX_HEAD_DIM];
+    float acc32[NXKV_MAX_HEAD_DIM];
+    const double scale = ldexp(1.0, -(shift + 1));
+    const size_t g = d / 8;
     for (size_t v = 0; v < n_vectors; ++v) {
         const size_t k = v % n_heads;
-        nxkv_core_basis_inverse(y + v * d, b + k * d * d, d, scale, mean ? mean + k * d : NULL, acc, out + v * d);
+        const int64_t l1 = nxkv_core_doubled_points(coset + v * g, coord + 7 * v * g, coord_last + v * g, (int64_t)d, p2);
+        nxkv_core_basis_vector(p2, l1, b + k * d * d, (int64_t)d, shift, step[v] * scale, mean ? mean + k * d : NULL,
+                               acc32, acc64, out + v * d);
     }
     free(b);
     return NXKV_OK;
@@ -304,31 +312,49 @@ void nxkv_byteplane_merge(const uint8_t *src, uint8_t *dst, size_t n_elements, s
     nxkv_core_byteplane_merge_range(src, dst, n_elements, element_size, 0, n_elements);
 }
 
+/* A section's rows, its status into *status; twice like the E8 loops (flattened: every core call inlined
+ * into it): the basis products (core/transform.h) run 8 floats wide with AVX2. The same operations, so the same bits. */
+#define SECTION_ROWS_BODY                                                                        \
+    float v[NXKV_MAX_HEAD_DIM];                                                                  \
+    const int64_t d = s->head_dim, n_embd = s->n_heads * d;                                      \
+    *status = 0;                                                                                 \
+    /* heads outside, cells inside: a transposed V is then written along its rows */             \
+    for (int64_t head = 0; head < s->n_heads && !*status; ++head) {                              \
+        for (int64_t cell = 0; cell < s->n_cells; ++cell) {                                      \
+            const int r = nxkv_core_section_vector(s, arrays, head, cell, v);                    \
+            if (r) {                                                                             \
+                *status = r;                                                                     \
+                break;                                                                           \
+            }                                                                                    \
+            if (s->out_f16 && !s->transposed) {                                                  \
+                /* a cell-major f16 row: the whole head vector at once (F16C where present) */   \
+                nxkv_f32_to_f16(v, (uint16_t *)s->dest + cell * n_embd + head * d, (size_t)d, 1); \
+            } else {                                                                             \
+                nxkv_core_section_store(s, head, cell, v);                                       \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
+static void section_rows(const nxkv_section *s, const nxkv_values *arrays, int32_t *status) { SECTION_ROWS_BODY }
+#ifdef NXKV_HAVE_AVX2_PATH
+__attribute__((target("avx2"), flatten)) static void section_rows_avx2(const nxkv_section *s, const nxkv_values *arrays,
+                                                               int32_t *status) {
+    SECTION_ROWS_BODY
+}
+#endif
+
 int nxkv_decode_values(const nxkv_section *sections, int64_t n_sections, const nxkv_values *arrays, int32_t *status) {
     for (int64_t i = 0; i < n_sections; ++i) {
         if (!nxkv_core_section_fits(sections + i, arrays)) return NXKV_ERR_ARG;
     }
-    float v[NXKV_MAX_HEAD_DIM];
     for (int64_t i = 0; i < n_sections; ++i) {
-        const nxkv_section *s = sections + i;
-        const int64_t d = s->head_dim, n_embd = s->n_heads * d;
-        status[i] = 0;
-        /* heads outside, cells inside: a transposed V is then written along its rows */
-        for (int64_t head = 0; head < s->n_heads && !status[i]; ++head) {
-            for (int64_t cell = 0; cell < s->n_cells; ++cell) {
-                const int r = nxkv_core_section_vector(s, arrays, head, cell, v);
-                if (r) {
-                    status[i] = r;
-                    break;
-                }
-                if (s->out_f16 && !s->transposed) {
-                    /* a cell-major f16 row: the whole head vector at once (F16C where present) */
-                    nxkv_f32_to_f16(v, (uint16_t *)s->dest + cell * n_embd + head * d, (size_t)d, 1);
-                } else {
-                    nxkv_core_section_store(s, head, cell, v);
-                }
-            }
+#ifdef NXKV_HAVE_AVX2_PATH
+        if (have_avx2()) {
+            section_rows_avx2(sections + i, arrays, status + i);
+            continue;
         }
+#endif
+        section_rows(sections + i, arrays, status + i);
     }
     return NXKV_OK;
 }

@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 12 };
+enum nxkv_abi { NXKV_ABI_VERSION = 13 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -59,12 +59,15 @@ void nxkv_f64_to_f16(const double *src, uint16_t *dst, size_t n);
  * or does not divide n_values. */
 int nxkv_hadamard_blocks(const float *x, float *out, size_t n_values, size_t block);
 
-/* The lattice's PCA transform undone (core/transform.h): n_vectors head vectors of d floats y,
- * head k = vector index % n_heads, each mapped through basis[k] (int16 [n_heads][d][d], rows the
- * components) times 2^-shift, plus mean[k d .. k d + d) (NULL: none), into out (not y).
- * NXKV_ERR_ARG if d is 0 or above 4096 or shift outside 0 .. 30. */
-int nxkv_basis_inverse(const float *y, const int16_t *basis, size_t n_vectors, size_t n_heads, size_t d, int shift,
-                       const double *mean, float *out);
+/* E8 points stored on a head's principal axes back in its coordinates (core/transform.h):
+ * n_vectors head vectors of d values (d/8 points each: coset, 7 coordinates, the last halved),
+ * head k = vector index % n_heads, step[v] per vector, basis int16 [n_heads][d][d] (rows the
+ * components, entries in units of 2^-shift), plus mean[k d .. k d + d) (NULL: none), into out.
+ * NXKV_ERR_ARG if d is not a multiple of 8 up to 512, shift outside 0 .. 14 or a basis entry
+ * beyond 2^shift in magnitude. */
+int nxkv_basis_dequantize(const uint8_t *coset, const int32_t *coord, const int32_t *coord_last, const double *step,
+                          const int16_t *basis, size_t n_vectors, size_t n_heads, size_t d, int shift, const double *mean,
+                          float *out);
 
 /* The stored E8 points (core/lattice.h) of n_groups groups of 8 doubles x at steps step[i]:
  * coset[i], coord[7 i .. 7 i + 7), coord_last[i]. Values whose point does not fit int32 make
@@ -104,8 +107,9 @@ int nxkv_rans_decode_lanes(const uint8_t *data, size_t n_data, const int64_t *le
                            size_t chunk0, size_t chunk1);
 
 /* A lattice-coded K or V section's values made from its decoded point streams (core/section.h),
- * for the CPU here and the GPU (nxkv_cuda.h): the E8 points at their steps plus the channel
- * means, sink rows, the inverse Hadamard rotation, RoPE, written as f16 or f32 rows in the
+ * for the CPU here and the GPU (nxkv_cuda.h): the E8 points at their steps (through the
+ * head's principal axes where `basis`) plus the channel means, sink rows, the inverse Hadamard
+ * rotation, RoPE, written as f16 or f32 rows in the
  * cache's layout to dest. Offsets index the arrays of an nxkv_values. */
 typedef struct nxkv_section {
     int64_t n_cells, n_heads, head_dim;
@@ -123,6 +127,14 @@ typedef struct nxkv_section {
     int64_t trig0;          /* cos / sin [n_cells, n_rot / 2] at cos[trig0], sin[trig0] */
     int64_t out_f16;        /* 1: f16 rows, 0: f32 */
     int64_t transposed;     /* 1: V as [n_heads * head_dim, n_cells] (flash attention off) */
+    int64_t basis;          /* 1: the points lie on each head's principal axes (core/transform.h):
+                               bases[basis0 + head * head_dim^2 ..], entries within 2^basis_shift,
+                               one step per head vector (scale_block = head_dim), means added after */
+    int64_t basis0, basis_shift;
+    int64_t by_class;       /* 1: point streams split by component class: column c of the row
+                               [coset g | coord 7 g | last g] is at columns[cols0 + 3 c ..] = (symbol
+                               index at cell 0, per-cell stride, lo); 0: coset0 .. last_lo above */
+    int64_t cols0;
     void *dest;             /* the rows: n_cells * n_heads * head_dim values */
 } nxkv_section;
 
@@ -140,6 +152,10 @@ typedef struct nxkv_values {
     const double *cos;
     const double *sin;
     int64_t n_trig;
+    const float *bases; /* the bases' int16 entries as floats (exact) */
+    int64_t n_bases;
+    const int64_t *columns;
+    int64_t n_columns;
 } nxkv_values;
 
 /* The sections' rows, on this thread: status[i] 0, 1 a coset symbol not 0 or 1, 2 values not

@@ -67,7 +67,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("rans_encode_lanes", reference.rans_encode_lanes, exact=True),
     Op("rans_decode_lanes", reference.rans_decode_lanes, exact=True),
     Op("hadamard_blocks", reference.hadamard_blocks, exact=True),
-    Op("basis_inverse", reference.basis_inverse, exact=True),
+    Op("basis_dequantize", reference.basis_dequantize, exact=True),
 )}
 
 BACKENDS = ("cuda", "native", "numba", "numpy")

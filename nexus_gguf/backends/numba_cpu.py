@@ -173,29 +173,41 @@ def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _basis_inverse(y, basis, scale, mean, out):
-    # native/core/transform.h: a double sum in the order j = 0 .. d-1 (exact products)
-    n, h, d = y.shape
-    acc = np.empty(d)
+def _basis_dequantize(coset, coord, coord_last, step, basis, scale, mean, out):
+    # native/core/transform.h: the exact integer sum, then two double operations
+    n, h, d = out.shape
+    p2 = np.empty(d, np.int64)
+    acc = np.empty(d, np.int64)
     for c in range(n):
         for k in range(h):
-            acc[:] = 0.0
+            for q in range(d // 8):
+                s = 0
+                for j in range(7):
+                    s += np.int64(coord[c, k, q, j])
+                for j in range(8):
+                    z = np.int64(coord[c, k, q, j]) if j < 7 else 2 * np.int64(coord_last[c, k, q]) + (s & 1)
+                    p2[8 * q + j] = 2 * z + np.int64(coset[c, k, q])
+            acc[:] = 0
             for j in range(d):
-                yj = np.float64(y[c, k, j])
-                if yj == 0.0:
+                pj = p2[j]
+                if pj == 0:
                     continue
                 for i in range(d):
-                    acc[i] += basis[k, j, i] * yj
+                    acc[i] += np.int64(basis[k, j, i]) * pj
+            f = step[c, k] * scale
             for i in range(d):
-                out[c, k, i] = np.float32(acc[i] * scale + (mean[k * d + i] if mean.size else 0.0))
+                v = np.float64(acc[i]) * f
+                if mean.size:
+                    v = v + mean[k * d + i]
+                out[c, k, i] = np.float32(v)
 
 
-def basis_inverse(y: np.ndarray, basis: np.ndarray, shift: int, mean: np.ndarray) -> np.ndarray:
-    from .reference import basis_inverse_args
+def basis_dequantize(coset, coord, coord_last, step, basis, shift: int, mean) -> np.ndarray:
+    from .reference import basis_dequantize_args
 
-    y, basis, mean = basis_inverse_args(y, basis, mean)
-    out = np.empty_like(y)
-    _basis_inverse(y, basis.astype(np.float64), 2.0 ** -int(shift), mean, out)
+    coset, coord, coord_last, step, basis, mean = basis_dequantize_args(coset, coord, coord_last, step, basis, mean)
+    out = np.empty(step.shape + (basis.shape[1],), np.float32)
+    _basis_dequantize(coset, coord, coord_last, step, basis, 2.0 ** -(int(shift) + 1), mean, out)
     return out
 
 

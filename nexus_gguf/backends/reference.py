@@ -91,36 +91,52 @@ def lattice_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndar
     return x.astype(np.float32)
 
 
-def basis_inverse_args(y, basis, mean):
-    """The arrays basis_inverse's kernels take (every backend's), checked."""
-    y = np.ascontiguousarray(y, np.float32)
-    if y.ndim != 3:
-        raise ValueError("basis_inverse: y must be [n, heads, head size]")
-    _, h, d = y.shape
+def basis_dequantize_args(coset, coord, coord_last, step, basis, mean):
+    """The arrays basis_dequantize's kernels take (every backend's), checked: the points as
+    [n, h, d/8] (coord [n, h, d/8, 7]) for step [n, h]."""
+    step = np.ascontiguousarray(step, np.float64)
     basis = np.ascontiguousarray(basis, np.int16)
+    if step.ndim != 2 or basis.ndim != 3 or basis.shape[0] != step.shape[1] or basis.shape[1] != basis.shape[2] or basis.shape[1] % 8:
+        raise ValueError(f"basis_dequantize: steps {step.shape} and basis {basis.shape} do not fit [n, h] and [h, d, d]")
+    n, h = step.shape
+    d = basis.shape[1]
+    coset = np.ascontiguousarray(coset, np.uint8).reshape(n, h, d // 8)
+    coord = np.ascontiguousarray(coord, np.int32).reshape(n, h, d // 8, 7)
+    coord_last = np.ascontiguousarray(coord_last, np.int32).reshape(n, h, d // 8)
     mean = np.ascontiguousarray(mean, np.float64).reshape(-1)
-    if basis.shape != (h, d, d) or mean.size not in (0, h * d):
-        raise ValueError(f"basis_inverse: basis {basis.shape} or mean ({mean.size}) do not fit head vectors {y.shape[1:]}")
-    return y, basis, mean
+    if mean.size not in (0, h * d):
+        raise ValueError(f"basis_dequantize: mean ({mean.size}) does not fit {h} heads of {d}")
+    return coset, coord, coord_last, step, basis, mean
 
 
-def basis_inverse(y: np.ndarray, basis: np.ndarray, shift: int, mean: np.ndarray) -> np.ndarray:
-    """float32 [n, h, d]: each head vector y[c, k] (float32 [n, h, d], coefficients on the rows
-    of head k's basis) back in the original coordinates, x[c, k, i] = sum over j = 0 .. d-1 in
-    that order of basis[k, j, i] * y[c, k, j], times 2^-shift, plus mean[k * d + i] (float64
-    [h * d], or empty). Integer basis entries (|b| < 2^15) times float32 values are exact in a
-    double, so the double sum in this order is the same on every backend (no FMA question);
-    one rounding to float32 at the end. stages/lattice.py's PCA transform."""
-    y, basis, mean = basis_inverse_args(y, basis, mean)
-    n, h, d = y.shape
-    b = basis.astype(np.float64)
-    acc = np.zeros((n, h, d))
-    for j in range(d):
-        acc += y[:, :, j, None].astype(np.float64) * b[None, :, j, :]
-    acc *= 2.0 ** -int(shift)
+def doubled_points(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndarray) -> np.ndarray:
+    """int64 [..., 8 k]: twice the E8 points' coordinates, 2 z + coset (exact integers), of the
+    stored points coset [..., k], coord [..., k, 7], coord_last [..., k] (lattice_dequantize)."""
+    z7 = np.asarray(coord, np.int64)
+    last = 2 * np.asarray(coord_last, np.int64) + (z7.sum(axis=-1) & 1)
+    z = np.concatenate([z7, last[..., None]], axis=-1)
+    p2 = 2 * z + np.asarray(coset, np.int64)[..., None]
+    return p2.reshape(p2.shape[:-2] + (p2.shape[-2] * 8,))
+
+
+def basis_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndarray, step: np.ndarray, basis: np.ndarray,
+                     shift: int, mean: np.ndarray) -> np.ndarray:
+    """float32 [n, h, d]: E8 points stored on a head's principal axes (stages/lattice.py's PCA
+    transform) back in the head's coordinates. With p2 = twice each point's coordinates (exact
+    integers, doubled_points) and B = basis[k] (int16 [d, d], rows the components, entries in
+    units of 2^-shift): x[c, k, i] = S * (step[c, k] * 2^-(shift + 1)) (+ mean[k d + i]) where
+    S = sum over j of B[j, i] * p2[j] is an exact int64 (|S| < 2^61 for any int32 point), so every
+    backend computes the same S in any order and width that holds it; then its conversion to
+    double, two double operations and one rounding to float32."""
+    coset, coord, coord_last, step, basis, mean = basis_dequantize_args(coset, coord, coord_last, step, basis, mean)
+    n, h = step.shape
+    d = basis.shape[1]
+    p2 = doubled_points(coset, coord, coord_last)  # [n, h, d]
+    s = np.einsum("nhj,hji->nhi", p2, basis.astype(np.int64))
+    x = s.astype(np.float64) * (step * 2.0 ** -(int(shift) + 1))[:, :, None]
     if mean.size:
-        acc += mean.reshape(h, d)
-    return acc.astype(np.float32)
+        x = x + mean.reshape(h, d)
+    return x.astype(np.float32)
 
 
 def f32_to_f16(x: np.ndarray) -> np.ndarray:

@@ -54,8 +54,11 @@ class Lattice(Stage):
         "basis_bits": (int, 6),
         "pca_min_cells": (int, 1024),
         # one entropy model per component class (the octave of the component's RMS over the
-        # step, `class` [h, d]) instead of one per stream: the point streams split by column
+        # step, `class` [h, d]) instead of one per stream: the point streams split by column; in
+        # sections of at least class_min_cells cells (0 as files written before the option:
+        # all; the presets say 512: the tables cost more than they save below it)
         "classes": (bool, False),
+        "class_min_cells": (int, 0),
     }
     # more bits for the first and last layers measured no gain (README); format 1 files of 0.1
     # wrote edge_layers=0 with the model's n_layer
@@ -73,10 +76,11 @@ class Lattice(Stage):
                 raise ConfigError(f"lattice: bits must lie in 0.5 .. 12, got {b}")
         if not (0.0 <= self.token_steps <= 4.0 and 0.0 <= self.step_octaves <= 16.0):
             raise ConfigError("lattice: token_steps in 0 .. 4, step_octaves in 0 .. 16")
-        if self.transform not in ("none", "pca") or not 2 <= self.basis_bits <= 8 or self.pca_min_cells < 1:
-            raise ConfigError("lattice: transform is none or pca, basis_bits in 2 .. 8, pca_min_cells at least 1")
-        if self.classes and self.scale_scope != "head":
-            raise ConfigError("lattice: component classes need one step per head (scale_scope head)")
+        if self.transform not in ("none", "pca") or not 2 <= self.basis_bits <= 8 or self.pca_min_cells < 1 or self.class_min_cells < 0:
+            raise ConfigError("lattice: transform is none or pca, basis_bits in 2 .. 8, pca_min_cells at least 1, "
+                              "class_min_cells at least 0")
+        if (self.classes or self.transform != "none") and self.scale_scope != "head":
+            raise ConfigError("lattice: the PCA transform and component classes need one step per head (scale_scope head)")
         if self.classes and self.token_steps and (self.max_bucket + 1) * 3 * N_CLASSES + 8 > MAX_STREAMS:
             raise ConfigError(f"lattice: component classes with step_octaves {self.step_octaves} would need more than "
                               f"{MAX_STREAMS} streams a section; at most {(MAX_STREAMS - 8) // (3 * N_CLASSES) // BUCKETS_PER_OCTAVE - 1} octaves")
@@ -172,12 +176,12 @@ class Lattice(Stage):
             # one stream (so one rANS table) per step bucket: coarse cells' symbols are mostly
             # zero, fine cells' spread out; mixed in one table each would pay for the other
             points = _split_by_bucket(points, buckets)
-        if self.classes:
+        if self.uses_classes(info):
             # likewise per component class: after PCA the first components spread over many
             # steps and the last are nearly all zero
             rest = x[~sink] if (~sink).any() else x
             out["class"] = component_classes(np.sqrt((rest**2).mean(axis=0)), self._steps(scale_symbols, info))
-            points = _split_by_class(points, _column_classes(out["class"]))
+            points = _split_by_class(points, column_classes(out["class"]))
         return {**out, "scale": scale_symbols, **points}
 
     def stream_shapes(self, info: TensorInfo) -> tuple[dict[str, tuple[int, ...]], np.ndarray]:
@@ -196,6 +200,11 @@ class Lattice(Stage):
             want["basis"] = (h, d, d)
         return want, sink
 
+    def uses_classes(self, info: TensorInfo) -> bool:
+        """Whether this section's point streams are split by component class (decided from
+        what decode knows)."""
+        return self.classes and info.n_cells >= self.class_min_cells
+
     def _pca(self, info: TensorInfo, sink: np.ndarray) -> bool:
         """Whether this section is coded on its principal axes (decided from what decode knows)."""
         return self.transform == "pca" and int((~sink).sum()) >= self.pca_min_cells
@@ -210,11 +219,11 @@ class Lattice(Stage):
         block = self._block(d, info.name)
         g = h * d // 8
         want, sink = self.stream_shapes(info)
-        if self.classes:
+        if self.uses_classes(info):
             cls = symbols.get("class")
             if cls is None or cls.shape != (h, d) or (cls.size and int(cls.max()) >= N_CLASSES):
                 raise FormatError(f"{info.name}: component classes missing, not of shape {(h, d)} or above {N_CLASSES - 1}")
-            symbols = {**symbols, **_join_by_class(symbols, _column_classes(cls), info.name)}
+            symbols = {**symbols, **_join_by_class(symbols, column_classes(cls), info.name)}
         if "bucket" in symbols:
             b = symbols["bucket"]
             if b.shape != (n,) or (b.size and int(b.max()) > self.max_bucket):
@@ -234,10 +243,12 @@ class Lattice(Stage):
         basis = symbols.get("basis") if "basis" in want else None
         if basis is not None and basis.size and int(np.abs(basis.astype(np.int64)).max()) > 1 << (self.basis_bits - 1):
             raise FormatError(f"{info.name}: basis entries beyond {self.basis_bits} bits")
-        x = kernel("lattice_dequantize")(coset, _int32(symbols["coord"]), _int32(symbols["coord_last"]), group_step,
-                                         mean if basis is None else np.zeros(0)).reshape(n, h, d)
-        if basis is not None:
-            x = kernel("basis_inverse")(x, basis, self.basis_bits - 1, mean)
+        if basis is None:
+            x = kernel("lattice_dequantize")(coset, _int32(symbols["coord"]), _int32(symbols["coord_last"]), group_step,
+                                             mean).reshape(n, h, d)
+        else:  # one step per head vector (scale_scope head)
+            x = kernel("basis_dequantize")(coset, _int32(symbols["coord"]), _int32(symbols["coord_last"]), step[:, :, 0],
+                                           basis, self.basis_bits - 1, mean)
         if self.sinks:
             x[sink] = symbols["sink"].astype(np.uint16).view(np.float16)
         return x
@@ -307,7 +318,7 @@ def pca_basis(x: np.ndarray, bits: int) -> np.ndarray:
 
 def to_basis(x: np.ndarray, basis: np.ndarray, bits: int) -> np.ndarray:
     """float64 [n, h, d] coefficients y with y[:, k] @ basis[k] / 2^(bits-1) = x[:, k] (what
-    basis_inverse maps back)."""
+    basis_dequantize maps back)."""
     scaled = basis.astype(np.float64) / (1 << (bits - 1))
     return np.stack([x[:, k, :] @ np.linalg.inv(scaled[k]) for k in range(x.shape[1])], axis=1)
 
@@ -321,7 +332,7 @@ def component_classes(rms: np.ndarray, step: np.ndarray) -> np.ndarray:
     return c.astype(np.uint8)
 
 
-def _column_classes(cls: np.ndarray) -> dict[str, np.ndarray]:
+def column_classes(cls: np.ndarray) -> dict[str, np.ndarray]:
     """Point stream -> the class of each of its columns (per cell: groups, or groups x 7),
     from the component classes [h, d]: coord_last is component 7 of its group, a coset takes
     its group's largest class."""
