@@ -167,11 +167,12 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
     n, h, d = info.n_cells, info.n_heads, info.head_dim
     streams = {s.name: s for s in entropy.streams(np.frombuffer(job.data, np.uint8), info)}
     want, sink = lattice.stream_shapes(info)
-    columns = None
+    columns = None  # with classes: (start, stride, lo, on host) of each column of a cell's point row
+    small = {}
     if lattice.uses_classes(info):
         if "class" not in streams:
             raise FormatError(f"{info.name}: component classes missing")
-        cls = streams["class"].decode()
+        small["class"] = cls = streams["class"].decode()
         if cls.shape != (h, d) or (cls.size and int(cls.max()) >= N_CLASSES):
             raise FormatError(f"{info.name}: component classes missing, not of shape {(h, d)} or above {N_CLASSES - 1}")
         column_class = column_classes(cls)
@@ -183,11 +184,12 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
             raise FormatError(f"{info.name}: lattice symbols {name!r} missing or not of shape {shape}")
     # every other stream is decoded here, as the CPU path decodes all: damage anywhere is found
     split = {f"{name}.c{int(c)}" for name in _POINT_TYPES for c in (np.unique(column_class[name]) if columns is not None else ())}
-    small = {name: stream.decode() for name, stream in streams.items() if name not in _POINT_TYPES and name not in split}
+    small.update({name: stream.decode() for name, stream in streams.items()
+                  if name not in _POINT_TYPES and name not in split and name not in small})
     if columns is None:
         coset, coord, last = (batch.point_stream(streams[name], info.name, name) for name in _POINT_TYPES)
     else:
-        coset = coord = last = ("rans", 0, 0)
+        coset = coord = last = ("rans", 0, 0)  # unused: by_class sections address symbols by column
         for name in _POINT_TYPES:  # row of a cell: coset g | coord 7 g | last g
             cols = column_class[name]
             start = np.zeros(cols.size, np.int64)

@@ -26,7 +26,8 @@ from nexus_gguf.llama_state import parse_state  # noqa: E402
 EXAMPLES = int(os.environ.get("NEXUS_GGUF_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 1000,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FILES = sorted(os.path.join(golden.version_dir(1), e["file"]) for e in golden.load_manifest(1)["files"])
+VERSIONS = sorted(int(d[1:]) for d in os.listdir(golden.FIXTURES) if d.startswith("v") and d[1:].isdigit())
+FILES = sorted(os.path.join(golden.version_dir(v), e["file"]) for v in VERSIONS for e in golden.load_manifest(v)["files"])
 CORPUS = os.path.join(os.path.dirname(__file__), "fuzz")
 
 
@@ -180,7 +181,43 @@ def _decode_both(data: bytes):
     return out
 
 
-GPU_FILES = [p for p in FILES if any(k in os.path.basename(p) for k in ("gemma3-high", "gemma3-max", "f16-vtrans-high"))]
+GPU_FILES = [p for p in FILES if "/v1/" in p and any(k in os.path.basename(p) for k in ("gemma3-high", "gemma3-max", "f16-vtrans-high"))]
+PCA_FILES = [p for p in FILES if "gemma3-long-high" in os.path.basename(p)]
+
+
+@FUZZ
+@given(st.sampled_from(PCA_FILES), st.data())
+def test_cpu_batch_agrees_with_the_stages_on_damaged_pca_sections(path, data):
+    """Format 2's `high` (PCA basis, per-class symbol columns) damaged behind valid CRCs: the CPU
+    library's one-pass batch (core/section.h) refuses with a documented error exactly when the
+    stage-by-stage path does, and otherwise makes the same blob."""
+    import tempfile
+
+    from nexus_gguf import state_file
+    from nexus_gguf.backends import backend_status
+
+    if backend_status()["native"] != "available":
+        pytest.skip(f"native backend {backend_status()['native']}")
+    names = [n for n in fmt.NxkvFile.open(path).names() if n[:2] in ("k.", "v.")]
+    edit = _section_edit(data, names, ["flip", "cut", "zero"])
+    with tempfile.NamedTemporaryFile(suffix=".nxkv", delete=False) as f:
+        f.write(_repacked(path, edit_section=edit))
+    out = []
+    try:
+        for batch in (False, True):
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(state_file, "_native_batches", lambda: batch)
+                try:
+                    out.append(golden.decode_file(f.name)["blob"])
+                except NxkvError as e:
+                    out.append(e)
+    finally:
+        os.unlink(f.name)
+    stages, batch = out
+    if isinstance(stages, Exception) or isinstance(batch, Exception):
+        assert isinstance(stages, Exception) and isinstance(batch, Exception), (stages, batch)
+    else:
+        assert stages == batch
 
 
 @FUZZ

@@ -19,6 +19,14 @@
 
 #define NXKV_MAX_HEAD_DIM 512
 
+/* The PCA basis (core/transform.h) and the per-class symbol columns are compiled for the CPU
+ * only until a GPU has run them: in the CUDA kernel they grow each thread's frame from 2 to 12 KB
+ * and its registers from 96 to 127 (ptxas -v, sm_90) for sections the GPU batch refuses anyway
+ * (section_decode.unsupported); there, a section with either does not fit. */
+#if !defined(__CUDACC__)
+#define NXKV_CORE_PCA 1
+#endif
+
 /* Whether every index the section makes lies inside the arrays (checked before any is read). */
 NXKV_FN int nxkv_core_section_fits(const nxkv_section *s, const nxkv_values *a) {
     const int64_t d = s->head_dim, n = s->n_cells, h = s->n_heads;
@@ -34,11 +42,18 @@ NXKV_FN int nxkv_core_section_fits(const nxkv_section *s, const nxkv_values *a) 
         (s->rope && (s->n_rot < 2 || s->n_rot % 2 || s->n_rot > d || s->trig0 < 0 || s->trig0 + n * (s->n_rot / 2) > a->n_trig))) {
         return 0;
     }
+#ifdef NXKV_CORE_PCA
     if (s->basis && (s->scale_block != d || s->basis_shift < 0 || s->basis_shift > 14 ||
                      s->basis0 < 0 || s->basis0 + h * d * d > a->n_bases)) {
         return 0;
     }
+#else
+    if (s->basis) return 0;
+#endif
     if (s->by_class) {
+#ifndef NXKV_CORE_PCA
+        return 0;
+#endif
         if (s->cols0 < 0 || s->cols0 + 27 * g > a->n_columns) return 0;
         for (int64_t c = 0; c < 9 * g && n > 0; ++c) {
             const int64_t *col = a->columns + s->cols0 + 3 * c;
@@ -82,10 +97,12 @@ NXKV_FN void nxkv_core_rope_vector(float *v, int64_t mode, int64_t n_rot, const 
 /* Symbol `col` of a cell's row of point symbols [coset g | coord 7 g | last g], its stream's
  * smallest value added. */
 NXKV_FN int64_t nxkv_core_point_symbol(const nxkv_section *s, const nxkv_values *a, int64_t g, int64_t cell, int64_t col) {
+#ifdef NXKV_CORE_PCA
     if (s->by_class) {
         const int64_t *c = a->columns + s->cols0 + 3 * col;
         return (int64_t)a->symbols[c[0] + cell * c[1]] + c[2];
     }
+#endif
     if (col < g) return (int64_t)a->symbols[s->coset0 + cell * g + col] + s->coset_lo;
     if (col < 8 * g) return (int64_t)a->symbols[s->coord0 + cell * 7 * g + col - g] + s->coord_lo;
     return (int64_t)a->symbols[s->last0 + cell * g + col - 8 * g] + s->last_lo;
@@ -99,7 +116,9 @@ NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a
     const int64_t step_row = s->step0 + (s->step_per_cell ? cell * n_heads + head : head) * blocks;
     const double *mean = s->mean0 >= 0 ? a->means + s->mean0 + head * d : 0;
     int coset_ok = 1;
+#ifdef NXKV_CORE_PCA
     int64_t p2[NXKV_MAX_HEAD_DIM], l1 = 0;
+#endif
     for (int64_t q = 0; q < d / 8; ++q) {
         const int64_t grp = head * (d / 8) + q;
         const int64_t coset = nxkv_core_point_symbol(s, a, g, cell, grp);
@@ -107,20 +126,24 @@ NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a
         int32_t z7[7];
         for (int j = 0; j < 7; ++j) z7[j] = (int32_t)nxkv_core_point_symbol(s, a, g, cell, g + 7 * grp + j);
         const int32_t last = (int32_t)nxkv_core_point_symbol(s, a, g, cell, 8 * g + grp);
+#ifdef NXKV_CORE_PCA
         if (s->basis) {
             l1 += nxkv_core_doubled_group(coset & 1, z7, last, p2 + 8 * q);
-        } else {
-            nxkv_core_lattice_group((uint8_t)(coset & 1), z7, last, a->steps[step_row + q * 8 / s->scale_block],
-                                    mean ? mean + q * 8 : 0, v + q * 8);
+            continue;
         }
+#endif
+        nxkv_core_lattice_group((uint8_t)(coset & 1), z7, last, a->steps[step_row + q * 8 / s->scale_block],
+                                mean ? mean + q * 8 : 0, v + q * 8);
     }
     if (!coset_ok) return 1;
+#ifdef NXKV_CORE_PCA
     if (s->basis) {
         int64_t acc64[NXKV_MAX_HEAD_DIM];
         float acc32[NXKV_MAX_HEAD_DIM];
         const double c = a->steps[step_row] * ldexp(1.0, -(int)(s->basis_shift + 1));
         nxkv_core_basis_vector(p2, l1, a->bases + s->basis0 + head * d * d, d, (int)s->basis_shift, c, mean, acc32, acc64, v);
     }
+#endif
     if (s->sink_map0 >= 0) {
         const int32_t r = a->sink_map[s->sink_map0 + cell];
         if (r >= 0) {

@@ -34,10 +34,6 @@ NXKV_FN int64_t nxkv_core_doubled_points(const uint8_t *coset, const int32_t *co
     return l1;
 }
 
-/* One head vector: p2 [d] (l1 its magnitudes' sum), basis [d][d] (integers, every |entry| <=
- * 2^shift: the caller checks; held as floats, which hold them exactly), c = step * 2^-(shift + 1);
- * acc32 / acc64: d scratch each. Every partial sum is at most 2^shift * l1 in magnitude: below
- * 2^24 the float sums are exact (8 lanes a vector instruction), else int64. */
 #if defined(__GNUC__) && !defined(__CUDACC__) && !defined(__METAL_VERSION__)
 /* GCC/Clang vector types: the compiler left the loop below scalar (5x slower, measured) */
 typedef float nxkv_v8f __attribute__((vector_size(32)));
@@ -69,6 +65,10 @@ NXKV_FN void nxkv_core_basis_block(const float *basis, const int64_t *rows, cons
 #endif
 }
 
+/* One head vector: p2 [d] (l1 its magnitudes' sum), basis [d][d] (integers, every |entry| <=
+ * 2^shift: the caller checks; held as floats, which hold them exactly), c = step * 2^-(shift + 1);
+ * acc32 / acc64: d scratch each. Every partial sum is at most 2^shift * l1 in magnitude: below
+ * 2^24 the float sums are exact (8 lanes a vector instruction), else int64. */
 NXKV_FN void nxkv_core_basis_vector(const int64_t *p2, int64_t l1, const float *basis, int64_t d, int shift, double c,
                                     const double *mean, float *acc32, int64_t *acc64, float *out) {
     if (shift < 24 && l1 < ((int64_t)1 << (24 - shift))) {

@@ -122,7 +122,7 @@ int nxkv_basis_dequantize(const uint8_t *coset, const int32_t *coord, const int3
     for (size_t i = 0; i < n_heads * d * d; ++i) {
         if (basis[i] > (1 << shift) || basis[i] < -(1 << shift)) return NXKV_ERR_ARG;
     }
-    float *b = malloc(sizeof(float) * n_heads * d * d + 1);
+    float *b = malloc(sizeof(float) * n_heads * d * d);
     if (!b) return NXKV_ERR_NOMEM;
     for (size_t i = 0; i < n_heads * d * d; ++i) b[i] = (float)basis[i];
     int64_t p2[NXKV_MAX_HEAD_DIM], acc64[NXKV_MAX_HEAD_DIM];
