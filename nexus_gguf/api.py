@@ -114,9 +114,9 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
             "save right after evaluating the prompt"
         )
     timer.lap("parse")
-    eviction = scoring = importance = None
+    eviction = scoring = importance = queries = None
     if pipeline.needs_scores:
-        state, scoring, eviction, importance = _score_and_evict(llm, blob, state, tokens, pipeline)
+        state, scoring, eviction, importance, queries = _score_and_evict(llm, blob, state, tokens, pipeline)
         timer.lap("scoring")
     # sections go to a spool as they are made: past an eighth of the raw state they wait in a
     # temporary file beside the target, so saving holds about the state plus that, not twice it
@@ -124,7 +124,7 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
     spool = SpooledSections(max(1 << 20, len(blob) // 8), local_dir, os.fspath(path))
     with recording() as backends, spool:
         layout, sections = iter_encode_state(state, pipeline, value_dims(facts.n_embd_head_k, facts.n_embd_head_v),
-                                             importance)
+                                             importance, queries=queries)
         spool.add("tokens", encode_tokens(tokens))
         # a lossy state cannot reproduce the prompt's logits to the last bit anyway; f16 halves them
         logits_dtype = "f32" if pipeline.lossless else "f16"
@@ -148,11 +148,13 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
 
 def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline):
     """Score the cells; keep the most important if the pipeline evicts. (state, the header's
-    scoring and eviction records, per-layer importance for the stages that use it)."""
+    scoring and eviction records, per-cell importance and per-layer query energy for the stages
+    that use them)."""
     from .scoring import score_cells
 
     options = pipeline.scoring
-    scores = score_cells(llm, blob, state, tokens, options.window, options.scorer, options.chunk, options.stride)
+    scores = score_cells(llm, blob, state, tokens, options.window, options.scorer, options.chunk, options.stride,
+                         importance=pipeline.eviction is not None or pipeline.uses_importance, energy=pipeline.uses_queries)
     if scores.note:
         warnings.warn(f"nexus-gguf: {scores.note}", RuntimeWarning, stacklevel=4)
     record = {**options.get_config(), "used": scores.scorer, "note": scores.note}
@@ -164,7 +166,7 @@ def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline):
         eviction = eviction_record(pipeline.eviction, int(pos.size), int(keep.size))
     else:
         importance = scores.importance
-    return state, record, eviction, importance if pipeline.uses_importance else None
+    return state, record, eviction, importance if pipeline.uses_importance else None, scores.query_energy
 
 
 def load_state(llm, path, *, seq_id: int = 0) -> LoadReport:

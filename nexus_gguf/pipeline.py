@@ -87,8 +87,15 @@ class Pipeline:
         return any(s.uses_importance for s in self.stages)
 
     @property
+    def uses_queries(self) -> bool:
+        """A stage codes K by the captured queries' statistics (TensorInfo.query_energy)."""
+        return any(s.uses_queries for s in self.stages)
+
+    @property
     def needs_scores(self) -> bool:
-        return self.eviction is not None or self.uses_importance
+        """Scoring (query capture) runs before coding: for eviction, importance-aware steps or
+        query-weighted K."""
+        return self.eviction is not None or self.uses_importance or self.uses_queries
 
     @property
     def values_path(self) -> bool:
@@ -195,7 +202,8 @@ def build_pipeline(preset: str = DEFAULT_PRESET, without: Sequence[str] = (), **
         by_id[stage_id][option] = value
     eviction = Eviction.from_config(evict) if evict is not None else None
     stages = [REGISTRY[c["id"]].from_config(c) for c in configs]
-    scoring = Scoring.from_config(score) if score or eviction is not None or any(s.uses_importance for s in stages) else None
+    scoring = (Scoring.from_config(score) if score or eviction is not None or any(s.uses_importance or s.uses_queries for s in stages)
+               else None)
     return Pipeline(stages, preset, eviction, scoring)
 
 

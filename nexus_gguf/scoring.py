@@ -18,6 +18,7 @@ the fallback when capture is unavailable, and the header and report name it as s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -48,9 +49,35 @@ def attention_importance(q: np.ndarray, q_pos: np.ndarray, k: np.ndarray, k_pos:
 
 @dataclass
 class Scores:
-    importance: np.ndarray  # float64 [n_cells] of the scored stream, higher = keep
+    importance: Optional[np.ndarray]  # float64 [n_cells] of the scored stream, higher = keep (None: not asked)
     scorer: str  # what was actually used
     note: str = ""  # why the asked-for scorer was not used
+    # model layer -> float64 [n_kv, head_dim] (query_energy), where asked for and captured
+    query_energy: Optional[dict] = None
+
+
+def query_energy(queries: dict, facts) -> dict[int, np.ndarray]:
+    """model layer -> float64 [n_kv, head_dim]: the mean square of the captured post-RoPE queries
+    [W, n_head, head_dim] over the window and each KV head's query group, summed over each RoPE
+    pair (NORM: channels 2i, 2i + 1; NEOX: i, i + n_rot / 2). RoPE turns a pair's two channels
+    into each other with the position, so only a pair's energy is the same at every position:
+    how much an error in a cached key's pair costs the attention logits, on average."""
+    group = facts.n_head // facts.n_head_kv
+    mode, n_rot = facts.rope.get("type"), int(facts.rope.get("n_rot") or 0)
+    out = {}
+    for layer, q in queries.items():
+        q = np.asarray(q, np.float64)
+        _, n_head, d = q.shape
+        e = (q**2).mean(axis=0).reshape(n_head // group, group, d).mean(axis=1)
+        half = min(n_rot, d) // 2
+        if mode == "norm" and half:
+            pair = e[:, 0 : 2 * half : 2] + e[:, 1 : 2 * half : 2]
+            e[:, 0 : 2 * half : 2], e[:, 1 : 2 * half : 2] = pair, pair
+        elif mode == "neox" and half:
+            pair = e[:, :half] + e[:, half : 2 * half]
+            e[:, :half], e[:, half : 2 * half] = pair, pair
+        out[int(layer)] = e
+    return out
 
 
 REPEAT_PROMPT = "\n\nRepeat the text above, word for word.\n\n"
@@ -96,36 +123,45 @@ def reconstruction_importance(llm, blob: bytes, keys: dict, tokens, chunk: int, 
 
 
 def score_cells(llm, blob: bytes, state: LlamaState, tokens, window: int, scorer: str, chunk: int = 1024,
-                stride: int = 4) -> Scores:
-    """Importance of each cell of the state's first (full-attention) stream."""
+                stride: int = 4, importance: bool = True, energy: bool = False) -> Scores:
+    """Importance of each cell of the state's first (full-attention) stream (unless not
+    `importance`), and with `energy` the query energy of every layer (query_energy) from the
+    last `window` prompt tokens' captured queries."""
     facts = bridge.model_facts(llm)
+    n = len(tokens)
+    notes = []
+    queries = None
+    if scorer == "attention" or energy:
+        try:
+            queries = capture_queries(llm, blob, tokens, window)
+        except NxkvError as e:
+            notes.append(f"query capture failed ({e})" + ("; used the key-key proxy" if importance and scorer == "attention" else "")
+                         + ("; K not weighted by the queries" if energy else ""))
+    energies = query_energy(queries, facts) if energy and queries is not None else None
+    if scorer != "attention":
+        queries = None  # captured for the energies only: the asked-for scorer judges the cells
+    if not importance:
+        return Scores(None, "attention" if energies is not None else "none", "; ".join(notes), energies)
     cache = state.caches[0]
     streams = [s for s in cache.streams if s is not None]
     if len(streams) != 1:
         raise NxkvError("eviction supports one sequence in one stream")
     s = streams[0]
     pos = s.cells.pos.astype(np.int64)
-    n = len(tokens)
     q_pos = np.arange(n - min(window, n), n)
     hd = facts.n_embd_head_k
     rot = llama_rotation(hd, "k")
-    note = ""
-    queries = None
     if scorer == "reconstruct":
         keys = {layer.model_layer: toggle_llama_rotation(layer.values("k"), layer.k_type, rot).reshape(len(pos), -1, hd)
                 for layer in s.layers}
         if np.array_equal(pos, np.arange(n)):
             try:
-                return Scores(reconstruction_importance(llm, blob, keys, tokens, chunk, stride), "reconstruct")
+                return Scores(reconstruction_importance(llm, blob, keys, tokens, chunk, stride), "reconstruct", "; ".join(notes),
+                              energies)
             except NxkvError as e:
-                note = f"query capture failed ({e}); used the key-key proxy"
+                notes.append(f"query capture failed ({e}); used the key-key proxy")
         else:
-            note = "reconstruction scoring needs the cells of positions 0..n-1; used the key-key proxy"
-    if scorer == "attention":
-        try:
-            queries = capture_queries(llm, blob, tokens, window)
-        except NxkvError as e:
-            note = f"query capture failed ({e}); used the key-key proxy"
+            notes.append("reconstruction scoring needs the cells of positions 0..n-1; used the key-key proxy")
     total = np.zeros(len(pos))
     for layer in s.layers:
         k = toggle_llama_rotation(layer.values("k"), layer.k_type, rot).reshape(len(pos), -1, hd)
@@ -137,4 +173,4 @@ def score_cells(llm, blob: bytes, state: LlamaState, tokens, window: int, scorer
             q = k[in_window].mean(axis=0, keepdims=True)
         imp = attention_importance(q, q_pos if queries is not None else q_pos[-1:], k, pos, 1.0 / np.sqrt(hd))
         total += imp / imp.sum()
-    return Scores(total / len(s.layers), "attention" if queries is not None else "key-proxy", note)
+    return Scores(total / len(s.layers), "attention" if queries is not None else "key-proxy", "; ".join(notes), energies)

@@ -214,7 +214,8 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
            "step_per_cell": int(per_cell), "scale_block": block, "mean0": -1, "sink_map0": -1, "sink0": 0,
            "hadamard": int(had is not None and not had.passes_through(info)), "rope": 0, "n_rot": 0, "trig0": 0,
            "out_f16": int(job.out_f16), "transposed": int(job.transposed), "points": (coset, coord, last),
-           "basis": 0, "basis0": 0, "basis_shift": 0, "by_class": int(columns is not None), "cols0": 0, "columns": columns}
+           "basis": 0, "basis0": 0, "basis_shift": 0, "cscale0": -1, "by_class": int(columns is not None), "cols0": 0,
+           "columns": columns}
     if "basis" in want:
         basis = small["basis"]
         one = 1 << (lattice.basis_bits - 1)
@@ -222,6 +223,9 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
             raise FormatError(f"{info.name}: basis entries beyond {lattice.basis_bits} bits")
         sec.update(basis=1, basis0=batch._append("bases", np.ascontiguousarray(basis, np.float32).reshape(-1)),
                    basis_shift=lattice.basis_bits - 1)
+        scale = lattice.channel_scale(small, info, sink)
+        if scale.size:
+            sec["cscale0"] = batch._append("means", scale)
     if lattice.center:
         mean = small["mean"].astype(np.uint16).view(np.float16).astype(np.float64)
         sec["mean0"] = batch._append("means", mean.reshape(-1))
@@ -479,8 +483,9 @@ def _reference_decode(prep: Prepared) -> None:
         mean = a["means"][s["mean0"] : s["mean0"] + h * d] if s["mean0"] >= 0 else np.zeros(0)
         if s["basis"]:
             basis = a["bases"][s["basis0"] : s["basis0"] + h * d * d].reshape(h, d, d).astype(np.int16)
+            scale = a["means"][s["cscale0"] : s["cscale0"] + h * d] if s["cscale0"] >= 0 else np.zeros(0)
             x = ref.basis_dequantize(coset.astype(np.uint8), coord.astype(np.int32), last.astype(np.int32), steps[:, :, 0],
-                                     basis, s["basis_shift"], mean)
+                                     basis, s["basis_shift"], mean, scale)
         else:
             x = ref.lattice_dequantize(coset.astype(np.uint8), coord.astype(np.int32), last.astype(np.int32), group_step,
                                        mean).reshape(n, h, d)

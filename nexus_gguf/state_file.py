@@ -39,7 +39,7 @@ def value_dims(head_dim_k: int, head_dim_v: int) -> dict[str, int]:
 
 
 def _value_info(pipeline: Pipeline, name: str, kind: str, t: GgmlType, cells: Cells, layer_model, sliding: bool,
-                n_embd: int, dims, importance: Optional[np.ndarray] = None) -> TensorInfo:
+                n_embd: int, dims, importance: Optional[np.ndarray] = None, queries: Optional[dict] = None) -> TensorInfo:
     """The TensorInfo of a K or V section on the value path; llama_rot is set when a stage
     absorbs llama.cpp's rotation of these rows (they then stay rotated, see
     Pipeline.absorbs_rotation)."""
@@ -50,7 +50,8 @@ def _value_info(pipeline: Pipeline, name: str, kind: str, t: GgmlType, cells: Ce
     # a head_dim x head_dim basis per head (the lattice's PCA transform)
     info = TensorInfo(name, t.name, t.float_bytes, max(len(cells), head_dim) * n_embd, kind=kind, positions=cells.pos,
                       model_layer=layer_model, sliding=sliding, n_cells=len(cells), n_heads=n_embd // head_dim,
-                      head_dim=head_dim, importance=importance)
+                      head_dim=head_dim, importance=importance,
+                      query_energy=queries.get(layer_model) if queries is not None and kind == "k" else None)
     block = dims[f"llama_rot_{kind}"] if not t.float_bytes else 0
     return replace(info, llama_rot=block) if pipeline.absorbs_rotation(info, block) else info
 
@@ -61,16 +62,20 @@ def _unrotated(values: np.ndarray, t: GgmlType, info: TensorInfo, dims) -> np.nd
 
 
 def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str, int]] = None,
-                 importance: Optional[dict] = None) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
+                 importance: Optional[np.ndarray] = None, queries: Optional[dict] = None
+                 ) -> tuple[dict[str, Any], list[tuple[str, np.ndarray]]]:
     """(layout for the header, sections) of a parsed state. The value path needs `dims`
     (value_dims of the model); stages that code cells by importance get it from `importance`
-    (float64 [n_cells] of the first cache's stream, the same for every layer: scoring.py)."""
-    layout, sections = iter_encode_state(state, pipeline, dims, importance)
+    (float64 [n_cells] of the first cache's stream, the same for every layer: scoring.py), and
+    those that weight K by the queries from `queries` (model layer -> float64 [n_kv, head_dim]:
+    scoring.query_energy)."""
+    layout, sections = iter_encode_state(state, pipeline, dims, importance, queries=queries)
     return layout, list(sections)
 
 
 def iter_encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str, int]] = None,
-                      importance: Optional[dict] = None) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
+                      importance: Optional[np.ndarray] = None, queries: Optional[dict] = None
+                      ) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
     """encode_state, with the sections made as they are asked for: layers encode on all cores
     a few at a time, so memory holds those layers' sections, not the whole file's."""
     if pipeline.values_path and not dims:
@@ -102,7 +107,7 @@ def iter_encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict
     }
     if pipeline.values_path:
         layout["values"] = dict(dims)
-    return layout, _sections(state, pipeline, dims, importance)
+    return layout, _sections(state, pipeline, dims, importance, queries)
 
 
 def _gpu_encoder():
@@ -132,7 +137,7 @@ def _encode_on_gpu(encode, pipeline: Pipeline, dims, ci: int, si: int, s: Stream
     return encode(pipeline, jobs)
 
 
-def _sections(state: LlamaState, pipeline: Pipeline, dims, importance) -> Iterator[tuple[str, np.ndarray]]:
+def _sections(state: LlamaState, pipeline: Pipeline, dims, importance, queries) -> Iterator[tuple[str, np.ndarray]]:
     meta = meta_pipeline()
     gpu = _gpu_encoder() if pipeline.values_path else None
     for ci, cache in enumerate(state.caches):
@@ -153,7 +158,7 @@ def _sections(state: LlamaState, pipeline: Pipeline, dims, importance) -> Iterat
                     name = f"{kind}.{ci}.{si}.{layer.cache_layer}"
                     if pipeline.values_path:
                         info = _value_info(pipeline, name, kind, t, s.cells, layer.model_layer, layer.sliding_window,
-                                           layer.n_embd(kind), dims, importance if ci == 0 else None)
+                                           layer.n_embd(kind), dims, importance if ci == 0 else None, queries)
                         values = _unrotated(layer.values(kind), t, info, dims)
                         out.append((name, pipeline.encode_values(values, info)))
                     else:

@@ -45,7 +45,7 @@ def load_manifest(version: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- stage cases
 
 
-_INFO_ARRAYS = ("positions", "importance")  # TensorInfo fields stored in the case's npz
+_INFO_ARRAYS = ("positions", "importance", "query_energy")  # TensorInfo fields stored in the case's npz
 
 
 def info_to_json(info: TensorInfo) -> dict[str, Any]:
@@ -153,11 +153,13 @@ def decode_file(path: str) -> dict[str, Any]:
     return {"file": f, "header": h, "blob": write_state(state), "tokens": tokens, "logits": logits}
 
 
-def reencode_file(path: str, raw_blob: bytes, importance: Optional[np.ndarray] = None) -> dict[str, bytes]:
+def reencode_file(path: str, raw_blob: bytes, importance: Optional[np.ndarray] = None,
+                  queries: Optional[dict] = None) -> dict[str, bytes]:
     """The sections today's writer makes of `raw_blob` (the state the file was saved from) with
     the file's own stages and options, as {name: bytes}. Cells an evicting preset dropped are
     dropped again: the file's cell records say which it kept. `importance`: the scores the file
-    was written with (per cell of the raw state), for stages that code cells by importance."""
+    was written with (per cell of the raw state), for stages that code cells by importance;
+    `queries`: the query energy per model layer, for K weighted by the queries."""
     d = decode_file(path)
     h = d["header"]
     state = parse_state(raw_blob, h.state["kind"], _layout_of(h.state))
@@ -165,7 +167,7 @@ def reencode_file(path: str, raw_blob: bytes, importance: Optional[np.ndarray] =
         kept = parse_state(d["blob"], h.state["kind"], _layout_of(h.state))
         state, idx = keep_positions(state, kept)
         importance = None if importance is None else importance[idx]
-    layout, sections = encode_state(state, h.pipeline, h.state.get("values"), importance)
+    layout, sections = encode_state(state, h.pipeline, h.state.get("values"), importance, queries=queries)
     out = {"tokens": encode_tokens(d["tokens"])}
     if d["logits"] is not None:
         out["logits"] = encode_logits(d["logits"], h.logits["dtype"])
@@ -183,6 +185,16 @@ def _layout_of(state_layout: dict[str, Any]):
         [[L["model_layer"] for L in st["layers"]] for st in first_stream],
         [bool(st["layers"][0]["sliding_window"]) for st in first_stream],
     )
+
+
+def load_scores(vdir: str, entry: dict) -> tuple[Optional[np.ndarray], Optional[dict]]:
+    """(importance, query energy per model layer) a file entry was written with, where stored."""
+    importance = np.load(os.path.join(vdir, entry["importance"])) if entry.get("importance") else None
+    queries = None
+    if entry.get("queries"):
+        npz = np.load(os.path.join(vdir, entry["queries"]))
+        queries = {int(k): npz[k] for k in npz.files}
+    return importance, queries
 
 
 def keep_positions(state, kept):

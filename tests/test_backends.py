@@ -123,6 +123,9 @@ def _inputs(op: str, seed: int):
             basis = rng.integers(-(1 << shift), (1 << shift) + 1, (h, d, d)).astype(np.int16)
             mean = rng.standard_normal(h * d) * 10 if n % 2 == 0 else np.zeros(0)
             out.append((coset, coord, last, step, basis, shift, mean))
+            # with channel scales (the K weighting), with and without means
+            scale = np.exp2(rng.uniform(-6, 6, h * d)).astype(np.float16).astype(np.float64)
+            out.append((coset, coord, last, step, basis, shift, mean, scale))
         return out
     raise AssertionError(f"no test inputs for op {op!r}: add them here")
 

@@ -290,6 +290,8 @@ PCA_VARIANTS = {
                                         c["lattice"].update(transform="pca", classes=True, pca_min_cells=1, center=False, sinks=0)),
     "pca-classes-zstd": lambda c: (c.pop("hadamard", None),
                                    c["lattice"].update(transform="pca", classes=True, pca_min_cells=1), c["entropy"].update(coder="zstd")),
+    "pca-k-weights": lambda c: (c.pop("hadamard", None),
+                                c["lattice"].update(transform="pca", classes=True, pca_min_cells=1, k_weights="queries")),
 }
 
 
@@ -302,7 +304,12 @@ def _pca_variant(source, high, edit):
     configs = {c["id"]: dict(c) for c in hh.pipeline.get_config()["stages"]}
     edit(configs)
     pipeline = Pipeline.from_config({"stages": list(configs.values())})
-    layout, sections = encode_state(state, pipeline, hh.state["values"])
+    # query energies for K weighting: lognormal per RoPE pair, per model layer
+    rng = np.random.default_rng(3)
+    d, n_kv = hh.state["values"]["head_dim_k"], hh.raw_header["model"]["n_head_kv"]
+    queries = {L["model_layer"]: np.repeat(rng.lognormal(0.0, 2.0, (n_kv, d // 2)), 2, axis=1)
+               for c in hh.state["caches"] for st in c["streams"] if st for L in st["layers"]}
+    layout, sections = encode_state(state, pipeline, hh.state["values"], queries=queries)
     data = {name: bytes(np.ascontiguousarray(v).tobytes()) for name, v in sections}
     return pipeline, layout, data.__getitem__, hh.limits()
 
@@ -340,3 +347,5 @@ def test_cpu_batch_of_pca_and_classes_matches_the_stages(monkeypatch, source, hi
         assert any(s["basis"] for prep in calls for s in prep.sections)
     if "classes" in variant:
         assert all(s["by_class"] for prep in calls for s in prep.sections)
+    if "weights" in variant:
+        assert any(s["cscale0"] >= 0 for prep in calls for s in prep.sections)

@@ -154,24 +154,19 @@ def test_committed_corpus():
             _allowed(_decode, open(os.path.join(CORPUS, name), "rb").read())
 
 
-def _decode_both(data: bytes):
-    """(CPU result, GPU-path result) of decoding `data`: the blob, or the NxkvError raised. The GPU
-    path runs the batch through the numpy reference of its kernels (section_decode.reference_decode)."""
+def _decode_with(data: bytes, patches: list) -> list:
+    """Decoding `data` once per entry of `patches` ((object, attribute, value) to set for that
+    run, or none): the blob, or the NxkvError raised, of each run."""
     import tempfile
-
-    from nexus_gguf import section_decode, state_file
-
-    def reference(pipeline, work):
-        section_decode.reference_decode(section_decode.prepare(pipeline, work))
 
     with tempfile.NamedTemporaryFile(suffix=".nxkv", delete=False) as f:
         f.write(data)
     out = []
     try:
-        for gpu in (False, True):
+        for patch in patches:
             with pytest.MonkeyPatch.context() as m:
-                if gpu:
-                    m.setattr(state_file, "_gpu_decoder", lambda: reference)
+                for target, name, value in patch:
+                    m.setattr(target, name, value)
                 try:
                     out.append(golden.decode_file(f.name)["blob"])
                 except NxkvError as e:
@@ -179,6 +174,17 @@ def _decode_both(data: bytes):
     finally:
         os.unlink(f.name)
     return out
+
+
+def _decode_both(data: bytes):
+    """(CPU result, GPU-path result) of decoding `data`: the blob, or the NxkvError raised. The GPU
+    path runs the batch through the numpy reference of its kernels (section_decode.reference_decode)."""
+    from nexus_gguf import section_decode, state_file
+
+    def reference(pipeline, work):
+        section_decode.reference_decode(section_decode.prepare(pipeline, work))
+
+    return _decode_with(data, [[], [(state_file, "_gpu_decoder", lambda: reference)]])
 
 
 GPU_FILES = [p for p in FILES if "/v1/" in p and any(k in os.path.basename(p) for k in ("gemma3-high", "gemma3-max", "f16-vtrans-high"))]
@@ -191,8 +197,6 @@ def test_cpu_batch_agrees_with_the_stages_on_damaged_pca_sections(path, data):
     """Format 2's `high` (PCA basis, per-class symbol columns) damaged behind valid CRCs: the CPU
     library's one-pass batch (core/section.h) refuses with a documented error exactly when the
     stage-by-stage path does, and otherwise makes the same blob."""
-    import tempfile
-
     from nexus_gguf import state_file
     from nexus_gguf.backends import backend_status
 
@@ -200,19 +204,8 @@ def test_cpu_batch_agrees_with_the_stages_on_damaged_pca_sections(path, data):
         pytest.skip(f"native backend {backend_status()['native']}")
     names = [n for n in fmt.NxkvFile.open(path).names() if n[:2] in ("k.", "v.")]
     edit = _section_edit(data, names, ["flip", "cut", "zero"])
-    with tempfile.NamedTemporaryFile(suffix=".nxkv", delete=False) as f:
-        f.write(_repacked(path, edit_section=edit))
-    out = []
-    try:
-        for batch in (False, True):
-            with pytest.MonkeyPatch.context() as m:
-                m.setattr(state_file, "_native_batches", lambda: batch)
-                try:
-                    out.append(golden.decode_file(f.name)["blob"])
-                except NxkvError as e:
-                    out.append(e)
-    finally:
-        os.unlink(f.name)
+    out = _decode_with(_repacked(path, edit_section=edit),
+                       [[(state_file, "_native_batches", lambda batch=batch: batch)] for batch in (False, True)])
     stages, batch = out
     if isinstance(stages, Exception) or isinstance(batch, Exception):
         assert isinstance(stages, Exception) and isinstance(batch, Exception), (stages, batch)

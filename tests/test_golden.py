@@ -64,8 +64,8 @@ def test_writer_makes_the_same_sections(version, entry):
     raw = golden.decode_file(os.path.join(vdir, entry["source"]))["blob"]
     path = os.path.join(vdir, entry["file"])
     f = NxkvFile.open(path)
-    importance = np.load(os.path.join(vdir, entry["importance"])) if entry.get("importance") else None
-    made = golden.reencode_file(path, raw, importance)
+    importance, queries = golden.load_scores(vdir, entry)
+    made = golden.reencode_file(path, raw, importance, queries)
     if "writer_sha256" in entry:
         # the writer's float arithmetic changed on purpose since this file was written
         # (manifest "repinned"): today's sections are pinned by hash, the file still loads

@@ -149,6 +149,22 @@ def test_iswa_eviction_leaves_the_window_cache(gemma3_path, tmp_path):
     assert other.n_tokens == len(tokens) + 2
 
 
+def _assert_restores_close(prompt, path, model_path):
+    """A fresh Llama restored from `path` continues the prompt close to the raw state (16 tokens)."""
+    llm, tokens, _ = prompt
+    other = open_llama(model_path)
+    load_state(other, path)
+    got = bridge.eval_logits(other, tokens[N : N + 16], N)
+    raw = bridge.get_seq_state(llm, 0)
+    bridge.clear_seq(llm, 0)
+    assert bridge.set_seq_state(llm, raw, 0)
+    ref = bridge.eval_logits(llm, tokens[N : N + 16], N)
+    bridge.clear_seq(llm, 0)  # leave the shared prompt as the fixture made it
+    assert bridge.set_seq_state(llm, raw, 0)
+    m = continuation_metrics(ref, got, np.asarray(tokens[N + 1 : N + 17]))
+    assert m["kld_mean"] < 0.1 and m["top1"] >= 0.75
+
+
 def test_importance_aware_steps_end_to_end(prompt, tmp_path, smollm2_path):
     """high with importance-aware steps: scores computed (nothing evicted), buckets stored, the
     file restores anywhere without the scores, and it is smaller than plain high."""
@@ -159,17 +175,44 @@ def test_importance_aware_steps_end_to_end(prompt, tmp_path, smollm2_path):
     assert report.file_bytes < plain.file_bytes
     info = read_info(tmp_path / "steps.nxkv")
     assert info["scoring"] == report.scoring and info["prompt"]["n_pos"] == N
-    other = open_llama(smollm2_path)
-    load_state(other, tmp_path / "steps.nxkv")
-    got = bridge.eval_logits(other, tokens[N : N + 16], N)
-    raw = bridge.get_seq_state(llm, 0)
-    bridge.clear_seq(llm, 0)
-    assert bridge.set_seq_state(llm, raw, 0)
-    ref = bridge.eval_logits(llm, tokens[N : N + 16], N)
-    bridge.clear_seq(llm, 0)  # leave the shared prompt as the fixture made it
-    assert bridge.set_seq_state(llm, raw, 0)
-    m = continuation_metrics(ref, got, np.asarray(tokens[N + 1 : N + 17]))
-    assert m["kld_mean"] < 0.1 and m["top1"] >= 0.75
+    _assert_restores_close(prompt, tmp_path / "steps.nxkv", smollm2_path)
+
+
+def test_query_energy_sums_rope_pairs_over_each_kv_heads_group():
+    """query_energy: mean square over the window and the query heads of each KV head, then the
+    two channels of each RoPE pair share their sum (NORM pairs 2i, 2i+1; NEOX i, i + n_rot/2;
+    channels past n_rot alone)."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((5, 4, 8))  # [W, n_head, d]; 2 KV heads of 2 query heads each
+    e = (q**2).mean(axis=0).reshape(2, 2, 8).mean(axis=1)
+    norm = scoring.query_energy({3: q}, SimpleNamespace(n_head=4, n_head_kv=2, rope={"type": "norm", "n_rot": 6}))[3]
+    np.testing.assert_allclose(norm[:, 0], e[:, 0] + e[:, 1])
+    np.testing.assert_allclose(norm[:, 1], e[:, 0] + e[:, 1])
+    np.testing.assert_allclose(norm[:, 6:], e[:, 6:])  # past n_rot: as they are
+    neox = scoring.query_energy({3: q}, SimpleNamespace(n_head=4, n_head_kv=2, rope={"type": "neox", "n_rot": 8}))[3]
+    np.testing.assert_allclose(neox[:, 1], e[:, 1] + e[:, 5])
+    np.testing.assert_allclose(neox[:, 5], e[:, 1] + e[:, 5])
+
+
+def test_k_weighted_by_the_queries_end_to_end(prompt, tmp_path, smollm2_path):
+    """high with lattice.k_weights=queries: the last window's queries are captured (nothing is
+    evicted, no importance computed), each K section stores its channel scales, the file restores
+    anywhere without them, and the continuation stays close."""
+    from nexus_gguf.format import NxkvFile
+    from nexus_gguf.stages.entropy import Entropy
+
+    llm, tokens, _ = prompt
+    report = save_state(llm, tmp_path / "w.nxkv", "high", lattice_k_weights="queries", lattice_pca_min_cells=64)
+    assert report.scoring["used"] == "attention" and report.eviction is None and report.seconds["scoring"] > 0
+    f = NxkvFile.open(tmp_path / "w.nxkv")
+    for section in f.names():
+        if section.startswith(("k.", "v.")):
+            data = np.frombuffer(bytes(f.section(section)), np.uint8)
+            got = {st.name for st in Entropy().streams(data, TensorInfo(section, "f16", 2, 1 << 30))}
+            assert ("channel_scale" in got) == section.startswith("k."), section
+    _assert_restores_close(prompt, tmp_path / "w.nxkv", smollm2_path)
 
 
 def test_reconstruction_scorer(prompt, tmp_path):

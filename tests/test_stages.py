@@ -499,6 +499,52 @@ def test_pca_and_classes_refuse_damaged_symbols():
         Lattice(transform="pca", basis_bits=9)
 
 
+def test_k_weights_scale_channels_by_the_queries_and_cut_their_error():
+    """k_weights=queries: K's channels are divided by (query energy / mean)^-1/2 before the basis
+    is fitted and the scales stored (f16), so the error moves to the channels the queries read
+    least: the error each query sees (energy-weighted) drops at the same size; V and sections
+    without a basis are coded as without the option; no energy (nothing captured) stores ones."""
+    from dataclasses import replace
+
+    from nexus_gguf.stages.lattice import channel_scales
+
+    n, h, d = 600, 2, 64
+    x, info = _correlated(n), _info(n=n)
+    rng = np.random.default_rng(5)
+    energy = np.repeat(rng.lognormal(0.0, 2.0, (h, d // 2)), 2, axis=1)  # RoPE pairs share theirs
+    weighted = Lattice(k_bits=3.5, scale_scope="head", transform="pca", classes=True, pca_min_cells=500, k_weights="queries")
+    plain = Lattice(k_bits=3.5, scale_scope="head", transform="pca", classes=True, pca_min_cells=500)
+    with_energy = replace(info, query_energy=energy)
+    s = weighted.encode(x, with_energy)
+    scale = s["channel_scale"].view(np.float16).astype(np.float64)
+    assert s["channel_scale"].shape == (h, d) and np.allclose(scale, (energy / energy.mean(axis=1, keepdims=True)) ** -0.5,
+                                                              rtol=1e-3)
+    y = weighted.decode(Entropy().decode(Entropy().encode(s, with_energy), info), info)  # decode needs no energy
+    y_plain = plain.decode(plain.encode(x, info), info)
+
+    def seen(err):  # the mean square error of q.k over queries with these channel energies
+        return float((err[4:] ** 2 * energy[None]).mean())
+
+    assert seen(y - x) < 0.8 * seen(y_plain - x)
+    assert len(Entropy().encode(s, info)) < 1.1 * len(Entropy().encode(plain.encode(x, info), info))
+    np.testing.assert_array_equal(y[:4], x[:4].astype(np.float16).astype(np.float32))  # sinks as they were
+    assert "channel_scale" not in weighted.encode(x, replace(with_energy, kind="v", name="v.0.0.3"))
+    assert "channel_scale" not in weighted.encode(x[:300], replace(_info(n=300), query_energy=energy))
+    assert np.all(weighted.encode(x, info)["channel_scale"] == np.float16(1).view(np.uint16))  # nothing captured
+    assert np.all(channel_scales(np.full((h, d), np.nan), h, d) == 1)
+    for bad in ({k: v for k, v in s.items() if k != "channel_scale"}, {**s, "channel_scale": s["channel_scale"][:1]},
+                {**s, "channel_scale": np.zeros_like(s["channel_scale"])},
+                {**s, "channel_scale": np.full_like(s["channel_scale"], np.float16(np.inf).view(np.uint16))}):
+        with pytest.raises(FormatError):
+            weighted.decode(bad, info)
+    with pytest.raises(ConfigError):
+        Lattice(k_weights="queries")  # needs the basis
+    with pytest.raises(ConfigError):
+        Lattice(transform="pca", scale_scope="head", k_weights="keys")
+    assert weighted.uses_queries and build_pipeline("high", lattice_k_weights="queries").needs_scores
+    assert not build_pipeline("high").needs_scores
+
+
 def test_classes_combine_with_token_steps():
     n = 300
     x, info = _correlated(n), _info(n=n)

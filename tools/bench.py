@@ -53,9 +53,10 @@ def eviction_variants():
 
 def transform_variants():
     """`high` as format 1 coded it (Hadamard, one rANS table per stream: `high-hadamard`), without
-    its PCA transform or its component classes (one at a time), and at 3.3 bits, with and
-    without importance-aware steps (the last window's attention): what each part of `high`
-    buys, and where the next bits are (README)."""
+    its PCA transform or its component classes (one at a time), with K weighted by the last
+    window's queries (at K 3.5 and 3.8 bits), and at 3.3 bits, with and without
+    importance-aware steps (the last window's attention): what each part of `high` buys, and
+    where the next bits are (README)."""
     from nexus_gguf.pipeline import Pipeline, build_pipeline
     from nexus_gguf.stages import stage_from_config
 
@@ -64,6 +65,8 @@ def transform_variants():
     hadamard_lattice = stage_from_config({**lattice.get_config(), "transform": "none", "classes": False})
     out = [Pipeline([rope, stage_from_config({"id": "hadamard"}), hadamard_lattice, entropy], "high-hadamard")]
     for name, extra in (("high-no-pca", dict(lattice_transform="none")), ("high-no-classes", dict(lattice_classes=False)),
+                        ("high+kweights", dict(lattice_k_weights="queries")),
+                        ("high+kweights3.8", dict(lattice_k_weights="queries", lattice_k_bits=3.8)),
                         ("high-3.3", dict(lattice_k_bits=3.3, lattice_v_bits=3.3)),
                         ("high-3.3+steps", dict(lattice_k_bits=3.3, lattice_v_bits=3.3, lattice_token_steps=0.35,
                                                 lattice_step_octaves=3.0))):

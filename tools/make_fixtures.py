@@ -116,6 +116,11 @@ def stage_cases(rng):
     pca = {"id": "lattice", "k_bits": 3.5, "v_bits": 3.5, "scale_scope": "head", "transform": "pca", "pca_min_cells": 64,
            "classes": True}
     out.append(({"case": "lattice-pca-classes", "stages": [pca, {"id": "entropy"}]}, xp, _info("k", 160, 2, 32)))
+    # K weighted by the queries' energy per channel (pairs equal, as RoPE pairs make them)
+    energy = np.repeat(prng.lognormal(0.0, 2.0, (2, 16)), 2, axis=1)
+    weighted = {**pca, "k_weights": "queries"}
+    out.append(({"case": "lattice-pca-k-weights", "stages": [weighted, {"id": "entropy"}]}, xp,
+                replace(_info("k", 160, 2, 32), query_energy=energy)))
     return out
 
 
@@ -199,13 +204,19 @@ def write_files(vdir: str, existing: list[dict]) -> list[dict]:
             path = os.path.join(files_dir, name)
             ng.save_state(llm, path, preset)
             entry = {"file": f"files/{name}", "preset": preset, "source": source}
-            if pipeline.uses_importance:
+            if pipeline.uses_importance or pipeline.uses_queries:
                 # the scores the writer used, so the test can re-encode without llama.cpp
                 blob = bridge.get_seq_state(llm, 0)
                 state = golden.parse_state(blob, "sequence", bridge.model_facts(llm).state_layout())
-                scores = score_cells(llm, blob, state, tokens, pipeline.scoring.window, pipeline.scoring.scorer)
-                entry["importance"] = f"files/{stem}.importance.npy"
-                np.save(os.path.join(vdir, entry["importance"]), scores.importance)
+                scores = score_cells(llm, blob, state, tokens, pipeline.scoring.window, pipeline.scoring.scorer,
+                                     importance=pipeline.uses_importance, energy=pipeline.uses_queries)
+                if pipeline.uses_importance:
+                    entry["importance"] = f"files/{stem}.importance.npy"
+                    np.save(os.path.join(vdir, entry["importance"]), scores.importance)
+                if pipeline.uses_queries and scores.query_energy is not None:
+                    entry["queries"] = f"files/{stem}.queries.npz"
+                    np.savez_compressed(os.path.join(vdir, entry["queries"]),
+                                        **{str(k): v for k, v in scores.query_energy.items()})
             d = golden.decode_file(path)
             entry.update({
                 "blob_sha256": golden.sha256(d["blob"]),
@@ -234,8 +245,8 @@ def repin_decoded(why: str) -> int:
             old = {k: e[k] for k in now if e[k] != now[k]}
             if version == FORMAT_VERSION:
                 raw = golden.decode_file(os.path.join(vdir, e["source"]))["blob"]
-                importance = np.load(os.path.join(vdir, e["importance"])) if e.get("importance") else None
-                made = golden.reencode_file(path, raw, importance)
+                importance, queries = golden.load_scores(vdir, e)
+                made = golden.reencode_file(path, raw, importance, queries)
                 f = d["file"]
                 same = list(made) == f.names() and all(made[n] == bytes(f.section(n)) for n in f.names())
                 pinned = None if same else {n: hashlib.sha256(b).hexdigest() for n, b in made.items()}

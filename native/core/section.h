@@ -43,8 +43,8 @@ NXKV_FN int nxkv_core_section_fits(const nxkv_section *s, const nxkv_values *a) 
         return 0;
     }
 #ifdef NXKV_CORE_PCA
-    if (s->basis && (s->scale_block != d || s->basis_shift < 0 || s->basis_shift > 14 ||
-                     s->basis0 < 0 || s->basis0 + h * d * d > a->n_bases)) {
+    if (s->basis && (s->scale_block != d || s->basis_shift < 0 || s->basis_shift > 14 || s->basis0 < 0 ||
+                     s->basis0 + h * d * d > a->n_bases || (s->cscale0 >= 0 && s->cscale0 + h * d > a->n_means))) {
         return 0;
     }
 #else
@@ -141,7 +141,9 @@ NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a
         int64_t acc64[NXKV_MAX_HEAD_DIM];
         float acc32[NXKV_MAX_HEAD_DIM];
         const double c = a->steps[step_row] * ldexp(1.0, -(int)(s->basis_shift + 1));
-        nxkv_core_basis_vector(p2, l1, a->bases + s->basis0 + head * d * d, d, (int)s->basis_shift, c, mean, acc32, acc64, v);
+        const double *cscale = s->cscale0 >= 0 ? a->means + s->cscale0 + head * d : 0;
+        nxkv_core_basis_vector(p2, l1, a->bases + s->basis0 + head * d * d, d, (int)s->basis_shift, c, mean, cscale, acc32,
+                               acc64, v);
     }
 #endif
     if (s->sink_map0 >= 0) {

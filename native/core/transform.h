@@ -67,10 +67,11 @@ NXKV_FN void nxkv_core_basis_block(const float *basis, const int64_t *rows, cons
 
 /* One head vector: p2 [d] (l1 its magnitudes' sum), basis [d][d] (integers, every |entry| <=
  * 2^shift: the caller checks; held as floats, which hold them exactly), c = step * 2^-(shift + 1);
- * acc32 / acc64: d scratch each. Every partial sum is at most 2^shift * l1 in magnitude: below
+ * cscale: NULL or each channel's scale, multiplied before the mean is added; acc32 / acc64: d
+ * scratch each. Every partial sum is at most 2^shift * l1 in magnitude: below
  * 2^24 the float sums are exact (8 lanes a vector instruction), else int64. */
 NXKV_FN void nxkv_core_basis_vector(const int64_t *p2, int64_t l1, const float *basis, int64_t d, int shift, double c,
-                                    const double *mean, float *acc32, int64_t *acc64, float *out) {
+                                    const double *mean, const double *cscale, float *acc32, int64_t *acc64, float *out) {
     if (shift < 24 && l1 < ((int64_t)1 << (24 - shift))) {
         /* the nonzero coefficients first (many are 0: their values in out, their rows in acc64),
          * then the sums 32 outputs at a time, in registers, into acc32 */
@@ -84,22 +85,27 @@ NXKV_FN void nxkv_core_basis_vector(const int64_t *p2, int64_t l1, const float *
         for (; i0 + 32 <= d; i0 += 32) nxkv_core_basis_block(basis, acc64, out, nnz, i0, 4, acc32);
         for (; i0 < d; i0 += 8) nxkv_core_basis_block(basis, acc64, out, nnz, i0, 1, acc32);
         /* (double) of these exact integer floats is (double) of the integers */
+        if (mean && cscale) {
+            for (int64_t i = 0; i < d; ++i) out[i] = (float)((double)acc32[i] * c * cscale[i] + mean[i]);
+            return;
+        }
         if (mean) {
             for (int64_t i = 0; i < d; ++i) out[i] = (float)((double)acc32[i] * c + mean[i]);
-        } else {
-            for (int64_t i = 0; i < d; ++i) out[i] = (float)((double)acc32[i] * c);
+            return;
         }
-        return;
-    }
-    for (int64_t i = 0; i < d; ++i) acc64[i] = 0;
-    for (int64_t j = 0; j < d; ++j) {
-        const int64_t pj = p2[j];
-        if (!pj) continue;
-        const float *row = basis + j * d;
-        for (int64_t i = 0; i < d; ++i) acc64[i] += (int64_t)row[i] * pj;
+        for (int64_t i = 0; i < d; ++i) acc64[i] = (int64_t)acc32[i];
+    } else {
+        for (int64_t i = 0; i < d; ++i) acc64[i] = 0;
+        for (int64_t j = 0; j < d; ++j) {
+            const int64_t pj = p2[j];
+            if (!pj) continue;
+            const float *row = basis + j * d;
+            for (int64_t i = 0; i < d; ++i) acc64[i] += (int64_t)row[i] * pj;
+        }
     }
     for (int64_t i = 0; i < d; ++i) {
         double v = (double)acc64[i] * c;
+        if (cscale) v = v * cscale[i];
         if (mean) v = v + mean[i];
         out[i] = (float)v;
     }

@@ -117,7 +117,7 @@ int nxkv_hadamard_blocks(const float *x, float *out, size_t n_values, size_t blo
 
 int nxkv_basis_dequantize(const uint8_t *coset, const int32_t *coord, const int32_t *coord_last, const double *step,
                           const int16_t *basis, size_t n_vectors, size_t n_heads, size_t d, int shift, const double *mean,
-                          float *out) {
+                          const double *channel_scale, float *out) {
     if (d == 0 || d % 8 || d > NXKV_MAX_HEAD_DIM || n_heads == 0 || shift < 0 || shift > 14) return NXKV_ERR_ARG;
     for (size_t i = 0; i < n_heads * d * d; ++i) {
         if (basis[i] > (1 << shift) || basis[i] < -(1 << shift)) return NXKV_ERR_ARG;
@@ -133,7 +133,7 @@ int nxkv_basis_dequantize(const uint8_t *coset, const int32_t *coord, const int3
         const size_t k = v % n_heads;
         const int64_t l1 = nxkv_core_doubled_points(coset + v * g, coord + 7 * v * g, coord_last + v * g, (int64_t)d, p2);
         nxkv_core_basis_vector(p2, l1, b + k * d * d, (int64_t)d, shift, step[v] * scale, mean ? mean + k * d : NULL,
-                               acc32, acc64, out + v * d);
+                               channel_scale ? channel_scale + k * d : NULL, acc32, acc64, out + v * d);
     }
     free(b);
     return NXKV_OK;

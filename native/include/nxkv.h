@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 13 };
+enum nxkv_abi { NXKV_ABI_VERSION = 14 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -62,12 +62,12 @@ int nxkv_hadamard_blocks(const float *x, float *out, size_t n_values, size_t blo
 /* E8 points stored on a head's principal axes back in its coordinates (core/transform.h):
  * n_vectors head vectors of d values (d/8 points each: coset, 7 coordinates, the last halved),
  * head k = vector index % n_heads, step[v] per vector, basis int16 [n_heads][d][d] (rows the
- * components, entries in units of 2^-shift), plus mean[k d .. k d + d) (NULL: none), into out.
- * NXKV_ERR_ARG if d is not a multiple of 8 up to 512, shift outside 0 .. 14 or a basis entry
- * beyond 2^shift in magnitude. */
+ * components, entries in units of 2^-shift), times channel_scale[k d .. k d + d) and plus
+ * mean[k d .. k d + d) (either NULL: none), into out. NXKV_ERR_ARG if d is not a multiple of 8 up
+ * to 512, shift outside 0 .. 14 or a basis entry beyond 2^shift in magnitude. */
 int nxkv_basis_dequantize(const uint8_t *coset, const int32_t *coord, const int32_t *coord_last, const double *step,
                           const int16_t *basis, size_t n_vectors, size_t n_heads, size_t d, int shift, const double *mean,
-                          float *out);
+                          const double *channel_scale, float *out);
 
 /* The stored E8 points (core/lattice.h) of n_groups groups of 8 doubles x at steps step[i]:
  * coset[i], coord[7 i .. 7 i + 7), coord_last[i]. Values whose point does not fit int32 make
@@ -131,6 +131,8 @@ typedef struct nxkv_section {
                                bases[basis0 + head * head_dim^2 ..], entries within 2^basis_shift,
                                one step per head vector (scale_block = head_dim), means added after */
     int64_t basis0, basis_shift;
+    int64_t cscale0;        /* with basis: -1, or each channel's scale (the K weighting), multiplied
+                               before the mean is added: means[cscale0 + head * head_dim ..] */
     int64_t by_class;       /* 1: point streams split by component class: column c of the row
                                [coset g | coord 7 g | last g] is at columns[cols0 + 3 c ..] = (symbol
                                index at cell 0, per-cell stride, lo); 0: coset0 .. last_lo above */

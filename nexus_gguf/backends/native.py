@@ -161,15 +161,18 @@ def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
     return out
 
 
-def basis_dequantize(coset, coord, coord_last, step, basis, shift: int, mean) -> np.ndarray:
+def basis_dequantize(coset, coord, coord_last, step, basis, shift: int, mean, channel_scale=()) -> np.ndarray:
     ffi, lib = load()
-    coset, coord, coord_last, step, basis, mean = reference.basis_dequantize_args(coset, coord, coord_last, step, basis, mean)
+    coset, coord, coord_last, step, basis, mean, channel_scale = reference.basis_dequantize_args(
+        coset, coord, coord_last, step, basis, mean, channel_scale)
     n, h = step.shape
     d = basis.shape[1]
     out = np.empty((n, h, d), np.float32)
     if lib.nxkv_basis_dequantize(_ptr(ffi, "uint8_t[]", coset), _ptr(ffi, "int32_t[]", coord), _ptr(ffi, "int32_t[]", coord_last),
                                  _ptr(ffi, "double[]", step), _ptr(ffi, "int16_t[]", basis), n * h, h, d, int(shift),
-                                 _ptr(ffi, "double[]", mean) if mean.size else ffi.NULL, ffi.from_buffer("float[]", out)) != lib.NXKV_OK:
+                                 _ptr(ffi, "double[]", mean) if mean.size else ffi.NULL,
+                                 _ptr(ffi, "double[]", channel_scale) if channel_scale.size else ffi.NULL,
+                                 ffi.from_buffer("float[]", out)) != lib.NXKV_OK:
         raise ValueError(f"basis_dequantize: head size {d}, shift {shift} or a basis entry out of range")
     return out
 

@@ -173,7 +173,7 @@ def hadamard_blocks(x: np.ndarray, block: int) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _basis_dequantize(coset, coord, coord_last, step, basis, scale, mean, out):
+def _basis_dequantize(coset, coord, coord_last, step, basis, scale, mean, channel_scale, out):
     # native/core/transform.h: the exact integer sum, then two double operations
     n, h, d = out.shape
     p2 = np.empty(d, np.int64)
@@ -197,17 +197,20 @@ def _basis_dequantize(coset, coord, coord_last, step, basis, scale, mean, out):
             f = step[c, k] * scale
             for i in range(d):
                 v = np.float64(acc[i]) * f
+                if channel_scale.size:
+                    v = v * channel_scale[k * d + i]
                 if mean.size:
                     v = v + mean[k * d + i]
                 out[c, k, i] = np.float32(v)
 
 
-def basis_dequantize(coset, coord, coord_last, step, basis, shift: int, mean) -> np.ndarray:
+def basis_dequantize(coset, coord, coord_last, step, basis, shift: int, mean, channel_scale=()) -> np.ndarray:
     from .reference import basis_dequantize_args
 
-    coset, coord, coord_last, step, basis, mean = basis_dequantize_args(coset, coord, coord_last, step, basis, mean)
+    coset, coord, coord_last, step, basis, mean, channel_scale = basis_dequantize_args(coset, coord, coord_last, step, basis,
+                                                                                       mean, channel_scale)
     out = np.empty(step.shape + (basis.shape[1],), np.float32)
-    _basis_dequantize(coset, coord, coord_last, step, basis, 2.0 ** -(int(shift) + 1), mean, out)
+    _basis_dequantize(coset, coord, coord_last, step, basis, 2.0 ** -(int(shift) + 1), mean, channel_scale, out)
     return out
 
 

@@ -91,7 +91,7 @@ def lattice_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndar
     return x.astype(np.float32)
 
 
-def basis_dequantize_args(coset, coord, coord_last, step, basis, mean):
+def basis_dequantize_args(coset, coord, coord_last, step, basis, mean, channel_scale=()):
     """The arrays basis_dequantize's kernels take (every backend's), checked: the points as
     [n, h, d/8] (coord [n, h, d/8, 7]) for step [n, h]."""
     step = np.ascontiguousarray(step, np.float64)
@@ -104,9 +104,10 @@ def basis_dequantize_args(coset, coord, coord_last, step, basis, mean):
     coord = np.ascontiguousarray(coord, np.int32).reshape(n, h, d // 8, 7)
     coord_last = np.ascontiguousarray(coord_last, np.int32).reshape(n, h, d // 8)
     mean = np.ascontiguousarray(mean, np.float64).reshape(-1)
-    if mean.size not in (0, h * d):
-        raise ValueError(f"basis_dequantize: mean ({mean.size}) does not fit {h} heads of {d}")
-    return coset, coord, coord_last, step, basis, mean
+    channel_scale = np.ascontiguousarray(channel_scale, np.float64).reshape(-1)
+    if mean.size not in (0, h * d) or channel_scale.size not in (0, h * d):
+        raise ValueError(f"basis_dequantize: mean ({mean.size}) or channel scales ({channel_scale.size}) do not fit {h} heads of {d}")
+    return coset, coord, coord_last, step, basis, mean, channel_scale
 
 
 def doubled_points(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndarray) -> np.ndarray:
@@ -120,20 +121,24 @@ def doubled_points(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndarray)
 
 
 def basis_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndarray, step: np.ndarray, basis: np.ndarray,
-                     shift: int, mean: np.ndarray) -> np.ndarray:
+                     shift: int, mean: np.ndarray, channel_scale: np.ndarray = ()) -> np.ndarray:
     """float32 [n, h, d]: E8 points stored on a head's principal axes (stages/lattice.py's PCA
     transform) back in the head's coordinates. With p2 = twice each point's coordinates (exact
     integers, doubled_points) and B = basis[k] (int16 [d, d], rows the components, entries in
     units of 2^-shift): x[c, k, i] = S * (step[c, k] * 2^-(shift + 1)) (+ mean[k d + i]) where
     S = sum over j of B[j, i] * p2[j] is an exact int64 (|S| < 2^61 for any int32 point), so every
     backend computes the same S in any order and width that holds it; then its conversion to
-    double, two double operations and one rounding to float32."""
-    coset, coord, coord_last, step, basis, mean = basis_dequantize_args(coset, coord, coord_last, step, basis, mean)
+    double, the double operations in this order (times the channel's scale, float64 [h * d],
+    where given: the lattice's K weighting) and one rounding to float32."""
+    coset, coord, coord_last, step, basis, mean, channel_scale = basis_dequantize_args(coset, coord, coord_last, step, basis,
+                                                                                       mean, channel_scale)
     n, h = step.shape
     d = basis.shape[1]
     p2 = doubled_points(coset, coord, coord_last)  # [n, h, d]
     s = np.einsum("nhj,hji->nhi", p2, basis.astype(np.int64))
     x = s.astype(np.float64) * (step * 2.0 ** -(int(shift) + 1))[:, :, None]
+    if channel_scale.size:
+        x = x * channel_scale.reshape(h, d)
     if mean.size:
         x = x + mean.reshape(h, d)
     return x.astype(np.float32)

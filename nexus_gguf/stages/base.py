@@ -31,6 +31,9 @@ class TensorInfo:
     llama_rot: int = 0
     # encoding only: how much attention each cell gets, float64 [n_cells] (scoring.py)
     importance: Optional[np.ndarray] = None
+    # encoding only, K sections: the mean square of the queries that read each head's channels,
+    # summed over each RoPE pair, float64 [n_heads, head_dim] (scoring.query_energy)
+    query_energy: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,11 @@ class Stage:
     @property
     def uses_importance(self) -> bool:
         """The stage codes cells by their importance (TensorInfo.importance, at save time)."""
+        return False
+
+    @property
+    def uses_queries(self) -> bool:
+        """The stage codes K by the queries' statistics (TensorInfo.query_energy, at save time)."""
         return False
 
     def __init__(self, **params: Any):

@@ -59,6 +59,10 @@ class Lattice(Stage):
         # all; the presets say 512: the tables cost more than they save below it)
         "classes": (bool, False),
         "class_min_cells": (int, 0),
+        # queries (with pca): K's channels scaled by the root mean square of the queries that read
+        # them (summed over each RoPE pair: q.k's error is what attention pays for) before the
+        # basis is fitted, the inverse scales stored (`channel_scale`, f16 [h, d])
+        "k_weights": (str, "none"),
     }
     # more bits for the first and last layers measured no gain (README); format 1 files of 0.1
     # wrote edge_layers=0 with the model's n_layer
@@ -79,6 +83,8 @@ class Lattice(Stage):
         if self.transform not in ("none", "pca") or not 2 <= self.basis_bits <= 8 or self.pca_min_cells < 1 or self.class_min_cells < 0:
             raise ConfigError("lattice: transform is none or pca, basis_bits in 2 .. 8, pca_min_cells at least 1, "
                               "class_min_cells at least 0")
+        if self.k_weights not in ("none", "queries") or (self.k_weights == "queries" and self.transform != "pca"):
+            raise ConfigError("lattice: k_weights is none or queries (with transform pca)")
         if (self.classes or self.transform != "none") and self.scale_scope != "head":
             raise ConfigError("lattice: the PCA transform and component classes need one step per head (scale_scope head)")
         if self.classes and self.token_steps and (self.max_bucket + 1) * 3 * N_CLASSES + 8 > MAX_STREAMS:
@@ -88,6 +94,10 @@ class Lattice(Stage):
     @property
     def uses_importance(self) -> bool:
         return self.token_steps > 0
+
+    @property
+    def uses_queries(self) -> bool:
+        return self.k_weights == "queries"
 
     @property
     def max_bucket(self) -> int:
@@ -147,6 +157,10 @@ class Lattice(Stage):
             mean = rest.mean(axis=0).astype(np.float16)
             out["mean"] = mean.view(np.uint16)
             x = x - mean.astype(np.float64)
+        if self._weighted(info, sink):
+            scale = channel_scales(info.query_energy, h, d)
+            out["channel_scale"] = scale.view(np.uint16)
+            x = x / scale.astype(np.float64)
         if self._pca(info, sink):
             out["basis"] = pca_basis(x[~sink], self.basis_bits)
             x = to_basis(x, out["basis"], self.basis_bits)
@@ -198,6 +212,8 @@ class Lattice(Stage):
             want["sink"] = (int(sink.sum()), h, d)
         if self._pca(info, sink):
             want["basis"] = (h, d, d)
+        if self._weighted(info, sink):
+            want["channel_scale"] = (h, d)
         return want, sink
 
     def uses_classes(self, info: TensorInfo) -> bool:
@@ -208,6 +224,21 @@ class Lattice(Stage):
     def _pca(self, info: TensorInfo, sink: np.ndarray) -> bool:
         """Whether this section is coded on its principal axes (decided from what decode knows)."""
         return self.transform == "pca" and int((~sink).sum()) >= self.pca_min_cells
+
+    def _weighted(self, info: TensorInfo, sink: np.ndarray) -> bool:
+        """Whether this section's channels are scaled by the queries first (K sections on their
+        principal axes; decided from what decode knows)."""
+        return self.k_weights == "queries" and info.kind == "k" and self._pca(info, sink)
+
+    def channel_scale(self, symbols: dict, info: TensorInfo, sink: np.ndarray) -> np.ndarray:
+        """float64 [h * d]: the stored channel scales (empty where the section has none),
+        checked: positive and finite."""
+        if not self._weighted(info, sink):
+            return np.zeros(0)
+        scale = symbols["channel_scale"].astype(np.uint16).view(np.float16).astype(np.float64).reshape(-1)
+        if scale.size and not (np.isfinite(scale).all() and (scale > 0).all()):
+            raise FormatError(f"{info.name}: channel scales must be positive and finite")
+        return scale
 
     def group_steps(self, scale_symbols: np.ndarray, info: TensorInfo) -> np.ndarray:
         """float64 [n, h, blocks] (vector scope) or [h, 1] (head scope): the quantizer step of
@@ -248,7 +279,7 @@ class Lattice(Stage):
                                              mean).reshape(n, h, d)
         else:  # one step per head vector (scale_scope head)
             x = kernel("basis_dequantize")(coset, _int32(symbols["coord"]), _int32(symbols["coord_last"]), step[:, :, 0],
-                                           basis, self.basis_bits - 1, mean)
+                                           basis, self.basis_bits - 1, mean, self.channel_scale(symbols, info, sink))
         if self.sinks:
             x[sink] = symbols["sink"].astype(np.uint16).view(np.float16)
         return x
@@ -321,6 +352,21 @@ def to_basis(x: np.ndarray, basis: np.ndarray, bits: int) -> np.ndarray:
     basis_dequantize maps back)."""
     scaled = basis.astype(np.float64) / (1 << (bits - 1))
     return np.stack([x[:, k, :] @ np.linalg.inv(scaled[k]) for k in range(x.shape[1])], axis=1)
+
+
+def channel_scales(energy, h: int, d: int) -> np.ndarray:
+    """float16 [h, d]: each K channel's scale, (its query energy / the head's mean)^-1/2 within
+    2^-6 .. 2^6: K is divided by it before the basis is fitted, so that the quantizer's error
+    lands where the queries do not look (measured on SmolLM2, 4096 tokens: 8-10% smaller at
+    equal KLD on prose and code). Ones where the energy is missing (nothing was captured) or
+    not usable."""
+    out = np.ones((h, d))
+    if energy is not None:
+        e = np.asarray(energy, np.float64).reshape(h, d)
+        for k in range(h):
+            if np.isfinite(e[k]).all() and e[k].sum() > 0:
+                out[k] = np.clip(e[k] / e[k].mean(), 2.0**-12, 2.0**12) ** -0.5
+    return out.astype(np.float16)
 
 
 def component_classes(rms: np.ndarray, step: np.ndarray) -> np.ndarray:
