@@ -31,7 +31,7 @@ TEXTS = {"prose": ROOT / "tests/data/prose_long.txt", "code": ROOT / "tests/data
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
 SPEED_BEGIN, SPEED_END = "<!-- speed:begin -->", "<!-- speed:end -->"
 
-FULL = dict(texts=["prose", "code"], prefixes=[1024, 4096, 7680], eval_tokens=256, recall_trials=4,
+FULL = dict(texts=["prose", "code"], prefixes=[1024, 4096, 7680], eval_tokens=256, recall_trials=8,
             recall={"prose": [4096]}, ablate=["high", "seed"], eviction_at=[4096])
 QUICK = dict(texts=["prose"], prefixes=[1024], eval_tokens=128, recall_trials=2, recall={"prose": [1024]},
              ablate=["high"], eviction_at=[1024])
