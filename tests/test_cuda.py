@@ -109,9 +109,10 @@ def test_gpu_decode_of_option_variants_matches_the_cpu(monkeypatch, source, high
     assert n > 0 and got == bytes(want)
 
 
-@pytest.mark.parametrize("name,why", [("smollm2-q8_0-high.nxkv", "q8_0"), ("gemma3-seed.nxkv", "delta")])
+@pytest.mark.parametrize("name,why", [("smollm2-q8_0-high.nxkv", "q8_0"), ("gemma3-seed.nxkv", "delta"),
+                                      ("../../v2/files/gemma3-long-high.nxkv", "not yet run on a GPU")])
 def test_files_the_gpu_does_not_decode_say_why_and_use_the_cpu(monkeypatch, name, why):
-    f, h = _open(os.path.join(FILES, name))
+    f, h = _open(os.path.normpath(os.path.join(FILES, name)))
     types = {L[f"{p}_type"] for c in h.state["caches"] for s in c["streams"] if s for L in s["layers"] for p in "kv"}
     assert why in section_decode.unsupported(h.pipeline, h.state["values"], types)
     want, _ = decode_state_blob(h.state, h.pipeline, f.section, h.limits())
@@ -245,14 +246,18 @@ def test_gpu_encode_writes_the_cpu_writers_bytes(monkeypatch, source, high, vari
     (lambda c: c["entropy"].update(coder="zstd"), "zstd"),
     (lambda c: c["lattice"].update(scale_scope="vector", scale_block=16), "per head"),
     (lambda c: c["lattice"].update(token_steps=0.5), "importance"),
+    # format 2's high
+    (lambda c: (c.pop("hadamard"), c["lattice"].update(next(s for s in PRESETS["high"]["stages"] if s["id"] == "lattice"))),
+     "not yet run on a GPU"),
 ])
 def test_sections_the_gpu_does_not_encode_say_why_and_use_the_cpu(monkeypatch, edit, why):
     from nexus_gguf import cuda_encode
 
     _, hh = _open(os.path.join(FILES, "smollm2-f16-vtrans-high.nxkv"))
     configs = [dict(c) for c in hh.pipeline.get_config()["stages"]]
-    edit({c["id"]: c for c in configs})
-    pipeline = Pipeline.from_config({"stages": configs})
+    by_id = {c["id"]: c for c in configs}
+    edit(by_id)
+    pipeline = Pipeline.from_config({"stages": list(by_id.values())})
     assert why in cuda_encode.unsupported(pipeline, hh.state["values"], {"f16"})
     assert "q8_0" in cuda_encode.unsupported(hh.pipeline, hh.state["values"], {"f16", "q8_0"})
 
