@@ -293,9 +293,9 @@ def read_info(path, verify: bool = False) -> dict[str, Any]:
     """The header of a .nxkv file plus its sizes, reading only the header unless verify=True,
     which checks every section's checksum too (the header's own checksum always is)."""
     if verify:
-        f = NxkvFile.open(path)
-        f.verify()
-        raw_header, sections, file_bytes = f.header, f.sections, f.file_bytes
+        with NxkvFile.open(path) as f:
+            f.verify()
+            raw_header, sections, file_bytes = f.header, f.sections, f.file_bytes
     else:
         raw_header, sections, file_bytes = read_header(path)
     header = Header(raw_header, os.fspath(path))

@@ -210,7 +210,8 @@ class NxkvDiskCache(BaseLlamaCache):
 
         llm = self._require_model()
         try:
-            tokens, blob = decode_for(llm, NxkvFile.open(path))
+            with NxkvFile.open(path) as f:
+                tokens, blob = decode_for(llm, f)
         except NxkvError as e:  # damaged, or too long for this Llama's context: a miss, not a crash
             raise KeyError(f"{path}: {e}") from None
         arch = bridge.model_facts(llm).arch.encode()

@@ -142,14 +142,18 @@ def decode_file(path: str) -> dict[str, Any]:
     the model record in the file's header): the rebuilt state blob, the prompt tokens and the
     saved logits row."""
     f = NxkvFile.open(path)
-    f.verify()
-    h = Header(f.header, path)
-    limits = h.limits()
-    state = decode_state(h.state, h.pipeline, f.section, limits)
-    tokens = decode_tokens(f.section("tokens"), h.n_tokens, limits)
-    logits = None
-    if h.logits is not None:
-        logits = decode_logits(f.section("logits"), h.logits["n_vocab"], h.logits["dtype"], limits)
+    try:
+        f.verify()
+        h = Header(f.header, path)
+        limits = h.limits()
+        state = decode_state(h.state, h.pipeline, f.section, limits)
+        tokens = decode_tokens(f.section("tokens"), h.n_tokens, limits)
+        logits = None
+        if h.logits is not None:
+            logits = decode_logits(f.section("logits"), h.logits["n_vocab"], h.logits["dtype"], limits)
+    except BaseException:
+        f.close()  # a fuzz run decodes thousands of damaged files: none may hold its descriptor
+        raise
     return {"file": f, "header": h, "blob": write_state(state), "tokens": tokens, "logits": logits}
 
 

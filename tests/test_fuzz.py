@@ -168,7 +168,9 @@ def _decode_with(data: bytes, patches: list) -> list:
                 for target, name, value in patch:
                     m.setattr(target, name, value)
                 try:
-                    out.append(golden.decode_file(f.name)["blob"])
+                    d = golden.decode_file(f.name)
+                    d["file"].close()
+                    out.append(d["blob"])
                 except NxkvError as e:
                     out.append(e)
     finally:
@@ -202,7 +204,8 @@ def test_cpu_batch_agrees_with_the_stages_on_damaged_pca_sections(path, data):
 
     if backend_status()["native"] != "available":
         pytest.skip(f"native backend {backend_status()['native']}")
-    names = [n for n in fmt.NxkvFile.open(path).names() if n[:2] in ("k.", "v.")]
+    with fmt.NxkvFile.open(path) as f:
+        names = [n for n in f.names() if n[:2] in ("k.", "v.")]
     edit = _section_edit(data, names, ["flip", "cut", "zero"])
     out = _decode_with(_repacked(path, edit_section=edit),
                        [[(state_file, "_native_batches", lambda batch=batch: batch)] for batch in (False, True)])
