@@ -70,17 +70,24 @@ def test_gpu_decode_of_golden_files_matches_the_cpu(monkeypatch, name, decoder):
     assert n > 0 and got == bytes(want)
 
 
-def _variant(source: str, high: str, edit) -> tuple:
+def _variant(source: str, high: str, edit, queries: bool = False) -> tuple:
     """(pipeline, layout, sections, limits): the lossless file's state re-encoded with the high
-    file's (bound) stages as `edit` changes their configs."""
+    file's (bound) stages as `edit` changes their configs (id -> config; it may drop a stage),
+    with made-up query energies (lognormal per RoPE pair) where `queries`."""
     f, h = _open(os.path.join(FILES, source))
     fh, hh = _open(os.path.join(FILES, high))
     blob, _ = decode_state_blob(h.state, h.pipeline, f.section, h.limits())
     state = parse_state(bytes(blob), h.state["kind"], golden._layout_of(h.state))
-    configs = [dict(c) for c in hh.pipeline.get_config()["stages"]]
-    edit({c["id"]: c for c in configs})
-    pipeline = Pipeline.from_config({"stages": configs})
-    layout, sections = encode_state(state, pipeline, hh.state["values"])
+    configs = {c["id"]: dict(c) for c in hh.pipeline.get_config()["stages"]}
+    edit(configs)
+    pipeline = Pipeline.from_config({"stages": list(configs.values())})
+    energy = None
+    if queries:
+        rng = np.random.default_rng(3)
+        d, n_kv = hh.state["values"]["head_dim_k"], hh.raw_header["model"]["n_head_kv"]
+        energy = {L["model_layer"]: np.repeat(rng.lognormal(0.0, 2.0, (n_kv, d // 2)), 2, axis=1)
+                  for c in hh.state["caches"] for st in c["streams"] if st for L in st["layers"]}
+    layout, sections = encode_state(state, pipeline, hh.state["values"], queries=energy)
     data = {name: bytes(np.ascontiguousarray(v).tobytes()) for name, v in sections}
     return pipeline, layout, data.__getitem__, hh.limits()
 
@@ -300,25 +307,6 @@ PCA_VARIANTS = {
 }
 
 
-def _pca_variant(source, high, edit):
-    """As _variant, where `edit` may also drop a stage (the PCA transform replaces Hadamard)."""
-    f, h = _open(os.path.join(FILES, source))
-    fh, hh = _open(os.path.join(FILES, high))
-    blob, _ = decode_state_blob(h.state, h.pipeline, f.section, h.limits())
-    state = parse_state(bytes(blob), h.state["kind"], golden._layout_of(h.state))
-    configs = {c["id"]: dict(c) for c in hh.pipeline.get_config()["stages"]}
-    edit(configs)
-    pipeline = Pipeline.from_config({"stages": list(configs.values())})
-    # query energies for K weighting: lognormal per RoPE pair, per model layer
-    rng = np.random.default_rng(3)
-    d, n_kv = hh.state["values"]["head_dim_k"], hh.raw_header["model"]["n_head_kv"]
-    queries = {L["model_layer"]: np.repeat(rng.lognormal(0.0, 2.0, (n_kv, d // 2)), 2, axis=1)
-               for c in hh.state["caches"] for st in c["streams"] if st for L in st["layers"]}
-    layout, sections = encode_state(state, pipeline, hh.state["values"], queries=queries)
-    data = {name: bytes(np.ascontiguousarray(v).tobytes()) for name, v in sections}
-    return pipeline, layout, data.__getitem__, hh.limits()
-
-
 @pytest.mark.parametrize("decoder", ["reference", "native"])
 @pytest.mark.parametrize("variant", sorted(PCA_VARIANTS))
 @pytest.mark.parametrize("source,high", [("smollm2-f16-vtrans-lossless.nxkv", "smollm2-f16-vtrans-high.nxkv"),
@@ -329,7 +317,7 @@ def test_cpu_batch_of_pca_and_classes_matches_the_stages(monkeypatch, source, hi
     the GPU refuses them until a GPU has run them."""
     if decoder == "native" and backend_status()["native"] != "available":
         pytest.skip(f"native backend {backend_status()['native']}")
-    pipeline, layout, section, limits = _pca_variant(source, high, PCA_VARIANTS[variant])
+    pipeline, layout, section, limits = _variant(source, high, PCA_VARIANTS[variant], queries=True)
     types = {L[f"{p}_type"] for c in layout["caches"] for s in c["streams"] if s for L in s["layers"] for p in "kv"}
     assert section_decode.unsupported(pipeline, layout["values"], types, gpu=False) is None
     assert "not yet run on a GPU" in section_decode.unsupported(pipeline, layout["values"], types)
