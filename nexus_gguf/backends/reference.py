@@ -81,9 +81,9 @@ def lattice_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndar
     coord[m, 7], coord_last[m] the eighth coordinate halved (its parity is that of the seven's
     sum); point = (z + coset / 2), value = point * step[m] (+ mean, float64 [k * 8] repeated over
     the groups in blocks of k, when not empty). Double arithmetic, one rounding to float32."""
-    z7 = np.asarray(coord, np.int64).reshape(-1, 7)
-    last = 2 * np.asarray(coord_last, np.int64).reshape(-1) + (z7.sum(axis=1) & 1)
-    p = np.concatenate([z7, last[:, None]], axis=1) + 0.5 * np.asarray(coset, np.int64).reshape(-1)[:, None]
+    # z + coset/2 as (2 z + coset) / 2: the same double, exactly
+    p = doubled_points(np.asarray(coset).reshape(-1, 1), np.asarray(coord).reshape(-1, 1, 7),
+                       np.asarray(coord_last).reshape(-1, 1)) * 0.5
     x = p * np.asarray(step, np.float64).reshape(-1)[:, None]
     mean = np.asarray(mean, np.float64).reshape(-1)
     if mean.size:
