@@ -177,6 +177,9 @@ def _stage_label(config: dict) -> str:
     if config.get("id") != "lattice":
         return str(config.get("id"))
     parts = [f"K {config.get('k_bits')} / V {config.get('v_bits')} bits"]
+    group = config.get("head_group", 1)
+    if group != 1:
+        parts.append("heads grouped" if group == 0 else f"heads in groups of up to {group}")
     if config.get("transform", "none") != "none":
         parts.append(str(config["transform"]))
     if config.get("classes"):

@@ -13,10 +13,13 @@ from .stages import REGISTRY, ModelBinding, Stage, TensorInfo, stage_from_config
 # preset name -> {"stages": stage configs in encoding order, "evict": eviction options and
 # "score": scoring options (both optional; scoring runs when eviction or a stage needs it)}.
 # Lossy presets: RoPE removed, E8 lattice (channel means subtracted, f16 attention sinks, one
-# step per head), rANS. high codes each head on its own principal axes (the basis stored in the
-# section, from 1024 cells) with one rANS table per component class (from 512 cells: the
-# tables cost more than they save below, SmolLM2 prose: 16 cells -11% of the ratio, 128 -2%,
-# 256 -0.2%, 1024 +1.3%): 10-11% smaller than Hadamard at equal KLD on prose and code (README). balanced and max (Hadamard) first evict the
+# step per head), rANS. high codes a layer's KV heads as one vector (one step; SmolLM2's 3 heads
+# of 64: 192 values) on that section's own principal axes (the basis stored in the section at 8
+# bits an entry, from 1536 cells: below, the basis costs more than it saves) with one rANS table
+# per component class (from 512 cells: the tables cost more than they save below, SmolLM2 prose:
+# 16 cells -11% of the ratio, 128 -2%, 256 -0.2%, 1024 +1.3%). Per head at 6 bits (format 2's
+# first high) it was 4.97x at KLD 0.0078 on 4096 prose tokens; the 8-bit basis alone lowers the
+# KLD to 0.0066, the head group to 0.0061 at 5.29x (README). balanced and max (Hadamard) first evict the
 # tokens the prompt's last 32 queries attend to least. Bits and keep fractions chosen on the benchmark (4096-token
 # prefixes): README.md. rANS in 4 interleaved lanes: decoded in lockstep, 2x the symbol rate of
 # one stream on a CPU core (native/core/rans.h) for 0.02% more bytes; in chunks of 16384 symbols,
@@ -26,17 +29,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lossless": {"stages": [{"id": "byteplane"}, {"id": "zstd", "level": 3}]},
     "high": {"stages": [
         {"id": "rope"},
-        {"id": "lattice", "k_bits": 3.5, "v_bits": 3.5, "scale_scope": "head", "transform": "pca", "classes": True,
-         "class_min_cells": 512},
+        {"id": "lattice", "k_bits": 3.4, "v_bits": 3.4, "scale_scope": "head", "head_group": 0, "transform": "pca",
+         "basis_bits": 8, "pca_min_cells": 1536, "classes": True, "class_min_cells": 512},
         {"id": "entropy", "lanes": 4, "chunk": 16384},
     ]},
-    "balanced": {"evict": {"keep": 0.5}, "score": {"scorer": "attention"}, "stages": [
-        {"id": "rope"}, {"id": "hadamard"},
-        {"id": "lattice", "k_bits": 3.0, "v_bits": 3.0, "scale_scope": "head"}, {"id": "entropy", "lanes": 4, "chunk": 16384},
+    "balanced": {"stages": [
+        {"id": "rope"},
+        {"id": "lattice", "k_bits": 2.5, "v_bits": 2.5, "scale_scope": "head", "head_group": 0, "transform": "pca",
+         "basis_bits": 8, "pca_min_cells": 1536, "classes": True, "class_min_cells": 512},
+        {"id": "entropy", "lanes": 4, "chunk": 16384},
     ]},
     "max": {"evict": {"keep": 0.25}, "score": {"scorer": "attention"}, "stages": [
-        {"id": "rope"}, {"id": "hadamard"},
-        {"id": "lattice", "k_bits": 1.5, "v_bits": 1.5, "scale_scope": "head"}, {"id": "entropy", "lanes": 4, "chunk": 16384},
+        {"id": "rope"},
+        {"id": "lattice", "k_bits": 1.5, "v_bits": 1.5, "scale_scope": "head", "head_group": 0, "transform": "pca",
+         "basis_bits": 8, "pca_min_cells": 1536, "classes": True, "class_min_cells": 512},
+        {"id": "entropy", "lanes": 4, "chunk": 16384},
     ]},
     # NexusQuant's pipeline taken literally, for comparison: group-8 fp16 max scales, K3V3,
     # delta coding of lattice symbols along tokens, zstd

@@ -66,9 +66,9 @@ def unsupported(pipeline, dims: dict, types: set[str], gpu: bool = True) -> Opti
     rope, _, lattice, _ = got
     if lattice.token_steps:
         return "importance-aware steps (bucket streams) are coded on the CPU"
-    if gpu and (lattice.transform != "none" or lattice.classes):
+    if gpu and (lattice.transform != "none" or lattice.classes or lattice.head_group != 1):
         # core/section.h decodes them (the CPU library runs it), but no GPU has run them yet
-        return "the PCA transform and component classes are decoded on the CPU (not yet run on a GPU)"
+        return "the PCA transform, component classes and head groups are decoded on the CPU (not yet run on a GPU)"
     if lattice.scale_scope == "head" and lattice.scale_block:
         return "per-head scales with scale blocks are coded on the CPU"
     bad = sorted(types - {"f16", "f32"})
@@ -166,15 +166,17 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
     info = job.info
     n, h, d = info.n_cells, info.n_heads, info.head_dim
     streams = {s.name: s for s in entropy.streams(np.frombuffer(job.data, np.uint8), info)}
-    want, sink = lattice.stream_shapes(info)
+    coding = lattice.coding_view(info)  # head groups as one head: hc vectors of dc values
+    hc, dc = coding.n_heads, coding.head_dim
+    want, sink = lattice.stream_shapes(coding)
     columns = None  # with classes: (start, stride, lo, on host) of each column of a cell's point row
     small = {}
     if lattice.uses_classes(info):
         if "class" not in streams:
             raise FormatError(f"{info.name}: component classes missing")
         small["class"] = cls = streams["class"].decode()
-        if cls.shape != (h, d) or (cls.size and int(cls.max()) >= N_CLASSES):
-            raise FormatError(f"{info.name}: component classes missing, not of shape {(h, d)} or above {N_CLASSES - 1}")
+        if cls.shape != (hc, dc) or (cls.size and int(cls.max()) >= N_CLASSES):
+            raise FormatError(f"{info.name}: component classes missing, not of shape {(hc, dc)} or above {N_CLASSES - 1}")
         column_class = column_classes(cls)
         columns = []
     for name, shape in want.items():
@@ -207,23 +209,23 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
                 lo[mine] = low
                 host[mine] = area == "host"
             columns.append((start, stride, lo, host))
-    steps = lattice.group_steps(small["scale"], info)
+    steps = lattice.group_steps(small["scale"], coding)
     per_cell = lattice.scale_scope != "head"
-    block = (lattice.scale_block or d) if per_cell else d
+    block = (lattice.scale_block or d) if per_cell else dc
     sec = {"n_cells": n, "n_heads": h, "head_dim": d, "step0": batch._append("steps", np.ascontiguousarray(steps, np.float64).reshape(-1)),
            "step_per_cell": int(per_cell), "scale_block": block, "mean0": -1, "sink_map0": -1, "sink0": 0,
            "hadamard": int(had is not None and not had.passes_through(info)), "rope": 0, "n_rot": 0, "trig0": 0,
            "out_f16": int(job.out_f16), "transposed": int(job.transposed), "points": (coset, coord, last),
            "basis": 0, "basis0": 0, "basis_shift": 0, "cscale0": -1, "by_class": int(columns is not None), "cols0": 0,
-           "columns": columns}
+           "columns": columns, "head_group": h // hc}
     if "basis" in want:
         basis = small["basis"]
         one = 1 << (lattice.basis_bits - 1)
-        if basis.shape != (h, d, d) or (basis.size and int(np.abs(basis.astype(np.int64)).max()) > one):
+        if basis.shape != (hc, dc, dc) or (basis.size and int(np.abs(basis.astype(np.int64)).max()) > one):
             raise FormatError(f"{info.name}: basis entries beyond {lattice.basis_bits} bits")
         sec.update(basis=1, basis0=batch._append("bases", np.ascontiguousarray(basis, np.float32).reshape(-1)),
                    basis_shift=lattice.basis_bits - 1)
-        scale = lattice.channel_scale(small, info, sink)
+        scale = lattice.channel_scale(small, coding, sink)
         if scale.size:
             sec["cscale0"] = batch._append("means", scale)
     if lattice.center:
@@ -475,17 +477,18 @@ def _reference_decode(prep: Prepared) -> None:
             section_status.append(1)
             made.append(None)
             continue
-        blocks = d // s["scale_block"]
-        rows = n * h if s["step_per_cell"] else h
-        steps = a["steps"][s["step0"] : s["step0"] + rows * blocks].reshape(-1, h, blocks)
-        steps = np.broadcast_to(steps, (n, h, blocks))
-        group_step = np.repeat(steps.reshape(n, h * blocks), s["scale_block"] // 8, axis=1)
+        hc, dc = h // s["head_group"], d * s["head_group"]  # head groups as one head
+        blocks = dc // s["scale_block"]
+        rows = n * hc if s["step_per_cell"] else hc
+        steps = a["steps"][s["step0"] : s["step0"] + rows * blocks].reshape(-1, hc, blocks)
+        steps = np.broadcast_to(steps, (n, hc, blocks))
+        group_step = np.repeat(steps.reshape(n, hc * blocks), s["scale_block"] // 8, axis=1)
         mean = a["means"][s["mean0"] : s["mean0"] + h * d] if s["mean0"] >= 0 else np.zeros(0)
         if s["basis"]:
-            basis = a["bases"][s["basis0"] : s["basis0"] + h * d * d].reshape(h, d, d).astype(np.int16)
+            basis = a["bases"][s["basis0"] : s["basis0"] + hc * dc * dc].reshape(hc, dc, dc).astype(np.int16)
             scale = a["means"][s["cscale0"] : s["cscale0"] + h * d] if s["cscale0"] >= 0 else np.zeros(0)
             x = ref.basis_dequantize(coset.astype(np.uint8), coord.astype(np.int32), last.astype(np.int32), steps[:, :, 0],
-                                     basis, s["basis_shift"], mean, scale)
+                                     basis, s["basis_shift"], mean, scale).reshape(n, h, d)
         else:
             x = ref.lattice_dequantize(coset.astype(np.uint8), coord.astype(np.int32), last.astype(np.int32), group_step,
                                        mean).reshape(n, h, d)

@@ -16,6 +16,7 @@ from .llama_rotation import llama_rotation, toggle_llama_rotation
 from .llama_state import Cache, Cells, LayerKV, LlamaState, Stream, parse_cells, state_buffer
 from .pipeline import Pipeline, meta_pipeline
 from .stages import TensorInfo
+from .stages.lattice import MAX_BASIS_DIM
 
 # largest cell record: pos, n_seq, the 12-byte extension and this many sequence ids
 _MAX_SEQ_PER_CELL = 256
@@ -47,8 +48,10 @@ def _value_info(pipeline: Pipeline, name: str, kind: str, t: GgmlType, cells: Ce
     if head_dim <= 0 or n_embd % head_dim:
         raise StateLayoutError(f"{name}: rows of {n_embd} values are not whole heads of {head_dim}")
     # symbol streams hold at most one value per cache value, whatever the cache type's size, or
-    # a head_dim x head_dim basis per head (the lattice's PCA transform)
-    info = TensorInfo(name, t.name, t.float_bytes, max(len(cells), head_dim) * n_embd, kind=kind, positions=cells.pos,
+    # the lattice's PCA bases: w x w per vector of w values (a head, or a head group of at most
+    # MAX_BASIS_DIM values)
+    vector = max(head_dim, min(n_embd, MAX_BASIS_DIM))
+    info = TensorInfo(name, t.name, t.float_bytes, max(len(cells), vector) * n_embd, kind=kind, positions=cells.pos,
                       model_layer=layer_model, sliding=sliding, n_cells=len(cells), n_heads=n_embd // head_dim,
                       head_dim=head_dim, importance=importance,
                       query_energy=queries.get(layer_model) if queries is not None and kind == "k" else None)

@@ -304,6 +304,11 @@ PCA_VARIANTS = {
                                    c["lattice"].update(transform="pca", classes=True, pca_min_cells=1), c["entropy"].update(coder="zstd")),
     "pca-k-weights": lambda c: (c.pop("hadamard", None),
                                 c["lattice"].update(transform="pca", classes=True, pca_min_cells=1, k_weights="queries")),
+    "pca-head-group": lambda c: (c.pop("hadamard", None),
+                                 c["lattice"].update(transform="pca", classes=True, pca_min_cells=1, head_group=0, basis_bits=8)),
+    "pca-head-group-k-weights": lambda c: (c.pop("hadamard", None),
+                                           c["lattice"].update(transform="pca", pca_min_cells=1, head_group=0, k_weights="queries")),
+    "head-group-hadamard": lambda c: c["lattice"].update(head_group=3),
 }
 
 
@@ -342,3 +347,5 @@ def test_cpu_batch_of_pca_and_classes_matches_the_stages(monkeypatch, source, hi
         assert all(s["by_class"] for prep in calls for s in prep.sections)
     if "weights" in variant:
         assert any(s["cscale0"] >= 0 for prep in calls for s in prep.sections)
+    if "group" in variant and source.startswith("smollm2"):  # 3 KV heads (the tiny Gemma 3 has 1)
+        assert all(s["head_group"] == 3 for prep in calls for s in prep.sections)

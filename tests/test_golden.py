@@ -130,8 +130,9 @@ def test_a_changed_encoder_byte_fails_a_named_case(monkeypatch):
 
 def test_the_current_high_file_pins_the_pca_transform_and_classes():
     """The golden files of `high` must exercise what `high` does: a state with enough cells for
-    the PCA basis and the class split (gemma3-long: 1100 tokens in its full-attention layer),
-    so that the pinned hashes cover core/transform.h and the per-class symbol columns."""
+    the PCA basis and the class split (gemma3-long: 1700 tokens in its full-attention layer, two
+    KV heads coded as one vector), so that the pinned hashes cover core/transform.h, the head
+    group and the per-class symbol columns."""
     from nexus_gguf.header import Header
     from nexus_gguf.stages import TensorInfo
 
@@ -141,9 +142,12 @@ def test_the_current_high_file_pins_the_pca_transform_and_classes():
     f = NxkvFile.open(path)
     h = Header(f.header, path)
     entropy = h.pipeline.stages[-1]
-    names = set()
+    names, bases = set(), set()
     for section in f.names():
         if section.startswith(("k.", "v.")):
             data = np.frombuffer(bytes(f.section(section)), np.uint8)
-            names |= {s.name for s in entropy.streams(data, TensorInfo(section, "f16", 2, 1 << 30))}
+            streams = entropy.streams(data, TensorInfo(section, "f16", 2, 1 << 30))
+            names |= {s.name for s in streams}
+            bases |= {tuple(s.shape) for s in streams if s.name == "basis"}
     assert "basis" in names and "class" in names and any(n.startswith("coset.c") for n in names)
+    assert (1, 64, 64) in bases  # both heads of 32 values on one basis

@@ -292,8 +292,9 @@ def test_value_path_absorbs_llamas_rotation_instead_of_undoing_it():
     hadamard_blocks = reference.hadamard_blocks
 
     x = _values(h=3)
-    # a Hadamard preset's value path (balanced's, without eviction), rope as bound to a model
-    high = Pipeline([Rope(mode="norm", n_rot=64)] + build_pipeline("balanced", ["evict"]).stages[1:])
+    # a Hadamard value path (balanced's in format 1), rope as bound to a model
+    high = Pipeline([Rope(mode="norm", n_rot=64)] + [stage_from_config(c) for c in (
+        {"id": "hadamard"}, {"id": "lattice", "k_bits": 3.0, "v_bits": 3.0, "scale_scope": "head"}, {"id": "entropy"})])
     v = _info("v", h=3)
     assert high.absorbs_rotation(v, 64) and not high.absorbs_rotation(v, 0)
     assert not high.absorbs_rotation(_info("k", h=3), 64)  # RoPE removal needs the unrotated keys
@@ -341,21 +342,22 @@ def test_token_steps_follow_importance_and_split_the_streams():
 def test_scoring_and_eviction_are_options_not_stages():
     from nexus_gguf.eviction import Eviction, Scoring
 
-    balanced = build_pipeline("balanced")
-    assert balanced.eviction == Eviction(keep=0.5) and balanced.scoring == Scoring(scorer="attention")
-    assert [s.stage_id for s in balanced.stages] == ["rope", "hadamard", "lattice", "entropy"]
-    assert build_pipeline("balanced", evict_keep=0.3, score_window=16).eviction.keep == 0.3
-    assert build_pipeline("balanced", score_window=16).scoring.window == 16
-    assert build_pipeline("balanced", without=["evict"]).eviction is None
+    evicting = build_pipeline("max")
+    assert evicting.eviction == Eviction(keep=0.25) and evicting.scoring == Scoring(scorer="attention")
+    assert [s.stage_id for s in evicting.stages] == ["rope", "lattice", "entropy"]
+    assert build_pipeline("max", evict_keep=0.3, score_window=16).eviction.keep == 0.3
+    assert build_pipeline("max", score_window=16).scoring.window == 16
+    assert build_pipeline("max", without=["evict"]).eviction is None
+    assert build_pipeline("balanced").eviction is None  # balanced drops no token (since format 2)
     assert build_pipeline("high").scoring is None  # nothing needs scores: none are computed
     assert build_pipeline("high", lattice_token_steps=0.5).scoring == Scoring()
     with pytest.raises(ConfigError, match="does not evict"):
         build_pipeline("high", evict_keep=0.5)
     with pytest.raises(ConfigError, match="scorer"):
-        build_pipeline("balanced", score_scorer="oracle")
+        build_pipeline("max", score_scorer="oracle")
     with pytest.raises(ConfigError, match="no option"):
-        build_pipeline("balanced", evict_scorer="attention")  # scoring is its own option set now
-    assert "balanced-no-evict" in [p.preset for p in ablations("balanced")]
+        build_pipeline("max", evict_scorer="attention")  # scoring is its own option set now
+    assert "max-no-evict" in [p.preset for p in ablations("max")]
 
 
 @pytest.mark.parametrize("lanes, chunk", [(1, 7), (4, 0), (32, 1000), (32, 40), (64, 0)])

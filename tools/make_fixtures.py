@@ -121,6 +121,9 @@ def stage_cases(rng):
     weighted = {**pca, "k_weights": "queries"}
     out.append(({"case": "lattice-pca-k-weights", "stages": [weighted, {"id": "entropy"}]}, xp,
                 replace(_info("k", 160, 2, 32), query_energy=energy)))
+    # two heads coded as one vector (head_group): one step, one 64 x 64 basis, classes across both
+    grouped = {**pca, "head_group": 0, "basis_bits": 8}
+    out.append(({"case": "lattice-pca-head-group", "stages": [grouped, {"id": "entropy"}]}, xp, _info("k", 160, 2, 32)))
     return out
 
 
@@ -162,6 +165,8 @@ def write_files(vdir: str, existing: list[dict]) -> list[dict]:
     os.makedirs(files_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="nxkv-fixtures-")
     gemma = write_tiny_gemma3(os.path.join(tmp, "tiny-gemma3.gguf"))
+    # two KV heads, so that high's head group (both heads as one vector, one basis) is pinned too
+    gemma_kv2 = write_tiny_gemma3(os.path.join(tmp, "tiny-gemma3-kv2.gguf"), n_head=4, n_head_kv=2)
     text = open(os.path.join(ROOT, "tests", "data", "prose.txt"), encoding="utf-8").read()
     have = {}
     for e in existing:
@@ -178,8 +183,8 @@ def write_files(vdir: str, existing: list[dict]) -> list[dict]:
         ("smollm2-f16-vtrans", default_model_path(), {"flash_attn": False}, lambda m: m.tokenize(text.encode(), add_bos=True)[:16]),
         ("smollm2-q8_0", default_model_path(), {"flash_attn": True, "type_k": 8, "type_v": 8},
          lambda m: m.tokenize(text.encode(), add_bos=True)[:16]),
-        # enough cells for the PCA transform (pca_min_cells) in the full-attention layer
-        ("gemma3-long", gemma, {"swa_full": False, "n_ctx": 1280}, lambda m: m.tokenize(text.encode(), add_bos=False)[:1100]),
+        # enough cells for the PCA transform (high's pca_min_cells) in the full-attention layer
+        ("gemma3-long", gemma_kv2, {"swa_full": False, "n_ctx": 2048}, lambda m: m.tokenize(text.encode(), add_bos=False)[:1700]),
     ]
     presets = {"gemma3": list(PRESETS), "smollm2-f16-vtrans": ["lossless", "high"], "smollm2-q8_0": ["lossless", "high"],
                "gemma3-long": ["lossless", "high"]}

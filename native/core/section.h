@@ -19,22 +19,24 @@
 
 #define NXKV_MAX_HEAD_DIM 512
 
-/* The PCA basis (core/transform.h) and the per-class symbol columns are compiled for the CPU
- * only until a GPU has run them: in the CUDA kernel they grow each thread's frame from 2 to 12 KB
- * and its registers from 96 to 127 (ptxas -v, sm_90) for sections the GPU batch refuses anyway
- * (section_decode.unsupported); there, a section with either does not fit. */
+/* The PCA basis (core/transform.h), the per-class symbol columns and head groups are compiled for
+ * the CPU only until a GPU has run them: in the CUDA kernel the first two grow each thread's frame
+ * from 2 to 12 KB and its registers from 96 to 127 (ptxas -v, sm_90), and it decodes one head a
+ * thread, for sections the GPU batch refuses anyway (section_decode.unsupported); there, a
+ * section with any of them does not fit. */
 #if !defined(__CUDACC__)
 #define NXKV_CORE_PCA 1
 #endif
 
 /* Whether every index the section makes lies inside the arrays (checked before any is read). */
 NXKV_FN int nxkv_core_section_fits(const nxkv_section *s, const nxkv_values *a) {
-    const int64_t d = s->head_dim, n = s->n_cells, h = s->n_heads;
-    if (d < 8 || d % 8 || d > NXKV_MAX_HEAD_DIM || n < 0 || h < 1 || s->scale_block < 8 || d % s->scale_block ||
-        s->scale_block % 8 || !s->dest) {
+    const int64_t d = s->head_dim, n = s->n_cells, h = s->n_heads, k = s->head_group;
+    if (d < 8 || d % 8 || d > NXKV_MAX_HEAD_DIM || n < 0 || h < 1 || k < 1 || h % k ||
+        k * d > NXKV_MAX_HEAD_DIM || s->scale_block < 8 || (k * d) % s->scale_block || s->scale_block % 8 || !s->dest) {
         return 0;
     }
-    const int64_t g = h * d / 8, blocks = d / s->scale_block, step_rows = s->step_per_cell ? n * h : h;
+    const int64_t w = k * d; /* values of one coded vector (a head group: concatenated) */
+    const int64_t g = h * d / 8, blocks = w / s->scale_block, step_rows = s->step_per_cell ? n * (h / k) : h / k;
     if ((!s->by_class && (s->coset0 < 0 || s->coset0 + n * g > a->n_symbols || s->coord0 < 0 ||
                           s->coord0 + 7 * n * g > a->n_symbols || s->last0 < 0 || s->last0 + n * g > a->n_symbols)) ||
         s->step0 < 0 || s->step0 + step_rows * blocks > a->n_steps ||
@@ -43,12 +45,12 @@ NXKV_FN int nxkv_core_section_fits(const nxkv_section *s, const nxkv_values *a) 
         return 0;
     }
 #ifdef NXKV_CORE_PCA
-    if (s->basis && (s->scale_block != d || s->basis_shift < 0 || s->basis_shift > 14 || s->basis0 < 0 ||
-                     s->basis0 + h * d * d > a->n_bases || (s->cscale0 >= 0 && s->cscale0 + h * d > a->n_means))) {
+    if (s->basis && (s->scale_block != w || s->basis_shift < 0 || s->basis_shift > 14 || s->basis0 < 0 ||
+                     s->basis0 + (h / k) * w * w > a->n_bases || (s->cscale0 >= 0 && s->cscale0 + h * d > a->n_means))) {
         return 0;
     }
 #else
-    if (s->basis) return 0;
+    if (s->basis || k > 1) return 0;
 #endif
     if (s->by_class) {
 #ifndef NXKV_CORE_PCA
@@ -108,19 +110,20 @@ NXKV_FN int64_t nxkv_core_point_symbol(const nxkv_section *s, const nxkv_values 
     return (int64_t)a->symbols[s->last0 + cell * g + col - 8 * g] + s->last_lo;
 }
 
-/* The values of head `head` of cell `cell` into v (head_dim floats): 0, or 1 if a coset symbol
- * is not 0 or 1, 2 if a value is not finite. */
-NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a, int64_t head, int64_t cell, float *v) {
-    const int64_t d = s->head_dim, n_heads = s->n_heads;
-    const int64_t g = n_heads * d / 8, blocks = d / s->scale_block;
-    const int64_t step_row = s->step0 + (s->step_per_cell ? cell * n_heads + head : head) * blocks;
-    const double *mean = s->mean0 >= 0 ? a->means + s->mean0 + head * d : 0;
+/* The values of vector `vec` of cell `cell` into v: head `vec`, or with head_group k > 1 the k
+ * heads from k vec on, concatenated (k head_dim floats). Returns 0, or 1 if a coset symbol is not
+ * 0 or 1, 2 if a value is not finite. */
+NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a, int64_t vec, int64_t cell, float *v) {
+    const int64_t d = s->head_dim, n_heads = s->n_heads, k = s->head_group, w = k * d;
+    const int64_t g = n_heads * d / 8, blocks = w / s->scale_block;
+    const int64_t step_row = s->step0 + (s->step_per_cell ? cell * (n_heads / k) + vec : vec) * blocks;
+    const double *mean = s->mean0 >= 0 ? a->means + s->mean0 + vec * w : 0;
     int coset_ok = 1;
 #ifdef NXKV_CORE_PCA
     int64_t p2[NXKV_MAX_HEAD_DIM], l1 = 0;
 #endif
-    for (int64_t q = 0; q < d / 8; ++q) {
-        const int64_t grp = head * (d / 8) + q;
+    for (int64_t q = 0; q < w / 8; ++q) {
+        const int64_t grp = vec * (w / 8) + q;
         const int64_t coset = nxkv_core_point_symbol(s, a, g, cell, grp);
         coset_ok &= coset == 0 || coset == 1;
         int32_t z7[7];
@@ -141,25 +144,27 @@ NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a
         int64_t acc64[NXKV_MAX_HEAD_DIM];
         float acc32[NXKV_MAX_HEAD_DIM];
         const double c = a->steps[step_row] * ldexp(1.0, -(int)(s->basis_shift + 1));
-        const double *cscale = s->cscale0 >= 0 ? a->means + s->cscale0 + head * d : 0;
-        nxkv_core_basis_vector(p2, l1, a->bases + s->basis0 + head * d * d, d, (int)s->basis_shift, c, mean, cscale, acc32,
+        const double *cscale = s->cscale0 >= 0 ? a->means + s->cscale0 + vec * w : 0;
+        nxkv_core_basis_vector(p2, l1, a->bases + s->basis0 + vec * w * w, w, (int)s->basis_shift, c, mean, cscale, acc32,
                                acc64, v);
     }
 #endif
     if (s->sink_map0 >= 0) {
         const int32_t r = a->sink_map[s->sink_map0 + cell];
         if (r >= 0) {
-            const uint16_t *src = a->sinks + s->sink0 + ((int64_t)r * n_heads + head) * d;
-            for (int64_t j = 0; j < d; ++j) v[j] = nxkv_core_f16_to_f32(src[j]);
+            const uint16_t *src = a->sinks + s->sink0 + (int64_t)r * n_heads * d + vec * w;
+            for (int64_t j = 0; j < w; ++j) v[j] = nxkv_core_f16_to_f32(src[j]);
         }
     }
-    if (s->hadamard) nxkv_core_hadamard_vector(v, d);
-    if (s->rope) {
-        const int64_t half = s->n_rot / 2;
-        nxkv_core_rope_vector(v, s->rope, s->n_rot, a->cos + s->trig0 + cell * half, a->sin + s->trig0 + cell * half);
+    for (int64_t j = 0; j < k; ++j) {
+        if (s->hadamard) nxkv_core_hadamard_vector(v + j * d, d);
+        if (s->rope) {
+            const int64_t half = s->n_rot / 2;
+            nxkv_core_rope_vector(v + j * d, s->rope, s->n_rot, a->cos + s->trig0 + cell * half, a->sin + s->trig0 + cell * half);
+        }
     }
     int finite = 1;
-    for (int64_t j = 0; j < d; ++j) finite &= isfinite(v[j]) != 0;
+    for (int64_t j = 0; j < w; ++j) finite &= isfinite(v[j]) != 0;
     return finite ? 0 : 2;
 }
 

@@ -316,21 +316,22 @@ void nxkv_byteplane_merge(const uint8_t *src, uint8_t *dst, size_t n_elements, s
  * into it): the basis products (core/transform.h) run 8 floats wide with AVX2. The same operations, so the same bits. */
 #define SECTION_ROWS_BODY                                                                        \
     float v[NXKV_MAX_HEAD_DIM];                                                                  \
-    const int64_t d = s->head_dim, n_embd = s->n_heads * d;                                      \
+    const int64_t d = s->head_dim, n_embd = s->n_heads * d, k = s->head_group;                  \
     *status = 0;                                                                                 \
-    /* heads outside, cells inside: a transposed V is then written along its rows */             \
-    for (int64_t head = 0; head < s->n_heads && !*status; ++head) {                              \
+    /* vectors (heads, or head groups) outside, cells inside: a transposed V is then  \
+     * written along its rows */                                                                 \
+    for (int64_t vec = 0; vec < s->n_heads / k && !*status; ++vec) {                             \
         for (int64_t cell = 0; cell < s->n_cells; ++cell) {                                      \
-            const int r = nxkv_core_section_vector(s, arrays, head, cell, v);                    \
+            const int r = nxkv_core_section_vector(s, arrays, vec, cell, v);                     \
             if (r) {                                                                             \
                 *status = r;                                                                     \
                 break;                                                                           \
             }                                                                                    \
             if (s->out_f16 && !s->transposed) {                                                  \
-                /* a cell-major f16 row: the whole head vector at once (F16C where present) */   \
-                nxkv_f32_to_f16(v, (uint16_t *)s->dest + cell * n_embd + head * d, (size_t)d, 1); \
+                /* a cell-major f16 row: the vector's heads at once (F16C where present) */      \
+                nxkv_f32_to_f16(v, (uint16_t *)s->dest + cell * n_embd + vec * k * d, (size_t)(k * d), 1); \
             } else {                                                                             \
-                nxkv_core_section_store(s, head, cell, v);                                       \
+                for (int64_t j = 0; j < k; ++j) nxkv_core_section_store(s, vec * k + j, cell, v + j * d); \
             }                                                                                    \
         }                                                                                        \
     }

@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 14 };
+enum nxkv_abi { NXKV_ABI_VERSION = 15 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -129,7 +129,8 @@ typedef struct nxkv_section {
     int64_t transposed;     /* 1: V as [n_heads * head_dim, n_cells] (flash attention off) */
     int64_t basis;          /* 1: the points lie on each head's principal axes (core/transform.h):
                                bases[basis0 + head * head_dim^2 ..], entries within 2^basis_shift,
-                               one step per head vector (scale_block = head_dim), means added after */
+                               one step per head vector (scale_block = head_dim), means added after
+                               (head_group > 1: see below) */
     int64_t basis0, basis_shift;
     int64_t cscale0;        /* with basis: -1, or each channel's scale (the K weighting), multiplied
                                before the mean is added: means[cscale0 + head * head_dim ..] */
@@ -137,6 +138,9 @@ typedef struct nxkv_section {
                                [coset g | coord 7 g | last g] is at columns[cols0 + 3 c ..] = (symbol
                                index at cell 0, per-cell stride, lo); 0: coset0 .. last_lo above */
     int64_t cols0;
+    int64_t head_group;     /* this many adjacent heads coded as one vector, concatenated (head_dim *
+                               head_group values, one step; steps, bases and channel offsets by
+                               vector: read "vector" for "head" above); 1: each head alone */
     void *dest;             /* the rows: n_cells * n_heads * head_dim values */
 } nxkv_section;
 
