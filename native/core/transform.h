@@ -40,30 +40,41 @@ typedef float nxkv_v8f __attribute__((vector_size(32)));
 #define NXKV_HAVE_V8F 1
 #endif
 
-/* acc32[i0 .. i0 + 8 k) = sum over t < nnz of basis[rows[t] + i] * vals[t] (k = 4 or 1). */
-NXKV_FN void nxkv_core_basis_block(const float *basis, const int64_t *rows, const float *vals, int64_t nnz, int64_t i0,
-                                   int k, float *acc32) {
+/* acc32[i0 .. i0 + 8 K) = sum over t < nnz of basis[rows[t] + i] * vals[t], for K = 8, 4 or 1
+ * (a constant, so the K accumulators stay in registers: indexed by a run-time count they went
+ * through memory, one store-to-load round trip per product, measured 4x slower). */
 #ifdef NXKV_HAVE_V8F
-    nxkv_v8f a[4] = {{0}, {0}, {0}, {0}};
-    for (int64_t t = 0; t < nnz; ++t) {
-        const float pj = vals[t];
-        const nxkv_v8f p = {pj, pj, pj, pj, pj, pj, pj, pj};
-        const float *row = basis + rows[t] + i0;
-        for (int b = 0; b < k; ++b) {
-            nxkv_v8f r;
-            __builtin_memcpy(&r, row + 8 * b, sizeof r);
-            a[b] += r * p;
-        }
+#define NXKV_BASIS_BLOCK(K)                                                                                              \
+    NXKV_FN void nxkv_core_basis_block##K(const float *basis, const int64_t *rows, const float *vals, int64_t nnz,    \
+                                           int64_t i0, float *acc32) {                                                   \
+        nxkv_v8f a[K];                                                                                                   \
+        for (int b = 0; b < K; ++b) a[b] = (nxkv_v8f){0, 0, 0, 0, 0, 0, 0, 0};                                           \
+        for (int64_t t = 0; t < nnz; ++t) {                                                                              \
+            const float pj = vals[t];                                                                                    \
+            const nxkv_v8f p = {pj, pj, pj, pj, pj, pj, pj, pj};                                                         \
+            const float *row = basis + rows[t] + i0;                                                                     \
+            for (int b = 0; b < K; ++b) {                                                                                \
+                nxkv_v8f r;                                                                                              \
+                __builtin_memcpy(&r, row + 8 * b, sizeof r);                                                             \
+                a[b] += r * p;                                                                                           \
+            }                                                                                                            \
+        }                                                                                                                \
+        for (int b = 0; b < K; ++b) __builtin_memcpy(acc32 + i0 + 8 * b, &a[b], sizeof a[b]);                          \
     }
-    for (int b = 0; b < k; ++b) __builtin_memcpy(acc32 + i0 + 8 * b, &a[b], sizeof a[b]);
 #else
-    for (int64_t i = i0; i < i0 + 8 * k; ++i) acc32[i] = 0.0f;
-    for (int64_t t = 0; t < nnz; ++t) {
-        const float *row = basis + rows[t];
-        for (int64_t i = i0; i < i0 + 8 * k; ++i) acc32[i] += row[i] * vals[t];
+#define NXKV_BASIS_BLOCK(K)                                                                                              \
+    NXKV_FN void nxkv_core_basis_block##K(const float *basis, const int64_t *rows, const float *vals, int64_t nnz,    \
+                                           int64_t i0, float *acc32) {                                                   \
+        for (int64_t i = i0; i < i0 + 8 * K; ++i) acc32[i] = 0.0f;                                                       \
+        for (int64_t t = 0; t < nnz; ++t) {                                                                              \
+            const float *row = basis + rows[t];                                                                          \
+            for (int64_t i = i0; i < i0 + 8 * K; ++i) acc32[i] += row[i] * vals[t];                                      \
+        }                                                                                                                \
     }
 #endif
-}
+NXKV_BASIS_BLOCK(8)
+NXKV_BASIS_BLOCK(4)
+NXKV_BASIS_BLOCK(1)
 
 /* One head vector: p2 [d] (l1 its magnitudes' sum), basis [d][d] (integers, every |entry| <=
  * 2^shift: the caller checks; held as floats, which hold them exactly), c = step * 2^-(shift + 1);
@@ -82,8 +93,9 @@ NXKV_FN void nxkv_core_basis_vector(const int64_t *p2, int64_t l1, const float *
             nnz += p2[j] != 0;
         }
         int64_t i0 = 0;
-        for (; i0 + 32 <= d; i0 += 32) nxkv_core_basis_block(basis, acc64, out, nnz, i0, 4, acc32);
-        for (; i0 < d; i0 += 8) nxkv_core_basis_block(basis, acc64, out, nnz, i0, 1, acc32);
+        for (; i0 + 64 <= d; i0 += 64) nxkv_core_basis_block8(basis, acc64, out, nnz, i0, acc32);
+        for (; i0 + 32 <= d; i0 += 32) nxkv_core_basis_block4(basis, acc64, out, nnz, i0, acc32);
+        for (; i0 < d; i0 += 8) nxkv_core_basis_block1(basis, acc64, out, nnz, i0, acc32);
         /* (double) of these exact integer floats is (double) of the integers */
         if (mean && cscale) {
             for (int64_t i = 0; i < d; ++i) out[i] = (float)((double)acc32[i] * c * cscale[i] + mean[i]);

@@ -115,6 +115,34 @@ int nxkv_hadamard_blocks(const float *x, float *out, size_t n_values, size_t blo
     return NXKV_OK;
 }
 
+/* The vectors of nxkv_basis_dequantize; twice like the E8 loops (the AVX2 copy flattened). */
+#define BASIS_ROWS_BODY                                                                                                 \
+    int64_t p2[NXKV_MAX_HEAD_DIM], acc64[NXKV_MAX_HEAD_DIM];                                                           \
+    float acc32[NXKV_MAX_HEAD_DIM];                                                                                     \
+    const double scale = ldexp(1.0, -(shift + 1));                                                                      \
+    const size_t g = d / 8;                                                                                             \
+    for (size_t v = 0; v < n_vectors; ++v) {                                                                            \
+        const size_t k = v % n_heads;                                                                                   \
+        const int64_t l1 = nxkv_core_doubled_points(coset + v * g, coord + 7 * v * g, coord_last + v * g, (int64_t)d, p2); \
+        nxkv_core_basis_vector(p2, l1, b + k * d * d, (int64_t)d, shift, step[v] * scale, mean ? mean + k * d : NULL,  \
+                               channel_scale ? channel_scale + k * d : NULL, acc32, acc64, out + v * d);                \
+    }
+
+static void basis_rows(const uint8_t *coset, const int32_t *coord, const int32_t *coord_last, const double *step,
+                       const float *b, size_t n_vectors, size_t n_heads, size_t d, int shift, const double *mean,
+                       const double *channel_scale, float *out) {
+    BASIS_ROWS_BODY
+}
+#ifdef NXKV_HAVE_AVX2_PATH
+__attribute__((target("avx2"), flatten)) static void basis_rows_avx2(const uint8_t *coset, const int32_t *coord,
+                                                                     const int32_t *coord_last, const double *step,
+                                                                     const float *b, size_t n_vectors, size_t n_heads,
+                                                                     size_t d, int shift, const double *mean,
+                                                                     const double *channel_scale, float *out) {
+    BASIS_ROWS_BODY
+}
+#endif
+
 int nxkv_basis_dequantize(const uint8_t *coset, const int32_t *coord, const int32_t *coord_last, const double *step,
                           const int16_t *basis, size_t n_vectors, size_t n_heads, size_t d, int shift, const double *mean,
                           const double *channel_scale, float *out) {
@@ -125,16 +153,14 @@ int nxkv_basis_dequantize(const uint8_t *coset, const int32_t *coord, const int3
     float *b = malloc(sizeof(float) * n_heads * d * d);
     if (!b) return NXKV_ERR_NOMEM;
     for (size_t i = 0; i < n_heads * d * d; ++i) b[i] = (float)basis[i];
-    int64_t p2[NXKV_MAX_HEAD_DIM], acc64[NXKV_MAX_HEAD_DIM];
-    float acc32[NXKV_MAX_HEAD_DIM];
-    const double scale = ldexp(1.0, -(shift + 1));
-    const size_t g = d / 8;
-    for (size_t v = 0; v < n_vectors; ++v) {
-        const size_t k = v % n_heads;
-        const int64_t l1 = nxkv_core_doubled_points(coset + v * g, coord + 7 * v * g, coord_last + v * g, (int64_t)d, p2);
-        nxkv_core_basis_vector(p2, l1, b + k * d * d, (int64_t)d, shift, step[v] * scale, mean ? mean + k * d : NULL,
-                               channel_scale ? channel_scale + k * d : NULL, acc32, acc64, out + v * d);
+#ifdef NXKV_HAVE_AVX2_PATH
+    if (have_avx2()) {
+        basis_rows_avx2(coset, coord, coord_last, step, b, n_vectors, n_heads, d, shift, mean, channel_scale, out);
+        free(b);
+        return NXKV_OK;
     }
+#endif
+    basis_rows(coset, coord, coord_last, step, b, n_vectors, n_heads, d, shift, mean, channel_scale, out);
     free(b);
     return NXKV_OK;
 }
