@@ -9,6 +9,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from .backends import backend_name, parallel_map, threads
+from .blas_threads import single_threaded_blas
 from .errors import FormatError, StateLayoutError
 from .ggml_types import GgmlType, ggml_type_by_name
 from .header import LOGITS_DTYPES, Limits
@@ -170,10 +171,12 @@ def _sections(state: LlamaState, pipeline: Pipeline, dims, importance, queries) 
                 return out
 
             # layers encode on all cores (the kernels and most of numpy release the GIL), a
-            # batch at a time
+            # batch at a time, numpy's BLAS on one thread meanwhile (blas_threads.py)
             batch = 2 * threads()
             for b in range(0, len(s.layers), batch):
-                for coded in parallel_map(encode_layer, list(s.layers[b : b + batch])):
+                with single_threaded_blas():
+                    done = parallel_map(encode_layer, list(s.layers[b : b + batch]))
+                for coded in done:
                     yield from coded
 
 
