@@ -10,6 +10,7 @@ found it does nothing."""
 from __future__ import annotations
 
 import ctypes
+import importlib
 import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -29,7 +30,7 @@ _SYMBOLS = [("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_thread
 def _find() -> list:
     """(set, get) function pairs of the OpenBLAS libraries loaded in this process (Linux: from
     /proc/self/maps; elsewhere none)."""
-    import numpy  # noqa: F401  (loads its BLAS)
+    importlib.import_module("numpy")  # loads its BLAS
 
     paths = []
     try:
