@@ -53,9 +53,9 @@ def main(argv=None) -> int:
     layout, pipeline = h.state, h.pipeline
     types = {L[f"{p}_type"] for c in layout["caches"] for s in c["streams"] if s for L in s["layers"] for p in "kv"}
     why = section_decode.unsupported(pipeline, layout.get("values") or {}, types)
-    if why is not None:  # format 2 `high` (PCA, classes) decodes on the CPU until a GPU has run it
+    if why is not None:  # format 2's lossy presets decode on the CPU until a GPU has run them
         print(f"{args.state}: the GPU does not decode this file ({why}); save one with save-state --set "
-              f"lattice.transform=none --set lattice.classes=false, or --preset balanced", file=sys.stderr)
+              f"lattice.transform=none --set lattice.classes=false --set lattice.head_group=1", file=sys.stderr)
         return 2
     blob, state0 = state_file.decode_state_blob(layout, pipeline, sections.__getitem__, limits)
     kv_bytes = sum(L.k.nbytes + L.v.nbytes for _, _, L in state0.layers())
