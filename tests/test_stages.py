@@ -560,3 +560,61 @@ def test_classes_combine_with_token_steps():
     assert np.array_equal(y, lat.decode(s, info))
     err = ((y - x) ** 2).mean(axis=(1, 2))
     assert err[100:200].mean() > 4 * err[4:100].mean()
+
+
+def test_head_groups_code_a_layers_heads_as_one_vector():
+    """head_group: the largest divisor of the head count up to the option (0: all) whose vector
+    stays within 512 values; the streams take the group's shape (same memory order), and the
+    values come back on every backend alike."""
+    grouped = Lattice(k_bits=3.0, scale_scope="head", head_group=0, transform="pca", classes=True, pca_min_cells=100)
+    assert grouped.heads_per_vector(_info(h=3, d=64)) == 3
+    assert grouped.heads_per_vector(_info(h=8, d=128)) == 4  # 512 values at most
+    assert grouped.heads_per_vector(_info(h=1, d=64)) == 1
+    assert Lattice(scale_scope="head", head_group=3).heads_per_vector(_info(h=8, d=128)) == 2  # a divisor of 8
+    assert Lattice(scale_scope="head", head_group=2).heads_per_vector(_info(h=3, d=64)) == 1
+    assert Lattice(scale_scope="head", head_group=0).heads_per_vector(_info(h=2, d=512)) == 1  # one head is any size
+    rng = np.random.default_rng(1)
+    n, h, d = 2000, 3, 64  # enough cells for a 192 x 192 basis to pay
+    mix = rng.standard_normal((h * d, h * d)) * np.exp(-np.arange(h * d) / 40.0)[:, None]  # heads correlated
+    x = (rng.standard_normal((n, h * d)) @ mix).reshape(n, h, d).astype(np.float32)
+    info = _info(n=n, h=h, d=d)
+    s = grouped.encode(x, info)
+    assert s["basis"].shape == (1, h * d, h * d) and s["class"].shape == (1, h * d) and s["scale"].shape == (1, 1)
+    assert s["mean"].shape == (1, h * d) and s["sink"].shape == (4, 1, h * d)
+    y = grouped.decode(Entropy().decode(Entropy().encode(s, info), info), info)
+    assert y.shape == x.shape
+    per_head = Lattice(k_bits=3.0, scale_scope="head", transform="pca", classes=True, pca_min_cells=100)
+    sizes = [len(Entropy().encode(lat.encode(x, info), info)) for lat in (grouped, per_head)]
+    err = [float(((lat.decode(lat.encode(x, info), info) - x)[4:] ** 2).mean()) for lat in (grouped, per_head)]
+    assert sizes[0] < 0.9 * sizes[1] and err[0] < 1.05 * err[1]  # the cross-head correlation is used
+    # without the basis (too few cells) the group still shares one step and one set of classes
+    small = _info(n=60, h=h, d=d)
+    s_small = grouped.encode(x[:60], small)
+    assert "basis" not in s_small and s_small["scale"].shape == (1, 1)
+    assert np.abs(grouped.decode(s_small, small) - x[:60]).max() < 0.5 * np.abs(x).max()
+    for bad in ({**s, "basis": s["basis"].reshape(h, d, -1)[:, :, :d]}, {**s, "class": s["class"].reshape(h, d)}):
+        with pytest.raises(FormatError):
+            grouped.decode(bad, info)
+    with pytest.raises(ConfigError):
+        Lattice(head_group=0)  # needs one step per head (scale_scope head)
+    with pytest.raises(ConfigError):
+        Lattice(scale_scope="head", head_group=-1)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "native"])
+def test_head_group_decode_is_bit_identical_on_every_backend(backend, monkeypatch):
+    if backend_status()[backend] != "available":
+        pytest.skip(backend_status()[backend])
+    from nexus_gguf import backends
+
+    x, info = _correlated(300, h=2), _info(n=300, h=2)
+    lat = Lattice(k_bits=3.0, scale_scope="head", head_group=0, transform="pca", classes=True, pca_min_cells=100)
+    s = lat.encode(x, info)
+    want = lat.decode(s, info)
+    monkeypatch.setenv("NEXUS_GGUF_BACKEND", backend)
+    backends._resolved.clear()
+    try:
+        got = lat.decode(s, info)
+    finally:
+        backends._resolved.clear()
+    assert got.dtype == want.dtype and np.array_equal(got, want)
