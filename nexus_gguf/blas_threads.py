@@ -13,12 +13,11 @@ import ctypes
 import importlib
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator
 
 _lock = threading.Lock()
 _depth = 0
-_saved: Optional[int] = None
-_controls: Optional[list] = None
+_saved: list = []  # (setter, count before) of each library, while a block is active
 
 # (set, get) symbol names of the OpenBLAS builds numpy and scipy wheels ship, and the plain one
 _SYMBOLS = [("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
@@ -58,15 +57,14 @@ def _find() -> list:
 
 @contextmanager
 def single_threaded_blas() -> Iterator[None]:
-    """OpenBLAS on one thread inside the block (nested and concurrent blocks share one
-    setting; the count before the outermost one is restored after the last)."""
-    global _depth, _saved, _controls
+    """OpenBLAS on one thread inside the block, every OpenBLAS loaded (found when the outermost
+    block starts: another package may have loaded one since); nested and concurrent blocks share
+    one setting, and each library's count before the outermost one is restored after the last."""
+    global _depth, _saved
     with _lock:
-        if _controls is None:
-            _controls = _find()
-        if _depth == 0 and _controls:
-            _saved = _controls[0][1]()
-            for setter, _ in _controls:
+        if _depth == 0:
+            _saved = [(setter, getter()) for setter, getter in _find()]
+            for setter, _ in _saved:
                 setter(1)
         _depth += 1
     try:
@@ -74,6 +72,7 @@ def single_threaded_blas() -> Iterator[None]:
     finally:
         with _lock:
             _depth -= 1
-            if _depth == 0 and _controls and _saved is not None:
-                for setter, _ in _controls:
-                    setter(_saved)
+            if _depth == 0:
+                for setter, count in _saved:
+                    setter(count)
+                _saved = []

@@ -282,7 +282,7 @@ def test_format_constants_of_the_c_library_match_python():
     assert lib.NXKV_FORMAT_LATTICE_LOG_STEPS == lattice.LOG_STEPS
 
 
-@pytest.mark.parametrize("op", ["e8_nearest", "lattice_quantize", "f32_to_f16"])
+@pytest.mark.parametrize("op", ["e8_nearest", "lattice_quantize", "f32_to_f16", "basis_dequantize"])
 def test_native_kernels_without_cpu_extensions_match_the_reference(op):
     """The C library runs its AVX2 / F16C versions where the CPU has them; its portable code
     (other CPUs) must give the same bits."""

@@ -1,6 +1,7 @@
 """numpy's OpenBLAS runs on one thread while the encoder's own threads run (blas_threads.py)."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -8,16 +9,27 @@ import pytest
 from nexus_gguf import blas_threads
 
 
+def _no_block_active():
+    """Wait for saves other tests left running in the background (their blocks hold the count)."""
+    deadline = time.monotonic() + 30
+    while blas_threads._depth and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert blas_threads._depth == 0
+
+
 def test_single_threaded_blas_sets_and_restores_the_count():
     controls = blas_threads._find()
     if not controls:
         pytest.skip("numpy's BLAS here is not an OpenBLAS this package can find")
-    setter, getter = controls[0]
-    original = getter()
-    setter(2)
-    if getter() != 2:
-        setter(original)
+    _no_block_active()
+    originals = [getter() for _, getter in controls]
+    for setter, _ in controls:
+        setter(2)
+    if any(getter() != 2 for _, getter in controls):
+        for (setter, _), original in zip(controls, originals):
+            setter(original)
         pytest.skip("OpenBLAS here runs one thread at most")
+    getter = lambda: max(g() for _, g in controls)  # noqa: E731  (every library loaded)
     try:
         with blas_threads.single_threaded_blas():
             assert getter() == 1
@@ -44,15 +56,18 @@ def test_single_threaded_blas_sets_and_restores_the_count():
         t.join()
         assert getter() == 2
     finally:
-        setter(original)
+        for (setter, _), original in zip(controls, originals):
+            setter(original)
 
 
 def test_an_error_inside_restores_the_count():
     controls = blas_threads._find()
     if not controls:
         pytest.skip("numpy's BLAS here is not an OpenBLAS this package can find")
-    before = controls[0][1]()
+    _no_block_active()
+    before = [getter() for _, getter in controls]
     with pytest.raises(RuntimeError):
         with blas_threads.single_threaded_blas():
+            assert all(getter() == 1 for _, getter in controls)
             raise RuntimeError("encoder failed")
-    assert controls[0][1]() == before
+    assert [getter() for _, getter in controls] == before

@@ -17,8 +17,6 @@
 #include "target.h"
 #include "transform.h"
 
-#define NXKV_MAX_HEAD_DIM 512
-
 /* The PCA basis (core/transform.h), the per-class symbol columns and head groups are compiled for
  * the CPU only until a GPU has run them: in the CUDA kernel the first two grow each thread's frame
  * from 2 to 12 KB and its registers from 96 to 127 (ptxas -v, sm_90), and it decodes one head a
@@ -112,8 +110,11 @@ NXKV_FN int64_t nxkv_core_point_symbol(const nxkv_section *s, const nxkv_values 
 
 /* The values of vector `vec` of cell `cell` into v: head `vec`, or with head_group k > 1 the k
  * heads from k vec on, concatenated (k head_dim floats). Returns 0, or 1 if a coset symbol is not
- * 0 or 1, 2 if a value is not finite. */
-NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a, int64_t vec, int64_t cell, float *v) {
+ * 0 or 1, 2 if a value is not finite. pairs: NULL, or (CPU library, NXKV_CPU_BASIS16) the
+ * section's bases as int16 row pairs for its faster exact products. */
+NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a, int64_t vec, int64_t cell, float *v,
+                                     const int16_t *pairs) {
+    (void)pairs;
     const int64_t d = s->head_dim, n_heads = s->n_heads, k = s->head_group, w = k * d;
     const int64_t g = n_heads * d / 8, blocks = w / s->scale_block;
     const int64_t step_row = s->step0 + (s->step_per_cell ? cell * (n_heads / k) + vec : vec) * blocks;
@@ -145,8 +146,13 @@ NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a
         float acc32[NXKV_MAX_HEAD_DIM];
         const double c = a->steps[step_row] * ldexp(1.0, -(int)(s->basis_shift + 1));
         const double *cscale = s->cscale0 >= 0 ? a->means + s->cscale0 + vec * w : 0;
-        nxkv_core_basis_vector(p2, l1, a->bases + s->basis0 + vec * w * w, w, (int)s->basis_shift, c, mean, cscale, acc32,
-                               acc64, v);
+#ifdef NXKV_CPU_BASIS16
+        if (pairs && NXKV_CPU_BASIS16(pairs + vec * w * w, p2, l1, w, (int)s->basis_shift, c, mean, cscale, acc64, v)) {
+            /* done: the same sums in int32 pairs */
+        } else
+#endif
+            nxkv_core_basis_vector(p2, l1, a->bases + s->basis0 + vec * w * w, w, (int)s->basis_shift, c, mean, cscale,
+                                   acc32, acc64, v);
     }
 #endif
     if (s->sink_map0 >= 0) {

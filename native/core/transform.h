@@ -11,6 +11,9 @@
 
 #include "target.h"
 
+/* The most values of one coded vector (a head, or a head group: stages/lattice.py MAX_BASIS_DIM) */
+#define NXKV_MAX_HEAD_DIM 512
+
 /* The doubled coordinates 2 z + coset of one stored E8 point (core/lattice.h's form: coset,
  * seven coordinates, the eighth halved with the seven's parity) into p2[0 .. 8); returns the sum
  * of their magnitudes (for the int32 bound below). */
@@ -76,6 +79,18 @@ NXKV_BASIS_BLOCK(8)
 NXKV_BASIS_BLOCK(4)
 NXKV_BASIS_BLOCK(1)
 
+/* x[i] = (float)(((double)S[i] * c) [* cscale[i]] [+ mean[i]]) from the exact sums S (int64): the
+ * same double operations as the float path below, whose sums are the same integers. */
+NXKV_FN void nxkv_core_basis_finish(const int64_t *acc64, int64_t d, double c, const double *mean, const double *cscale,
+                                    float *out) {
+    for (int64_t i = 0; i < d; ++i) {
+        double v = (double)acc64[i] * c;
+        if (cscale) v = v * cscale[i];
+        if (mean) v = v + mean[i];
+        out[i] = (float)v;
+    }
+}
+
 /* One head vector: p2 [d] (l1 its magnitudes' sum), basis [d][d] (integers, every |entry| <=
  * 2^shift: the caller checks; held as floats, which hold them exactly), c = step * 2^-(shift + 1);
  * cscale: NULL or each channel's scale, multiplied before the mean is added; acc32 / acc64: d
@@ -115,12 +130,7 @@ NXKV_FN void nxkv_core_basis_vector(const int64_t *p2, int64_t l1, const float *
             for (int64_t i = 0; i < d; ++i) acc64[i] += (int64_t)row[i] * pj;
         }
     }
-    for (int64_t i = 0; i < d; ++i) {
-        double v = (double)acc64[i] * c;
-        if (cscale) v = v * cscale[i];
-        if (mean) v = v + mean[i];
-        out[i] = (float)v;
-    }
+    nxkv_core_basis_finish(acc64, d, c, mean, cscale, out);
 }
 
 #endif

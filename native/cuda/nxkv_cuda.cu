@@ -280,7 +280,7 @@ __global__ void k_section_values(const Section *sections, int64_t n_sections, in
     const int64_t d = s.head_dim, n_cells = s.n_cells, n_embd = s.n_heads * d;
     const int64_t local = u - S.unit0, head = local / n_cells, cell = local % n_cells; /* cells adjacent: coalesced V^T */
     float v[MAX_HEAD_DIM];
-    const int r = nxkv_core_section_vector(&s, &arrays, head, cell, v);
+    const int r = nxkv_core_section_vector(&s, &arrays, head, cell, v, 0);
     if (r) {
         section_status[lo] = r;
         return;
