@@ -9,19 +9,21 @@ import pytest
 from nexus_gguf import blas_threads
 
 
-def _no_block_active():
-    """Wait for saves other tests left running in the background (their blocks hold the count)."""
+def _controls() -> list:
+    """(set, get) of every OpenBLAS loaded, once no block is active (saves other tests left
+    running in the background hold the count); skips where there is none."""
+    controls = blas_threads._find()
+    if not controls:
+        pytest.skip("numpy's BLAS here is not an OpenBLAS this package can find")
     deadline = time.monotonic() + 30
     while blas_threads._depth and time.monotonic() < deadline:
         time.sleep(0.05)
     assert blas_threads._depth == 0
+    return controls
 
 
 def test_single_threaded_blas_sets_and_restores_the_count():
-    controls = blas_threads._find()
-    if not controls:
-        pytest.skip("numpy's BLAS here is not an OpenBLAS this package can find")
-    _no_block_active()
+    controls = _controls()
     originals = [getter() for _, getter in controls]
     for setter, _ in controls:
         setter(2)
@@ -61,10 +63,7 @@ def test_single_threaded_blas_sets_and_restores_the_count():
 
 
 def test_an_error_inside_restores_the_count():
-    controls = blas_threads._find()
-    if not controls:
-        pytest.skip("numpy's BLAS here is not an OpenBLAS this package can find")
-    _no_block_active()
+    controls = _controls()
     before = [getter() for _, getter in controls]
     with pytest.raises(RuntimeError):
         with blas_threads.single_threaded_blas():
