@@ -29,7 +29,7 @@ BUCKETS_PER_OCTAVE = 2  # importance-aware steps come in half octaves
 N_CLASSES = 8  # component classes: the octave of RMS / step, from below 2^-3 (0) to 2^4 and above (7)
 CLASS_OFFSET = 4
 MAX_STREAMS = 255  # entropy.py's u8 stream count
-MAX_BASIS_DIM = 512  # values of one basis-coded vector (native/core/section.h NXKV_MAX_HEAD_DIM)
+MAX_BASIS_DIM = 512  # values of one coded vector, a head group (native/core/transform.h NXKV_MAX_HEAD_DIM)
 
 
 class Lattice(Stage):
