@@ -88,6 +88,17 @@ def test_rope_sliding_layers_use_their_base():
     assert r.angles(pos, False)[0, 1] == pytest.approx(7 * 1e6 ** (-2 / 16))
 
 
+@pytest.mark.parametrize("bad", [dict(n_rot=0), dict(n_rot=15), dict(freq_base=0.0), dict(freq_base_swa=-1.0),
+                                 dict(freq_scale=-1.0), dict(freq_scale_swa=0.0), dict(freq_base=float("inf"))])
+def test_rope_refuses_angles_it_cannot_make(bad):
+    """A file's rope options that would turn the angles into NaN (or reverse them) are refused by
+    name, before anything is decoded (the fuzz had found them refused only after, as values that
+    are not finite)."""
+    with pytest.raises(ConfigError, match="rope needs"):
+        Rope(**{"mode": "neox", "n_rot": 16, **bad})
+    Rope(mode="off", **{k: v for k, v in bad.items() if k != "n_rot"})  # unused when off
+
+
 # ------------------------------------------------------------------ hadamard
 
 

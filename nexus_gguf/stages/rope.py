@@ -48,8 +48,11 @@ class Rope(Stage):
     def validate(self) -> None:
         if self.mode not in ("auto", "norm", "neox", "off"):
             raise ConfigError(f"rope mode must be auto, norm, neox or off, got {self.mode!r}")
-        if self.mode in ("norm", "neox") and (self.n_rot <= 0 or self.n_rot % 2 or self.freq_base <= 0):
-            raise ConfigError("rope needs an even n_rot > 0 and freq_base > 0")
+        if self.mode in ("norm", "neox") and (self.n_rot <= 0 or self.n_rot % 2 or not all(
+                0 < v < float("inf") for v in (self.freq_base, self.freq_base_swa, self.freq_scale, self.freq_scale_swa))):
+            # a base or scale of 0 or below turns the angles into NaN (or reverses them): refused by
+            # name here rather than as values that are not finite after decoding
+            raise ConfigError("rope needs an even n_rot > 0 and positive, finite freq_base(_swa) and freq_scale(_swa)")
 
     def bind(self, model: ModelBinding) -> "Rope":
         if self.mode != "auto":
