@@ -3,9 +3,9 @@
 The encoder codes layers on all cores, and the PCA transform's matrix products call BLAS, which
 starts its own threads on every core too: on 2 cores the busy-waiting threads doubled the time a
 4096-token `high` save takes (2.9 s against 1.4 s with OPENBLAS_NUM_THREADS=1, SmolLM2). This sets
-the OpenBLAS thread count that numpy loaded (as threadpoolctl does, without the dependency) for the
-duration of a block, and leaves other BLAS libraries (MKL, Accelerate) alone: where none is
-found it does nothing."""
+the thread count of every OpenBLAS loaded (numpy's among them; as threadpoolctl does, without the
+dependency) for the duration of a block, and leaves other BLAS libraries (MKL, Accelerate)
+alone: where none is found it does nothing."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def _find() -> list:
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             for line in f:
-                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                fields = line.split()
+                path = fields[-1] if len(fields) >= 6 else ""  # mappings without a path have 5 fields
                 if "openblas" in path.lower() and path not in paths:
                     paths.append(path)
     except OSError:
