@@ -282,20 +282,117 @@ def test_format_constants_of_the_c_library_match_python():
     assert lib.NXKV_FORMAT_LATTICE_LOG_STEPS == lattice.LOG_STEPS
 
 
+@pytest.mark.parametrize("level", [0, 1])
 @pytest.mark.parametrize("op", ["e8_nearest", "lattice_quantize", "f32_to_f16", "basis_dequantize"])
-def test_native_kernels_without_cpu_extensions_match_the_reference(op):
-    """The C library runs its AVX2 / F16C versions where the CPU has them; its portable code
-    (other CPUs) must give the same bits."""
+def test_native_kernels_without_cpu_extensions_match_the_reference(op, level):
+    """The C library runs its AVX-512 / AVX2 / F16C versions where the CPU has them; its code for
+    CPUs with fewer (level 1: AVX2 and F16C; 0: none) must give the same bits."""
     if not _available("native"):
         pytest.skip(backend_status()["native"])
     from nexus_gguf.backends import native
 
     _, lib = native.load()
-    was = lib.nxkv_use_cpu_extensions(0)
+    was = lib.nxkv_use_cpu_extensions(level)
     try:
         for i, args in enumerate(_inputs(op, seed=7)):
             want, got = OPS[op].reference(*args), implementation(op, "native")(*args)
             for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
-                assert g.dtype == w.dtype and np.array_equal(g, w), f"{op} case {i}: portable code differs"
+                assert g.dtype == w.dtype and np.array_equal(g, w), f"{op} case {i}: level {level} differs"
+    finally:
+        lib.nxkv_use_cpu_extensions(was)
+
+
+def _rans_batch(rng, shapes):
+    """A batch of interleaved rANS streams as section_decode builds it: (payload, task lengths,
+    freqs, stream table [n, 8] int64, the streams' symbols)."""
+    from nexus_gguf.stages.entropy import normalized_freqs
+
+    encode = implementation("rans_encode_lanes", "native")
+    payload, lengths, freqs, table, want = [], [], [], [], []
+    at = tasks = n_freqs = out0 = 0
+    for n, lanes, chunk, alphabet, p in shapes:
+        sym = np.minimum(rng.geometric(p, n) - 1, alphabet - 1) if n else np.zeros(0, np.int64)
+        if n and alphabet > 1:
+            sym[rng.integers(0, n)] = alphabet - 1  # the widest symbol occurs
+        f = normalized_freqs(np.bincount(sym, minlength=alphabet)) if n else np.array([1 << RANS_PROB_BITS])
+        lens, body = encode(sym, f, lanes, chunk)
+        table.append((at, tasks, n, lanes, chunk, n_freqs, f.size, out0))
+        payload.append(body)
+        lengths.append(lens)
+        freqs.append(f)
+        want.append(sym)
+        at, tasks, n_freqs, out0 = at + len(body), tasks + lens.size, n_freqs + f.size, out0 + n
+    return (np.frombuffer(b"".join(payload), np.uint8).copy(), np.concatenate(lengths).astype(np.int64),
+            np.concatenate(freqs).astype(np.int64), np.array(table, np.int64), want)
+
+
+def _decode_streams(payload, lengths, freqs, table, n_symbols):
+    from nexus_gguf.backends import native
+
+    ffi, lib = native.load()
+    symbols = np.full(n_symbols, -7, np.int32)
+    status = np.full(len(table), 99, np.int32)
+    r = lib.nxkv_rans_decode_streams(ffi.from_buffer("uint8_t[]", payload), payload.size, ffi.from_buffer("int64_t[]", lengths),
+                                     lengths.size, ffi.from_buffer("int64_t[]", freqs), freqs.size,
+                                     ffi.cast("nxkv_rans_stream *", ffi.from_buffer("int64_t[]", table)), len(table),
+                                     ffi.from_buffer("int32_t[]", symbols), n_symbols, ffi.from_buffer("int32_t[]", status))
+    return r, symbols, status
+
+
+def test_native_batch_rans_decoder_matches_each_stream_decoded_alone():
+    """nxkv_rans_decode_streams (section_decode's one call per layer; AVX-512 rounds of 8 chunks
+    where the CPU has it, compact tables for small alphabets) gives each stream's symbols and,
+    for damaged bytes, refuses exactly the streams that the one-stream decoder refuses (or
+    decodes them to the same symbols), with the extensions on and off."""
+    if not _available("native"):
+        pytest.skip(backend_status()["native"])
+    from nexus_gguf.backends import native
+
+    _, lib = native.load()
+    decode_one = implementation("rans_decode_lanes", "native")
+    rng = np.random.default_rng(11)
+    # (symbols, lanes, chunk, alphabet, geometric p): the presets' shape (4 lanes, chunks of
+    # 16384, many chunks, partial last chunks) and the others
+    shapes = [(16384 * 5 + 100, 4, 16384, 12, 0.3), (16384 * 3, 4, 16384, 2, 0.9), (16384 * 2 + 3, 4, 16384, 256, 0.02),
+              (40000, 4, 4096, 300, 0.01), (5, 4, 16384, 3, 0.5), (3, 4, 16384, 3, 0.5), (0, 4, 16384, 1, 0.5),
+              (7000, 1, 7000, 5, 0.4), (9000, 8, 1000, 40, 0.2), (4096 * 9, 4, 4096, 1, 0.5), (20000, 4, 4096, 2000, 0.001),
+              (16384 * 4, 4, 16384, 64, 0.05)]
+    payload, lengths, freqs, table, want = _rans_batch(rng, shapes)
+    n_symbols = int(table[:, 2].sum())
+    was = lib.nxkv_use_cpu_extensions(1)
+    try:
+        for extensions in (1, 0):
+            lib.nxkv_use_cpu_extensions(extensions)
+            r, symbols, status = _decode_streams(payload, lengths, freqs, table, n_symbols)
+            assert r == lib.NXKV_OK and not status.any()
+            np.testing.assert_array_equal(symbols, np.concatenate(want))
+            for trial in range(40):  # damaged bytes in one stream, behind the same lane table
+                bad = payload.copy()
+                k = int(rng.integers(0, len(table)))
+                off, task0, n, lanes, chunk, freq0, nf, out0 = table[k]
+                size = int(lengths[task0 : task0 + (-(-n // chunk) if n else 0) * lanes].sum())
+                if not size:
+                    continue
+                for at in rng.integers(off, off + size, int(rng.integers(1, 4))):
+                    bad[at] ^= int(rng.integers(1, 256))
+                r, symbols, status = _decode_streams(bad, lengths, freqs, table, n_symbols)
+                assert r == lib.NXKV_OK
+                for i, (off, task0, n, lanes, chunk, freq0, nf, out0) in enumerate(table):
+                    n_tasks = (-(-n // chunk) if n else 0) * lanes
+                    data = bad[off : off + int(lengths[task0 : task0 + n_tasks].sum())].tobytes()
+                    try:
+                        one = decode_one(data, lengths[task0 : task0 + n_tasks], freqs[freq0 : freq0 + nf], int(n), int(lanes), int(chunk))
+                    except ValueError:
+                        assert status[i] == lib.NXKV_ERR_CORRUPT, f"trial {trial}: stream {i} not refused"
+                        continue
+                    assert status[i] == 0, f"trial {trial}: stream {i} refused, the one-stream decoder takes it"
+                    np.testing.assert_array_equal(symbols[out0 : out0 + n], one)
+            broken = freqs.copy()
+            broken[table[0, 5]] += 1  # a table that does not sum to 2^14
+            assert _decode_streams(payload, lengths, broken, table, n_symbols)[2][0] == lib.NXKV_ERR_CORRUPT
+            for field, value in ((7, n_symbols), (0, payload.size), (1, lengths.size), (5, freqs.size), (3, 0)):
+                lying = table.copy()
+                lying[-1, field] = value  # past the arrays' ends (or no lanes): refused, nothing read
+                assert _decode_streams(payload, lengths, freqs, lying, n_symbols)[0] == lib.NXKV_ERR_ARG
     finally:
         lib.nxkv_use_cpu_extensions(was)

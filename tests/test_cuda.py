@@ -7,6 +7,8 @@ The per-op CUDA kernels are compared with their references in test_backends.py."
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 import numpy as np
@@ -349,3 +351,61 @@ def test_cpu_batch_of_pca_and_classes_matches_the_stages(monkeypatch, source, hi
         assert any(s["cscale0"] >= 0 for prep in calls for s in prep.sections)
     if "group" in variant and source.startswith("smollm2"):  # 3 KV heads (the tiny Gemma 3 has 1)
         assert all(s["head_group"] == 3 for prep in calls for s in prep.sections)
+
+
+LEVEL_VARIANTS = {
+    "pca-head-group": PCA_VARIANTS["pca-head-group"],
+    "pca-classes-no-centre": PCA_VARIANTS["pca-classes-no-centre"],
+    "pca-k-weights": PCA_VARIANTS["pca-k-weights"],
+    # points decoded on the host (zstd), some then moved past int16 (below): those vectors take
+    # the float / int64 products inside a tile
+    "pca-wide-coordinates": lambda c: (c.pop("hadamard", None), c["lattice"].update(transform="pca", pca_min_cells=1),
+                                       c["entropy"].update(coder="zstd")),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(LEVEL_VARIANTS))
+def test_cpu_library_rows_match_the_reference_at_every_extension_level(monkeypatch, variant):
+    """nxkv_decode_values at each level of CPU extensions (0: portable code, 1: AVX2 and F16C,
+    2: AVX-512, a basis section's cells eight at a time with VNNI products) writes the numpy
+    reference's rows, as f16 and f32, cell-major and transposed."""
+    if backend_status()["native"] != "available":
+        pytest.skip(f"native backend {backend_status()['native']}")
+    from nexus_gguf.backends import native
+
+    pipeline, layout, section, limits = _variant("smollm2-f16-vtrans-lossless.nxkv", "smollm2-f16-vtrans-high.nxkv",
+                                                 LEVEL_VARIANTS[variant], queries=True)
+    preps = []
+    with monkeypatch.context() as m:
+        m.setattr(state_file, "_native_batches", lambda: True)
+        m.setattr(section_decode, "run_native", lambda prep: (preps.append(prep), section_decode.reference_decode(prep)))
+        decode_state_blob(layout, pipeline, section, limits)
+    assert preps and any(s["basis"] for prep in preps for s in prep.sections)
+    if variant == "pca-wide-coordinates":  # what only a damaged file holds
+        for prep in preps:
+            host = prep.arrays["host_symbols"] = prep.arrays["host_symbols"].copy()
+            for sec in prep.sections:  # coordinates (not cosets) on the host
+                start = sec["coord0"] - prep.host_symbols0
+                assert not sec["by_class"] and start >= 0
+                host[start : start + 7 * sec["n_cells"] * sec["n_heads"] * sec["head_dim"] // 8 : 97] += 40000
+    _, lib = native.load()
+    was = lib.nxkv_use_cpu_extensions(2)
+    try:
+        for prep in preps[:3]:
+            for out_f16, transposed in ((1, 0), (1, 1), (0, 0), (0, 1)):
+                def laid_out(p):
+                    jobs = [dataclasses.replace(j, out_f16=bool(out_f16), transposed=bool(transposed),
+                                                rows=np.zeros(j.info.n_cells * j.info.n_heads * j.info.head_dim * (2 if out_f16 else 4), np.uint8))
+                            for j in p.jobs]
+                    return dataclasses.replace(p, jobs=jobs, sections=[{**s, "out_f16": out_f16, "transposed": transposed} for s in p.sections])
+
+                want = laid_out(prep)
+                section_decode.reference_decode(want)
+                for level in (2, 1, 0):
+                    lib.nxkv_use_cpu_extensions(level)
+                    got = laid_out(prep)
+                    section_decode.run_native(got)
+                    for a, b in zip(want.jobs, got.jobs):
+                        assert bytes(a.rows) == bytes(b.rows), f"level {level}, f16 {out_f16}, transposed {transposed}: {a.info.name}"
+    finally:
+        lib.nxkv_use_cpu_extensions(was)

@@ -108,20 +108,21 @@ NXKV_FN int64_t nxkv_core_point_symbol(const nxkv_section *s, const nxkv_values 
     return (int64_t)a->symbols[s->last0 + cell * g + col - 8 * g] + s->last_lo;
 }
 
-/* The values of vector `vec` of cell `cell` into v: head `vec`, or with head_group k > 1 the k
- * heads from k vec on, concatenated (k head_dim floats). Returns 0, or 1 if a coset symbol is not
- * 0 or 1, 2 if a value is not finite. pairs: NULL, or (CPU library, NXKV_CPU_BASIS16) the
- * section's bases as int16 row pairs for its faster exact products. */
-NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a, int64_t vec, int64_t cell, float *v,
-                                     const int16_t *pairs) {
-    (void)pairs;
+/* The points of vector `vec` (head `vec`, or with head_group k > 1 the k heads from k vec on) of
+ * cell `cell`: with a basis their doubled coordinates into p2 (w = k head_dim of them; *l1 their
+ * magnitudes' sum), else the values at their steps plus the means into v. Returns 0, or 1 if a
+ * coset symbol is not 0 or 1. */
+NXKV_FN int nxkv_core_section_points(const nxkv_section *s, const nxkv_values *a, int64_t vec, int64_t cell, float *v,
+                                     int64_t *p2, int64_t *l1) {
+    (void)p2;
+    (void)l1;
     const int64_t d = s->head_dim, n_heads = s->n_heads, k = s->head_group, w = k * d;
-    const int64_t g = n_heads * d / 8, blocks = w / s->scale_block;
-    const int64_t step_row = s->step0 + (s->step_per_cell ? cell * (n_heads / k) + vec : vec) * blocks;
+    const int64_t g = n_heads * d / 8;
+    const int64_t step_row = s->step0 + (s->step_per_cell ? cell * (n_heads / k) + vec : vec) * (w / s->scale_block);
     const double *mean = s->mean0 >= 0 ? a->means + s->mean0 + vec * w : 0;
     int coset_ok = 1;
 #ifdef NXKV_CORE_PCA
-    int64_t p2[NXKV_MAX_HEAD_DIM], l1 = 0;
+    if (s->basis) *l1 = 0;
 #endif
     for (int64_t q = 0; q < w / 8; ++q) {
         const int64_t grp = vec * (w / 8) + q;
@@ -132,29 +133,34 @@ NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a
         const int32_t last = (int32_t)nxkv_core_point_symbol(s, a, g, cell, 8 * g + grp);
 #ifdef NXKV_CORE_PCA
         if (s->basis) {
-            l1 += nxkv_core_doubled_group(coset & 1, z7, last, p2 + 8 * q);
+            *l1 += nxkv_core_doubled_group(coset & 1, z7, last, p2 + 8 * q);
             continue;
         }
 #endif
         nxkv_core_lattice_group((uint8_t)(coset & 1), z7, last, a->steps[step_row + q * 8 / s->scale_block],
                                 mean ? mean + q * 8 : 0, v + q * 8);
     }
-    if (!coset_ok) return 1;
+    return coset_ok ? 0 : 1;
+}
+
 #ifdef NXKV_CORE_PCA
-    if (s->basis) {
-        int64_t acc64[NXKV_MAX_HEAD_DIM];
-        float acc32[NXKV_MAX_HEAD_DIM];
-        const double c = a->steps[step_row] * ldexp(1.0, -(int)(s->basis_shift + 1));
-        const double *cscale = s->cscale0 >= 0 ? a->means + s->cscale0 + vec * w : 0;
-#ifdef NXKV_CPU_BASIS16
-        if (pairs && NXKV_CPU_BASIS16(pairs + vec * w * w, p2, l1, w, (int)s->basis_shift, c, mean, cscale, acc64, v)) {
-            /* done: the same sums in int32 pairs */
-        } else
+/* The basis product's scale, means and channel scales of vector `vec` of cell `cell`: x[i] =
+ * (float)((double)S[i] * *c [* cscale[i]] [+ mean[i]]) from the exact sums S (core/transform.h). */
+NXKV_FN void nxkv_core_section_basis_terms(const nxkv_section *s, const nxkv_values *a, int64_t vec, int64_t cell, double *c,
+                                           const double **mean, const double **cscale) {
+    const int64_t w = s->head_group * s->head_dim;
+    const int64_t step_row = s->step0 + (s->step_per_cell ? cell * (s->n_heads / s->head_group) + vec : vec);
+    *c = a->steps[step_row] * ldexp(1.0, -(int)(s->basis_shift + 1));
+    *mean = s->mean0 >= 0 ? a->means + s->mean0 + vec * w : 0;
+    *cscale = s->cscale0 >= 0 ? a->means + s->cscale0 + vec * w : 0;
+}
 #endif
-            nxkv_core_basis_vector(p2, l1, a->bases + s->basis0 + vec * w * w, w, (int)s->basis_shift, c, mean, cscale,
-                                   acc32, acc64, v);
-    }
-#endif
+
+/* The rest of vector `vec` of cell `cell` after its points: its sink row where it has one, then
+ * per head the inverse Hadamard and RoPE, then the check. Returns 0, or 2 if a value is not
+ * finite. */
+NXKV_FN int nxkv_core_section_finish(const nxkv_section *s, const nxkv_values *a, int64_t vec, int64_t cell, float *v) {
+    const int64_t d = s->head_dim, n_heads = s->n_heads, k = s->head_group, w = k * d;
     if (s->sink_map0 >= 0) {
         const int32_t r = a->sink_map[s->sink_map0 + cell];
         if (r >= 0) {
@@ -172,6 +178,39 @@ NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a
     int finite = 1;
     for (int64_t j = 0; j < w; ++j) finite &= isfinite(v[j]) != 0;
     return finite ? 0 : 2;
+}
+
+/* The values of vector `vec` of cell `cell` into v (points, basis product, finish). Returns 0,
+ * or 1 if a coset symbol is not 0 or 1, 2 if a value is not finite. pairs: NULL, or (CPU
+ * library, NXKV_CPU_BASIS16) the section's bases as int16 row pairs for its faster exact
+ * products. */
+NXKV_FN int nxkv_core_section_vector(const nxkv_section *s, const nxkv_values *a, int64_t vec, int64_t cell, float *v,
+                                     const int16_t *pairs) {
+    (void)pairs;
+#ifdef NXKV_CORE_PCA
+    int64_t p2[NXKV_MAX_HEAD_DIM], l1 = 0;
+#else
+    int64_t *p2 = 0, l1 = 0;
+#endif
+    if (nxkv_core_section_points(s, a, vec, cell, v, p2, &l1)) return 1;
+#ifdef NXKV_CORE_PCA
+    if (s->basis) {
+        const int64_t w = s->head_group * s->head_dim;
+        int64_t acc64[NXKV_MAX_HEAD_DIM];
+        float acc32[NXKV_MAX_HEAD_DIM];
+        double c;
+        const double *mean, *cscale;
+        nxkv_core_section_basis_terms(s, a, vec, cell, &c, &mean, &cscale);
+#ifdef NXKV_CPU_BASIS16
+        if (pairs && NXKV_CPU_BASIS16(pairs + vec * w * w, p2, l1, w, (int)s->basis_shift, c, mean, cscale, acc64, v)) {
+            /* done: the same sums in int32 pairs */
+        } else
+#endif
+            nxkv_core_basis_vector(p2, l1, a->bases + s->basis0 + vec * w * w, w, (int)s->basis_shift, c, mean, cscale,
+                                   acc32, acc64, v);
+    }
+#endif
+    return nxkv_core_section_finish(s, a, vec, cell, v);
 }
 
 /* v into the section's rows, one value at a time (cell-major or transposed). */

@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 15 };
+enum nxkv_abi { NXKV_ABI_VERSION = 16 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -41,8 +41,9 @@ void nxkv_byteplane_merge(const uint8_t *src, uint8_t *dst, size_t n_elements, s
 /* E8 nearest points of n_rows rows of 8 doubles (core/e8.h); x and out may be the same. */
 void nxkv_e8_nearest(const double *x, double *out, size_t n_rows);
 
-/* Whether the kernels may take the CPU's extensions (AVX2, F16C) where present: 1 by default;
- * returns the previous setting. The results are the same either way (tests compare both). */
+/* Which of the CPU's extensions the kernels may take where present: 0 none (the portable code),
+ * 1 AVX2 and F16C, 2 (the default) AVX-512 too; returns the previous setting. The results are
+ * the same at every level (tests compare them). */
 int nxkv_use_cpu_extensions(int on);
 
 /* float -> IEEE half bits, round to nearest even (core/f16.h), as numpy's astype(float16).
@@ -105,6 +106,22 @@ int nxkv_rans_decode(const uint8_t *data, size_t n_data, const int64_t *freqs, s
 int nxkv_rans_decode_lanes(const uint8_t *data, size_t n_data, const int64_t *lengths, size_t n_tasks,
                            const int64_t *freqs, size_t n_freqs, int32_t *out, size_t n, size_t lanes, size_t chunk,
                            size_t chunk0, size_t chunk1);
+
+/* Interleaved-rANS streams of one batch (a layer's point streams, section_decode.py) decoded in
+ * one call: stream i's (chunk, lane) byte lengths are task_lengths[task0 ..], its bytes back to
+ * back from payload[payload_offset], its frequencies freqs[freq0 .. freq0 + n_freqs) (summing to
+ * 2^14), its n_symbols symbols (indices into the frequencies) go to symbols[out0 ..). The same
+ * symbols as nxkv_rans_decode_lanes on each; status[i] is 0 or NXKV_ERR_CORRUPT (a damaged stream:
+ * a lane ends early or does not end in the start state, a table that does not sum to 2^14).
+ * NXKV_ERR_ARG, with nothing decoded, if an index or length falls outside the arrays. */
+typedef struct nxkv_rans_stream {
+    int64_t payload_offset, task0, n_symbols, lanes, chunk, freq0, n_freqs, out0;
+} nxkv_rans_stream;
+
+int nxkv_rans_decode_streams(const uint8_t *payload, int64_t payload_size, const int64_t *task_lengths,
+                             int64_t n_task_lengths, const int64_t *freqs, int64_t n_freqs,
+                             const nxkv_rans_stream *streams, int64_t n_streams, int32_t *symbols, int64_t n_symbols,
+                             int32_t *status);
 
 /* A lattice-coded K or V section's values made from its decoded point streams (core/section.h),
  * for the CPU here and the GPU (nxkv_cuda.h): the E8 points at their steps (through the
