@@ -59,12 +59,34 @@ class ByteReader:
             if shift > 35:
                 raise self.error(f"{self.where}: {what} is not a valid varint")
 
+    def _few_varints(self, count: int, what: str) -> np.ndarray:
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        out = [0] * count
+        for i in range(count):
+            v = shift = 0
+            while True:
+                if pos >= end:
+                    raise self.error(f"{self.where}: {what}s need more bytes than the {end - self.pos} left at offset {self.pos}")
+                b = buf[pos]
+                pos += 1
+                v |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
+                if shift > 35:
+                    raise self.error(f"{self.where}: {what} is not a valid varint")
+            out[i] = v
+        self.pos = pos
+        return np.array(out, np.int64)
+
     def varints(self, count: int, what: str = "varint") -> np.ndarray:
         """`count` LEB128 values as int64, accepting exactly what varint() accepts (at most six
         bytes each), vectorised: lane tables of chunked streams hold one per (chunk, lane), tens
         of thousands."""
         if count <= 0:
             return np.zeros(0, np.int64)
+        if count <= 64:  # a rANS table or a short lane table: a byte loop beats numpy's overhead
+            return self._few_varints(count, what)
         rest = np.frombuffer(self.buf, np.uint8, offset=self.pos)[: 6 * count]  # the longest they can take
         ends = np.flatnonzero(rest < 0x80)[:count]
         if ends.size < count:

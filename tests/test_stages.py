@@ -408,7 +408,7 @@ def test_vectorised_varints_read_exactly_what_the_scalar_reader_reads():
 
     rng = np.random.default_rng(7)
     for _ in range(200):
-        values = rng.integers(0, 1 << int(rng.integers(1, 42)), int(rng.integers(1, 60)))
+        values = rng.integers(0, 1 << int(rng.integers(1, 42)), int(rng.integers(1, 160)))  # both paths: a byte loop up to 64
         data = _varints(values) + b"\x05tail"
         vector, scalar = ByteReader(data, "t", FormatError), ByteReader(data, "t", FormatError)
         assert vector.varints(values.size).tolist() == [scalar.varint() for _ in values] == values.tolist()
@@ -418,6 +418,8 @@ def test_vectorised_varints_read_exactly_what_the_scalar_reader_reads():
             ByteReader(bad, "t", FormatError).varints(1)
         with pytest.raises(FormatError):
             ByteReader(bad, "t", FormatError).varint()
+        with pytest.raises(FormatError):  # the same after 70 good ones (the vectorised path)
+            ByteReader(b"\x01" * 70 + bad, "t", FormatError).varints(71)
 
 
 def test_stream_values_its_type_cannot_hold_are_refused_not_wrapped():

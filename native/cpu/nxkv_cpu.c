@@ -517,13 +517,13 @@ __attribute__((target("avx2"), flatten)) static void section_rows_avx2(const nxk
 #endif
 
 #ifdef NXKV_HAVE_AVX2_PATH
-/* Products of TILE cells' points with a basis's int16 row pairs (pairs [w/2][w][2]), pv [cell][w/2]
+/* Products of TILE cells' points with a basis's int16 row pairs (pairs [w/2][w][2]), pv [w/2][cell]
  * dense: acc[cell][i] = sum over j of the pair products. Block by block of outputs, so that the
  * block's part of the basis (24 KiB for 64 outputs of a 192-value vector) stays in L1 while
  * every cell of the tile takes it, two cells to a load. */
 #define TILE 8
 #define TILE_SUMS(NAME, BLOCK, VEC, LOAD, DP, ZERO, SET1, STORE)                                                        \
-    static inline void NAME(const int16_t *pairs, const int32_t (*pv)[NXKV_MAX_HEAD_DIM / 2], int64_t cnt, int64_t w,   \
+    static inline void NAME(const int16_t *pairs, const int32_t (*pv)[TILE], int64_t cnt, int64_t w,                     \
                             int64_t i0, int32_t (*acc)[NXKV_MAX_HEAD_DIM]) {                                            \
         enum { K = BLOCK / (sizeof(VEC) / 4) };                                                                        \
         int64_t t = 0;                                                                                                 \
@@ -532,7 +532,7 @@ __attribute__((target("avx2"), flatten)) static void section_rows_avx2(const nxk
             for (int q = 0; q < K; ++q) a[q] = b[q] = ZERO();                                                          \
             for (int64_t j = 0; j < w / 2; ++j) {                                                                      \
                 const int16_t *r = pairs + 2 * j * w + 2 * i0;                                                         \
-                const VEC pa = SET1(pv[t][j]), pb = SET1(pv[t + 1][j]);                                                \
+                const VEC pa = SET1(pv[j][t]), pb = SET1(pv[j][t + 1]);                                                \
                 for (int q = 0; q < K; ++q) {                                                                          \
                     const VEC m = LOAD(r + q * (sizeof(VEC) / 2));                                                     \
                     a[q] = DP(a[q], m, pa);                                                                            \
@@ -549,7 +549,7 @@ __attribute__((target("avx2"), flatten)) static void section_rows_avx2(const nxk
             for (int q = 0; q < K; ++q) a[q] = ZERO();                                                                 \
             for (int64_t j = 0; j < w / 2; ++j) {                                                                      \
                 const int16_t *r = pairs + 2 * j * w + 2 * i0;                                                         \
-                const VEC pa = SET1(pv[t][j]);                                                                         \
+                const VEC pa = SET1(pv[j][t]);                                                                         \
                 for (int q = 0; q < K; ++q) a[q] = DP(a[q], LOAD(r + q * (sizeof(VEC) / 2)), pa);                      \
             }                                                                                                          \
             for (int q = 0; q < K; ++q) STORE(acc[t] + i0 + q * (sizeof(VEC) / 4), a[q]);                              \
@@ -565,6 +565,82 @@ TILE_SUMS(tile_sums64, 64, __m512i, LOAD512, _mm512_dpwssd_epi32, _mm512_setzero
 TILE_SUMS(tile_sums16, 16, __m512i, LOAD512, _mm512_dpwssd_epi32, _mm512_setzero_si512, _mm512_set1_epi32, STORE512)
 TILE_SUMS(tile_sums8, 8, __m256i, LOAD256, _mm256_dpwssd_epi32, _mm256_setzero_si256, _mm256_set1_epi32, STORE256)
 
+/* The point columns of vector `vec` (core/section.h's nxkv_core_point_symbol, either layout) in
+ * the order [coset, 7 coordinates, last] per group: symbol index at cell 0, per-cell stride, lo.
+ * 0 unless every stride and lo fits the int32 lanes of tile_points. */
+static int point_columns(const nxkv_section *s, const nxkv_values *a, int64_t vec, int64_t w, int64_t *base, int32_t *stride,
+                         int32_t *lo) {
+    const int64_t g = s->n_heads * s->head_dim / 8;
+    for (int64_t q = 0; q < w / 8; ++q) {
+        const int64_t grp = vec * (w / 8) + q;
+        for (int k = 0; k < 9; ++k) {
+            const int64_t col = k == 0 ? grp : k < 8 ? g + 7 * grp + (k - 1) : 8 * g + grp;
+            int64_t b, st, l;
+            if (s->by_class) {
+                const int64_t *c = a->columns + s->cols0 + 3 * col;
+                b = c[0], st = c[1], l = c[2];
+            } else if (k == 0) {
+                b = s->coset0 + grp, st = g, l = s->coset_lo;
+            } else if (k < 8) {
+                b = s->coord0 + 7 * grp + (k - 1), st = 7 * g, l = s->coord_lo;
+            } else {
+                b = s->last0 + grp, st = g, l = s->last_lo;
+            }
+            if (st < 0 || st > INT32_MAX / TILE || l < INT32_MIN || l > INT32_MAX) return 0;
+            base[9 * q + k] = b;
+            stride[9 * q + k] = (int32_t)st;
+            lo[9 * q + k] = (int32_t)l;
+        }
+    }
+    return 1;
+}
+
+/* The points of TILE whole cells from c0 on, a cell a lane (AVX2 int32): their doubled
+ * coordinates as int16 pairs into pv [w/2][TILE], as nxkv_core_section_points + pack_pairs do
+ * one cell at a time. The int32 lanes wrap where those compute in int64, but only the low bits
+ * (parity, coset) or values checked to fit int16 are kept: returns a bit per cell whose points
+ * do not fit (coordinates past +-16383, the last past +-8191, or sums past int32: decoded by
+ * the scalar path), *bad a bit per cell with a coset symbol other than 0 or 1. */
+static unsigned tile_points(const int32_t *symbols, const int64_t *base, const int32_t *stride, const int32_t *lo, int64_t c0,
+                            int64_t w, int shift, int32_t (*pv)[TILE], unsigned *bad) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), one = _mm256_set1_epi32(1);
+    const __m256i lim7 = _mm256_set1_epi32(16383), lim_last = _mm256_set1_epi32(8191), low16 = _mm256_set1_epi32(0xffff);
+    __m256i l1 = _mm256_setzero_si256(), wide = _mm256_setzero_si256(), bad_coset = _mm256_setzero_si256();
+    for (int64_t q = 0; q < w / 8; ++q) {
+        __m256i x[9];
+        for (int k = 0; k < 9; ++k) {
+            const int64_t c = 9 * q + k;
+            const int32_t *col = symbols + base[c] + c0 * stride[c];
+            x[k] = _mm256_add_epi32(_mm256_i32gather_epi32((const int *)col, _mm256_mullo_epi32(lane, _mm256_set1_epi32(stride[c])), 4),
+                                    _mm256_set1_epi32(lo[c]));
+        }
+        const __m256i coset = x[0];
+        bad_coset = _mm256_or_si256(bad_coset, _mm256_andnot_si256(one, coset));
+        __m256i sum = x[1];
+        for (int j = 2; j < 8; ++j) sum = _mm256_add_epi32(sum, x[j]);
+        __m256i p2[8];
+        for (int j = 0; j < 7; ++j) {
+            wide = _mm256_or_si256(wide, _mm256_or_si256(_mm256_cmpgt_epi32(x[1 + j], lim7),
+                                                         _mm256_cmpgt_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), lim7), x[1 + j])));
+            p2[j] = _mm256_add_epi32(_mm256_add_epi32(x[1 + j], x[1 + j]), coset);
+        }
+        wide = _mm256_or_si256(wide, _mm256_or_si256(_mm256_cmpgt_epi32(x[8], lim_last),
+                                                     _mm256_cmpgt_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), lim_last), x[8])));
+        /* the eighth: 2 (2 last + parity of the seven) + coset */
+        p2[7] = _mm256_add_epi32(_mm256_slli_epi32(_mm256_add_epi32(_mm256_slli_epi32(x[8], 1), _mm256_and_si256(sum, one)), 1), coset);
+        for (int j = 0; j < 8; ++j) l1 = _mm256_add_epi32(l1, _mm256_abs_epi32(p2[j]));
+        for (int j = 0; j < 4; ++j) {
+            const __m256i pair = _mm256_or_si256(_mm256_and_si256(p2[2 * j], low16), _mm256_slli_epi32(p2[2 * j + 1], 16));
+            _mm256_storeu_si256((__m256i *)pv[4 * q + j], pair);
+        }
+    }
+    /* cosets outside 0..1 make |p2| up to 2^31: l1 is then meaningless, but those cells are refused */
+    const __m256i too_big = _mm256_cmpgt_epi32(l1, _mm256_set1_epi32((int32_t)(((int64_t)1 << (31 - shift)) - 1)));
+    *bad = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(bad_coset, _mm256_setzero_si256()))) |
+           (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_setzero_si256(), bad_coset)));
+    return (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(wide, _mm256_or_si256(too_big, _mm256_cmpgt_epi32(_mm256_setzero_si256(), l1)))));
+}
+
 /* A basis section's rows TILE cells at a time (AVX-512 VNNI): per cell its points, then the
  * tile's products (tile_sums*), then per cell core/section.h's finish, written as f16 rows (a
  * transposed V eight cells to a store). Decoded one cell at a time, the whole basis came from
@@ -573,30 +649,43 @@ TILE_SUMS(tile_sums8, 8, __m256i, LOAD256, _mm256_dpwssd_epi32, _mm256_setzero_s
 __attribute__((flatten)) static void section_rows_tiled(const nxkv_section *s, const nxkv_values *a, int32_t *status,
                                                        const int16_t *pairs) {
     const int64_t d = s->head_dim, n = s->n_cells, k = s->head_group, w = k * d, n_embd = s->n_heads * d;
-    int32_t pv[TILE][NXKV_MAX_HEAD_DIM / 2], acc[TILE][NXKV_MAX_HEAD_DIM];
+    int32_t pv[NXKV_MAX_HEAD_DIM / 2][TILE], acc[TILE][NXKV_MAX_HEAD_DIM];
     float v[TILE][NXKV_MAX_HEAD_DIM];
-    int64_t p2[NXKV_MAX_HEAD_DIM], acc64[NXKV_MAX_HEAD_DIM];
+    int64_t p2[NXKV_MAX_HEAD_DIM], acc64[NXKV_MAX_HEAD_DIM], base[9 * NXKV_MAX_HEAD_DIM / 8];
+    int32_t stride[9 * NXKV_MAX_HEAD_DIM / 8], lo[9 * NXKV_MAX_HEAD_DIM / 8], pair[NXKV_MAX_HEAD_DIM / 2];
     float acc32[NXKV_MAX_HEAD_DIM];
     int fits[TILE];
     *status = 0;
     for (int64_t vec = 0; vec < s->n_heads / k; ++vec) {
         const int16_t *vp = pairs + vec * w * w;
+        const int columns = point_columns(s, a, vec, w, base, stride, lo);
         for (int64_t c0 = 0; c0 < n; c0 += TILE) {
             const int64_t cnt = n - c0 < TILE ? n - c0 : TILE;
+            unsigned scalar = (1u << cnt) - 1; /* cells whose points the scalar path makes */
+            if (cnt == TILE && columns) {
+                unsigned bad;
+                scalar = tile_points(a->symbols, base, stride, lo, c0, w, (int)s->basis_shift, pv, &bad);
+                if (bad) {
+                    *status = 1;
+                    return;
+                }
+            }
             for (int64_t t = 0; t < cnt; ++t) {
+                fits[t] = 1;
+                if (!(scalar >> t & 1)) continue;
                 int64_t l1 = 0;
                 if (nxkv_core_section_points(s, a, vec, c0 + t, v[t], p2, &l1)) {
                     *status = 1;
                     return;
                 }
-                fits[t] = pack_pairs(p2, l1, w, (int)s->basis_shift, pv[t]);
+                fits[t] = pack_pairs(p2, l1, w, (int)s->basis_shift, pair);
+                for (int64_t j = 0; j < w / 2; ++j) pv[j][t] = fits[t] ? pair[j] : 0;
                 if (!fits[t]) { /* coordinates beyond int16 or sums beyond int32: float / int64 now */
                     double c;
                     const double *mean, *cscale;
                     nxkv_core_section_basis_terms(s, a, vec, c0 + t, &c, &mean, &cscale);
                     nxkv_core_basis_vector(p2, l1, a->bases + s->basis0 + vec * w * w, w, (int)s->basis_shift, c, mean,
                                            cscale, acc32, acc64, v[t]);
-                    for (int64_t j = 0; j < w / 2; ++j) pv[t][j] = 0;
                 }
             }
             int64_t i0 = 0;

@@ -285,8 +285,11 @@ def rans_decode_lanes(data: bytes, lengths: np.ndarray, freqs: np.ndarray, n: in
             ffi.from_buffer("int32_t[]", out), n, lanes, chunk)
     n_chunks = n_tasks // lanes
     workers = min(threads(), n_chunks) if n >= _PARALLEL_SYMBOLS else 1
-    bounds = np.linspace(0, n_chunks, workers + 1).astype(np.int64)
-    results = parallel_map(lambda i: lib.nxkv_rans_decode_lanes(*args, int(bounds[i]), int(bounds[i + 1])), list(range(workers)))
+    if workers <= 1:  # small streams (scales, classes): no pool
+        results = [lib.nxkv_rans_decode_lanes(*args, 0, n_chunks)]
+    else:
+        bounds = np.linspace(0, n_chunks, workers + 1).astype(np.int64)
+        results = parallel_map(lambda i: lib.nxkv_rans_decode_lanes(*args, int(bounds[i]), int(bounds[i + 1])), list(range(workers)))
     if any(r != lib.NXKV_OK for r in results):
         raise ValueError("rANS stream is corrupt (a lane ends early or does not decode to its start state)")
     return out
