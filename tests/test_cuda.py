@@ -357,6 +357,8 @@ LEVEL_VARIANTS = {
     "pca-head-group": PCA_VARIANTS["pca-head-group"],
     "pca-classes-no-centre": PCA_VARIANTS["pca-classes-no-centre"],
     "pca-k-weights": PCA_VARIANTS["pca-k-weights"],
+    # a 9-bit basis has entries past int8: its products take int16 pairs
+    "pca-basis-9-bits": lambda c: (c.pop("hadamard", None), c["lattice"].update(transform="pca", pca_min_cells=1, basis_bits=9)),
     # points decoded on the host (zstd), some then moved past int16 (below): those vectors take
     # the float / int64 products inside a tile
     "pca-wide-coordinates": lambda c: (c.pop("hadamard", None), c["lattice"].update(transform="pca", pca_min_cells=1),
@@ -367,8 +369,9 @@ LEVEL_VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(LEVEL_VARIANTS))
 def test_cpu_library_rows_match_the_reference_at_every_extension_level(monkeypatch, variant):
     """nxkv_decode_values at each level of CPU extensions (0: portable code, 1: AVX2 and F16C,
-    2: AVX-512, a basis section's cells eight at a time with VNNI products) writes the numpy
-    reference's rows, as f16 and f32, cell-major and transposed."""
+    2: AVX-512, a basis section's cells eight at a time with VNNI products, int8 where the tile's
+    points and the basis fit, else int16) writes the numpy reference's rows, as f16 and f32,
+    cell-major and transposed."""
     if backend_status()["native"] != "available":
         pytest.skip(f"native backend {backend_status()['native']}")
     from nexus_gguf.backends import native

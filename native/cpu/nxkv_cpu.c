@@ -138,6 +138,37 @@ static int16_t *basis_pairs(const float *bases, int64_t n_bases, int64_t w) {
     return pairs;
 }
 
+/* The int8 quads [w/4][w][4] (rows 4j .. 4j + 3 side by side) of n_bases w x w bases and each
+ * basis column's sum (colsum [n_bases][w]): malloc'd into *quads and *colsum, or 0 (an entry
+ * beyond +-127, as a 2^7 entry of an 8-bit basis is, or no memory: int16 pairs then). */
+static int basis_quads(const float *bases, int64_t n_bases, int64_t w, int8_t **quads, int32_t **colsum) {
+    *quads = NULL;
+    *colsum = NULL;
+    for (int64_t i = 0; i < n_bases * w * w; ++i) {
+        if (bases[i] > 127.0f || bases[i] < -127.0f) return 0;
+    }
+    int8_t *q = malloc((size_t)(n_bases * w * w));
+    int32_t *c = malloc(sizeof(int32_t) * (size_t)(n_bases * w));
+    if (!q || !c) {
+        free(q);
+        free(c);
+        return 0;
+    }
+    for (int64_t b = 0; b < n_bases; ++b) {
+        const float *src = bases + b * w * w;
+        for (int64_t i = 0; i < w; ++i) c[b * w + i] = 0;
+        for (int64_t j = 0; j < w; ++j) {
+            for (int64_t i = 0; i < w; ++i) {
+                q[b * w * w + (j / 4) * w * 4 + 4 * i + j % 4] = (int8_t)src[j * w + i];
+                c[b * w + i] += (int32_t)src[j * w + i];
+            }
+        }
+    }
+    *quads = q;
+    *colsum = c;
+    return 1;
+}
+
 int nxkv_abi_version(void) { return NXKV_ABI_VERSION; }
 
 /* The E8 loops twice: for any x86-64 CPU, and with AVX2 (every x86-64 CPU since 2013; chosen at
@@ -517,40 +548,42 @@ __attribute__((target("avx2"), flatten)) static void section_rows_avx2(const nxk
 #endif
 
 #ifdef NXKV_HAVE_AVX2_PATH
-/* Products of TILE cells' points with a basis's int16 row pairs (pairs [w/2][w][2]), pv [w/2][cell]
- * dense: acc[cell][i] = sum over j of the pair products. Block by block of outputs, so that the
- * block's part of the basis (24 KiB for 64 outputs of a 192-value vector) stays in L1 while
- * every cell of the tile takes it, two cells to a load. */
+/* Products of TILE cells' points with a basis held as 4-byte groups per output (rows
+ * [w/P][w][P]: int16 pairs, P = 2, or int8 quads, P = 4), the cells' points as the same groups,
+ * pv [w/P][cell]: acc[cell][i] = sum over rows of DOT(group of the basis, group of the points).
+ * Block by block of outputs, so that the block's part of the basis (24 KiB of pairs for 64
+ * outputs of a 192-value vector) stays in L1 while every cell of the tile takes it, two cells to
+ * a load. */
 #define TILE 8
-#define TILE_SUMS(NAME, BLOCK, VEC, LOAD, DP, ZERO, SET1, STORE)                                                        \
-    static inline void NAME(const int16_t *pairs, const int32_t (*pv)[TILE], int64_t cnt, int64_t w,                     \
-                            int64_t i0, int32_t (*acc)[NXKV_MAX_HEAD_DIM]) {                                            \
+#define TILE_SUMS(NAME, BLOCK, P, VEC, LOAD, DOT, ZERO, SET1, STORE)                                                    \
+    static inline void NAME(const void *basis, const int32_t (*pv)[TILE], int64_t cnt, int64_t w, int64_t i0,          \
+                            int32_t (*acc)[NXKV_MAX_HEAD_DIM]) {                                                        \
         enum { K = BLOCK / (sizeof(VEC) / 4) };                                                                        \
         int64_t t = 0;                                                                                                 \
         for (; t + 2 <= cnt; t += 2) {                                                                                 \
             VEC a[K], b[K];                                                                                            \
             for (int q = 0; q < K; ++q) a[q] = b[q] = ZERO();                                                          \
-            for (int64_t j = 0; j < w / 2; ++j) {                                                                      \
-                const int16_t *r = pairs + 2 * j * w + 2 * i0;                                                         \
+            for (int64_t j = 0; j < w / P; ++j) {                                                                      \
+                const char *r = (const char *)basis + 4 * (j * w + i0);                                                \
                 const VEC pa = SET1(pv[j][t]), pb = SET1(pv[j][t + 1]);                                                \
                 for (int q = 0; q < K; ++q) {                                                                          \
-                    const VEC m = LOAD(r + q * (sizeof(VEC) / 2));                                                     \
-                    a[q] = DP(a[q], m, pa);                                                                            \
-                    b[q] = DP(b[q], m, pb);                                                                            \
+                    const VEC m = LOAD(r + q * sizeof(VEC));                                                           \
+                    a[q] = DOT(a[q], m, pa);                                                                           \
+                    b[q] = DOT(b[q], m, pb);                                                                           \
                 }                                                                                                      \
             }                                                                                                          \
             for (int q = 0; q < K; ++q) {                                                                              \
                 STORE(acc[t] + i0 + q * (sizeof(VEC) / 4), a[q]);                                                      \
-                STORE(acc[t + 1] + i0 + q * (sizeof(VEC) / 4), b[q]);                                                  \
+                STORE(acc[t + 1] + i0 + q * (sizeof(VEC) / 4), b[q]);                                                 \
             }                                                                                                          \
         }                                                                                                              \
         for (; t < cnt; ++t) {                                                                                         \
             VEC a[K];                                                                                                  \
             for (int q = 0; q < K; ++q) a[q] = ZERO();                                                                 \
-            for (int64_t j = 0; j < w / 2; ++j) {                                                                      \
-                const int16_t *r = pairs + 2 * j * w + 2 * i0;                                                         \
+            for (int64_t j = 0; j < w / P; ++j) {                                                                      \
+                const char *r = (const char *)basis + 4 * (j * w + i0);                                                \
                 const VEC pa = SET1(pv[j][t]);                                                                         \
-                for (int q = 0; q < K; ++q) a[q] = DP(a[q], LOAD(r + q * (sizeof(VEC) / 2)), pa);                      \
+                for (int q = 0; q < K; ++q) a[q] = DOT(a[q], LOAD(r + q * sizeof(VEC)), pa);                           \
             }                                                                                                          \
             for (int q = 0; q < K; ++q) STORE(acc[t] + i0 + q * (sizeof(VEC) / 4), a[q]);                              \
         }                                                                                                              \
@@ -561,9 +594,18 @@ __attribute__((target("avx2"), flatten)) static void section_rows_avx2(const nxk
 #define STORE256(p, v) _mm256_storeu_si256((__m256i *)(p), v)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512vnni,avx2,f16c")
-TILE_SUMS(tile_sums64, 64, __m512i, LOAD512, _mm512_dpwssd_epi32, _mm512_setzero_si512, _mm512_set1_epi32, STORE512)
-TILE_SUMS(tile_sums16, 16, __m512i, LOAD512, _mm512_dpwssd_epi32, _mm512_setzero_si512, _mm512_set1_epi32, STORE512)
-TILE_SUMS(tile_sums8, 8, __m256i, LOAD256, _mm256_dpwssd_epi32, _mm256_setzero_si256, _mm256_set1_epi32, STORE256)
+/* int16 pairs: vpdpwssd; int8 quads: vpdpbusd, the points' bytes (unsigned, offset by 128)
+ * first, the basis's (signed) second */
+#define DOT16_512(acc, m, p) _mm512_dpwssd_epi32(acc, m, p)
+#define DOT16_256(acc, m, p) _mm256_dpwssd_epi32(acc, m, p)
+#define DOT8_512(acc, m, p) _mm512_dpbusd_epi32(acc, p, m)
+#define DOT8_256(acc, m, p) _mm256_dpbusd_epi32(acc, p, m)
+TILE_SUMS(tile_sums64, 64, 2, __m512i, LOAD512, DOT16_512, _mm512_setzero_si512, _mm512_set1_epi32, STORE512)
+TILE_SUMS(tile_sums16, 16, 2, __m512i, LOAD512, DOT16_512, _mm512_setzero_si512, _mm512_set1_epi32, STORE512)
+TILE_SUMS(tile_sums8, 8, 2, __m256i, LOAD256, DOT16_256, _mm256_setzero_si256, _mm256_set1_epi32, STORE256)
+TILE_SUMS(tile_quads64, 64, 4, __m512i, LOAD512, DOT8_512, _mm512_setzero_si512, _mm512_set1_epi32, STORE512)
+TILE_SUMS(tile_quads16, 16, 4, __m512i, LOAD512, DOT8_512, _mm512_setzero_si512, _mm512_set1_epi32, STORE512)
+TILE_SUMS(tile_quads8, 8, 4, __m256i, LOAD256, DOT8_256, _mm256_setzero_si256, _mm256_set1_epi32, STORE256)
 
 /* The point columns of vector `vec` (core/section.h's nxkv_core_point_symbol, either layout) in
  * the order [coset, 7 coordinates, last] per group: symbol index at cell 0, per-cell stride, lo.
@@ -602,10 +644,12 @@ static int point_columns(const nxkv_section *s, const nxkv_values *a, int64_t ve
  * do not fit (coordinates past +-16383, the last past +-8191, or sums past int32: decoded by
  * the scalar path), *bad a bit per cell with a coset symbol other than 0 or 1. */
 static unsigned tile_points(const int32_t *symbols, const int64_t *base, const int32_t *stride, const int32_t *lo, int64_t c0,
-                            int64_t w, int shift, int32_t (*pv)[TILE], unsigned *bad) {
+                            int64_t w, int shift, int32_t (*pv)[TILE], int32_t (*pq)[TILE], unsigned *bad, unsigned *small) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), one = _mm256_set1_epi32(1);
     const __m256i lim7 = _mm256_set1_epi32(16383), lim_last = _mm256_set1_epi32(8191), low16 = _mm256_set1_epi32(0xffff);
+    const __m256i lim8 = _mm256_set1_epi32(127), offset8 = _mm256_set1_epi32(128), byte = _mm256_set1_epi32(0xff);
     __m256i l1 = _mm256_setzero_si256(), wide = _mm256_setzero_si256(), bad_coset = _mm256_setzero_si256();
+    __m256i over8 = _mm256_setzero_si256(); /* a doubled coordinate past +-127: no int8 quads */
     for (int64_t q = 0; q < w / 8; ++q) {
         __m256i x[9];
         for (int k = 0; k < 9; ++k) {
@@ -628,7 +672,17 @@ static unsigned tile_points(const int32_t *symbols, const int64_t *base, const i
                                                      _mm256_cmpgt_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), lim_last), x[8])));
         /* the eighth: 2 (2 last + parity of the seven) + coset */
         p2[7] = _mm256_add_epi32(_mm256_slli_epi32(_mm256_add_epi32(_mm256_slli_epi32(x[8], 1), _mm256_and_si256(sum, one)), 1), coset);
-        for (int j = 0; j < 8; ++j) l1 = _mm256_add_epi32(l1, _mm256_abs_epi32(p2[j]));
+        for (int j = 0; j < 8; ++j) {
+            const __m256i m = _mm256_abs_epi32(p2[j]);
+            l1 = _mm256_add_epi32(l1, m);
+            over8 = _mm256_or_si256(over8, _mm256_cmpgt_epi32(m, lim8));
+        }
+        for (int j = 0; j < 2; ++j) { /* quads of p2 + 128 as unsigned bytes */
+            __m256i quad = _mm256_setzero_si256();
+            for (int b = 0; b < 4; ++b)
+                quad = _mm256_or_si256(quad, _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(p2[4 * j + b], offset8), byte), 8 * b));
+            _mm256_storeu_si256((__m256i *)pq[2 * q + j], quad);
+        }
         for (int j = 0; j < 4; ++j) {
             const __m256i pair = _mm256_or_si256(_mm256_and_si256(p2[2 * j], low16), _mm256_slli_epi32(p2[2 * j + 1], 16));
             _mm256_storeu_si256((__m256i *)pv[4 * q + j], pair);
@@ -636,6 +690,9 @@ static unsigned tile_points(const int32_t *symbols, const int64_t *base, const i
     }
     /* cosets outside 0..1 make |p2| up to 2^31: l1 is then meaningless, but those cells are refused */
     const __m256i too_big = _mm256_cmpgt_epi32(l1, _mm256_set1_epi32((int32_t)(((int64_t)1 << (31 - shift)) - 1)));
+    /* (abs of INT32_MIN stays negative: such a cell is wide already) */
+    over8 = _mm256_or_si256(over8, _mm256_or_si256(wide, too_big));
+    *small = ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(over8)) & 0xffu;
     *bad = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(bad_coset, _mm256_setzero_si256()))) |
            (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_setzero_si256(), bad_coset)));
     return (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(wide, _mm256_or_si256(too_big, _mm256_cmpgt_epi32(_mm256_setzero_si256(), l1)))));
@@ -647,9 +704,9 @@ static unsigned tile_points(const int32_t *symbols, const int64_t *base, const i
  * L2 for every cell: the products were bound by L2, and VNNI alone gained nothing (measured).
  * The same exact integer sums and float operations, so the same bits. */
 __attribute__((flatten)) static void section_rows_tiled(const nxkv_section *s, const nxkv_values *a, int32_t *status,
-                                                       const int16_t *pairs) {
+                                                       const int16_t *pairs, const int8_t *quads, const int32_t *colsum) {
     const int64_t d = s->head_dim, n = s->n_cells, k = s->head_group, w = k * d, n_embd = s->n_heads * d;
-    int32_t pv[NXKV_MAX_HEAD_DIM / 2][TILE], acc[TILE][NXKV_MAX_HEAD_DIM];
+    int32_t pv[NXKV_MAX_HEAD_DIM / 2][TILE], pq[NXKV_MAX_HEAD_DIM / 4][TILE], acc[TILE][NXKV_MAX_HEAD_DIM];
     float v[TILE][NXKV_MAX_HEAD_DIM];
     int64_t p2[NXKV_MAX_HEAD_DIM], acc64[NXKV_MAX_HEAD_DIM], base[9 * NXKV_MAX_HEAD_DIM / 8];
     int32_t stride[9 * NXKV_MAX_HEAD_DIM / 8], lo[9 * NXKV_MAX_HEAD_DIM / 8], pair[NXKV_MAX_HEAD_DIM / 2];
@@ -661,10 +718,10 @@ __attribute__((flatten)) static void section_rows_tiled(const nxkv_section *s, c
         const int columns = point_columns(s, a, vec, w, base, stride, lo);
         for (int64_t c0 = 0; c0 < n; c0 += TILE) {
             const int64_t cnt = n - c0 < TILE ? n - c0 : TILE;
-            unsigned scalar = (1u << cnt) - 1; /* cells whose points the scalar path makes */
+            unsigned scalar = (1u << cnt) - 1, small = 0; /* cells whose points the scalar path makes; in int8 */
             if (cnt == TILE && columns) {
                 unsigned bad;
-                scalar = tile_points(a->symbols, base, stride, lo, c0, w, (int)s->basis_shift, pv, &bad);
+                scalar = tile_points(a->symbols, base, stride, lo, c0, w, (int)s->basis_shift, pv, pq, &bad, &small);
                 if (bad) {
                     *status = 1;
                     return;
@@ -689,9 +746,21 @@ __attribute__((flatten)) static void section_rows_tiled(const nxkv_section *s, c
                 }
             }
             int64_t i0 = 0;
-            for (; i0 + 64 <= w; i0 += 64) tile_sums64(vp, pv, cnt, w, i0, acc);
-            for (; i0 + 16 <= w; i0 += 16) tile_sums16(vp, pv, cnt, w, i0, acc);
-            for (; i0 < w; i0 += 8) tile_sums8(vp, pv, cnt, w, i0, acc);
+            if (quads && small == 0xffu) {
+                /* every point of the tile within +-127: int8 quads, twice the products an
+                 * instruction; acc = sum (p + 128) b, so subtract 128 times each column's sum */
+                const int8_t *vq = quads + vec * w * w;
+                for (; i0 + 64 <= w; i0 += 64) tile_quads64(vq, pq, cnt, w, i0, acc);
+                for (; i0 + 16 <= w; i0 += 16) tile_quads16(vq, pq, cnt, w, i0, acc);
+                for (; i0 < w; i0 += 8) tile_quads8(vq, pq, cnt, w, i0, acc);
+                for (int64_t t = 0; t < cnt; ++t) {
+                    for (int64_t i = 0; i < w; ++i) acc[t][i] -= 128 * colsum[vec * w + i];
+                }
+            } else {
+                for (; i0 + 64 <= w; i0 += 64) tile_sums64(vp, pv, cnt, w, i0, acc);
+                for (; i0 + 16 <= w; i0 += 16) tile_sums16(vp, pv, cnt, w, i0, acc);
+                for (; i0 < w; i0 += 8) tile_sums8(vp, pv, cnt, w, i0, acc);
+            }
             for (int64_t t = 0; t < cnt; ++t) {
                 if (fits[t]) {
                     double c;
@@ -742,8 +811,16 @@ int nxkv_decode_values(const nxkv_section *sections, int64_t n_sections, const n
             const nxkv_section *s = sections + i;
             const int64_t w = s->head_dim * s->head_group;
             int16_t *pairs = s->basis ? basis_pairs(arrays->bases + s->basis0, s->n_heads / s->head_group, w) : NULL;
-            if (pairs && have_avx512_vnni()) section_rows_tiled(s, arrays, status + i, pairs);
-            else section_rows_avx2(s, arrays, status + i, pairs);
+            if (pairs && have_avx512_vnni()) {
+                int8_t *quads;
+                int32_t *colsum;
+                basis_quads(arrays->bases + s->basis0, s->n_heads / s->head_group, w, &quads, &colsum);
+                section_rows_tiled(s, arrays, status + i, pairs, quads, colsum);
+                free(quads);
+                free(colsum);
+            } else {
+                section_rows_avx2(s, arrays, status + i, pairs);
+            }
             free(pairs);
             continue;
         }
