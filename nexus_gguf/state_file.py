@@ -8,7 +8,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from .backends import backend_name, parallel_map, threads
+from .backends import backend_name, parallel_map, prepare_and_run, threads
 from .blas_threads import single_threaded_blas
 from .errors import FormatError, StateLayoutError
 from .ggml_types import GgmlType, ggml_type_by_name
@@ -280,17 +280,24 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
                                                                          .layers[job[2]], read(job))])
             return blob, state
         native_batches = _native_batches() and _batchable(pipeline, dims, jobs, gpu=False)
+        if native_batches:
+            # each layer's batch prepared here (Python) while the pool runs the ones before
+            # (the CPU library, without the GIL)
+            from . import section_decode
+
+            def prepared(job):
+                ci, si, li = job[:3]
+                return section_decode.prepare(pipeline, _layer_sections(pipeline, dims, job, state.caches[ci].streams[si].layers[li],
+                                                                        read(job)))
+
+            prepare_and_run(prepared, section_decode.run_native, jobs)
+            return blob, state
 
         def decode_layer(job) -> None:
             """Decode one layer's K and V sections into their place in the blob."""
             ci, si, li, L, cells, v_trans, data = job
             data = data if data is not None else read(job)
             dest = state.caches[ci].streams[si].layers[li]
-            if native_batches:
-                from . import section_decode
-
-                section_decode.run_native(section_decode.prepare(pipeline, _layer_sections(pipeline, dims, job, dest, data)))
-                return
             arrays = []
             for part in ("k", "v"):
                 name = f"{part}.{ci}.{si}.{li}"

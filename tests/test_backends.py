@@ -396,3 +396,46 @@ def test_native_batch_rans_decoder_matches_each_stream_decoded_alone():
                 assert _decode_streams(payload, lengths, freqs, lying, n_symbols)[0] == lib.NXKV_ERR_ARG
     finally:
         lib.nxkv_use_cpu_extensions(was)
+
+
+def test_prepare_and_run_overlaps_preparation_with_runs_and_raises_the_first_error_in_order():
+    """backends.prepare_and_run (the CPU library's layer batches): every item prepared here and
+    run on the pool, at most `window` prepared and not yet run; on an error, the earliest item's
+    is raised, after every run already started has finished."""
+    import threading
+    import time
+
+    from nexus_gguf.backends import prepare_and_run
+
+    lock = threading.Lock()
+    state = {"open": 0, "most": 0, "ran": [], "running": 0}
+
+    def prepare(i):
+        if i == "bad-prepare":
+            raise KeyError("prepare")
+        with lock:
+            state["open"] += 1
+            state["most"] = max(state["most"], state["open"])
+        return i
+
+    def run(i):
+        with lock:
+            state["running"] += 1
+        time.sleep(0.002)
+        with lock:
+            state["open"] -= 1
+            state["running"] -= 1
+            state["ran"].append(i)
+        if i == "bad-run":
+            raise ValueError("run")
+
+    prepare_and_run(prepare, run, list(range(40)), window=3)
+    assert sorted(state["ran"]) == list(range(40)) and state["most"] <= 3 and state["open"] == 0
+    state["ran"].clear()
+    with pytest.raises(ValueError):  # an earlier item's run fails before a later one's preparation
+        prepare_and_run(prepare, run, [0, 1, "bad-run", 3, "bad-prepare", 5], window=8)
+    assert state["running"] == 0
+    state["ran"].clear()
+    with pytest.raises(KeyError):
+        prepare_and_run(prepare, run, [0, 1, "bad-prepare", 3], window=8)
+    assert state["running"] == 0 and sorted(state["ran"]) == [0, 1]  # 3 never prepared
