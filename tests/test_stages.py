@@ -613,3 +613,31 @@ def test_head_groups_code_a_layers_heads_as_one_vector():
         Lattice(head_group=0)  # needs one step per head (scale_scope head)
     with pytest.raises(ConfigError):
         Lattice(scale_scope="head", head_group=-1)
+
+
+def test_stream_container_fast_parse_agrees_with_the_reader():
+    """Entropy.streams parses a section's stream records by plain indexing and falls back to the
+    bounds-checked reader where the bytes run out: on every truncation and on damaged bytes both
+    give the same streams or both refuse (FormatError)."""
+    from nexus_gguf.stages.entropy import Entropy
+
+    e = Entropy(lanes=4, chunk=64)
+    info = TensorInfo("k.0.0.0", "f16", 2, 10**6)
+    rng = np.random.default_rng(5)
+    data = e.encode({"coord": rng.integers(0, 9, (40, 7)).astype(np.int32), "scale": rng.integers(-3, 3, 5).astype(np.int16),
+                     "zero": np.zeros((0,), np.uint8)}, info)
+
+    def parsed(how, d):
+        try:
+            return [(s.name, s.dtype, s.shape, s.n, s.method, bytes(s.payload)) for s in how(d, info)]
+        except FormatError:
+            return "refused"
+
+    variants = [data[:cut] for cut in range(len(data))] + [data, np.concatenate([data, data[:3]])]
+    for _ in range(300):
+        bad = data.copy()
+        bad[rng.integers(0, len(data), int(rng.integers(1, 3)))] ^= rng.integers(1, 256, dtype=np.uint8)
+        variants.append(bad)
+    for d in variants:
+        assert parsed(e.streams, d) == parsed(e._streams_read, d)
+    assert parsed(e.streams, data) != "refused"
