@@ -592,10 +592,16 @@ __attribute__((target("avx2"), flatten)) static void section_rows_avx2(const nxk
 #define STORE512(p, v) _mm512_storeu_si512((void *)(p), v)
 #define LOAD256(p) _mm256_loadu_si256((const __m256i *)(p))
 #define STORE256(p, v) _mm256_storeu_si256((__m256i *)(p), v)
+/* The products of a tile (acc [cell][output]): int8 quads where `quads` (every point of the
+ * tile and every basis entry within +-127; acc = sum (p + 128) b, so 128 times each column's
+ * sum is subtracted), else int16 pairs. Two versions, chosen at run time. */
+typedef void (*tile_products_fn)(const int16_t *pairs, const int8_t *quads, const int32_t *colsum, const int32_t (*pv)[TILE],
+                                 const int32_t (*pq)[TILE], int64_t cnt, int64_t w, int32_t (*acc)[NXKV_MAX_HEAD_DIM]);
+
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512vnni,avx2,f16c")
-/* int16 pairs: vpdpwssd; int8 quads: vpdpbusd, the points' bytes (unsigned, offset by 128)
- * first, the basis's (signed) second */
+#pragma GCC target("avx512f,avx512vl,avx512vnni,avx2")
+/* AVX-512 VNNI. int16 pairs: vpdpwssd; int8 quads: vpdpbusd (twice the products an
+ * instruction), the points' bytes (unsigned, offset by 128) first, the basis's (signed) second */
 #define DOT16_512(acc, m, p) _mm512_dpwssd_epi32(acc, m, p)
 #define DOT16_256(acc, m, p) _mm256_dpwssd_epi32(acc, m, p)
 #define DOT8_512(acc, m, p) _mm512_dpbusd_epi32(acc, p, m)
@@ -606,6 +612,44 @@ TILE_SUMS(tile_sums8, 8, 2, __m256i, LOAD256, DOT16_256, _mm256_setzero_si256, _
 TILE_SUMS(tile_quads64, 64, 4, __m512i, LOAD512, DOT8_512, _mm512_setzero_si512, _mm512_set1_epi32, STORE512)
 TILE_SUMS(tile_quads16, 16, 4, __m512i, LOAD512, DOT8_512, _mm512_setzero_si512, _mm512_set1_epi32, STORE512)
 TILE_SUMS(tile_quads8, 8, 4, __m256i, LOAD256, DOT8_256, _mm256_setzero_si256, _mm256_set1_epi32, STORE256)
+
+static void tile_products_vnni(const int16_t *pairs, const int8_t *quads, const int32_t *colsum, const int32_t (*pv)[TILE],
+                               const int32_t (*pq)[TILE], int64_t cnt, int64_t w, int32_t (*acc)[NXKV_MAX_HEAD_DIM]) {
+    int64_t i0 = 0;
+    if (quads) {
+        for (; i0 + 64 <= w; i0 += 64) tile_quads64(quads, pq, cnt, w, i0, acc);
+        for (; i0 + 16 <= w; i0 += 16) tile_quads16(quads, pq, cnt, w, i0, acc);
+        for (; i0 < w; i0 += 8) tile_quads8(quads, pq, cnt, w, i0, acc);
+        for (int64_t t = 0; t < cnt; ++t) {
+            for (int64_t i = 0; i < w; ++i) acc[t][i] -= 128 * colsum[i];
+        }
+        return;
+    }
+    for (; i0 + 64 <= w; i0 += 64) tile_sums64(pairs, pv, cnt, w, i0, acc);
+    for (; i0 + 16 <= w; i0 += 16) tile_sums16(pairs, pv, cnt, w, i0, acc);
+    for (; i0 < w; i0 += 8) tile_sums8(pairs, pv, cnt, w, i0, acc);
+}
+#pragma GCC pop_options
+
+/* AVX2: int16 pairs only (vpmaddwd then vpaddd; AVX2's byte products saturate), 32 outputs a
+ * block so that two cells' accumulators and the loads fit its 16 registers. */
+#define DOT16_AVX2(acc, m, p) _mm256_add_epi32(acc, _mm256_madd_epi16(m, p))
+#pragma GCC push_options
+#pragma GCC target("avx2")
+TILE_SUMS(tile_sums32_avx2, 32, 2, __m256i, LOAD256, DOT16_AVX2, _mm256_setzero_si256, _mm256_set1_epi32, STORE256)
+TILE_SUMS(tile_sums8_avx2, 8, 2, __m256i, LOAD256, DOT16_AVX2, _mm256_setzero_si256, _mm256_set1_epi32, STORE256)
+
+static void tile_products_avx2(const int16_t *pairs, const int8_t *quads, const int32_t *colsum, const int32_t (*pv)[TILE],
+                               const int32_t (*pq)[TILE], int64_t cnt, int64_t w, int32_t (*acc)[NXKV_MAX_HEAD_DIM]) {
+    (void)quads, (void)colsum, (void)pq;
+    int64_t i0 = 0;
+    for (; i0 + 32 <= w; i0 += 32) tile_sums32_avx2(pairs, pv, cnt, w, i0, acc);
+    for (; i0 < w; i0 += 8) tile_sums8_avx2(pairs, pv, cnt, w, i0, acc);
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
 
 /* The point columns of vector `vec` (core/section.h's nxkv_core_point_symbol, either layout) in
  * the order [coset, 7 coordinates, last] per group: symbol index at cell 0, per-cell stride, lo.
@@ -698,13 +742,14 @@ static unsigned tile_points(const int32_t *symbols, const int64_t *base, const i
     return (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(wide, _mm256_or_si256(too_big, _mm256_cmpgt_epi32(_mm256_setzero_si256(), l1)))));
 }
 
-/* A basis section's rows TILE cells at a time (AVX-512 VNNI): per cell its points, then the
- * tile's products (tile_sums*), then per cell core/section.h's finish, written as f16 rows (a
+/* A basis section's rows TILE cells at a time (AVX2): per cell its points, then the tile's
+ * products (tile_products_*), then per cell core/section.h's finish, written as f16 rows (a
  * transposed V eight cells to a store). Decoded one cell at a time, the whole basis came from
  * L2 for every cell: the products were bound by L2, and VNNI alone gained nothing (measured).
  * The same exact integer sums and float operations, so the same bits. */
 __attribute__((flatten)) static void section_rows_tiled(const nxkv_section *s, const nxkv_values *a, int32_t *status,
-                                                       const int16_t *pairs, const int8_t *quads, const int32_t *colsum) {
+                                                       const int16_t *pairs, const int8_t *quads, const int32_t *colsum,
+                                                       tile_products_fn products) {
     const int64_t d = s->head_dim, n = s->n_cells, k = s->head_group, w = k * d, n_embd = s->n_heads * d;
     int32_t pv[NXKV_MAX_HEAD_DIM / 2][TILE], pq[NXKV_MAX_HEAD_DIM / 4][TILE], acc[TILE][NXKV_MAX_HEAD_DIM];
     float v[TILE][NXKV_MAX_HEAD_DIM];
@@ -745,22 +790,8 @@ __attribute__((flatten)) static void section_rows_tiled(const nxkv_section *s, c
                                            cscale, acc32, acc64, v[t]);
                 }
             }
-            int64_t i0 = 0;
-            if (quads && small == 0xffu) {
-                /* every point of the tile within +-127: int8 quads, twice the products an
-                 * instruction; acc = sum (p + 128) b, so subtract 128 times each column's sum */
-                const int8_t *vq = quads + vec * w * w;
-                for (; i0 + 64 <= w; i0 += 64) tile_quads64(vq, pq, cnt, w, i0, acc);
-                for (; i0 + 16 <= w; i0 += 16) tile_quads16(vq, pq, cnt, w, i0, acc);
-                for (; i0 < w; i0 += 8) tile_quads8(vq, pq, cnt, w, i0, acc);
-                for (int64_t t = 0; t < cnt; ++t) {
-                    for (int64_t i = 0; i < w; ++i) acc[t][i] -= 128 * colsum[vec * w + i];
-                }
-            } else {
-                for (; i0 + 64 <= w; i0 += 64) tile_sums64(vp, pv, cnt, w, i0, acc);
-                for (; i0 + 16 <= w; i0 += 16) tile_sums16(vp, pv, cnt, w, i0, acc);
-                for (; i0 < w; i0 += 8) tile_sums8(vp, pv, cnt, w, i0, acc);
-            }
+            products(vp, quads && small == 0xffu ? quads + vec * w * w : NULL, colsum ? colsum + vec * w : NULL,
+                     (const int32_t(*)[TILE])pv, (const int32_t(*)[TILE])pq, cnt, w, acc);
             for (int64_t t = 0; t < cnt; ++t) {
                 if (fits[t]) {
                     double c;
@@ -811,11 +842,12 @@ int nxkv_decode_values(const nxkv_section *sections, int64_t n_sections, const n
             const nxkv_section *s = sections + i;
             const int64_t w = s->head_dim * s->head_group;
             int16_t *pairs = s->basis ? basis_pairs(arrays->bases + s->basis0, s->n_heads / s->head_group, w) : NULL;
-            if (pairs && have_avx512_vnni()) {
-                int8_t *quads;
-                int32_t *colsum;
-                basis_quads(arrays->bases + s->basis0, s->n_heads / s->head_group, w, &quads, &colsum);
-                section_rows_tiled(s, arrays, status + i, pairs, quads, colsum);
+            if (pairs) { /* a basis: cells eight at a time, with VNNI's products where the CPU has them */
+                int8_t *quads = NULL;
+                int32_t *colsum = NULL;
+                const int vnni = have_avx512_vnni();
+                if (vnni) basis_quads(arrays->bases + s->basis0, s->n_heads / s->head_group, w, &quads, &colsum);
+                section_rows_tiled(s, arrays, status + i, pairs, quads, colsum, vnni ? tile_products_vnni : tile_products_avx2);
                 free(quads);
                 free(colsum);
             } else {
