@@ -536,6 +536,95 @@ void nxkv_byteplane_merge(const uint8_t *src, uint8_t *dst, size_t n_elements, s
         }                                                                                        \
     }
 
+#ifdef NXKV_HAVE_V8F
+/* A basis section's rows eight cells at a time in portable C (CPUs without AVX2: ARM, older
+ * x86; GCC vector types): the products in floats, exact where 2^shift * l1 < 2^24 as
+ * core/transform.h's float path, each 32-output block of the basis (24 KiB for 192-value
+ * vectors) kept in L1 while the tile's cells take it, two cells to a load; other cells through
+ * core/transform.h one at a time. Cell by cell, the whole basis (147 KiB of floats) streamed from
+ * L2 for every cell. The same integers, so the same bits. */
+#define PORTABLE_TILE 8
+/* 128-bit vectors, the width every SIMD unit has (SSE2, NEON): with 256-bit GCC vectors on
+ * SSE2 the scalar broadcast went through the stack (measured 2x slower than no tiles at all) */
+typedef float nxkv_v4f __attribute__((vector_size(16)));
+/* acc[t] (and acc[t + 1] where `two`)[i0 .. i0 + 4 K) for K = 4 or 2: a constant, so that the
+ * accumulators stay in registers */
+#define PORTABLE_BLOCK(K)                                                                                              \
+    static inline void portable_block##K(const float *basis, const float (*pf)[PORTABLE_TILE], int64_t t, int two,     \
+                                         int64_t w, int64_t i0, float (*acc)[NXKV_MAX_HEAD_DIM]) {                     \
+        nxkv_v4f sa[K], sb[K];                                                                                         \
+        for (int q = 0; q < K; ++q) sa[q] = sb[q] = (nxkv_v4f){0, 0, 0, 0};                                            \
+        for (int64_t j = 0; j < w; ++j) {                                                                              \
+            const float *row = basis + j * w + i0;                                                                     \
+            const float fa = pf[j][t], fb = two ? pf[j][t + 1] : 0.0f;                                                 \
+            for (int q = 0; q < K; ++q) {                                                                              \
+                nxkv_v4f r;                                                                                            \
+                __builtin_memcpy(&r, row + 4 * q, sizeof r);                                                           \
+                sa[q] += r * fa;                                                                                       \
+                sb[q] += r * fb;                                                                                       \
+            }                                                                                                          \
+        }                                                                                                              \
+        for (int q = 0; q < K; ++q) {                                                                                  \
+            __builtin_memcpy(acc[t] + i0 + 4 * q, &sa[q], sizeof sa[q]);                                              \
+            if (two) __builtin_memcpy(acc[t + 1] + i0 + 4 * q, &sb[q], sizeof sb[q]);                                 \
+        }                                                                                                              \
+    }
+PORTABLE_BLOCK(4)
+PORTABLE_BLOCK(2)
+static void section_rows_portable_tiles(const nxkv_section *s, const nxkv_values *a, int32_t *status) {
+    const int64_t d = s->head_dim, n = s->n_cells, k = s->head_group, w = k * d;
+    const int shift = (int)s->basis_shift;
+    float pf[NXKV_MAX_HEAD_DIM][PORTABLE_TILE], acc[PORTABLE_TILE][NXKV_MAX_HEAD_DIM], v[PORTABLE_TILE][NXKV_MAX_HEAD_DIM];
+    float acc32[NXKV_MAX_HEAD_DIM];
+    int64_t p2[NXKV_MAX_HEAD_DIM], acc64[NXKV_MAX_HEAD_DIM];
+    int fits[PORTABLE_TILE];
+    *status = 0;
+    for (int64_t vec = 0; vec < s->n_heads / k; ++vec) {
+        const float *basis = a->bases + s->basis0 + vec * w * w;
+        for (int64_t c0 = 0; c0 < n; c0 += PORTABLE_TILE) {
+            const int64_t cnt = n - c0 < PORTABLE_TILE ? n - c0 : PORTABLE_TILE;
+            for (int64_t t = 0; t < cnt; ++t) {
+                int64_t l1 = 0;
+                if (nxkv_core_section_points(s, a, vec, c0 + t, v[t], p2, &l1)) {
+                    *status = 1;
+                    return;
+                }
+                fits[t] = shift < 24 && l1 < ((int64_t)1 << (24 - shift));
+                for (int64_t j = 0; j < w; ++j) pf[j][t] = fits[t] ? (float)p2[j] : 0.0f;
+                if (!fits[t]) {
+                    double c;
+                    const double *mean, *cscale;
+                    nxkv_core_section_basis_terms(s, a, vec, c0 + t, &c, &mean, &cscale);
+                    nxkv_core_basis_vector(p2, l1, basis, w, shift, c, mean, cscale, acc32, acc64, v[t]);
+                }
+            }
+            int64_t i0 = 0;
+            for (; i0 + 16 <= w; i0 += 16) {
+                for (int64_t t = 0; t < cnt; t += 2) portable_block4(basis, pf, t, t + 1 < cnt, w, i0, acc);
+            }
+            for (; i0 < w; i0 += 8) {
+                for (int64_t t = 0; t < cnt; t += 2) portable_block2(basis, pf, t, t + 1 < cnt, w, i0, acc);
+            }
+            for (int64_t t = 0; t < cnt; ++t) {
+                if (fits[t]) {
+                    double c;
+                    const double *mean, *cscale;
+                    nxkv_core_section_basis_terms(s, a, vec, c0 + t, &c, &mean, &cscale);
+                    for (int64_t i = 0; i < w; ++i) acc64[i] = (int64_t)acc[t][i]; /* exact integers */
+                    nxkv_core_basis_finish(acc64, w, c, mean, cscale, v[t]);
+                }
+                const int r = nxkv_core_section_finish(s, a, vec, c0 + t, v[t]);
+                if (r) {
+                    *status = r;
+                    return;
+                }
+                for (int64_t j = 0; j < k; ++j) nxkv_core_section_store(s, vec * k + j, c0 + t, v[t] + j * d);
+            }
+        }
+    }
+}
+#endif
+
 static void section_rows(const nxkv_section *s, const nxkv_values *arrays, int32_t *status) {
     const int16_t *pairs = NULL;
     SECTION_ROWS_BODY
@@ -854,6 +943,12 @@ int nxkv_decode_values(const nxkv_section *sections, int64_t n_sections, const n
                 section_rows_avx2(s, arrays, status + i, pairs);
             }
             free(pairs);
+            continue;
+        }
+#endif
+#ifdef NXKV_HAVE_V8F
+        if (sections[i].basis) {
+            section_rows_portable_tiles(sections + i, arrays, status + i);
             continue;
         }
 #endif
