@@ -200,18 +200,28 @@ PCA_FILES = [p for p in FILES if "gemma3-long-high" in os.path.basename(p)]
 @given(st.sampled_from(PCA_FILES), st.data())
 def test_cpu_batch_agrees_with_the_stages_on_damaged_pca_sections(path, data):
     """Format 2's `high` (PCA basis, per-class symbol columns) damaged behind valid CRCs: the CPU
-    library's one-pass batch (core/section.h) refuses with a documented error exactly when the
-    stage-by-stage path does, and otherwise makes the same blob."""
+    library's one-pass batch (core/section.h; its rANS rounds and tiles at each level of CPU
+    extensions) refuses with a documented error exactly when the stage-by-stage path does, and
+    otherwise makes the same blob."""
     from nexus_gguf import state_file
     from nexus_gguf.backends import backend_status
 
     if backend_status()["native"] != "available":
         pytest.skip(f"native backend {backend_status()['native']}")
+    from nexus_gguf.backends import native
+
     with fmt.NxkvFile.open(path) as f:
         names = [n for n in f.names() if n[:2] in ("k.", "v.")]
     edit = _section_edit(data, names, ["flip", "cut", "zero"])
-    out = _decode_with(_repacked(path, edit_section=edit),
-                       [[(state_file, "_native_batches", lambda batch=batch: batch)] for batch in (False, True)])
+    # the library's code for each level of CPU extensions (portable, AVX2, AVX-512) meets the damage
+    level = data.draw(st.sampled_from([2, 1, 0]), label="cpu extensions")
+    _, lib = native.load()
+    was = lib.nxkv_use_cpu_extensions(level)
+    try:
+        out = _decode_with(_repacked(path, edit_section=edit),
+                           [[(state_file, "_native_batches", lambda batch=batch: batch)] for batch in (False, True)])
+    finally:
+        lib.nxkv_use_cpu_extensions(was)
     stages, batch = out
     if isinstance(stages, Exception) or isinstance(batch, Exception):
         assert isinstance(stages, Exception) and isinstance(batch, Exception), (stages, batch)
