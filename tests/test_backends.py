@@ -55,7 +55,7 @@ def _inputs(op: str, seed: int):
         return out
     if op == "lattice_quantize":
         out = []
-        for m in (0, 1, 5000):
+        for m in (0, 1, 5000, 4099):  # 4099: groups of 8 at once and a rest
             x = rng.standard_normal((m, 8)) * np.exp2(rng.normal(0, 4, (m, 1)))
             step = np.exp2(rng.normal(-2, 3, m))
             step[::9] = 0.0
