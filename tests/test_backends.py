@@ -44,7 +44,8 @@ def _inputs(op: str, seed: int):
         return out
     if op in ("rans_encode_lanes", "rans_decode_lanes"):
         out = []
-        for n, lanes, chunk in ((1, 1, 1), (100, 8, 8), (20000, 32, 20000), (20000, 32, 4096), (5, 16, 16)):
+        for n, lanes, chunk in ((1, 1, 1), (100, 8, 8), (20000, 32, 20000), (20000, 32, 4096), (5, 16, 16),
+                                (20003, 4, 4096), (7, 4, 4), (6, 4, 16384), (3, 4, 8)):  # 4 lanes: the presets
             sym = np.minimum(rng.geometric(0.3, n) - 1, 40)
             freqs = _rans_freqs(sym)
             if op == "rans_encode_lanes":

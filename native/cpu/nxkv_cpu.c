@@ -520,6 +520,115 @@ int64_t nxkv_rans_encode(const int64_t *symbols, size_t n, size_t stride, const 
     return r;
 }
 
+/* The 4 lanes of one chunk of m >= 4 symbols (lane j: symbols j, j + 4, ...) encoded together,
+ * lane j's bytes ending at scratch + (j + 1) * most, their counts in k[]: core/rans.h's encoder
+ * step for step on each lane (the same bytes), the four independent chains interleaved so that
+ * they overlap in the pipeline (one lane at a time, each step waited on the last). 0, or -1 if
+ * a lane's bytes would not fit. */
+static int rans_encode_four(const int64_t *sym, size_t m, const uint32_t *freqs, const uint32_t *cum, const uint32_t *rcp,
+                            const uint32_t *shift, uint8_t *scratch, size_t most, int64_t *k) {
+    uint64_t x[4] = {NXKV_RANS_L, NXKV_RANS_L, NXKV_RANS_L, NXKV_RANS_L};
+    uint8_t *p[4], *lo[4];
+    for (int j = 0; j < 4; ++j) {
+        p[j] = scratch + (size_t)(j + 1) * most;
+        lo[j] = scratch + (size_t)j * most;
+    }
+    /* lane j's last symbol is the largest index i < m with i % 4 == j; all step down by 4 */
+    const size_t rounds = m / 4, extra = m % 4;
+    for (size_t q = extra; q-- > 0;) { /* the last, partial round: lanes 0 .. extra - 1 */
+        const uint32_t s = (uint32_t)sym[4 * rounds + q];
+        const uint64_t f = freqs[s], x_max = ((uint64_t)(NXKV_RANS_L >> NXKV_RANS_PROB_BITS) << 8) * f;
+        while (x[q] >= x_max) {
+            if (p[q] <= lo[q]) return -1;
+            *--p[q] = (uint8_t)(x[q] & 0xff);
+            x[q] >>= 8;
+        }
+        const uint64_t d = rcp[s] ? ((x[q] * rcp[s]) >> 32) >> shift[s] : x[q];
+        x[q] = (d << NXKV_RANS_PROB_BITS) + (x[q] - d * f) + cum[s];
+    }
+    for (size_t r = rounds; r-- > 0;) {
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t s = (uint32_t)sym[4 * r + (size_t)j];
+            const uint64_t f = freqs[s], x_max = ((uint64_t)(NXKV_RANS_L >> NXKV_RANS_PROB_BITS) << 8) * f;
+            while (x[j] >= x_max) {
+                if (p[j] <= lo[j]) return -1;
+                *--p[j] = (uint8_t)(x[j] & 0xff);
+                x[j] >>= 8;
+            }
+            const uint64_t d = rcp[s] ? ((x[j] * rcp[s]) >> 32) >> shift[s] : x[j];
+            x[j] = (d << NXKV_RANS_PROB_BITS) + (x[j] - d * f) + cum[s];
+        }
+    }
+    for (int j = 0; j < 4; ++j) {
+        for (int b = 0; b < 4; ++b) {
+            if (p[j] <= lo[j]) return -1;
+            *--p[j] = (uint8_t)(x[j] & 0xff);
+            x[j] >>= 8;
+        }
+        k[j] = (int64_t)(scratch + (size_t)(j + 1) * most - p[j]);
+    }
+    return 0;
+}
+
+int64_t nxkv_rans_encode_lanes(const int64_t *symbols, size_t n, const int64_t *freqs, size_t n_freqs, size_t lanes,
+                               size_t chunk, uint8_t *out, size_t capacity, int64_t *lengths) {
+    if (lanes == 0 || chunk < lanes) return NXKV_ERR_ARG;
+    rans_table t;
+    int64_t r = rans_table_new(&t, freqs, n_freqs, 0);
+    for (size_t i = 0; i < n && r == NXKV_OK; ++i) {
+        if (symbols[i] < 0 || (size_t)symbols[i] >= n_freqs || !t.freqs[symbols[i]]) r = NXKV_ERR_ARG;
+    }
+    uint32_t *rcp = malloc(sizeof(uint32_t) * (n_freqs ? n_freqs : 1));
+    uint32_t *shift = malloc(sizeof(uint32_t) * (n_freqs ? n_freqs : 1));
+    /* one lane's bytes are made backwards at the end of a scratch, then moved to their place */
+    const size_t most = (chunk + lanes - 1) / lanes * 2 + 8; /* 2 bytes a symbol at most, and the state */
+    uint8_t *scratch = malloc(4 * most);
+    if (r == NXKV_OK && !(rcp && shift && scratch)) r = NXKV_ERR_NOMEM;
+    size_t at = 0, task = 0;
+    if (r == NXKV_OK) {
+        for (size_t s = 0; s < n_freqs; ++s) nxkv_core_rans_reciprocal(t.freqs[s], rcp + s, shift + s);
+        for (size_t c0 = 0; c0 < n && r == NXKV_OK; c0 += chunk) {
+            const size_t m = n - c0 < chunk ? n - c0 : chunk;
+            if (lanes == 4 && m >= 4) { /* the presets' lanes: four chains at once */
+                int64_t k4[4];
+                if (rans_encode_four(symbols + c0, m, t.freqs, t.cum, rcp, shift, scratch, most, k4)) {
+                    r = NXKV_ERR_ARG;
+                    break;
+                }
+                for (size_t j = 0; j < 4; ++j, ++task) {
+                    if ((size_t)k4[j] > capacity - at) {
+                        r = NXKV_ERR_ARG;
+                        break;
+                    }
+                    memcpy(out + at, scratch + (j + 1) * most - k4[j], (size_t)k4[j]);
+                    lengths[task] = k4[j];
+                    at += (size_t)k4[j];
+                }
+                continue;
+            }
+            for (size_t j = 0; j < lanes; ++j, ++task) {
+                const size_t count = j < m ? (m - j + lanes - 1) / lanes : 0;
+                int64_t k = 0;
+                if (count) {
+                    k = nxkv_core_rans_encode(symbols + c0 + j, count, lanes, t.freqs, t.cum, rcp, shift, scratch + most, most);
+                    if (k < 0 || (size_t)k > capacity - at) {
+                        r = NXKV_ERR_ARG;
+                        break;
+                    }
+                    memcpy(out + at, scratch + most - k, (size_t)k);
+                }
+                lengths[task] = k;
+                at += (size_t)k;
+            }
+        }
+    }
+    free(rcp);
+    free(shift);
+    free(scratch);
+    rans_table_free(&t);
+    return r == NXKV_OK ? (int64_t)at : r;
+}
+
 int nxkv_rans_decode(const uint8_t *data, size_t n_data, const int64_t *freqs, size_t n_freqs, int32_t *out, size_t n) {
     rans_table t;
     int r = rans_table_new(&t, freqs, n_freqs, 1);

@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 16 };
+enum nxkv_abi { NXKV_ABI_VERSION = 17 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -98,6 +98,14 @@ void nxkv_rope_rotate(const float *x, float *out, size_t n_rows, size_t n_heads,
 int64_t nxkv_rans_encode(const int64_t *symbols, size_t n, size_t stride, const int64_t *freqs, size_t n_freqs,
                          uint8_t *out, size_t capacity);
 int nxkv_rans_decode(const uint8_t *data, size_t n_data, const int64_t *freqs, size_t n_freqs, int32_t *out, size_t n);
+
+/* Interleaved rANS (FORMAT.md, entropy method 3) of n symbols in chunks of `chunk`, `lanes`
+ * lanes each: every (chunk, lane) stream written to out back to back in (chunk, lane) order, its
+ * byte length to lengths[] (ceil(n / chunk) * lanes of them). Returns the bytes written, or
+ * NXKV_ERR_ARG (a symbol outside the table, frequencies not summing to 2^14, capacity too
+ * small). */
+int64_t nxkv_rans_encode_lanes(const int64_t *symbols, size_t n, const int64_t *freqs, size_t n_freqs, size_t lanes,
+                               size_t chunk, uint8_t *out, size_t capacity, int64_t *lengths);
 
 /* Interleaved rANS (FORMAT.md, entropy method 3): decode chunks chunk0 .. chunk1 of a stream of
  * n symbols in chunks of `chunk`, `lanes` lanes each, whose (chunk, lane) streams have the byte

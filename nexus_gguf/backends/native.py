@@ -251,14 +251,22 @@ def rans_decode(data: bytes, freqs: np.ndarray, n: int) -> np.ndarray:
 
 
 def rans_encode_lanes(symbols: np.ndarray, freqs: np.ndarray, lanes: int, chunk: int):
-    from .reference import lane_tasks
+    """Every (chunk, lane) stream in one call (one call a lane cost a tenth of a save, measured)."""
+    from .reference import n_lane_tasks
 
     ffi, lib = load()
-    symbols = np.ascontiguousarray(symbols, np.int64)
+    symbols = np.ascontiguousarray(symbols, np.int64).reshape(-1)
     freqs = np.ascontiguousarray(freqs, np.int64)
-    bodies = [_rans_encode_strided(ffi, lib, symbols, start, count, lanes, freqs) if count else b""
-              for start, count in lane_tasks(symbols.size, lanes, chunk)]
-    return np.array([len(b) for b in bodies], np.int64), b"".join(bodies)
+    n_tasks = n_lane_tasks(symbols.size, lanes, chunk)
+    lengths = np.zeros(n_tasks, np.int64)
+    capacity = symbols.size * 2 + 8 * max(n_tasks, 1)  # 2 bytes a symbol at most, and each lane's state
+    out = np.empty(capacity, np.uint8)
+    k = lib.nxkv_rans_encode_lanes(_ptr(ffi, "int64_t[]", symbols), symbols.size, _ptr(ffi, "int64_t[]", freqs), freqs.size,
+                                   lanes, chunk, ffi.from_buffer("uint8_t[]", out), capacity,
+                                   ffi.from_buffer("int64_t[]", lengths))
+    if k < 0:
+        raise ValueError("rANS: a symbol outside the frequency table or frequencies not summing to 2^14")
+    return lengths, out[:k].tobytes()
 
 
 _PARALLEL_SYMBOLS = 1 << 16  # fewer symbols decode faster on one thread
