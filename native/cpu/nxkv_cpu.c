@@ -317,12 +317,91 @@ __attribute__((target("avx512f,avx512dq"))) static int lattice_quantize_avx512(c
 }
 #endif
 
+/* d8_nearest_lanes with AVX2: four groups a register, masks as lanes of all ones; the sums'
+ * parity from their halves (exact: integers below 2^34). */
+__attribute__((target("avx2"))) static void d8_nearest_lanes4(const __m256d *v, __m256d *r) {
+    const __m256d half = _mm256_set1_pd(0.5), one = _mm256_set1_pd(1.0), minus = _mm256_set1_pd(-1.0),
+                  zero = _mm256_setzero_pd(), sign = _mm256_set1_pd(-0.0);
+    __m256d err[8], sum = zero, worst_err = minus;
+    for (int j = 0; j < 8; ++j) {
+        const __m256d a = _mm256_andnot_pd(sign, v[j]);
+        const __m256d f = _mm256_round_pd(_mm256_add_pd(a, half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        r[j] = _mm256_mul_pd(f, _mm256_blendv_pd(minus, one, _mm256_cmp_pd(v[j], zero, _CMP_GE_OQ)));
+        sum = _mm256_add_pd(sum, r[j]);
+        err[j] = _mm256_andnot_pd(sign, _mm256_sub_pd(v[j], r[j]));
+    }
+    for (int j = 0; j < 8; ++j) worst_err = _mm256_blendv_pd(worst_err, err[j], _mm256_cmp_pd(err[j], worst_err, _CMP_GT_OQ));
+    __m256d worst = zero;
+    for (int j = 7; j >= 0; --j) worst = _mm256_blendv_pd(worst, _mm256_set1_pd(j), _mm256_cmp_pd(err[j], worst_err, _CMP_EQ_OQ));
+    const __m256d h = _mm256_mul_pd(sum, half);
+    const __m256d odd = _mm256_cmp_pd(h, _mm256_round_pd(h, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), _CMP_NEQ_UQ);
+    for (int j = 0; j < 8; ++j) {
+        const __m256d fix = _mm256_and_pd(odd, _mm256_cmp_pd(worst, _mm256_set1_pd(j), _CMP_EQ_OQ));
+        const __m256d dir = _mm256_blendv_pd(minus, one, _mm256_cmp_pd(_mm256_sub_pd(v[j], r[j]), zero, _CMP_GE_OQ));
+        r[j] = _mm256_blendv_pd(r[j], _mm256_add_pd(r[j], dir), fix);
+    }
+}
+
+/* lattice_quantize_avx512 for CPUs with AVX2 only: four groups a register. The points fit
+ * int32 (the range check), so they convert to int32 lanes and their parity sums wrap harmlessly. */
+__attribute__((target("avx2"))) static int lattice_quantize_lanes4(const double *x, const double *step, size_t n_groups,
+                                                                  uint8_t *coset, int32_t *coord, int32_t *coord_last) {
+    const __m256i rows = _mm256_setr_epi64x(0, 8, 16, 24);
+    const __m256d limit = _mm256_set1_pd(2147483000.0), half = _mm256_set1_pd(0.5), zero = _mm256_setzero_pd(),
+                  sign = _mm256_set1_pd(-0.0);
+    size_t i = 0;
+    for (; i + 4 <= n_groups; i += 4) {
+        const __m256d st = _mm256_loadu_pd(step + i);
+        const __m256d pos = _mm256_cmp_pd(st, zero, _CMP_GT_OQ);
+        __m256d u[8], us[8], a[8], b[8], bad = zero;
+        for (int j = 0; j < 8; ++j) {
+            const __m256d q = _mm256_div_pd(_mm256_i64gather_pd(x + 8 * i + j, rows, 8), st);
+            bad = _mm256_or_pd(bad, _mm256_andnot_pd(_mm256_cmp_pd(_mm256_andnot_pd(sign, q), limit, _CMP_LT_OQ), pos));
+            u[j] = _mm256_blendv_pd(zero, q, pos);
+            us[j] = _mm256_sub_pd(u[j], half);
+        }
+        if (_mm256_movemask_pd(bad)) return NXKV_ERR_ARG;
+        d8_nearest_lanes4(u, a);
+        d8_nearest_lanes4(us, b);
+        __m256d ea[8], eb[8];
+        for (int j = 0; j < 8; ++j) {
+            b[j] = _mm256_add_pd(b[j], half);
+            const __m256d fa = _mm256_sub_pd(u[j], a[j]), fb = _mm256_sub_pd(u[j], b[j]);
+            ea[j] = _mm256_mul_pd(fa, fa);
+            eb[j] = _mm256_mul_pd(fb, fb);
+        }
+        const __m256d da = _mm256_add_pd(_mm256_add_pd(_mm256_add_pd(ea[0], ea[1]), _mm256_add_pd(ea[2], ea[3])),
+                                         _mm256_add_pd(_mm256_add_pd(ea[4], ea[5]), _mm256_add_pd(ea[6], ea[7])));
+        const __m256d db = _mm256_add_pd(_mm256_add_pd(_mm256_add_pd(eb[0], eb[1]), _mm256_add_pd(eb[2], eb[3])),
+                                         _mm256_add_pd(_mm256_add_pd(eb[4], eb[5]), _mm256_add_pd(eb[6], eb[7])));
+        const __m256d take_b = _mm256_cmp_pd(db, da, _CMP_LT_OQ);
+        __m256d p[8];
+        for (int j = 0; j < 8; ++j) p[j] = _mm256_blendv_pd(a[j], b[j], take_b);
+        const __m256d is_half = _mm256_cmp_pd(p[0], _mm256_round_pd(p[0], _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), _CMP_NEQ_UQ);
+        const __m256d shift = _mm256_and_pd(is_half, half);
+        __m128i z[8], sum = _mm_setzero_si128();
+        for (int j = 0; j < 8; ++j) z[j] = _mm256_cvttpd_epi32(_mm256_sub_pd(p[j], shift));
+        for (int j = 0; j < 7; ++j) sum = _mm_add_epi32(sum, z[j]);
+        const __m128i last = _mm_srai_epi32(_mm_sub_epi32(z[7], _mm_and_si128(sum, _mm_set1_epi32(1))), 1);
+        int32_t zz[8][4], ll[4];
+        for (int j = 0; j < 7; ++j) _mm_storeu_si128((__m128i *)zz[j], z[j]);
+        _mm_storeu_si128((__m128i *)ll, last);
+        const int halves = _mm256_movemask_pd(is_half);
+        for (int g = 0; g < 4; ++g) {
+            coset[i + g] = (uint8_t)(halves >> g & 1);
+            for (int j = 0; j < 7; ++j) coord[7 * (i + g) + j] = zz[j][g];
+            coord_last[i + g] = ll[g];
+        }
+    }
+    return lattice_quantize_avx2(x + 8 * i, step + i, n_groups - i, coset + i, coord + 7 * i, coord_last + i);
+}
+
 int nxkv_lattice_quantize(const double *x, const double *step, size_t n_groups, uint8_t *coset, int32_t *coord,
                           int32_t *coord_last) {
 #ifdef NXKV_HAVE_AVX2_PATH
     if (use_extensions >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"))
         return lattice_quantize_avx512(x, step, n_groups, coset, coord, coord_last);
-    if (have_avx2()) return lattice_quantize_avx2(x, step, n_groups, coset, coord, coord_last);
+    if (have_avx2()) return lattice_quantize_lanes4(x, step, n_groups, coset, coord, coord_last);
 #endif
     return lattice_quantize(x, step, n_groups, coset, coord, coord_last);
 }
