@@ -101,6 +101,46 @@ static int chunk_start(const batch_view *b, const chunk_job *j, uint32_t *x, int
 #include <immintrin.h>
 #define NXKV_HAVE_AVX512_RANS 1
 
+/* The SIMD rounds' lanes (chunk c's lane l at c * SIMD_LANES + l): states, offsets in the
+ * payload, the position each may read 4 bytes at before the rounds stop, table offsets, and
+ * (after the rounds) positions. */
+typedef struct {
+    uint32_t x[SIMD_JOBS * SIMD_LANES];
+    int32_t off[SIMD_JOBS * SIMD_LANES], limit[SIMD_JOBS * SIMD_LANES], tab[SIMD_JOBS * SIMD_LANES],
+        fcb[SIMD_JOBS * SIMD_LANES], pos[SIMD_JOBS * SIMD_LANES];
+} rounds_lanes;
+
+/* The lanes of chunks j[0 .. SIMD_JOBS) before the rounds; returns the symbols of the shortest. */
+static int64_t rounds_start(const batch_view *b, const chunk_job *j, rounds_lanes *L) {
+    int64_t m = j[0].m;
+    for (int q = 0; q < SIMD_JOBS * SIMD_LANES; ++q) {
+        const chunk_job *c = j + q / SIMD_LANES;
+        const int64_t lane = c->lane0 + q % SIMD_LANES;
+        const uint8_t *d = b->payload + b->lane_off[lane];
+        L->x[q] = ((uint32_t)d[0] << 24) | ((uint32_t)d[1] << 16) | ((uint32_t)d[2] << 8) | d[3];
+        L->off[q] = (int32_t)b->lane_off[lane];
+        /* go on while p <= limit: the lane has not run past its end, and 4 bytes lie in the payload */
+        const int64_t room = b->payload_size - 4 - b->lane_off[lane];
+        L->limit[q] = (int32_t)(b->lane_len[lane] < room ? b->lane_len[lane] : room);
+        L->tab[q] = (int32_t)(c->stream * SYMBOL_STRIDE);
+        L->fcb[q] = (int32_t)(c->stream * SMALL_ALPHABET);
+        if (c->m < m) m = c->m;
+    }
+    return m;
+}
+
+/* After the rounds (symbols 0 .. i of every chunk): the rest of each chunk one lane at a time;
+ * a bit per chunk that is corrupt. */
+static unsigned rounds_finish(const batch_view *b, const chunk_job *j, int64_t i, rounds_lanes *L) {
+    unsigned bad = 0;
+    for (int c = 0; c < SIMD_JOBS; ++c) {
+        int64_t pc[SIMD_LANES];
+        for (int l = 0; l < SIMD_LANES; ++l) pc[l] = L->pos[c * SIMD_LANES + l];
+        if (chunk_compact(b, j + c, i, L->x + c * SIMD_LANES, pc)) bad |= 1u << c;
+    }
+    return bad;
+}
+
 /* SIMD_JOBS chunks of SIMD_LANES lanes (compact tables, every lane with symbols and at least 4
  * bytes, lane offsets + lengths below 2^31) advanced together, the rest by chunk_compact.
  * Returns a bit per chunk that is corrupt.
@@ -112,23 +152,10 @@ static int chunk_start(const batch_view *b, const chunk_job *j, uint32_t *x, int
  * there (not 4 bytes before every lane's end) keeps ~25% more of the symbols in the rounds. */
 __attribute__((target("avx512f"))) static unsigned chunks_avx512(const batch_view *b, const chunk_job *j) {
     enum { V = SIMD_JOBS * SIMD_LANES / 16 }; /* registers of 16 lanes */
-    uint32_t xs[SIMD_JOBS * SIMD_LANES];
-    int32_t off[SIMD_JOBS * SIMD_LANES], limit[SIMD_JOBS * SIMD_LANES], tab[SIMD_JOBS * SIMD_LANES],
-        fcb[SIMD_JOBS * SIMD_LANES], pos[SIMD_JOBS * SIMD_LANES];
-    int64_t m = j[0].m;
-    for (int q = 0; q < SIMD_JOBS * SIMD_LANES; ++q) {
-        const chunk_job *c = j + q / SIMD_LANES;
-        const int64_t lane = c->lane0 + q % SIMD_LANES;
-        const uint8_t *d = b->payload + b->lane_off[lane];
-        xs[q] = ((uint32_t)d[0] << 24) | ((uint32_t)d[1] << 16) | ((uint32_t)d[2] << 8) | d[3];
-        off[q] = (int32_t)b->lane_off[lane];
-        /* go on while p <= limit: the lane has not run past its end, and 4 bytes lie in the payload */
-        const int64_t room = b->payload_size - 4 - b->lane_off[lane];
-        limit[q] = (int32_t)(b->lane_len[lane] < room ? b->lane_len[lane] : room);
-        tab[q] = (int32_t)(c->stream * SYMBOL_STRIDE);
-        fcb[q] = (int32_t)(c->stream * SMALL_ALPHABET);
-        if (c->m < m) m = c->m;
-    }
+    rounds_lanes L;
+    const int64_t m = rounds_start(b, j, &L);
+    uint32_t *xs = L.x;
+    int32_t *off = L.off, *limit = L.limit, *tab = L.tab, *fcb = L.fcb, *pos = L.pos;
     __m512i x[V], o[V], t[V], f[V], p[V], lim[V];
     for (int v = 0; v < V; ++v) {
         x[v] = _mm512_loadu_si512(xs + 16 * v);
@@ -171,35 +198,17 @@ __attribute__((target("avx512f"))) static unsigned chunks_avx512(const batch_vie
         _mm512_storeu_si512(xs + 16 * v, x[v]);
         _mm512_storeu_si512(pos + 16 * v, p[v]);
     }
-    unsigned bad = 0;
-    for (int c = 0; c < SIMD_JOBS; ++c) {
-        int64_t pc[SIMD_LANES];
-        for (int l = 0; l < SIMD_LANES; ++l) pc[l] = pos[c * SIMD_LANES + l];
-        if (chunk_compact(b, j + c, i, xs + c * SIMD_LANES, pc)) bad |= 1u << c;
-    }
-    return bad;
+    return rounds_finish(b, j, i, &L);
 }
 
 /* chunks_avx512 for CPUs with AVX2 only (8 lanes a register, the masks as lanes of all ones):
  * the same rounds, the same stops, the same symbols. */
 __attribute__((target("avx2"))) static unsigned chunks_avx2(const batch_view *b, const chunk_job *j) {
     enum { V = SIMD_JOBS * SIMD_LANES / 8 }; /* registers of 8 lanes */
-    uint32_t xs[SIMD_JOBS * SIMD_LANES];
-    int32_t off[SIMD_JOBS * SIMD_LANES], limit[SIMD_JOBS * SIMD_LANES], tab[SIMD_JOBS * SIMD_LANES],
-        fcb[SIMD_JOBS * SIMD_LANES], pos[SIMD_JOBS * SIMD_LANES];
-    int64_t m = j[0].m;
-    for (int q = 0; q < SIMD_JOBS * SIMD_LANES; ++q) {
-        const chunk_job *c = j + q / SIMD_LANES;
-        const int64_t lane = c->lane0 + q % SIMD_LANES;
-        const uint8_t *d = b->payload + b->lane_off[lane];
-        xs[q] = ((uint32_t)d[0] << 24) | ((uint32_t)d[1] << 16) | ((uint32_t)d[2] << 8) | d[3];
-        off[q] = (int32_t)b->lane_off[lane];
-        const int64_t room = b->payload_size - 4 - b->lane_off[lane];
-        limit[q] = (int32_t)(b->lane_len[lane] < room ? b->lane_len[lane] : room);
-        tab[q] = (int32_t)(c->stream * SYMBOL_STRIDE);
-        fcb[q] = (int32_t)(c->stream * SMALL_ALPHABET);
-        if (c->m < m) m = c->m;
-    }
+    rounds_lanes L;
+    const int64_t m = rounds_start(b, j, &L);
+    uint32_t *xs = L.x;
+    int32_t *off = L.off, *limit = L.limit, *tab = L.tab, *fcb = L.fcb, *pos = L.pos;
     __m256i x[V], p[V];
     for (int v = 0; v < V; ++v) {
         x[v] = _mm256_loadu_si256((const __m256i *)(xs + 8 * v));
@@ -237,13 +246,7 @@ __attribute__((target("avx2"))) static unsigned chunks_avx2(const batch_view *b,
         _mm256_storeu_si256((__m256i *)(xs + 8 * v), x[v]);
         _mm256_storeu_si256((__m256i *)(pos + 8 * v), p[v]);
     }
-    unsigned bad = 0;
-    for (int c = 0; c < SIMD_JOBS; ++c) {
-        int64_t pc[SIMD_LANES];
-        for (int l = 0; l < SIMD_LANES; ++l) pc[l] = pos[c * SIMD_LANES + l];
-        if (chunk_compact(b, j + c, i, xs + c * SIMD_LANES, pc)) bad |= 1u << c;
-    }
-    return bad;
+    return rounds_finish(b, j, i, &L);
 }
 #endif
 
