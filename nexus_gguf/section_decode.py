@@ -384,9 +384,9 @@ _scratch = threading.local()
 
 
 def _symbol_buffer(n: int) -> np.ndarray:
-    """An int32 buffer of n symbols, reused by this thread's later batches: a fresh one per layer
-    cost the kernel's page clearing (11% of a 4096-token load, measured with perf). Every entry
-    of the part handed out is written before it is read (rANS streams and host symbols cover it)."""
+    """An int32 buffer of n symbols, reused by this thread's later batches (a layer's are ~7 MB: a
+    fresh buffer each time is fresh pages for the kernel to clear). Every entry of the part
+    handed out is written before it is read (rANS streams and host symbols cover it)."""
     have = getattr(_scratch, "symbols", None)
     if have is None or have.size < n:
         _scratch.symbols = have = np.empty(max(n, 1), np.int32)
