@@ -17,49 +17,6 @@
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
-/* The basis products of core/transform.h in int16 pairs (AVX2 vpmaddwd: 16 products a
- * instruction where the float path does 8): pairs [w/2][w][2] holds rows 2j and 2j + 1 of a w x w
- * basis side by side. Exact, like the float path: every product and partial sum is an integer
- * within int32 when the coordinates fit int16 and 2^shift * l1 < 2^31 (checked: else 0 is
- * returned and the caller takes the float / int64 path); the same sums, so the same bits after
- * nxkv_core_basis_finish. 1.9x the float path's speed on a 2-core EPYC (192-value vectors). */
-/* The sums of cpu_basis16 with AVX-512 VNNI (vpdpwssd: a pair product and its sum in one
- * instruction, 16 outputs wide): the same integers. */
-__attribute__((target("avx512f,avx512vl,avx512vnni"))) static void cpu_sums16_vnni(const int16_t *pairs, const int32_t *pv,
-                                                                                const int64_t *rows, int64_t np, int64_t w,
-                                                                                int32_t *acc) {
-    int64_t i0 = 0;
-    for (; i0 + 128 <= w; i0 += 128) {
-        __m512i s[8];
-        for (int b = 0; b < 8; ++b) s[b] = _mm512_setzero_si512();
-        for (int64_t t = 0; t < np; ++t) {
-            const __m512i p = _mm512_set1_epi32(pv[t]);
-            const int16_t *r = pairs + rows[t] + 2 * i0;
-            for (int b = 0; b < 8; ++b) s[b] = _mm512_dpwssd_epi32(s[b], _mm512_loadu_si512(r + 32 * b), p);
-        }
-        for (int b = 0; b < 8; ++b) _mm512_storeu_si512(acc + i0 + 16 * b, s[b]);
-    }
-    for (; i0 + 64 <= w; i0 += 64) {
-        __m512i s[4];
-        for (int b = 0; b < 4; ++b) s[b] = _mm512_setzero_si512();
-        for (int64_t t = 0; t < np; ++t) {
-            const __m512i p = _mm512_set1_epi32(pv[t]);
-            const int16_t *r = pairs + rows[t] + 2 * i0;
-            for (int b = 0; b < 4; ++b) s[b] = _mm512_dpwssd_epi32(s[b], _mm512_loadu_si512(r + 32 * b), p);
-        }
-        for (int b = 0; b < 4; ++b) _mm512_storeu_si512(acc + i0 + 16 * b, s[b]);
-    }
-    for (; i0 < w; i0 += 8) {
-        __m256i s0 = _mm256_setzero_si256();
-        for (int64_t t = 0; t < np; ++t) {
-            s0 = _mm256_dpwssd_epi32(s0, _mm256_loadu_si256((const __m256i *)(pairs + rows[t] + 2 * i0)), _mm256_set1_epi32(pv[t]));
-        }
-        _mm256_storeu_si256((__m256i *)(acc + i0), s0);
-    }
-}
-
-static int have_avx512_vnni(void);
-
 /* p2's coordinates as int16 pairs (pv[j] = p2[2j] | p2[2j + 1] << 16), or 0 where the int32
  * sums could overflow or a coordinate does not fit int16 (every product and partial sum is an
  * integer within 2^shift * l1 < 2^31 otherwise); the caller then takes the float / int64 path. */
@@ -73,6 +30,12 @@ static inline int pack_pairs(const int64_t *p2, int64_t l1, int64_t w, int shift
     return 1;
 }
 
+/* The basis products of core/transform.h in int16 pairs (AVX2 vpmaddwd: 16 products a
+ * instruction where the float path does 8): pairs [w/2][w][2] holds rows 2j and 2j + 1 of a w x w
+ * basis side by side. Exact, like the float path: every product and partial sum is an integer
+ * within int32 when the coordinates fit int16 and 2^shift * l1 < 2^31 (checked: else 0 is
+ * returned and the caller takes the float / int64 path); the same sums, so the same bits after
+ * nxkv_core_basis_finish. 1.9x the float path's speed on a 2-core EPYC (192-value vectors). */
 __attribute__((target("avx2"))) static int cpu_basis16(const int16_t *pairs, const int64_t *p2, int64_t l1, int64_t w,
                                                         int shift, double c, const double *mean, const double *cscale,
                                                         int64_t *acc64, float *out) {
@@ -85,12 +48,6 @@ __attribute__((target("avx2"))) static int cpu_basis16(const int16_t *pairs, con
         np += pv[j] != 0;
     }
     int32_t acc[NXKV_MAX_HEAD_DIM];
-    if (have_avx512_vnni()) {
-        cpu_sums16_vnni(pairs, pv, rows, np, w, acc);
-        for (int64_t i = 0; i < w; ++i) acc64[i] = acc[i];
-        nxkv_core_basis_finish(acc64, w, c, mean, cscale, out);
-        return 1;
-    }
     int64_t i0 = 0;
     for (; i0 + 64 <= w; i0 += 64) {
         __m256i s[8];
