@@ -279,8 +279,7 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
             gpu(pipeline, [sj for job in jobs for sj in _layer_sections(pipeline, dims, job, state.caches[job[0]].streams[job[1]]
                                                                          .layers[job[2]], read(job))])
             return blob, state
-        native_batches = _native_batches() and _batchable(pipeline, dims, jobs, gpu=False)
-        if native_batches:
+        if _native_batches() and _batchable(pipeline, dims, jobs, gpu=False):
             # each layer's batch prepared here (Python) while the pool runs the ones before
             # (the CPU library, without the GIL)
             from . import section_decode

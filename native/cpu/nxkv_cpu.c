@@ -744,8 +744,10 @@ void nxkv_byteplane_merge(const uint8_t *src, uint8_t *dst, size_t n_elements, s
     nxkv_core_byteplane_merge_range(src, dst, n_elements, element_size, 0, n_elements);
 }
 
-/* A section's rows, its status into *status; twice like the E8 loops (flattened: every core call inlined
- * into it): the basis products (core/transform.h) run 8 floats wide with AVX2. The same operations, so the same bits. */
+/* A section's rows one vector at a time, its status into *status: sections without a basis (a
+ * basis section where its tiles' pairs found no memory: the float products of core/transform.h);
+ * twice like the E8 loops (flattened: every core call inlined into it). The same operations, so
+ * the same bits. */
 #define SECTION_ROWS_BODY                                                                        \
     float v[NXKV_MAX_HEAD_DIM];                                                                  \
     const int64_t d = s->head_dim, n_embd = s->n_heads * d, k = s->head_group;                  \
@@ -1225,11 +1227,12 @@ int nxkv_decode_values(const nxkv_section *sections, int64_t n_sections, const n
     for (int64_t i = 0; i < n_sections; ++i) {
 #ifdef NXKV_HAVE_AVX2_PATH
         if (have_avx2()) {
-            /* the section's bases as int16 row pairs for cpu_basis16 (NULL: the float path) */
+            /* a basis section: its bases as int16 row pairs for the tiles (no memory for them:
+             * one vector at a time, the float products) */
             const nxkv_section *s = sections + i;
             const int64_t w = s->head_dim * s->head_group;
             int16_t *pairs = s->basis ? basis_pairs(arrays->bases + s->basis0, s->n_heads / s->head_group, w) : NULL;
-            if (pairs) { /* a basis: cells eight at a time, with VNNI's products where the CPU has them */
+            if (pairs) { /* cells eight at a time, with VNNI's products where the CPU has them */
                 int8_t *quads = NULL;
                 int32_t *colsum = NULL;
                 const int vnni = have_avx512_vnni();
@@ -1238,7 +1241,7 @@ int nxkv_decode_values(const nxkv_section *sections, int64_t n_sections, const n
                 free(quads);
                 free(colsum);
             } else {
-                section_rows_avx2(s, arrays, status + i, pairs);
+                section_rows_avx2(s, arrays, status + i, NULL);
             }
             free(pairs);
             continue;
