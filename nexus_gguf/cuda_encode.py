@@ -57,6 +57,9 @@ def unsupported(pipeline, dims: dict, types: set[str]) -> Optional[str]:
     if why is not None:
         return why
     _, _, lattice, entropy = value_stages(pipeline)
+    if lattice.transform != "none" or lattice.classes or lattice.head_group != 1:
+        # the basis fit (float64 eigenvectors) and the class split run on the host today
+        return "the PCA transform, component classes and head groups are encoded on the CPU (the GPU decodes them)"
     if (lattice.scale_scope, lattice.scale_stat, lattice.scale_format, lattice.scale_block) != ("head", "rms", "log", 0):
         return "the GPU encoder takes one RMS scale per head on the log scale (the presets')"
     if entropy.coder != "rans":

@@ -12,8 +12,8 @@ stages: the rows are the same bits (tests/test_cuda.py, tests/test_golden.py). r
 is the numpy reference of the batch.
 
 What it covers: the value path of the presets (stages rope?, hadamard?, lattice, entropy) into
-f16 or f32 caches with head sizes up to 512, on the CPU also the lattice's PCA transform and
-component classes (the GPU has not run those yet). Anything else (quantized caches,
+f16 or f32 caches with head sizes up to 512, the lattice's PCA transform, component classes and
+head groups included. Anything else (quantized caches,
 importance-aware steps, delta coding) decodes stage by stage; unsupported() says why."""
 
 from __future__ import annotations
@@ -58,18 +58,15 @@ def value_stages(pipeline):
     return rope, had, stages[0], stages[1]
 
 
-def unsupported(pipeline, dims: dict, types: set[str], gpu: bool = True) -> Optional[str]:
-    """Why this file's K/V sections cannot be decoded as a batch on the GPU (gpu) or the CPU
-    library, or None (cuda_encode adds its own conditions to the GPU's)."""
+def unsupported(pipeline, dims: dict, types: set[str]) -> Optional[str]:
+    """Why this file's K/V sections cannot be decoded as a batch (on the GPU or the CPU library:
+    the same conditions), or None (cuda_encode adds its own for the GPU's encoder)."""
     got = value_stages(pipeline)
     if isinstance(got, str):
         return got
     rope, _, lattice, _ = got
     if lattice.token_steps:
         return "importance-aware steps (bucket streams) are coded on the CPU"
-    if gpu and (lattice.transform != "none" or lattice.classes or lattice.head_group != 1):
-        # core/section.h decodes them (the CPU library runs it), but no GPU has run them yet
-        return "the PCA transform, component classes and head groups are decoded on the CPU (not yet run on a GPU)"
     if lattice.scale_scope == "head" and lattice.scale_block:
         return "per-head scales with scale blocks are coded on the CPU"
     bad = sorted(types - {"f16", "f32"})
@@ -359,6 +356,8 @@ def run(prep: Prepared) -> dict[str, float]:
     b.streams, b.n_streams = streams, len(prep.streams)
     b.n_symbols = prep.n_symbols
     b.host_symbols, b.n_host_symbols = buf("int32_t[]", a["host_symbols"]), a["host_symbols"].size
+    b.bases, b.n_bases = buf("float[]", a["bases"]), a["bases"].size
+    b.columns, b.n_columns = buf("int64_t[]", a["columns"]), a["columns"].size
     b.host_symbols0 = prep.host_symbols0
     b.steps, b.n_steps = buf("double[]", a["steps"]), a["steps"].size
     b.means, b.n_means = buf("double[]", a["means"]), a["means"].size

@@ -274,12 +274,12 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
         def read(job) -> dict:
             return {part: section(f"{part}.{job[0]}.{job[1]}.{job[2]}") for part in ("k", "v")}
 
-        gpu = _gpu_decoder() if _batchable(pipeline, dims, jobs, gpu=True) else None
+        gpu = _gpu_decoder() if _batchable(pipeline, dims, jobs) else None
         if gpu is not None:  # every section in one GPU batch
             gpu(pipeline, [sj for job in jobs for sj in _layer_sections(pipeline, dims, job, state.caches[job[0]].streams[job[1]]
                                                                          .layers[job[2]], read(job))])
             return blob, state
-        if _native_batches() and _batchable(pipeline, dims, jobs, gpu=False):
+        if _native_batches() and _batchable(pipeline, dims, jobs):
             # each layer's batch prepared here (Python) while the pool runs the ones before
             # (the CPU library, without the GIL)
             from . import section_decode
@@ -363,13 +363,13 @@ def _layer_sections(pipeline: Pipeline, dims, job: tuple, dest: LayerKV, data: d
     return out
 
 
-def _batchable(pipeline: Pipeline, dims, jobs: list, gpu: bool) -> bool:
+def _batchable(pipeline: Pipeline, dims, jobs: list) -> bool:
     """Whether these K/V sections can decode as section_decode batches (the presets' value path
     into f16/f32 rows) on the GPU or the CPU library."""
     from . import section_decode
 
     types = {L[f"{part}_type"] for (_, _, _, L, _, _) in jobs for part in ("k", "v")}
-    return bool(dims) and section_decode.unsupported(pipeline, dims, types, gpu) is None
+    return bool(dims) and section_decode.unsupported(pipeline, dims, types) is None
 
 
 def _cells_from_bytes(data: np.ndarray, n: int, has_ext: bool) -> Cells:

@@ -25,9 +25,12 @@ from nexus_gguf.pipeline import PRESETS, Pipeline
 from nexus_gguf.state_file import decode_state_blob, encode_state
 
 FILES = os.path.join(golden.FIXTURES, "v1", "files")
+V2 = "../../v2/files/"  # format 2 (PCA basis, component classes, head groups), relative to FILES
 GPU_FILES = ["gemma3-high.nxkv", "gemma3-balanced.nxkv", "gemma3-max.nxkv", "gemma3-high-0.1.0.nxkv",
              "gemma3-high-0.1.0-2.nxkv", "gemma3-max-0.1.0-2.nxkv", "smollm2-f16-vtrans-high.nxkv",
-             "smollm2-f16-vtrans-high-0.1.0.nxkv", "smollm2-f16-vtrans-high-0.1.0-2.nxkv"]
+             "smollm2-f16-vtrans-high-0.1.0.nxkv", "smollm2-f16-vtrans-high-0.1.0-2.nxkv", V2 + "gemma3-high.nxkv",
+             V2 + "gemma3-balanced.nxkv", V2 + "gemma3-max.nxkv", V2 + "gemma3-long-high.nxkv",
+             V2 + "smollm2-f16-vtrans-high.nxkv"]
 
 
 def _reference(pipeline, work):
@@ -66,7 +69,7 @@ def _decode(monkeypatch, decoder, pipeline, layout, section, limits) -> tuple[by
 @pytest.mark.parametrize("decoder", sorted(DECODERS))
 @pytest.mark.parametrize("name", GPU_FILES)
 def test_gpu_decode_of_golden_files_matches_the_cpu(monkeypatch, name, decoder):
-    f, h = _open(os.path.join(FILES, name))
+    f, h = _open(os.path.normpath(os.path.join(FILES, name)))
     want, _ = decode_state_blob(h.state, h.pipeline, f.section, h.limits())
     got, n = _decode(monkeypatch, _decoder(decoder), h.pipeline, h.state, f.section, h.limits())
     assert n > 0 and got == bytes(want)
@@ -119,7 +122,7 @@ def test_gpu_decode_of_option_variants_matches_the_cpu(monkeypatch, source, high
 
 
 @pytest.mark.parametrize("name,why", [("smollm2-q8_0-high.nxkv", "q8_0"), ("gemma3-seed.nxkv", "delta"),
-                                      ("../../v2/files/gemma3-long-high.nxkv", "not yet run on a GPU")])
+                                      (V2 + "smollm2-q8_0-high.nxkv", "q8_0")])
 def test_files_the_gpu_does_not_decode_say_why_and_use_the_cpu(monkeypatch, name, why):
     f, h = _open(os.path.normpath(os.path.join(FILES, name)))
     types = {L[f"{p}_type"] for c in h.state["caches"] for s in c["streams"] if s for L in s["layers"] for p in "kv"}
@@ -257,7 +260,7 @@ def test_gpu_encode_writes_the_cpu_writers_bytes(monkeypatch, source, high, vari
     (lambda c: c["lattice"].update(token_steps=0.5), "importance"),
     # format 2's high
     (lambda c: (c.pop("hadamard"), c["lattice"].update(next(s for s in PRESETS["high"]["stages"] if s["id"] == "lattice"))),
-     "not yet run on a GPU"),
+     "encoded on the CPU (the GPU decodes them)"),
 ])
 def test_sections_the_gpu_does_not_encode_say_why_and_use_the_cpu(monkeypatch, edit, why):
     from nexus_gguf import cuda_encode
@@ -314,23 +317,26 @@ PCA_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("decoder", ["reference", "native"])
+@pytest.mark.parametrize("decoder", ["reference", "native", "cuda"])
 @pytest.mark.parametrize("variant", sorted(PCA_VARIANTS))
 @pytest.mark.parametrize("source,high", [("smollm2-f16-vtrans-lossless.nxkv", "smollm2-f16-vtrans-high.nxkv"),
                                          ("gemma3-lossless.nxkv", "gemma3-high.nxkv")])
-def test_cpu_batch_of_pca_and_classes_matches_the_stages(monkeypatch, source, high, variant, decoder):
-    """The lattice's PCA transform and component classes decode through the CPU library's batch
-    (core/section.h: basis, per-class symbol columns) to the stage-by-stage rows, bit for bit;
-    the GPU refuses them until a GPU has run them."""
-    if decoder == "native" and backend_status()["native"] != "available":
-        pytest.skip(f"native backend {backend_status()['native']}")
+def test_batch_of_pca_and_classes_matches_the_stages(monkeypatch, source, high, variant, decoder):
+    """The lattice's PCA transform, component classes and head groups decode through the batch
+    (core/section.h: basis, per-class symbol columns; on the GPU a tile of cells a block) to the
+    stage-by-stage rows, bit for bit, on the CPU library and the GPU."""
+    if decoder != "reference" and backend_status()[decoder] != "available":
+        pytest.skip(f"{decoder} backend {backend_status()[decoder]}")
     pipeline, layout, section, limits = _variant(source, high, PCA_VARIANTS[variant], queries=True)
     types = {L[f"{p}_type"] for c in layout["caches"] for s in c["streams"] if s for L in s["layers"] for p in "kv"}
-    assert section_decode.unsupported(pipeline, layout["values"], types, gpu=False) is None
-    assert "not yet run on a GPU" in section_decode.unsupported(pipeline, layout["values"], types)
+    assert section_decode.unsupported(pipeline, layout["values"], types) is None
     with monkeypatch.context() as m:
         m.setattr(state_file, "_native_batches", lambda: False)  # stage by stage
         want, _ = decode_state_blob(layout, pipeline, section, limits)
+    if decoder == "cuda":
+        got, n = _decode(monkeypatch, section_decode.decode_sections, pipeline, layout, section, limits)
+        assert n > 0 and got == bytes(want)
+        return
     calls = []
 
     def batch(prep):
@@ -363,7 +369,50 @@ LEVEL_VARIANTS = {
     # the float / int64 products inside a tile
     "pca-wide-coordinates": lambda c: (c.pop("hadamard", None), c["lattice"].update(transform="pca", pca_min_cells=1),
                                        c["entropy"].update(coder="zstd")),
+    # as above with coordinates near 2^30 and the bases read as 15-bit ones: sums past 2^52,
+    # which the GPU makes in int64 instead of doubles
+    "pca-huge-coordinates": lambda c: (c.pop("hadamard", None), c["lattice"].update(transform="pca", pca_min_cells=1, head_group=0),
+                                       c["entropy"].update(coder="zstd")),
 }
+
+
+def _level_batches(monkeypatch, variant: str) -> list:
+    """Prepared batches of the SmolLM2 state re-encoded as LEVEL_VARIANTS[variant] says, with the
+    damage the wide and huge variants describe."""
+    pipeline, layout, section, limits = _variant("smollm2-f16-vtrans-lossless.nxkv", "smollm2-f16-vtrans-high.nxkv",
+                                                 LEVEL_VARIANTS[variant], queries=True)
+    preps = []
+    with monkeypatch.context() as m:
+        m.setattr(state_file, "_native_batches", lambda: True)
+        m.setattr(section_decode, "run_native", lambda prep: (preps.append(prep), section_decode.reference_decode(prep)))
+        decode_state_blob(layout, pipeline, section, limits)
+    assert preps and any(s["basis"] for prep in preps for s in prep.sections)
+    if variant in ("pca-wide-coordinates", "pca-huge-coordinates"):  # what only a damaged file holds
+        for prep in preps:
+            host = prep.arrays["host_symbols"] = prep.arrays["host_symbols"].copy()
+            for sec in prep.sections:  # coordinates (not cosets) on the host
+                start = sec["coord0"] - prep.host_symbols0
+                assert not sec["by_class"] and start >= 0
+                coords = host[start : start + 7 * sec["n_cells"] * sec["n_heads"] * sec["head_dim"] // 8]
+                if variant == "pca-wide-coordinates":
+                    coords[::97] += 40000
+                else:  # every coordinate of the first 5 cells of 8 (the last tile short), the rest as coded
+                    per_cell = 7 * sec["n_heads"] * sec["head_dim"] // 8
+                    cells = coords.reshape(sec["n_cells"], per_cell)
+                    cells[np.arange(sec["n_cells"]) % 8 < 5] = (1 << 30) - 1
+                    sec["basis_shift"] = 14
+    return preps
+
+
+def _laid_out(prep, out_f16: int, transposed: int):
+    """The batch writing into fresh rows as f16 or f32, cell-major or transposed."""
+    jobs = [dataclasses.replace(j, out_f16=bool(out_f16), transposed=bool(transposed),
+                                rows=np.zeros(j.info.n_cells * j.info.n_heads * j.info.head_dim * (2 if out_f16 else 4), np.uint8))
+            for j in prep.jobs]
+    return dataclasses.replace(prep, jobs=jobs, sections=[{**s, "out_f16": out_f16, "transposed": transposed} for s in prep.sections])
+
+
+LAYOUTS = ((1, 0), (1, 1), (0, 0), (0, 1))
 
 
 @pytest.mark.parametrize("variant", sorted(LEVEL_VARIANTS))
@@ -376,39 +425,37 @@ def test_cpu_library_rows_match_the_reference_at_every_extension_level(monkeypat
         pytest.skip(f"native backend {backend_status()['native']}")
     from nexus_gguf.backends import native
 
-    pipeline, layout, section, limits = _variant("smollm2-f16-vtrans-lossless.nxkv", "smollm2-f16-vtrans-high.nxkv",
-                                                 LEVEL_VARIANTS[variant], queries=True)
-    preps = []
-    with monkeypatch.context() as m:
-        m.setattr(state_file, "_native_batches", lambda: True)
-        m.setattr(section_decode, "run_native", lambda prep: (preps.append(prep), section_decode.reference_decode(prep)))
-        decode_state_blob(layout, pipeline, section, limits)
-    assert preps and any(s["basis"] for prep in preps for s in prep.sections)
-    if variant == "pca-wide-coordinates":  # what only a damaged file holds
-        for prep in preps:
-            host = prep.arrays["host_symbols"] = prep.arrays["host_symbols"].copy()
-            for sec in prep.sections:  # coordinates (not cosets) on the host
-                start = sec["coord0"] - prep.host_symbols0
-                assert not sec["by_class"] and start >= 0
-                host[start : start + 7 * sec["n_cells"] * sec["n_heads"] * sec["head_dim"] // 8 : 97] += 40000
+    preps = _level_batches(monkeypatch, variant)
     _, lib = native.load()
     was = lib.nxkv_use_cpu_extensions(2)
     try:
         for prep in preps[:3]:
-            for out_f16, transposed in ((1, 0), (1, 1), (0, 0), (0, 1)):
-                def laid_out(p):
-                    jobs = [dataclasses.replace(j, out_f16=bool(out_f16), transposed=bool(transposed),
-                                                rows=np.zeros(j.info.n_cells * j.info.n_heads * j.info.head_dim * (2 if out_f16 else 4), np.uint8))
-                            for j in p.jobs]
-                    return dataclasses.replace(p, jobs=jobs, sections=[{**s, "out_f16": out_f16, "transposed": transposed} for s in p.sections])
-
-                want = laid_out(prep)
+            for out_f16, transposed in LAYOUTS:
+                want = _laid_out(prep, out_f16, transposed)
                 section_decode.reference_decode(want)
                 for level in (2, 1, 0):
                     lib.nxkv_use_cpu_extensions(level)
-                    got = laid_out(prep)
+                    got = _laid_out(prep, out_f16, transposed)
                     section_decode.run_native(got)
                     for a, b in zip(want.jobs, got.jobs):
                         assert bytes(a.rows) == bytes(b.rows), f"level {level}, f16 {out_f16}, transposed {transposed}: {a.info.name}"
     finally:
         lib.nxkv_use_cpu_extensions(was)
+
+
+@pytest.mark.parametrize("variant", sorted(LEVEL_VARIANTS))
+def test_gpu_rows_of_basis_sections_match_the_reference(monkeypatch, variant):
+    """The GPU's basis tiles (k_section_basis: points, exact products in doubles or int64, the
+    finish) write the numpy reference's rows, as f16 and f32, cell-major and transposed, for a
+    batch of several layers at once."""
+    if backend_status()["cuda"] != "available":
+        pytest.skip(f"cuda backend {backend_status()['cuda']}")
+    preps = _level_batches(monkeypatch, variant)
+    for prep in preps[:3]:
+        for out_f16, transposed in LAYOUTS:
+            want = _laid_out(prep, out_f16, transposed)
+            section_decode.reference_decode(want)
+            got = _laid_out(prep, out_f16, transposed)
+            section_decode.run(got)
+            for a, b in zip(want.jobs, got.jobs):
+                assert bytes(a.rows) == bytes(b.rows), f"f16 {out_f16}, transposed {transposed}: {a.info.name}"

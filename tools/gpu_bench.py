@@ -53,9 +53,8 @@ def main(argv=None) -> int:
     layout, pipeline = h.state, h.pipeline
     types = {L[f"{p}_type"] for c in layout["caches"] for s in c["streams"] if s for L in s["layers"] for p in "kv"}
     why = section_decode.unsupported(pipeline, layout.get("values") or {}, types)
-    if why is not None:  # format 2's lossy presets decode on the CPU until a GPU has run them
-        print(f"{args.state}: the GPU does not decode this file ({why}); save one with save-state --set "
-              f"lattice.transform=none --set lattice.classes=false --set lattice.head_group=1", file=sys.stderr)
+    if why is not None:
+        print(f"{args.state}: the GPU does not decode this file ({why})", file=sys.stderr)
         return 2
     blob, state0 = state_file.decode_state_blob(layout, pipeline, sections.__getitem__, limits)
     kv_bytes = sum(L.k.nbytes + L.v.nbytes for _, _, L in state0.layers())
@@ -118,7 +117,7 @@ def main(argv=None) -> int:
 
     configs = [dict(c) for c in pipeline.get_config()["stages"]]
     preset_pipeline = Pipeline.from_config({"stages": configs})
-    out["encode"] = enc = _encode(raw_state, preset_pipeline, layout["values"], max(3, args.repeat // 2), kv_bytes)
+    out["encode"] = enc = _encode(raw_state, preset_pipeline, layout["values"], types, max(3, args.repeat // 2), kv_bytes)
     print("\n| chunk | K/V bytes | CPU decode ms | GPU decode ms (end to end) | GPU kernels ms | kernel GB/s | x copy | same bits |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -127,8 +126,9 @@ def main(argv=None) -> int:
               f"{r['gpu_decode_s'] * 1e3:.1f} | {k:.2f} | {r['kernel_gbs']:.0f} | {r['kernel_gbs'] / d2d_gbs:.2f} | {r['bit_identical']} |")
     print(f"\ncopies of {kv_bytes / 1e6:.1f} MB: device-to-device {copies['d2d_ms']:.3f} ms, upload {copies['h2d_ms']:.2f} ms "
           f"(pageable), {copies['h2d_pinned_ms']:.2f} ms (pinned)")
-    print(f"encode (the file's stages, whole state): CPU {enc['cpu_encode_s'] * 1e3:.0f} ms ({enc['cpu_mbs']:.0f} MB/s), "
-          f"GPU {enc['gpu_encode_s'] * 1e3:.0f} ms ({enc['gpu_mbs']:.0f} MB/s) end to end; same bytes {enc['bit_identical']}")
+    gpu_enc = (f"GPU {enc['gpu_encode_s'] * 1e3:.0f} ms ({enc['gpu_mbs']:.0f} MB/s) end to end; same bytes {enc['bit_identical']}"
+               if "gpu_encode_s" in enc else f"the GPU does not encode them ({enc['gpu_unsupported']})")
+    print(f"encode (the file's stages, whole state): CPU {enc['cpu_encode_s'] * 1e3:.0f} ms ({enc['cpu_mbs']:.0f} MB/s), {gpu_enc}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)
@@ -143,11 +143,12 @@ def _layout_of(layout):
                        [bool(st["layers"][0]["sliding_window"]) for st in first])
 
 
-def _encode(raw_state, pipeline, dims, repeat: int, kv_bytes: int) -> dict:
+def _encode(raw_state, pipeline, dims, types: set, repeat: int, kv_bytes: int) -> dict:
     """The preset's encode of the whole state on the CPU and on the GPU (cuda_encode.py), same
-    bytes checked; MB/s of raw K/V."""
+    bytes checked; MB/s of raw K/V. Where the GPU does not encode these stages, the CPU's alone
+    and the reason."""
     from nexus_gguf import state_file
-    from nexus_gguf.cuda_encode import encode_sections
+    from nexus_gguf.cuda_encode import encode_sections, unsupported
 
     def cpu():
         return state_file.encode_state(raw_state, pipeline, dims)[1]
@@ -160,6 +161,10 @@ def _encode(raw_state, pipeline, dims, repeat: int, kv_bytes: int) -> dict:
         finally:
             state_file._gpu_encoder = saved
 
+    why = unsupported(pipeline, dims, types)
+    if why is not None:
+        cpu_s = _median_time(cpu, repeat)
+        return {"cpu_encode_s": cpu_s, "cpu_mbs": kv_bytes / cpu_s / 1e6, "gpu_unsupported": why, "bit_identical": True}
     want, got = cpu(), gpu()
     same = [n for n, _ in want] == [n for n, _ in got] and all(
         bytes(np.asarray(a)) == bytes(np.asarray(b)) for (_, a), (_, b) in zip(want, got))

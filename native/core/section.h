@@ -17,11 +17,10 @@
 #include "target.h"
 #include "transform.h"
 
-/* The PCA basis (core/transform.h), the per-class symbol columns and head groups are compiled for
- * the CPU only until a GPU has run them: in the CUDA kernel the first two grow each thread's frame
- * from 2 to 12 KB and its registers from 96 to 127 (ptxas -v, sm_90), and it decodes one head a
- * thread, for sections the GPU batch refuses anyway (section_decode.unsupported); there, a
- * section with any of them does not fit. */
+/* The PCA basis product of one vector (core/transform.h's nxkv_core_basis_vector, a thread's
+ * frame of 12 KB) is compiled for the CPU only: the GPU computes a tile of cells' products
+ * together (native/cuda/nxkv_cuda.cu k_section_basis) from the same point groups and basis terms
+ * below, and never passes a basis section to nxkv_core_section_vector. */
 #if !defined(__CUDACC__)
 #define NXKV_CORE_PCA 1
 #endif
@@ -42,18 +41,11 @@ NXKV_FN int nxkv_core_section_fits(const nxkv_section *s, const nxkv_values *a) 
         (s->rope && (s->n_rot < 2 || s->n_rot % 2 || s->n_rot > d || s->trig0 < 0 || s->trig0 + n * (s->n_rot / 2) > a->n_trig))) {
         return 0;
     }
-#ifdef NXKV_CORE_PCA
     if (s->basis && (s->scale_block != w || s->basis_shift < 0 || s->basis_shift > 14 || s->basis0 < 0 ||
                      s->basis0 + (h / k) * w * w > a->n_bases || (s->cscale0 >= 0 && s->cscale0 + h * d > a->n_means))) {
         return 0;
     }
-#else
-    if (s->basis || k > 1) return 0;
-#endif
     if (s->by_class) {
-#ifndef NXKV_CORE_PCA
-        return 0;
-#endif
         if (s->cols0 < 0 || s->cols0 + 27 * g > a->n_columns) return 0;
         for (int64_t c = 0; c < 9 * g && n > 0; ++c) {
             const int64_t *col = a->columns + s->cols0 + 3 * c;
@@ -97,15 +89,24 @@ NXKV_FN void nxkv_core_rope_vector(float *v, int64_t mode, int64_t n_rot, const 
 /* Symbol `col` of a cell's row of point symbols [coset g | coord 7 g | last g], its stream's
  * smallest value added. */
 NXKV_FN int64_t nxkv_core_point_symbol(const nxkv_section *s, const nxkv_values *a, int64_t g, int64_t cell, int64_t col) {
-#ifdef NXKV_CORE_PCA
     if (s->by_class) {
         const int64_t *c = a->columns + s->cols0 + 3 * col;
         return (int64_t)a->symbols[c[0] + cell * c[1]] + c[2];
     }
-#endif
     if (col < g) return (int64_t)a->symbols[s->coset0 + cell * g + col] + s->coset_lo;
     if (col < 8 * g) return (int64_t)a->symbols[s->coord0 + cell * 7 * g + col - g] + s->coord_lo;
     return (int64_t)a->symbols[s->last0 + cell * g + col - 8 * g] + s->last_lo;
+}
+
+/* The symbols of point group `grp` (of the n_heads * head_dim / 8 in a cell) of cell `cell`:
+ * returns the coset symbol (0 or 1 in a sound file), the seven coordinates and the halved eighth
+ * into z7 and *last. */
+NXKV_FN int64_t nxkv_core_point_group(const nxkv_section *s, const nxkv_values *a, int64_t cell, int64_t grp, int32_t *z7,
+                                      int32_t *last) {
+    const int64_t g = s->n_heads * s->head_dim / 8;
+    for (int j = 0; j < 7; ++j) z7[j] = (int32_t)nxkv_core_point_symbol(s, a, g, cell, g + 7 * grp + j);
+    *last = (int32_t)nxkv_core_point_symbol(s, a, g, cell, 8 * g + grp);
+    return nxkv_core_point_symbol(s, a, g, cell, grp);
 }
 
 /* The points of vector `vec` (head `vec`, or with head_group k > 1 the k heads from k vec on) of
@@ -116,8 +117,7 @@ NXKV_FN int nxkv_core_section_points(const nxkv_section *s, const nxkv_values *a
                                      int64_t *p2, int64_t *l1) {
     (void)p2;
     (void)l1;
-    const int64_t d = s->head_dim, n_heads = s->n_heads, k = s->head_group, w = k * d;
-    const int64_t g = n_heads * d / 8;
+    const int64_t n_heads = s->n_heads, k = s->head_group, w = k * s->head_dim;
     const int64_t step_row = s->step0 + (s->step_per_cell ? cell * (n_heads / k) + vec : vec) * (w / s->scale_block);
     const double *mean = s->mean0 >= 0 ? a->means + s->mean0 + vec * w : 0;
     int coset_ok = 1;
@@ -125,12 +125,9 @@ NXKV_FN int nxkv_core_section_points(const nxkv_section *s, const nxkv_values *a
     if (s->basis) *l1 = 0;
 #endif
     for (int64_t q = 0; q < w / 8; ++q) {
-        const int64_t grp = vec * (w / 8) + q;
-        const int64_t coset = nxkv_core_point_symbol(s, a, g, cell, grp);
+        int32_t z7[7], last;
+        const int64_t coset = nxkv_core_point_group(s, a, cell, vec * (w / 8) + q, z7, &last);
         coset_ok &= coset == 0 || coset == 1;
-        int32_t z7[7];
-        for (int j = 0; j < 7; ++j) z7[j] = (int32_t)nxkv_core_point_symbol(s, a, g, cell, g + 7 * grp + j);
-        const int32_t last = (int32_t)nxkv_core_point_symbol(s, a, g, cell, 8 * g + grp);
 #ifdef NXKV_CORE_PCA
         if (s->basis) {
             *l1 += nxkv_core_doubled_group(coset & 1, z7, last, p2 + 8 * q);
@@ -143,7 +140,6 @@ NXKV_FN int nxkv_core_section_points(const nxkv_section *s, const nxkv_values *a
     return coset_ok ? 0 : 1;
 }
 
-#ifdef NXKV_CORE_PCA
 /* The basis product's scale, means and channel scales of vector `vec` of cell `cell`: x[i] =
  * (float)((double)S[i] * *c [* cscale[i]] [+ mean[i]]) from the exact sums S (core/transform.h). */
 NXKV_FN void nxkv_core_section_basis_terms(const nxkv_section *s, const nxkv_values *a, int64_t vec, int64_t cell, double *c,
@@ -154,7 +150,6 @@ NXKV_FN void nxkv_core_section_basis_terms(const nxkv_section *s, const nxkv_val
     *mean = s->mean0 >= 0 ? a->means + s->mean0 + vec * w : 0;
     *cscale = s->cscale0 >= 0 ? a->means + s->cscale0 + vec * w : 0;
 }
-#endif
 
 /* The rest of vector `vec` of cell `cell` after its points: its sink row where it has one, then
  * per head the inverse Hadamard and RoPE, then the check. Returns 0, or 2 if a value is not

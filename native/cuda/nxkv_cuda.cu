@@ -264,11 +264,12 @@ __device__ int64_t last_start_at_or_below(int64_t n, int64_t u, Start start) {
 }
 
 
-/* One head vector of one cell: the lattice values (core/lattice.h), sink rows, the inverse
- * Hadamard (core/hadamard.h, its own inverse), RoPE (core/rope.h), then f16 or f32 rows (16-byte
- * stores where the rows are cell-major). The vector lives in local memory (L1): an instance for
- * 64-value heads that kept it in registers measured no faster on an H200 (0.55 ms either way for
- * a 4096-token SmolLM2 state). */
+/* One coded vector (a head, or a head group) of one cell: the lattice values (core/lattice.h),
+ * sink rows, the inverse Hadamard (core/hadamard.h, its own inverse), RoPE (core/rope.h), then f16
+ * or f32 rows (16-byte stores where the rows are cell-major). The vector lives in local memory
+ * (L1): an instance for 64-value heads that kept it in registers measured no faster on an H200
+ * (0.55 ms either way for a 4096-token SmolLM2 state). Sections on a PCA basis go to
+ * k_section_basis. */
 __global__ void k_section_values(const Section *sections, int64_t n_sections, int64_t n_units, nxkv_values arrays,
                                  uint8_t *out, int32_t *section_status) {
     const int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
@@ -277,25 +278,131 @@ __global__ void k_section_values(const Section *sections, int64_t n_sections, in
     const Section &S = sections[lo];
     nxkv_section s = S.s;
     s.dest = out + S.out_off; /* the device copy of the rows */
-    const int64_t d = s.head_dim, n_cells = s.n_cells, n_embd = s.n_heads * d;
-    const int64_t local = u - S.unit0, head = local / n_cells, cell = local % n_cells; /* cells adjacent: coalesced V^T */
+    const int64_t d = s.head_dim, k = s.head_group, w = k * d, n_cells = s.n_cells, n_embd = s.n_heads * d;
+    const int64_t local = u - S.unit0, vec = local / n_cells, cell = local % n_cells; /* cells adjacent: coalesced V^T */
     float v[MAX_HEAD_DIM];
-    const int r = nxkv_core_section_vector(&s, &arrays, head, cell, v, 0);
+    const int r = nxkv_core_section_vector(&s, &arrays, vec, cell, v, 0);
     if (r) {
         section_status[lo] = r;
         return;
     }
     if (s.out_f16 && !s.transposed) { /* 16-byte stores: d and n_embd are multiples of 8 */
-        uint4 *row = (uint4 *)((uint16_t *)s.dest + cell * n_embd + head * d);
-        for (int64_t q = 0; q < d / 8; ++q) {
-            uint32_t w[4];
-            for (int k = 0; k < 4; ++k) {
-                w[k] = (uint32_t)nxkv_core_f32_to_f16(v[q * 8 + 2 * k]) | ((uint32_t)nxkv_core_f32_to_f16(v[q * 8 + 2 * k + 1]) << 16);
+        uint4 *row = (uint4 *)((uint16_t *)s.dest + cell * n_embd + vec * w);
+        for (int64_t q = 0; q < w / 8; ++q) {
+            uint32_t b[4];
+            for (int j = 0; j < 4; ++j) {
+                b[j] = (uint32_t)nxkv_core_f32_to_f16(v[q * 8 + 2 * j]) | ((uint32_t)nxkv_core_f32_to_f16(v[q * 8 + 2 * j + 1]) << 16);
             }
-            row[q] = make_uint4(w[0], w[1], w[2], w[3]);
+            row[q] = make_uint4(b[0], b[1], b[2], b[3]);
         }
     } else {
-        nxkv_core_section_store(&s, head, cell, v);
+        for (int64_t j = 0; j < k; ++j) nxkv_core_section_store(&s, vec * k + j, cell, v + j * d);
+    }
+}
+
+/* A tile of cells of one vector of a section on a PCA basis: a thread block of BASIS_THREADS. */
+struct BasisTile {
+    int64_t section, vec, cell0, cells; /* cells: the tile's size, a multiple of 8 (the last tile may hold fewer) */
+};
+#define BASIS_THREADS 128
+#define BASIS_MAX_TILE 32
+
+/* The cells of a tile per vector width w, so that its shared memory (12 w bytes a cell) stays
+ * within 48 KB. */
+int64_t basis_tile_cells(int64_t w) { return w <= 128 ? 32 : w <= 256 ? 16 : 8; }
+
+/* One tile of a basis section, in four steps with the block's threads: (1) each point group's
+ * doubled coordinates (core/transform.h) into P [w][cells] as doubles, each cell's magnitude sum
+ * l1; (2) the exact sums S[i] = sum over j of basis[j w + i] p2[j], eight cells a thread for one i
+ * (a basis entry read once for eight products), in doubles where 2^shift l1 < 2^52 proves every
+ * partial sum exact, else in int64, so S is the integer the CPU computes; then x = (float)(S c
+ * [* cscale] [+ mean]) into X [cells][w] (nxkv_core_section_basis_terms: the CPU's double
+ * operations); (3) core/section.h's finish a thread per cell (sink rows, inverse Hadamard, RoPE,
+ * the finite check); (4) rows stored with adjacent threads on adjacent values (or cells, where V
+ * is transposed). */
+__global__ void __launch_bounds__(BASIS_THREADS) k_section_basis(const Section *sections, const BasisTile *tiles,
+                                                                 nxkv_values a, uint8_t *out, int32_t *section_status) {
+    extern __shared__ double basis_smem[];
+    __shared__ unsigned long long l1s[BASIS_MAX_TILE];
+    __shared__ int bad;
+    const BasisTile T = tiles[blockIdx.x];
+    const Section &S = sections[T.section];
+    nxkv_section s = S.s;
+    s.dest = out + S.out_off;
+    const int64_t d = s.head_dim, w = s.head_group * d, n = s.n_cells, vec = T.vec, c0 = T.cell0, tc = T.cells;
+    const int64_t nc = min(tc, n - c0), groups = w / 8;
+    double *P = basis_smem;             /* P[j tc + c] */
+    float *X = (float *)(P + w * tc);   /* X[c w + i] */
+    for (int64_t c = threadIdx.x; c < tc; c += blockDim.x) l1s[c] = 0;
+    if (threadIdx.x == 0) bad = 0;
+    __syncthreads();
+    for (int64_t it = threadIdx.x; it < tc * groups; it += blockDim.x) {
+        const int64_t c = it / groups, q = it % groups;
+        int64_t p2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (c < nc) {
+            int32_t z7[7], last;
+            const int64_t coset = nxkv_core_point_group(&s, &a, c0 + c, vec * groups + q, z7, &last);
+            if (coset != 0 && coset != 1) bad = 1;
+            atomicAdd(&l1s[c], (unsigned long long)nxkv_core_doubled_group(coset & 1, z7, last, p2));
+        }
+        for (int j = 0; j < 8; ++j) P[(q * 8 + j) * tc + c] = (double)p2[j]; /* |p2| < 2^34: exact */
+    }
+    __syncthreads();
+    if (bad) {
+        if (threadIdx.x == 0) section_status[T.section] = 1;
+        return;
+    }
+    const float *B = a.bases + s.basis0 + vec * w * w;
+    const unsigned long long narrow = 1ull << (52 - s.basis_shift);
+    for (int64_t it = threadIdx.x; it < w * (tc / 8); it += blockDim.x) {
+        const int64_t i = it % w, cg = it / w * 8;
+        if (cg >= nc) continue;
+        bool wide = false;
+        for (int c = 0; c < 8; ++c) wide |= l1s[cg + c] >= narrow;
+        double sum[8];
+        if (!wide) {
+            double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int64_t j = 0; j < w; ++j) {
+                const double b = (double)B[j * w + i];
+                const double *pj = P + j * tc + cg;
+                for (int c = 0; c < 8; ++c) acc[c] += b * pj[c];
+            }
+            for (int c = 0; c < 8; ++c) sum[c] = acc[c];
+        } else { /* only damaged files come here */
+            int64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int64_t j = 0; j < w; ++j) {
+                const int64_t b = (int64_t)B[j * w + i];
+                const double *pj = P + j * tc + cg;
+                for (int c = 0; c < 8; ++c) acc[c] += b * (int64_t)pj[c];
+            }
+            for (int c = 0; c < 8; ++c) sum[c] = (double)acc[c];
+        }
+        for (int c = 0; c < 8 && cg + c < nc; ++c) {
+            double cc;
+            const double *mean, *cscale;
+            nxkv_core_section_basis_terms(&s, &a, vec, c0 + cg + c, &cc, &mean, &cscale);
+            double x = sum[c] * cc;
+            if (cscale) x = x * cscale[i];
+            if (mean) x = x + mean[i];
+            X[(cg + c) * w + i] = (float)x;
+        }
+    }
+    __syncthreads();
+    for (int64_t c = threadIdx.x; c < nc; c += blockDim.x) {
+        const int r = nxkv_core_section_finish(&s, &a, vec, c0 + c, X + c * w);
+        if (r) section_status[T.section] = r; /* the host discards the rows */
+    }
+    __syncthreads();
+    const int64_t n_embd = s.n_heads * d;
+    for (int64_t it = threadIdx.x; it < nc * w; it += blockDim.x) {
+        int64_t c, i, at;
+        if (s.transposed) {
+            i = it / nc, c = it % nc, at = (vec * w + i) * n + c0 + c;
+        } else {
+            c = it / w, i = it % w, at = (c0 + c) * n_embd + vec * w + i;
+        }
+        if (s.out_f16) ((uint16_t *)s.dest)[at] = nxkv_core_f32_to_f16(X[c * w + i]);
+        else ((float *)s.dest)[at] = X[c * w + i];
     }
 }
 
@@ -508,16 +615,29 @@ int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size
         return NXKV_CUDA_ERR_ARG;
     }
     std::vector<Section> sections;
-    int64_t units = 0, out_bytes = 0;
+    std::vector<BasisTile> tiles;
+    int64_t units = 0, out_bytes = 0, basis_smem = 0;
+    if (bt->n_bases < 0 || bt->n_columns < 0 || (bt->n_bases && !bt->bases) || (bt->n_columns && !bt->columns)) {
+        return NXKV_CUDA_ERR_ARG;
+    }
     for (int64_t i = 0; i < bt->n_sections; ++i) {
         const nxkv_section &s = bt->sections[i];
         bt->section_status[i] = 0;
-        const nxkv_values host = {nullptr, bt->n_symbols, nullptr, bt->n_steps, nullptr, bt->n_means, bt->sink_map,
-                                  bt->n_sink_map, nullptr, bt->n_sinks, nullptr, nullptr, bt->n_trig};
+        const nxkv_values host = {nullptr, bt->n_symbols, nullptr, bt->n_steps, nullptr,    bt->n_means,
+                                  bt->sink_map, bt->n_sink_map, nullptr, bt->n_sinks, nullptr, nullptr,
+                                  bt->n_trig, nullptr, bt->n_bases, bt->columns, bt->n_columns};
         if (!nxkv_core_section_fits(&s, &host)) return NXKV_CUDA_ERR_ARG; /* the CPU library's check */
-        const int64_t d = s.head_dim, n = s.n_cells, h = s.n_heads;
+        const int64_t d = s.head_dim, n = s.n_cells, h = s.n_heads, k = s.head_group;
         sections.push_back(Section{s, units, out_bytes});
-        units += n * h;
+        if (s.basis) {
+            const int64_t tc = basis_tile_cells(k * d);
+            for (int64_t vec = 0; vec < h / k; ++vec) {
+                for (int64_t c0 = 0; c0 < n; c0 += tc) tiles.push_back(BasisTile{i, vec, c0, tc});
+            }
+            basis_smem = std::max(basis_smem, 12 * k * d * tc);
+        } else {
+            units += n * (h / k);
+        }
         out_bytes += n * h * d * (s.out_f16 ? 2 : 4);
     }
 
@@ -531,7 +651,10 @@ int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size
     int32_t *d_symbols, *d_stream_status, *d_section_status, *d_sink_map;
     double *d_steps, *d_means, *d_cos, *d_sin;
     uint16_t *d_sinks;
+    float *d_bases;
+    int64_t *d_columns;
     Section *d_sections;
+    BasisTile *d_tiles;
     timer.mark();
     CU(b.upload(&d_payload, bt->payload, (size_t)bt->payload_size));
     CU(b.upload(&d_tasks, tasks.data(), tasks.size()));
@@ -553,7 +676,10 @@ int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size
     CU(b.upload(&d_sinks, bt->sinks, (size_t)bt->n_sinks));
     CU(b.upload(&d_cos, bt->cos, (size_t)bt->n_trig));
     CU(b.upload(&d_sin, bt->sin, (size_t)bt->n_trig));
+    CU(b.upload(&d_bases, bt->bases, (size_t)bt->n_bases));
+    CU(b.upload(&d_columns, bt->columns, (size_t)bt->n_columns));
     CU(b.upload(&d_sections, sections.data(), sections.size()));
+    CU(b.upload(&d_tiles, tiles.data(), tiles.size()));
     CU(b.upload(&d_section_status, bt->section_status, (size_t)bt->n_sections));
     if (out_bytes) CU(b.alloc(&d_out, (size_t)out_bytes));
     timer.mark();
@@ -569,12 +695,19 @@ int decode(nxkv_cuda_batch *bt, int32_t *symbols_out, char *err, size_t err_size
         CU(cudaGetLastError());
     }
     timer.mark();
+    const nxkv_values arrays = {d_symbols, bt->n_symbols, d_steps, bt->n_steps, d_means, bt->n_means,
+                                d_sink_map, bt->n_sink_map, d_sinks, bt->n_sinks, d_cos, d_sin,
+                                bt->n_trig, d_bases, bt->n_bases, d_columns, bt->n_columns};
     if (units) {
         const unsigned threads = 128, grid = blocks_for((size_t)units, threads);
         const int64_t ns = (int64_t)sections.size();
-        const nxkv_values arrays = {d_symbols, bt->n_symbols, d_steps, bt->n_steps, d_means, bt->n_means, d_sink_map,
-                                    bt->n_sink_map, d_sinks, bt->n_sinks, d_cos, d_sin, bt->n_trig};
         k_section_values<<<grid, threads>>>(d_sections, ns, units, arrays, d_out, d_section_status);
+        CU(cudaGetLastError());
+    }
+    if (!tiles.empty()) {
+        CU(cudaFuncSetAttribute(k_section_basis, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)basis_smem));
+        k_section_basis<<<(unsigned)tiles.size(), BASIS_THREADS, (size_t)basis_smem>>>(d_sections, d_tiles, arrays, d_out,
+                                                                                      d_section_status);
         CU(cudaGetLastError());
     }
     timer.mark();

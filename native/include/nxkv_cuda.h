@@ -20,7 +20,7 @@ extern "C" {
 #endif
 
 /* NXKV_CUDA_CDEF_BEGIN */
-enum nxkv_cuda_abi { NXKV_CUDA_ABI_VERSION = 2 };
+enum nxkv_cuda_abi { NXKV_CUDA_ABI_VERSION = 3 };
 int nxkv_cuda_abi_version(void);
 
 enum nxkv_cuda_status {
@@ -62,8 +62,10 @@ int nxkv_cuda_rans_encode_lanes(const int64_t *symbols, size_t n, const int64_t 
 
 /* Batched decode of lattice-coded K/V sections (stages rope? hadamard? lattice entropy, the
  * presets' value path): every rANS stream of every section decoded at once, then one thread per
- * (section, head, cell) makes the head vector's values (lattice points, sinks, inverse Hadamard,
- * RoPE) and writes them as f16 or f32 in the cache's layout straight to the section's host rows. */
+ * (section, vector, cell) makes the vector's values (lattice points, sinks, inverse Hadamard,
+ * RoPE) and writes them as f16 or f32 in the cache's layout straight to the section's host rows;
+ * sections on a PCA basis go a tile of cells per thread block (the points, their exact products
+ * with the basis, then the same finish). */
 typedef struct nxkv_cuda_rans_stream {
     int64_t payload_offset; /* its (chunk, lane) streams start here in payload, back to back */
     int64_t task0;          /* its first entry in task_lengths */
@@ -100,6 +102,10 @@ typedef struct nxkv_cuda_batch {
     const double *cos;
     const double *sin;
     int64_t n_trig;
+    const float *bases;         /* nxkv_values' bases and class columns (nxkv.h) */
+    int64_t n_bases;
+    const int64_t *columns;
+    int64_t n_columns;
     const nxkv_section *sections; /* nxkv.h; their dest: host rows */
     int64_t n_sections;
     int32_t *stream_status;     /* out, n_streams: 0, or NXKV_CUDA_ERR_CORRUPT */
