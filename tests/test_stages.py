@@ -616,28 +616,50 @@ def test_head_groups_code_a_layers_heads_as_one_vector():
 
 
 def test_stream_container_fast_parse_agrees_with_the_reader():
-    """Entropy.streams parses a section's stream records by plain indexing and falls back to the
-    bounds-checked reader where the bytes run out: on every truncation and on damaged bytes both
-    give the same streams or both refuse (FormatError)."""
-    from nexus_gguf.stages.entropy import Entropy
+    """Entropy.streams parses a section's stream records and rANS tables in C where the native
+    backend runs (nxkv_parse_streams), else by plain indexing, and falls back to the
+    bounds-checked reader where the bytes are not sound: on every truncation and on damaged
+    bytes all give the same streams and rANS tables, or all refuse (FormatError)."""
+    from nexus_gguf.backends import backend_name
+    from nexus_gguf.stages.entropy import Entropy, _streams_native
 
-    e = Entropy(lanes=4, chunk=64)
+    lanes, plain = Entropy(lanes=4, chunk=64), Entropy(lanes=1, chunk=0)
     info = TensorInfo("k.0.0.0", "f16", 2, 10**6)
     rng = np.random.default_rng(5)
-    data = e.encode({"coord": rng.integers(0, 9, (40, 7)).astype(np.int32), "scale": rng.integers(-3, 3, 5).astype(np.int16),
-                     "zero": np.zeros((0,), np.uint8)}, info)
+    records = [lanes.stream_record("coord", rng.integers(0, 9, (40, 7)).astype(np.int32)),
+               plain.stream_record("coset", rng.integers(0, 2, (40,)).astype(np.uint8)),
+               lanes.stream_record("scale", rng.integers(-3, 3, 5).astype(np.int16)),
+               lanes.stream_record("zero", np.zeros((0,), np.uint8)),
+               plain.stream_record("empty", np.zeros((3, 0), np.int32))]
+    data = np.frombuffer(bytes([len(records)]) + b"".join(records), np.uint8)
+
+    def rans(s):
+        try:
+            p = s.rans()
+            return p.lo, p.freqs.tolist(), p.lanes, p.chunk, p.lengths.tolist(), bytes(p.body)
+        except FormatError as e:
+            return str(e)
 
     def parsed(how, d):
         try:
-            return [(s.name, s.dtype, s.shape, s.n, s.method, bytes(s.payload)) for s in how(d, info)]
+            return [(s.name, s.dtype, s.shape, s.n, s.method, bytes(s.payload), rans(s) if s.method in (1, 3) else None)
+                    for s in how(d, info)]
         except FormatError:
             return "refused"
 
     variants = [data[:cut] for cut in range(len(data))] + [data, np.concatenate([data, data[:3]])]
-    for _ in range(300):
+    for _ in range(400):
         bad = data.copy()
         bad[rng.integers(0, len(data), int(rng.integers(1, 3)))] ^= rng.integers(1, 256, dtype=np.uint8)
         variants.append(bad)
+    for at in range(0, len(data), 3):  # a run of zeros: a table refused after an earlier one was kept
+        bad = data.copy()
+        bad[at : at + 6] = 0
+        variants.append(bad)
+    native_used = 0
     for d in variants:
-        assert parsed(e.streams, d) == parsed(e._streams_read, d)
-    assert parsed(e.streams, data) != "refused"
+        assert parsed(lanes.streams, d) == parsed(lanes._streams_read, d)
+        native_used += _streams_native(np.ascontiguousarray(d), info) is not None
+    assert parsed(lanes.streams, data) != "refused"
+    if backend_name() in ("native", "cuda"):
+        assert _streams_native(data, info) is not None and native_used > 100

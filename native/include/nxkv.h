@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 17 };
+enum nxkv_abi { NXKV_ABI_VERSION = 18 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -27,7 +27,11 @@ enum nxkv_format {
     NXKV_FORMAT_RANS_PROB_BITS = 14,
     NXKV_FORMAT_RANS_LOWER_BOUND_BITS = 23,
     NXKV_FORMAT_E8_GROUP = 8,
-    NXKV_FORMAT_LATTICE_LOG_STEPS = 8
+    NXKV_FORMAT_LATTICE_LOG_STEPS = 8,
+    NXKV_FORMAT_METHOD_RANS = 1,       /* entropy stream methods: one rANS stream, */
+    NXKV_FORMAT_METHOD_RANS_LANES = 3, /* interleaved lanes in chunks */
+    NXKV_FORMAT_MAX_ALPHABET = 4096,   /* rANS symbols a table */
+    NXKV_FORMAT_MAX_LANES = 4096
 };
 
 /* Status codes of the kernels that can fail (a damaged stream, an argument out of range). */
@@ -130,6 +134,21 @@ int nxkv_rans_decode_streams(const uint8_t *payload, int64_t payload_size, const
                              int64_t n_task_lengths, const int64_t *freqs, int64_t n_freqs,
                              const nxkv_rans_stream *streams, int64_t n_streams, int32_t *symbols, int64_t n_symbols,
                              int32_t *status);
+
+/* A section's stream container (FORMAT.md, stages/entropy.py) parsed in one call: stream k's
+ * record into streams[k] (offsets into data), and where it is a rANS stream whose table passes
+ * the format's checks (rans_ok 1), its frequencies values[freq0 .. + n_freqs) and its (chunk,
+ * lane) byte lengths values[length0 .. + n_lengths), its lanes' bytes at body_offset. Records
+ * with any dtype code are returned (the caller checks them). NXKV_ERR_CORRUPT where the records
+ * run past the data, leave bytes after them or claim more than max_items values; NXKV_ERR_ARG if
+ * max_streams (255 always suffices) or capacity (size values always suffice) is too small. */
+typedef struct nxkv_stream_info {
+    int64_t name_offset, name_size, dtype, ndim, shape[4], n, method, payload_offset, payload_size;
+    int64_t rans_ok, lo, freq0, n_freqs, lanes, chunk, length0, n_lengths, body_offset, body_size;
+} nxkv_stream_info;
+
+int nxkv_parse_streams(const uint8_t *data, int64_t size, int64_t max_items, nxkv_stream_info *streams,
+                       int64_t max_streams, int64_t *n_streams, int64_t *values, int64_t capacity, int64_t *n_values);
 
 /* A lattice-coded K or V section's values made from its decoded point streams (core/section.h),
  * for the CPU here and the GPU (nxkv_cuda.h): the E8 points at their steps (through the

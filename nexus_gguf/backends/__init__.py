@@ -172,6 +172,22 @@ def kernel(op: str, name: str | None = None) -> Callable:
     return impl
 
 
+def _native_host(name: str) -> Callable | None:
+    """native.<name> (host-side work in C, no kernel op of its own) where the policy chose the
+    native or cuda backend and the library loads, else None: Python does it."""
+    if backend_name() not in ("native", "cuda"):
+        return None
+    try:
+        return getattr(_load("native"), name)
+    except (NativeLibraryError, ImportError):
+        return None
+
+
+def native_parser() -> Callable | None:
+    """native.parse_streams (a section's stream records in C), or None."""
+    return _native_host("parse_streams")
+
+
 def note_used(op: str, backend: str) -> None:
     """Records that `backend` ran `op` (for work done outside kernel(): section_decode.py)."""
     used = _recorder.get()

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import zstandard
 
-from ..backends import kernel
+from ..backends import kernel, native_parser
 from ..backends.reference import RANS_PROB_BITS
 from ..byte_reader import ByteReader
 from ..errors import ConfigError, FormatError
@@ -122,6 +123,9 @@ class Entropy(Stage):
     def streams(self, data: np.ndarray, info: TensorInfo) -> list["CodedStream"]:
         """The section's streams as stored, checked for size but not decoded."""
         data = np.ascontiguousarray(data, np.uint8)
+        parsed = _streams_native(data, info)
+        if parsed is not None:
+            return parsed
         try:
             return self._streams_fast(data, info)
         except (IndexError, struct.error):  # runs out somewhere: the reader below says where
@@ -187,6 +191,33 @@ class Entropy(Stage):
         return {s.name: s.decode() for s in self.streams(data, info)}
 
 
+def _streams_native(data: np.ndarray, info: TensorInfo) -> Optional[list["CodedStream"]]:
+    """Entropy.streams by the C library (nxkv_parse_streams: the records and every rANS table in
+    one call), or None where the library is not in use or the bytes are not sound (the Python
+    readers then say why)."""
+    parse = native_parser()
+    if parse is None:
+        return None
+    got = parse(data, max(info.max_items, 1))
+    if got is None:
+        return None
+    records, values = got
+    buf = memoryview(data).cast("B")
+    out = []
+    for (name_at, name_size, code, ndim, d0, d1, d2, d3, n, method, at, size, rans_ok, lo, freq0, n_freqs, lanes, chunk,
+         length0, n_lengths, body_at, body_size) in records:
+        if code not in DTYPES:
+            return None
+        name = bytes(buf[name_at : name_at + name_size]).decode("ascii", errors="replace")
+        parsed = None
+        if rans_ok:
+            parsed = RansPayload(lo, values[freq0 : freq0 + n_freqs], lanes, chunk, values[length0 : length0 + n_lengths],
+                                 buf[body_at : body_at + body_size])
+        out.append(CodedStream(name, DTYPES[code], (d0, d1, d2, d3)[:ndim], n, method, buf[at : at + size],
+                               f"{info.name}/{name}", parsed))
+    return out
+
+
 @dataclass(frozen=True)
 class RansPayload:
     """A rANS stream's table and bytes as stored: symbol i = index + lo; interleaved in lanes of
@@ -209,9 +240,12 @@ class CodedStream:
     method: int
     payload: bytes
     where: str
+    parsed: Optional[RansPayload] = field(default=None, compare=False, repr=False)  # rans(), where already parsed
 
     def rans(self) -> RansPayload:
         """The parsed rANS payload (method rANS or interleaved rANS)."""
+        if self.parsed is not None:
+            return self.parsed
         r = ByteReader(self.payload, self.where, FormatError)
         lo = r.unpack("<i")
         size = r.varint()
