@@ -137,6 +137,26 @@ def same(got, want, exact: bool = True) -> str:
 # ---------------------------------------------------------------- complete files
 
 
+def parsed_streams(how, data: np.ndarray, info: TensorInfo):
+    """A section's streams as `how` (an Entropy's streams or _streams_read) parses them, each with
+    its rANS table or the error that raises; "refused" where parsing raises. For comparing the
+    C parser with the Python readers."""
+    from nexus_gguf.errors import FormatError
+
+    def table(s):
+        try:
+            p = s.rans()
+            return p.lo, p.freqs.tolist(), p.lanes, p.chunk, p.lengths.tolist(), bytes(p.body)
+        except FormatError as e:
+            return str(e)
+
+    try:
+        return [(s.name, s.dtype, s.shape, s.n, s.method, bytes(s.payload), table(s) if s.method in (1, 3) else None)
+                for s in how(data, info)]
+    except FormatError:
+        return "refused"
+
+
 def decode_file(path: str) -> dict[str, Any]:
     """Everything load_state would hand to llama.cpp, decoded without a model (sizes bounded by
     the model record in the file's header): the rebuilt state blob, the prompt tokens and the

@@ -229,25 +229,6 @@ def test_cpu_batch_agrees_with_the_stages_on_damaged_pca_sections(path, data):
         assert stages == batch
 
 
-def _parsed_streams(how, data, info):
-    """A section's streams as `how` parses them, with each rANS table (or the error it raises),
-    or "refused"."""
-    from nexus_gguf.errors import FormatError
-
-    def table(s):
-        try:
-            p = s.rans()
-            return p.lo, p.freqs.tolist(), p.lanes, p.chunk, p.lengths.tolist(), bytes(p.body)
-        except FormatError as e:
-            return str(e)
-
-    try:
-        return [(s.name, s.dtype, s.shape, s.n, s.method, bytes(s.payload), table(s) if s.method in (1, 3) else None)
-                for s in how(data, info)]
-    except FormatError:
-        return "refused"
-
-
 @FUZZ
 @given(st.sampled_from(FILES), st.data())
 def test_stream_container_parsers_agree(path, data):
@@ -268,7 +249,7 @@ def test_stream_container_parsers_agree(path, data):
         body = _section_edit(data, [name], ["flip", "cut", "extend", "zero"])(name, bytes(f.section(name)))
     info = TensorInfo(name, "f16", 2, data.draw(st.sampled_from([1, 10**3, 10**6, 10**9])))
     d = np.frombuffer(body, np.uint8)
-    assert _parsed_streams(Entropy().streams, d, info) == _parsed_streams(Entropy()._streams_read, d, info)
+    assert golden.parsed_streams(Entropy().streams, d, info) == golden.parsed_streams(Entropy()._streams_read, d, info)
 
 
 @FUZZ
