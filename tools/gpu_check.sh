@@ -2,7 +2,9 @@
 # tools/gpu_check.sh [STATE.nxkv ...]: on a machine with an NVIDIA GPU, builds the native and CUDA
 # libraries with CMake, runs the CUDA parity tests (every per-op kernel against its numpy
 # reference, bit for bit; the batched section decode against the CPU path, bit for bit, on the
-# golden files and option variants; damaged input refused), then tools/gpu_bench.py on each state
+# golden files and option variants; damaged input refused), the golden files through the cuda
+# backend, a fuzz of the GPU decode on damaged sections ($GPU_FUZZ_EXAMPLES inputs, default 2000),
+# then tools/gpu_bench.py on each state
 # file (default: none; any lattice-coded .nxkv; options for it in $GPU_BENCH_ARGS). Logs and JSON go
 # to $GPU_CHECK_OUT (default build/gpu-check). Needs nvcc, CMake, numpy, numba, cffi, zstandard, pytest, gguf.
 set -uo pipefail
@@ -38,6 +40,11 @@ fi
 
 echo "== golden files through the cuda backend (NEXUS_GGUF_BACKEND=cuda)"
 NEXUS_GGUF_BACKEND=cuda python3 -m pytest -q -p no:cacheprovider "${select[@]}" tests/test_golden.py 2>&1 | tee "$out/golden.log" | tail -3
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== the GPU decode fuzzed: damaged sections of both formats, the CUDA library against the CPU (${GPU_FUZZ_EXAMPLES:-2000} inputs)"
+NEXUS_GGUF_FUZZ_EXAMPLES=${GPU_FUZZ_EXAMPLES:-2000} python3 -m pytest -q -p no:cacheprovider "${select[@]}" tests/test_fuzz.py \
+  -k gpu_decode_path 2>&1 | tee "$out/fuzz.log" | tail -3
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 for state in "$@"; do
