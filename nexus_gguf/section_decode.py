@@ -18,6 +18,7 @@ importance-aware steps, delta coding) decodes stage by stage; unsupported() says
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 from typing import Optional
@@ -112,6 +113,8 @@ class _Batch:
         self.n_bases = 0
         self.sections: list[dict] = []
         self.jobs: list[SectionJob] = []
+        self.defer_basis = False
+        self.deferred_bases: list[tuple] = []  # (section index, out0, lo, size): see Prepared
 
     def _append(self, name: str, array: np.ndarray) -> int:
         at = getattr(self, f"n_{name}")
@@ -131,22 +134,26 @@ class _Batch:
             p = stream.rans()
             if not coset and (p.lo < _INT32[0] or p.lo + p.freqs.size - 1 > _INT32[1]):
                 raise FormatError("lattice coordinates outside int32")
-            out0 = self.n_rans_symbols
-            self.streams.append((self.payload_size, self.n_lengths, stream.n, p.lanes, p.chunk, self.n_freqs, p.freqs.size,
-                                 out0))
-            self.stream_names.append(stream.where)
-            self.payload.append(p.body)
-            self.payload_size += len(p.body)
-            self._append("lengths", p.lengths)
-            self._append("freqs", p.freqs)
-            self.n_rans_symbols += stream.n
-            return "rans", out0, p.lo
+            return "rans", self.rans_stream(stream, p), p.lo
         values = stream.decode().reshape(-1)
         if coset and values.size and (int(values.min()) < 0 or int(values.max()) > 1):
             raise FormatError(f"{section}: lattice coset symbols must be 0 or 1")
         if values.size and (int(values.min()) < _INT32[0] or int(values.max()) > _INT32[1]):
             raise FormatError("lattice coordinates outside int32")
         return "host", self._append("host", values.astype(np.int32)), 0
+
+    def rans_stream(self, stream, p) -> int:
+        """Registers a rANS stream (its parsed payload p) for the batch's decoder; returns where
+        its symbols (indices into its table) will be."""
+        out0 = self.n_rans_symbols
+        self.streams.append((self.payload_size, self.n_lengths, stream.n, p.lanes, p.chunk, self.n_freqs, p.freqs.size, out0))
+        self.stream_names.append(stream.where)
+        self.payload.append(p.body)
+        self.payload_size += len(p.body)
+        self._append("lengths", p.lengths)
+        self._append("freqs", p.freqs)
+        self.n_rans_symbols += stream.n
+        return out0
 
     def trig(self, rope: Rope, info: TensorInfo) -> int:
         key = (np.asarray(info.positions).tobytes(), bool(info.sliding))
@@ -176,6 +183,7 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
         if cls.shape != (hc, dc) or (cls.size and int(cls.max()) >= N_CLASSES):
             raise FormatError(f"{info.name}: component classes missing, not of shape {(hc, dc)} or above {N_CLASSES - 1}")
         column_class = column_classes(cls)
+        by_class = {name: np.unique(column_class[name], return_counts=True) for name in _POINT_TYPES}
         columns = []
     for name, shape in want.items():
         if columns is not None and name in _POINT_TYPES:
@@ -183,29 +191,33 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
         if name not in streams or tuple(streams[name].shape) != shape:
             raise FormatError(f"{info.name}: lattice symbols {name!r} missing or not of shape {shape}")
     # every other stream is decoded here, as the CPU path decodes all: damage anywhere is found
-    split = {f"{name}.c{int(c)}" for name in _POINT_TYPES for c in (np.unique(column_class[name]) if columns is not None else ())}
+    split = {f"{name}.c{c}" for name in _POINT_TYPES for c in (by_class[name][0].tolist() if columns is not None else ())}
+    deferred = None  # the basis stream, decoded with the point streams (Prepared.deferred_bases)
+    if batch.defer_basis and "basis" in want and "basis" in streams:
+        b = streams["basis"]
+        if b.n and b.method in (METHOD_RANS, METHOD_RANS_LANES) and tuple(b.shape) == want["basis"]:
+            deferred = b
     small.update({name: stream.decode() for name, stream in streams.items()
-                  if name not in _POINT_TYPES and name not in split and name not in small})
+                  if name not in _POINT_TYPES and name not in split and name not in small and stream is not deferred})
     if columns is None:
         coset, coord, last = (batch.point_stream(streams[name], info.name, name) for name in _POINT_TYPES)
     else:
         coset = coord = last = ("rans", 0, 0)  # unused: by_class sections address symbols by column
         for name in _POINT_TYPES:  # row of a cell: coset g | coord 7 g | last g
             cols = column_class[name]
-            start = np.zeros(cols.size, np.int64)
-            stride = np.zeros(cols.size, np.int64)
-            lo = np.zeros(cols.size, np.int64)
-            host = np.zeros(cols.size, bool)
-            for c in np.unique(cols):
-                key = f"{name}.c{int(c)}"
-                mine = np.flatnonzero(cols == c)
-                if key not in streams or tuple(streams[key].shape) != (n, mine.size):
-                    raise FormatError(f"{info.name}: lattice symbols {key} missing or not of shape {(n, mine.size)}")
-                area, offset, low = batch.point_stream(streams[key], info.name, name)
-                start[mine] = offset + np.arange(mine.size)
-                stride[mine] = mine.size
-                lo[mine] = low
-                host[mine] = area == "host"
+            classes, counts = by_class[name]
+            # each column's place among its class's columns (the class's stream holds them in order)
+            rank = np.empty(cols.size, np.int64)
+            rank[np.argsort(cols, kind="stable")] = np.arange(cols.size) - np.repeat(np.cumsum(counts) - counts, counts)
+            offset_of, lo_of, count_of = (np.zeros(N_CLASSES, np.int64) for _ in range(3))
+            host_of = np.zeros(N_CLASSES, bool)
+            for c, m in zip(classes.tolist(), counts.tolist()):
+                key = f"{name}.c{c}"
+                if key not in streams or tuple(streams[key].shape) != (n, m):
+                    raise FormatError(f"{info.name}: lattice symbols {key} missing or not of shape {(n, m)}")
+                area, offset_of[c], lo_of[c] = batch.point_stream(streams[key], info.name, name)
+                count_of[c], host_of[c] = m, area == "host"
+            start, stride, lo, host = offset_of[cols] + rank, count_of[cols], lo_of[cols], host_of[cols]
             columns.append((start, stride, lo, host))
     steps = lattice.group_steps(small["scale"], coding)
     per_cell = lattice.scale_scope != "head"
@@ -217,10 +229,15 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
            "basis": 0, "basis0": 0, "basis_shift": 0, "cscale0": -1, "by_class": int(columns is not None), "cols0": 0,
            "columns": columns, "head_group": h // hc}
     if "basis" in want:
-        basis = small["basis"]
         one = 1 << (lattice.basis_bits - 1)
-        if basis.shape != (hc, dc, dc) or (basis.size and int(np.abs(basis.astype(np.int64)).max()) > one):
-            raise FormatError(f"{info.name}: basis entries beyond {lattice.basis_bits} bits")
+        if deferred is not None:
+            p = deferred.rans()
+            batch.deferred_bases.append((len(batch.sections), batch.rans_stream(deferred, p), p.lo, deferred.n))
+            basis = np.zeros(deferred.n, np.float32)  # filled once the batch's streams are decoded
+        else:
+            basis = small["basis"]
+            if basis.shape != (hc, dc, dc) or (basis.size and (int(basis.max()) > one or int(basis.min()) < -one)):
+                raise FormatError(f"{info.name}: basis entries beyond {lattice.basis_bits} bits")
         sec.update(basis=1, basis0=batch._append("bases", np.ascontiguousarray(basis, np.float32).reshape(-1)),
                    basis_shift=lattice.basis_bits - 1)
         scale = lattice.channel_scale(small, coding, sink)
@@ -255,13 +272,19 @@ class Prepared:
     host_symbols0: int
     sections: list[dict]
     jobs: list[SectionJob]
+    # (section index, out0, lo, size) of bases whose rANS stream is among `streams`: the decoder
+    # fills arrays["bases"] from those symbols (fill_bases) before the values are made
+    deferred_bases: list[tuple] = dataclasses.field(default_factory=list)
 
 
-def prepare(pipeline, jobs: list[SectionJob]) -> Prepared:
-    """The batch for `jobs` (FormatError for what the host can already see is damaged)."""
+def prepare(pipeline, jobs: list[SectionJob], defer_basis: bool = False) -> Prepared:
+    """The batch for `jobs` (FormatError for what the host can already see is damaged).
+    defer_basis: the PCA bases' rANS streams are decoded with the point streams (by run_native
+    or reference_decode, on the CPU library's worker threads) instead of here."""
     stages = value_stages(pipeline)
     assert not isinstance(stages, str), stages
     batch = _Batch()
+    batch.defer_basis = defer_basis
     for job in jobs:
         _section(batch, job, stages)
 
@@ -292,7 +315,21 @@ def prepare(pipeline, jobs: list[SectionJob]) -> Prepared:
         "cos": array(batch.cos, np.float64), "sin": array(batch.sin, np.float64),
         "bases": array(batch.bases, np.float32), "columns": array(columns, np.int64),
     }
-    return Prepared(arrays, batch.streams, batch.stream_names, host0 + batch.n_host, host0, sections, batch.jobs)
+    return Prepared(arrays, batch.streams, batch.stream_names, host0 + batch.n_host, host0, sections, batch.jobs,
+                    batch.deferred_bases)
+
+
+def fill_bases(prep: Prepared, symbols: np.ndarray) -> None:
+    """The deferred bases (Prepared.deferred_bases) from their decoded symbols, with the check
+    prepare makes of bases decoded on the host."""
+    bases = prep.arrays["bases"]
+    for i, out0, lo, size in prep.deferred_bases:
+        s = prep.sections[i]
+        values = symbols[out0 : out0 + size].astype(np.int64) + lo
+        one = 1 << s["basis_shift"]
+        if size and (int(values.max()) > one or int(values.min()) < -one):
+            raise FormatError(f"{prep.jobs[i].info.name}: basis entries beyond {s['basis_shift'] + 1} bits")
+        bases[s["basis0"] : s["basis0"] + size] = values
 
 
 def decode_sections(pipeline, jobs: list[SectionJob]) -> dict[str, float]:
@@ -333,9 +370,12 @@ def _sections(ffi, prep: Prepared, keep: list):
 
 
 def run(prep: Prepared) -> dict[str, float]:
-    """The library's nxkv_cuda_decode_sections on a prepared batch."""
+    """The library's nxkv_cuda_decode_sections on a prepared batch (bases decoded on the host:
+    prepare's defer_basis is for the CPU library)."""
     from .backends import cuda
 
+    if prep.deferred_bases:
+        raise ValueError("the GPU batch takes its bases decoded on the host (prepare without defer_basis)")
     ffi, lib = cuda.load()
     keep = []  # cffi buffers must outlive the call
 
@@ -417,6 +457,7 @@ def run_native(prep: Prepared) -> None:
             raise FormatError("the K/V sections' rANS streams are inconsistent (the decoder refused its arguments)")
         if status.any():
             raise_corrupt(prep, list(status), [0] * len(prep.sections))
+    fill_bases(prep, symbols)
     keep = []
 
     def buf(kind: str, arr: np.ndarray):
@@ -480,6 +521,7 @@ def _reference_decode(prep: Prepared) -> None:
             stream_status.append(-1)
     if any(stream_status):
         raise_corrupt(prep, stream_status, [0] * len(prep.sections))
+    fill_bases(prep, symbols)
     section_status = []
     made = []
     for s in prep.sections:

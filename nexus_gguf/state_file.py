@@ -287,7 +287,7 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
             def prepared(job):
                 ci, si, li = job[:3]
                 return section_decode.prepare(pipeline, _layer_sections(pipeline, dims, job, state.caches[ci].streams[si].layers[li],
-                                                                        read(job)))
+                                                                        read(job)), defer_basis=True)
 
             prepare_and_run(prepared, section_decode.run_native, jobs)
             return blob, state

@@ -376,17 +376,22 @@ LEVEL_VARIANTS = {
 }
 
 
-def _level_batches(monkeypatch, variant: str) -> list:
+def _level_batches(monkeypatch, variant: str, defer_basis: bool = True) -> list:
     """Prepared batches of the SmolLM2 state re-encoded as LEVEL_VARIANTS[variant] says, with the
-    damage the wide and huge variants describe."""
+    damage the wide and huge variants describe; their bases decoded with the point streams (the
+    CPU library's way) or on the host (the GPU's)."""
     pipeline, layout, section, limits = _variant("smollm2-f16-vtrans-lossless.nxkv", "smollm2-f16-vtrans-high.nxkv",
                                                  LEVEL_VARIANTS[variant], queries=True)
     preps = []
+    prepare = section_decode.prepare
     with monkeypatch.context() as m:
         m.setattr(state_file, "_native_batches", lambda: True)
+        m.setattr(section_decode, "prepare", lambda p, work, defer_basis_=None, **_: prepare(p, work, defer_basis=defer_basis))
         m.setattr(section_decode, "run_native", lambda prep: (preps.append(prep), section_decode.reference_decode(prep)))
         decode_state_blob(layout, pipeline, section, limits)
     assert preps and any(s["basis"] for prep in preps for s in prep.sections)
+    rans_coded = variant not in ("pca-wide-coordinates", "pca-huge-coordinates")  # the others' streams are rANS
+    assert any(prep.deferred_bases for prep in preps) == (defer_basis and rans_coded)
     if variant in ("pca-wide-coordinates", "pca-huge-coordinates"):  # what only a damaged file holds
         for prep in preps:
             host = prep.arrays["host_symbols"] = prep.arrays["host_symbols"].copy()
@@ -443,6 +448,19 @@ def test_cpu_library_rows_match_the_reference_at_every_extension_level(monkeypat
         lib.nxkv_use_cpu_extensions(was)
 
 
+@pytest.mark.parametrize("decoder", ["reference", "native"])
+def test_deferred_bases_beyond_their_bits_are_refused(monkeypatch, decoder):
+    """A basis decoded with the point streams (the CPU library's batches) is checked as one
+    decoded on the host: entries beyond basis_bits are a FormatError naming the section."""
+    if decoder == "native" and backend_status()["native"] != "available":
+        pytest.skip(f"native backend {backend_status()['native']}")
+    prep = _level_batches(monkeypatch, "pca-head-group")[0]
+    i, out0, lo, size = prep.deferred_bases[0]
+    prep.deferred_bases[0] = (i, out0, lo + 1000, size)
+    with pytest.raises(FormatError, match=f"{prep.jobs[i].info.name}: basis entries beyond 8 bits"):
+        (section_decode.reference_decode if decoder == "reference" else section_decode.run_native)(prep)
+
+
 @pytest.mark.parametrize("variant", sorted(LEVEL_VARIANTS))
 def test_gpu_rows_of_basis_sections_match_the_reference(monkeypatch, variant):
     """The GPU's basis tiles (k_section_basis: points, exact products in doubles or int64, the
@@ -450,7 +468,7 @@ def test_gpu_rows_of_basis_sections_match_the_reference(monkeypatch, variant):
     batch of several layers at once."""
     if backend_status()["cuda"] != "available":
         pytest.skip(f"cuda backend {backend_status()['cuda']}")
-    preps = _level_batches(monkeypatch, variant)
+    preps = _level_batches(monkeypatch, variant, defer_basis=False)
     for prep in preps[:3]:
         for out_f16, transposed in LAYOUTS:
             want = _laid_out(prep, out_f16, transposed)
