@@ -85,7 +85,7 @@ def unsupported(pipeline, dims: dict, types: set[str]) -> Optional[str]:
 class _Batch:
     """The arrays of one nxkv_cuda_batch, built section by section."""
 
-    def __init__(self):
+    def __init__(self, defer_basis: bool):
         self.payload: list[bytes] = []
         self.payload_size = 0
         self.lengths: list[np.ndarray] = []
@@ -113,7 +113,7 @@ class _Batch:
         self.n_bases = 0
         self.sections: list[dict] = []
         self.jobs: list[SectionJob] = []
-        self.defer_basis = False
+        self.defer_basis = defer_basis
         self.deferred_bases: list[tuple] = []  # (section index, out0, lo, size): see Prepared
 
     def _append(self, name: str, array: np.ndarray) -> int:
@@ -283,8 +283,7 @@ def prepare(pipeline, jobs: list[SectionJob], defer_basis: bool = False) -> Prep
     or reference_decode, on the CPU library's worker threads) instead of here."""
     stages = value_stages(pipeline)
     assert not isinstance(stages, str), stages
-    batch = _Batch()
-    batch.defer_basis = defer_basis
+    batch = _Batch(defer_basis)
     for job in jobs:
         _section(batch, job, stages)
 

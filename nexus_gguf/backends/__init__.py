@@ -172,20 +172,16 @@ def kernel(op: str, name: str | None = None) -> Callable:
     return impl
 
 
-def _native_host(name: str) -> Callable | None:
-    """native.<name> (host-side work in C, no kernel op of its own) where the policy chose the
-    native or cuda backend and the library loads, else None: Python does it."""
+def native_parser() -> Callable | None:
+    """native.parse_streams (a section's stream records in C: host-side work, no kernel op of
+    its own) where the policy chose the native or cuda backend and the library loads, else None:
+    the Python readers parse."""
     if backend_name() not in ("native", "cuda"):
         return None
     try:
-        return getattr(_load("native"), name)
+        return _load("native").parse_streams
     except (NativeLibraryError, ImportError):
         return None
-
-
-def native_parser() -> Callable | None:
-    """native.parse_streams (a section's stream records in C), or None."""
-    return _native_host("parse_streams")
 
 
 def note_used(op: str, backend: str) -> None:
