@@ -167,6 +167,21 @@ NXKV_FN void nxkv_core_rans_reciprocal(uint32_t f, uint32_t *rcp, uint32_t *shif
     *shift = b - 1;
 }
 
+/* One encoder step: symbol s into state *x, the bytes it pushes out written downwards from *p,
+ * not below lo. 0, or -1 if they would not fit. */
+NXKV_FN int nxkv_core_rans_put(uint64_t *x, uint8_t **p, const uint8_t *lo, uint32_t s, const uint32_t *freqs,
+                               const uint32_t *cum, const uint32_t *rcp, const uint32_t *shift) {
+    const uint64_t f = freqs[s], x_max = ((uint64_t)(NXKV_RANS_L >> NXKV_RANS_PROB_BITS) << 8) * f;
+    while (*x >= x_max) {
+        if (*p <= lo) return -1;
+        *--*p = (uint8_t)(*x & 0xff);
+        *x >>= 8;
+    }
+    const uint64_t q = rcp[s] ? ((*x * rcp[s]) >> 32) >> shift[s] : *x; /* x / f */
+    *x = (q << NXKV_RANS_PROB_BITS) + (*x - q * f) + cum[s];
+    return 0;
+}
+
 /* Encode n symbols symbols[0], symbols[stride], ... into the buffer that ends at `end`, growing
  * downwards: the number of bytes written, or -1 if `capacity` bytes were not enough. rcp and
  * shift: nxkv_core_rans_reciprocal of each symbol's frequency (the state stays below 2^31, where
@@ -177,16 +192,7 @@ NXKV_FN int64_t nxkv_core_rans_encode(const int64_t *symbols, size_t n, size_t s
     uint64_t x = NXKV_RANS_L;
     uint8_t *p = end;
     for (size_t k = n; k-- > 0;) {
-        uint32_t s = (uint32_t)symbols[k * stride];
-        uint64_t f = freqs[s];
-        uint64_t x_max = ((uint64_t)(NXKV_RANS_L >> NXKV_RANS_PROB_BITS) << 8) * f;
-        while (x >= x_max) {
-            if ((size_t)(end - p) >= capacity) return -1;
-            *--p = (uint8_t)(x & 0xff);
-            x >>= 8;
-        }
-        const uint64_t q = rcp[s] ? ((x * rcp[s]) >> 32) >> shift[s] : x; /* x / f */
-        x = (q << NXKV_RANS_PROB_BITS) + (x - q * f) + cum[s];
+        if (nxkv_core_rans_put(&x, &p, end - capacity, (uint32_t)symbols[k * stride], freqs, cum, rcp, shift)) return -1;
     }
     for (int k = 0; k < 4; ++k) {
         if ((size_t)(end - p) >= capacity) return -1;

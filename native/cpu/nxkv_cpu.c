@@ -572,27 +572,11 @@ static int rans_encode_four(const int64_t *sym, size_t m, const uint32_t *freqs,
     /* lane j's last symbol is the largest index i < m with i % 4 == j; all step down by 4 */
     const size_t rounds = m / 4, extra = m % 4;
     for (size_t q = extra; q-- > 0;) { /* the last, partial round: lanes 0 .. extra - 1 */
-        const uint32_t s = (uint32_t)sym[4 * rounds + q];
-        const uint64_t f = freqs[s], x_max = ((uint64_t)(NXKV_RANS_L >> NXKV_RANS_PROB_BITS) << 8) * f;
-        while (x[q] >= x_max) {
-            if (p[q] <= lo[q]) return -1;
-            *--p[q] = (uint8_t)(x[q] & 0xff);
-            x[q] >>= 8;
-        }
-        const uint64_t d = rcp[s] ? ((x[q] * rcp[s]) >> 32) >> shift[s] : x[q];
-        x[q] = (d << NXKV_RANS_PROB_BITS) + (x[q] - d * f) + cum[s];
+        if (nxkv_core_rans_put(x + q, p + q, lo[q], (uint32_t)sym[4 * rounds + q], freqs, cum, rcp, shift)) return -1;
     }
     for (size_t r = rounds; r-- > 0;) {
         for (int j = 0; j < 4; ++j) {
-            const uint32_t s = (uint32_t)sym[4 * r + (size_t)j];
-            const uint64_t f = freqs[s], x_max = ((uint64_t)(NXKV_RANS_L >> NXKV_RANS_PROB_BITS) << 8) * f;
-            while (x[j] >= x_max) {
-                if (p[j] <= lo[j]) return -1;
-                *--p[j] = (uint8_t)(x[j] & 0xff);
-                x[j] >>= 8;
-            }
-            const uint64_t d = rcp[s] ? ((x[j] * rcp[s]) >> 32) >> shift[s] : x[j];
-            x[j] = (d << NXKV_RANS_PROB_BITS) + (x[j] - d * f) + cum[s];
+            if (nxkv_core_rans_put(x + j, p + j, lo[j], (uint32_t)sym[4 * r + (size_t)j], freqs, cum, rcp, shift)) return -1;
         }
     }
     for (int j = 0; j < 4; ++j) {
