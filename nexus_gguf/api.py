@@ -154,7 +154,8 @@ def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline):
 
     options = pipeline.scoring
     scores = score_cells(llm, blob, state, tokens, options.window, options.scorer, options.chunk, options.stride,
-                         importance=pipeline.eviction is not None or pipeline.uses_importance, energy=pipeline.uses_queries)
+                         importance=pipeline.eviction is not None or pipeline.uses_importance, energy=pipeline.uses_queries,
+                         context=options.context)
     if scores.note:
         warnings.warn(f"nexus-gguf: {scores.note}", RuntimeWarning, stacklevel=4)
     record = {**options.get_config(), "used": scores.scorer, "note": scores.note}

@@ -184,6 +184,9 @@ def _stage_label(config: dict) -> str:
         parts.append(str(config["transform"]))
     if config.get("classes"):
         parts.append("classes")
+    if config.get("k_weights", "none") != "none":
+        extra = config.get("k_weights_bits") or 0
+        parts.append(f"K weighted by the {config['k_weights']}" + (f" (+{extra} bits)" if extra else ""))
     if config.get("token_steps"):
         parts.append(f"token steps {config['token_steps']}")
     return f"lattice ({', '.join(parts)})"

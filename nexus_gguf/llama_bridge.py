@@ -225,7 +225,7 @@ def _filled(size: int, fill) -> bytearray:
     return out
 
 
-def _read_only_pointer(blob):
+def read_only_pointer(blob):
     """A uint8 pointer to the bytes of `blob` for a C function that only reads them, without a
     copy where the object allows (bytes, bytearray, writable buffers)."""
     if isinstance(blob, bytes):
@@ -253,7 +253,7 @@ def set_seq_state(llm, blob, seq_id: int = 0) -> bool:
     import llama_cpp
 
     n = memoryview(blob).nbytes
-    return int(llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, _read_only_pointer(blob), n, seq_id)) == n
+    return int(llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, read_only_pointer(blob), n, seq_id)) == n
 
 
 def get_context_state(llm) -> bytearray:
@@ -268,7 +268,7 @@ def set_context_state(llm, blob) -> bool:
     """llama_state_set_data of a bytes-like blob; True on success."""
     llama_cpp = _llama_cpp()
     n = memoryview(blob).nbytes
-    return int(llama_cpp.llama_state_set_data(llm._ctx.ctx, _read_only_pointer(blob), n)) == n
+    return int(llama_cpp.llama_state_set_data(llm._ctx.ctx, read_only_pointer(blob), n)) == n
 
 
 def clear_seq(llm, seq_id: int = 0) -> None:

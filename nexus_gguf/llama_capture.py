@@ -175,9 +175,9 @@ class CaptureContext:
     def __exit__(self, *exc) -> None:
         self.llama_cpp.llama_free(self.ctx)
 
-    def set_state(self, blob: bytes) -> None:
-        buf = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-        if self.llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(blob), 0) != len(blob):
+    def set_state(self, blob) -> None:
+        n = memoryview(blob).nbytes  # read in place: no copy of a state that may be gigabytes
+        if self.llama_cpp.llama_state_seq_set_data(self.ctx, bridge.read_only_pointer(blob), n, 0) != n:
             raise NxkvError("the capture context refused the state")
 
     def remove_from(self, pos: int) -> None:
@@ -217,14 +217,16 @@ class CaptureContext:
         return out
 
 
-def capture_queries(llm, blob: bytes, tokens, window: int, impl: Optional[str] = None) -> dict[int, np.ndarray]:
+def capture_queries(llm, blob, tokens, window: int, impl: Optional[str] = None,
+                    n_ctx: Optional[int] = None) -> dict[int, np.ndarray]:
     """Post-RoPE queries per layer, float32 [window, n_head, head_dim], for the last `window`
     tokens of the state `blob` (sequence 0 of a context like llm's): they are removed and decoded
-    again with the capture on. Raises NxkvError when llama.cpp does not give them (the caller
-    then falls back to the proxy)."""
+    again with the capture on. n_ctx: the capture context's cells (default llm's; the blob's
+    cells must fit). Raises NxkvError when llama.cpp does not give them (the caller then falls
+    back to the proxy)."""
     n = len(tokens)
     window = min(window, n)
-    with CaptureContext(llm, int(llm.n_ctx()), window, impl) as cc:
+    with CaptureContext(llm, int(n_ctx or llm.n_ctx()), window, impl) as cc:
         cc.set_state(blob)
         cc.remove_from(n - window)
         return cc.decode(tokens[n - window :], n - window)

@@ -26,7 +26,7 @@ from . import llama_bridge as bridge
 from .errors import NxkvError
 from .llama_capture import CaptureContext, capture_queries
 from .llama_rotation import llama_rotation, toggle_llama_rotation
-from .llama_state import LlamaState
+from .llama_state import LlamaState, write_state
 
 
 def attention_importance(q: np.ndarray, q_pos: np.ndarray, k: np.ndarray, k_pos: np.ndarray, scale: float,
@@ -122,18 +122,39 @@ def reconstruction_importance(llm, blob: bytes, keys: dict, tokens, chunk: int, 
     return total / len(best)
 
 
+SINK_CELLS = 4  # the first positions, kept in a bounded capture: attention's sinks
+
+
+def bounded_capture(blob, state: LlamaState, window: int, context: int) -> tuple:
+    """(blob, n_ctx) for capture_queries: the state's first SINK_CELLS positions and its last
+    `context` of its full-attention cache (positions kept, so RoPE and the causal mask are
+    those of the prompt) in a context of that many cells. The whole blob where it is no larger,
+    or where the state has a sliding-window cache too (its cells must all fit the context)."""
+    streams = [s for s in state.caches[0].streams if s is not None]
+    if len(state.caches) != 1 or len(streams) != 1:
+        return blob, None
+    pos = streams[0].cells.pos.astype(np.int64)
+    keep = np.flatnonzero((pos < SINK_CELLS) | (pos > pos.max() - max(context, window)))
+    if keep.size >= pos.size:
+        return blob, None
+    return write_state(state.keep_cells(keep)), -(-(keep.size + window) // 256) * 256
+
+
 def score_cells(llm, blob: bytes, state: LlamaState, tokens, window: int, scorer: str, chunk: int = 1024,
-                stride: int = 4, importance: bool = True, energy: bool = False) -> Scores:
+                stride: int = 4, importance: bool = True, energy: bool = False, context: int = 0) -> Scores:
     """Importance of each cell of the state's first (full-attention) stream (unless not
     `importance`), and with `energy` the query energy of every layer (query_energy) from the
-    last `window` prompt tokens' captured queries."""
+    last `window` prompt tokens' captured queries; captured, when only the energy is asked,
+    over the first cells and the last `context` (bounded_capture)."""
     facts = bridge.model_facts(llm)
     n = len(tokens)
     notes = []
     queries = None
     if scorer == "attention" or energy:
         try:
-            queries = capture_queries(llm, blob, tokens, window)
+            wanted = importance and scorer == "attention"  # the window's attention over every cell
+            held, n_ctx = (blob, None) if wanted or not context else bounded_capture(blob, state, window, context)
+            queries = capture_queries(llm, held, tokens, window, n_ctx=n_ctx)
         except NxkvError as e:
             notes.append(f"query capture failed ({e})" + ("; used the key-key proxy" if importance and scorer == "attention" else "")
                          + ("; K not weighted by the queries" if energy else ""))

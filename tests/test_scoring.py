@@ -215,6 +215,25 @@ def test_k_weighted_by_the_queries_end_to_end(prompt, tmp_path, smollm2_path):
     _assert_restores_close(prompt, tmp_path / "w.nxkv", smollm2_path)
 
 
+def test_bounded_capture_holds_the_sinks_and_the_last_cells(prompt):
+    """K's weights alone take the queries from a capture context of the first cells and the last
+    `context` ones (positions kept): the window's queries come out in the same shape, close to
+    the whole state's, and a context as large as the state is the whole state."""
+    llm, tokens, blob = prompt
+    state = parse_state(blob, "sequence", bridge.model_facts(llm).state_layout())
+    held, n_ctx = scoring.bounded_capture(blob, state, W, 64)
+    small = parse_state(held, "sequence", bridge.model_facts(llm).state_layout())
+    pos = small.caches[0].streams[0].cells.pos
+    assert list(pos) == list(range(scoring.SINK_CELLS)) + list(range(N - 64, N)) and n_ctx == 256
+    assert scoring.bounded_capture(blob, state, W, N) == (blob, None)
+    whole = scoring.score_cells(llm, blob, state, tokens[:N], W, "attention", importance=False, energy=True)
+    bounded = scoring.score_cells(llm, blob, state, tokens[:N], W, "attention", importance=False, energy=True, context=64)
+    assert not bounded.note and sorted(bounded.query_energy) == sorted(whole.query_energy)
+    dev = [np.abs(np.log2(bounded.query_energy[k] / whole.query_energy[k])).mean() for k in whole.query_energy]
+    assert 0 < np.median(dev) < 0.25, dev  # a mean over 32 queries: moved a little, not replaced
+    assert bridge.get_seq_state(llm, 0) == blob
+
+
 def test_reconstruction_scorer(prompt, tmp_path):
     """KVzip-style scores: the model repeats the prompt (in chunks, here two) in a side context;
     every cell gets a score, the file says which scorer ran, and the Llama is untouched."""

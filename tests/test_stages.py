@@ -361,8 +361,10 @@ def test_scoring_and_eviction_are_options_not_stages():
     assert build_pipeline("max", score_window=16).scoring.window == 16
     assert build_pipeline("max", without=["evict"]).eviction is None
     assert build_pipeline("balanced").eviction is None  # balanced drops no token (since format 2)
-    assert build_pipeline("high").scoring is None  # nothing needs scores: none are computed
-    assert build_pipeline("high", lattice_token_steps=0.5).scoring == Scoring()
+    assert build_pipeline("high").scoring == Scoring()  # the queries that weight K
+    assert build_pipeline("high", lattice_k_weights="none").scoring is None  # nothing needs scores: none are computed
+    assert build_pipeline("high", lattice_k_weights="none", lattice_token_steps=0.5).scoring == Scoring()
+    assert build_pipeline("high", score_context=0).scoring.context == 0
     with pytest.raises(ConfigError, match="does not evict"):
         build_pipeline("high", evict_keep=0.5)
     with pytest.raises(ConfigError, match="scorer"):
@@ -558,8 +560,35 @@ def test_k_weights_scale_channels_by_the_queries_and_cut_their_error():
         Lattice(k_weights="queries")  # needs the basis
     with pytest.raises(ConfigError):
         Lattice(transform="pca", scale_scope="head", k_weights="keys")
-    assert weighted.uses_queries and build_pipeline("high", lattice_k_weights="queries").needs_scores
-    assert not build_pipeline("high").needs_scores
+    assert weighted.uses_queries and build_pipeline("high").needs_scores
+    assert not build_pipeline("high", lattice_k_weights="none").needs_scores
+
+
+def test_k_weights_bits_refine_only_the_weighted_sections():
+    """k_weights_bits: K's step is that many bits finer where its channels are weighted (K on a
+    basis), and only there: V, and K sections too short for a basis, keep their bits; decode
+    derives the same steps from what it knows."""
+    from dataclasses import replace
+
+    n, h, d = 600, 2, 64
+    x, info = _correlated(n), _info(n=n)
+    energy = np.ones((h, d))
+    opts = dict(k_bits=3.0, scale_scope="head", transform="pca", pca_min_cells=500, k_weights="queries")
+    finer, plain = Lattice(**opts, k_weights_bits=0.5), Lattice(**opts)
+    k = replace(info, query_energy=energy)
+    assert finer.bits(k) == 3.5 and plain.bits(k) == 3.0
+    assert finer.bits(replace(k, kind="v", name="v.0.0.3")) == 3.0
+    short = replace(_info(n=300), query_energy=energy)
+    assert finer.bits(short) == 3.0
+    a, b = finer.encode(x, k), plain.encode(x, k)
+    np.testing.assert_array_equal(a["scale"], b["scale"])  # the same RMS stored, a finer step derived from it
+    assert np.allclose(finer.group_steps(a["scale"], k), plain.group_steps(b["scale"], k) * 2.0**-0.5)
+    y = finer.decode(Entropy().decode(Entropy().encode(a, k), info), info)
+    y_plain = plain.decode(Entropy().decode(Entropy().encode(b, k), info), info)
+    assert np.mean((y - x) ** 2) < 0.8 * np.mean((y_plain - x) ** 2)
+    np.testing.assert_array_equal(finer.encode(x[:300], short)["coord"], plain.encode(x[:300], short)["coord"])
+    with pytest.raises(ConfigError):
+        Lattice(**{**opts, "k_bits": 11.9}, k_weights_bits=0.5)
 
 
 def test_classes_combine_with_token_steps():

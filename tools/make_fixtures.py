@@ -214,7 +214,8 @@ def write_files(vdir: str, existing: list[dict]) -> list[dict]:
                 blob = bridge.get_seq_state(llm, 0)
                 state = golden.parse_state(blob, "sequence", bridge.model_facts(llm).state_layout())
                 scores = score_cells(llm, blob, state, tokens, pipeline.scoring.window, pipeline.scoring.scorer,
-                                     importance=pipeline.uses_importance, energy=pipeline.uses_queries)
+                                     importance=pipeline.uses_importance, energy=pipeline.uses_queries,
+                                     context=pipeline.scoring.context)
                 if pipeline.uses_importance:
                     entry["importance"] = f"files/{stem}.importance.npy"
                     np.save(os.path.join(vdir, entry["importance"]), scores.importance)
