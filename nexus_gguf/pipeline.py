@@ -20,7 +20,7 @@ from .stages import REGISTRY, ModelBinding, Stage, TensorInfo, stage_from_config
 # 16 cells -11% of the ratio, 128 -2%, 256 -0.2%, 1024 +1.3%). Per head at 6 bits (format 2's
 # first high) it was 4.97x at KLD 0.0078 on 4096 prose tokens; the 8-bit basis alone lowers the
 # KLD to 0.0066, the head group to 0.0061 at 5.29x (README). high and balanced weight K's channels by the
-# prompt's last 32 queries (captured in a side context of the first and last 2048 cells: Scoring.context), with
+# prompt's last 32 queries (captured in a side context of the first 4 and last 1024 cells: Scoring.context), with
 # K's step 0.2 bits finer there: 7-8% smaller at equal or lower KLD on four texts, two of them not tuned on (README).
 # max first evicts the tokens those queries attend to least. Bits and keep fractions chosen on the benchmark (4096-token
 # prefixes): README.md. rANS in 4 interleaved lanes: decoded in lockstep, 2x the symbol rate of
