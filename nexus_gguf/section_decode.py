@@ -114,7 +114,7 @@ class _Batch:
         self.sections: list[dict] = []
         self.jobs: list[SectionJob] = []
         self.defer_basis = defer_basis
-        self.deferred_bases: list[tuple] = []  # (section index, out0, lo, size): see Prepared
+        self.deferred_bases: list[tuple] = []  # see Prepared
 
     def _append(self, name: str, array: np.ndarray) -> int:
         at = getattr(self, f"n_{name}")
@@ -232,7 +232,8 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
         one = 1 << (lattice.basis_bits - 1)
         if deferred is not None:
             p = deferred.rans()
-            batch.deferred_bases.append((len(batch.sections), batch.rans_stream(deferred, p), p.lo, deferred.n))
+            batch.deferred_bases.append((len(batch.sections), batch.rans_stream(deferred, p), p.lo, deferred.n,
+                                         np.dtype(deferred.dtype), deferred.where))
             basis = np.zeros(deferred.n, np.float32)  # filled once the batch's streams are decoded
         else:
             basis = small["basis"]
@@ -272,8 +273,9 @@ class Prepared:
     host_symbols0: int
     sections: list[dict]
     jobs: list[SectionJob]
-    # (section index, out0, lo, size) of bases whose rANS stream is among `streams`: the decoder
-    # fills arrays["bases"] from those symbols (fill_bases) before the values are made
+    # (section index, out0, lo, size, the stream's dtype, its name) of bases whose rANS stream
+    # is among `streams`: the decoder fills arrays["bases"] from those symbols (fill_bases)
+    # before the values are made
     deferred_bases: list[tuple] = dataclasses.field(default_factory=list)
 
 
@@ -326,9 +328,12 @@ def fill_bases(prep: Prepared, symbols: np.ndarray) -> None:
     """The deferred bases (Prepared.deferred_bases) from their decoded symbols, with the check
     prepare makes of bases decoded on the host."""
     bases = prep.arrays["bases"]
-    for i, out0, lo, size in prep.deferred_bases:
+    for i, out0, lo, size, dtype, where in prep.deferred_bases:
         s = prep.sections[i]
         values = symbols[out0 : out0 + size].astype(np.int64) + lo
+        limits = np.iinfo(dtype)  # as CodedStream.decode: a damaged record's type is not widened
+        if size and (int(values.min()) < limits.min or int(values.max()) > limits.max):
+            raise FormatError(f"{where}: values outside the stream's type {dtype.name}")
         one = 1 << s["basis_shift"]
         if size and (int(values.max()) > one or int(values.min()) < -one):
             raise FormatError(f"{prep.jobs[i].info.name}: basis entries beyond {s['basis_shift'] + 1} bits")

@@ -232,6 +232,25 @@ def test_cpu_batch_agrees_with_the_stages_on_damaged_pca_sections(path, data):
         assert stages == batch
 
 
+def test_cpu_batch_checks_a_deferred_basis_against_its_stream_type():
+    """Found by the test above (long run, 2026-11-30): a basis stream whose record says uint8
+    (one bit flipped) was refused stage by stage but accepted by the CPU batch, which decodes the
+    bases with the point streams on its workers (fill_bases) and checked only their bit width."""
+    from nexus_gguf import state_file
+    from nexus_gguf.backends import backend_status
+
+    if backend_status()["native"] != "available":
+        pytest.skip(f"native backend {backend_status()['native']}")
+    path = next(p for p in PCA_FILES if os.path.basename(p) == "gemma3-long-high.nxkv")
+
+    def flip(name, body):
+        return body[:919] + bytes([body[919] ^ 1]) + body[920:] if name == "v.0.0.0" else body
+
+    out = _decode_with(_repacked(path, edit_section=flip),
+                       [[(state_file, "_native_batches", lambda batch=batch: batch)] for batch in (False, True)])
+    assert [str(e) for e in out] == ["v.0.0.0/basis: values outside the stream's type uint8"] * 2, out
+
+
 @FUZZ
 @given(st.sampled_from(FILES), st.data())
 def test_stream_container_parsers_agree(path, data):
