@@ -115,8 +115,9 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
         )
     timer.lap("parse")
     eviction = scoring = importance = queries = None
-    if pipeline.needs_scores:
-        state, scoring, eviction, importance, queries = _score_and_evict(llm, blob, state, tokens, pipeline)
+    energy = pipeline.queries_used_at(max((len(s.cells) for c in state.caches for s in c.streams if s is not None), default=0))
+    if pipeline.eviction is not None or pipeline.uses_importance or energy:
+        state, scoring, eviction, importance, queries = _score_and_evict(llm, blob, state, tokens, pipeline, energy)
         timer.lap("scoring")
     # sections go to a spool as they are made: past an eighth of the raw state they wait in a
     # temporary file beside the target, so saving holds about the state plus that, not twice it
@@ -146,15 +147,15 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
                       dict(backends), scoring, eviction)
 
 
-def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline):
+def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline, energy: bool):
     """Score the cells; keep the most important if the pipeline evicts. (state, the header's
-    scoring and eviction records, per-cell importance and per-layer query energy for the stages
-    that use them)."""
+    scoring and eviction records, per-cell importance and, with `energy`, per-layer query energy
+    for the stages that use them)."""
     from .scoring import score_cells
 
     options = pipeline.scoring
     scores = score_cells(llm, blob, state, tokens, options.window, options.scorer, options.chunk, options.stride,
-                         importance=pipeline.eviction is not None or pipeline.uses_importance, energy=pipeline.uses_queries,
+                         importance=pipeline.eviction is not None or pipeline.uses_importance, energy=energy,
                          context=options.context)
     if scores.note:
         warnings.warn(f"nexus-gguf: {scores.note}", RuntimeWarning, stacklevel=4)

@@ -108,6 +108,11 @@ class Pipeline:
         query-weighted K."""
         return self.eviction is not None or self.uses_importance or self.uses_queries
 
+    def queries_used_at(self, n_cells: int) -> bool:
+        """A stage would weight a section of a state of at most n_cells cells a stream by the
+        queries (K weights apply from pca_min_cells: a shorter prompt's capture is skipped)."""
+        return any(s.queries_used_at(n_cells) for s in self.stages)
+
     @property
     def values_path(self) -> bool:
         return any(s.kind != "bytes" for s in self.stages)

@@ -213,6 +213,9 @@ def test_k_weighted_by_the_queries_end_to_end(prompt, tmp_path, smollm2_path):
             got = {st.name for st in Entropy().streams(data, TensorInfo(section, "f16", 2, 1 << 30))}
             assert ("channel_scale" in got) == section.startswith("k."), section
     _assert_restores_close(prompt, tmp_path / "w.nxkv", smollm2_path)
+    # a state too short for a basis has no section to weight: nothing is captured
+    short = save_state(llm, tmp_path / "s.nxkv", "high")
+    assert short.scoring is None and "scoring" not in short.seconds
 
 
 def test_bounded_capture_holds_the_sinks_and_the_last_cells(prompt):

@@ -74,6 +74,11 @@ class Stage:
         """The stage codes K by the queries' statistics (TensorInfo.query_energy, at save time)."""
         return False
 
+    def queries_used_at(self, n_cells: int) -> bool:
+        """Whether a state of at most n_cells cells a stream would have a section coded by the
+        queries (no capture is worth running otherwise)."""
+        return self.uses_queries
+
     def __init__(self, **params: Any):
         unknown = set(params) - set(self.PARAMS)
         if unknown:

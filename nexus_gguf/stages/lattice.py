@@ -116,6 +116,10 @@ class Lattice(Stage):
     def uses_queries(self) -> bool:
         return self.k_weights == "queries"
 
+    def queries_used_at(self, n_cells: int) -> bool:
+        # only K sections on a basis are weighted, and those start at pca_min_cells cells
+        return self.uses_queries and n_cells >= self.pca_min_cells
+
     @property
     def max_bucket(self) -> int:
         return int(round(BUCKETS_PER_OCTAVE * self.step_octaves))
