@@ -270,7 +270,13 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
             blob, state = state_buffer(LlamaState(kind, caches, arch, seq_id, bool(layout["has_cell_ext"])))
         except StateLayoutError as e:
             raise FormatError(f"the header's state layout is inconsistent: {e}") from None
-
+    except FormatError:
+        raise
+    except (KeyError, TypeError, ValueError, StateLayoutError) as e:
+        raise FormatError(f"the header's state layout is malformed: {e!r}") from None
+    # decoding is outside that: a decoder's own exception is not a header's fault, and a
+    # FormatError is the decoders' to raise (tests/test_fuzz.py holds them to it)
+    try:
         def read(job) -> dict:
             return {part: section(f"{part}.{job[0]}.{job[1]}.{job[2]}") for part in ("k", "v")}
 
@@ -325,10 +331,8 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
         # reads one range at a time)
         parallel_map(decode_layer, [(*job, None if concurrent_reads else read(job)) for job in jobs])
         return blob, state
-    except FormatError:
-        raise
-    except (KeyError, TypeError, ValueError, StateLayoutError) as e:
-        raise FormatError(f"the header's state layout is malformed: {e!r}") from None
+    except StateLayoutError as e:  # _value_info: rows that are not whole heads
+        raise FormatError(f"the header's state layout is inconsistent: {e}") from None
 
 
 def _gpu_decoder():

@@ -455,8 +455,8 @@ def test_deferred_bases_beyond_their_bits_are_refused(monkeypatch, decoder):
     if decoder == "native" and backend_status()["native"] != "available":
         pytest.skip(f"native backend {backend_status()['native']}")
     prep = _level_batches(monkeypatch, "pca-head-group")[0]
-    i, out0, lo, size = prep.deferred_bases[0]
-    prep.deferred_bases[0] = (i, out0, lo + 1000, size)
+    i, out0, lo, size, dtype, where = prep.deferred_bases[0]
+    prep.deferred_bases[0] = (i, out0, lo + 1000, size, dtype, where)
     with pytest.raises(FormatError, match=f"{prep.jobs[i].info.name}: basis entries beyond 8 bits"):
         (section_decode.reference_decode if decoder == "reference" else section_decode.run_native)(prep)
 
