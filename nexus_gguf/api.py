@@ -115,9 +115,10 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
         )
     timer.lap("parse")
     eviction = scoring = importance = queries = None
-    energy = pipeline.queries_used_at(max((len(s.cells) for c in state.caches for s in c.streams if s is not None), default=0))
-    if pipeline.eviction is not None or pipeline.uses_importance or energy:
-        state, scoring, eviction, importance, queries = _score_and_evict(llm, blob, state, tokens, pipeline, energy)
+    n_cells = max((len(s.cells) for c in state.caches for s in c.streams if s is not None), default=0)
+    if pipeline.needs_scores_at(n_cells):
+        state, scoring, eviction, importance, queries = _score_and_evict(llm, blob, state, tokens, pipeline,
+                                                                         pipeline.queries_used_at(n_cells))
         timer.lap("scoring")
     # sections go to a spool as they are made: past an eighth of the raw state they wait in a
     # temporary file beside the target, so saving holds about the state plus that, not twice it

@@ -113,6 +113,10 @@ class Pipeline:
         queries (K weights apply from pca_min_cells: a shorter prompt's capture is skipped)."""
         return any(s.queries_used_at(n_cells) for s in self.stages)
 
+    def needs_scores_at(self, n_cells: int) -> bool:
+        """needs_scores for a state of at most n_cells cells a stream."""
+        return self.eviction is not None or self.uses_importance or self.queries_used_at(n_cells)
+
     @property
     def values_path(self) -> bool:
         return any(s.kind != "bytes" for s in self.stages)
