@@ -195,7 +195,9 @@ def _check_dims(dims, limits: Limits) -> None:
     for kind in ("k", "v"):
         head_dim, rot = dims.get(f"head_dim_{kind}"), dims.get(f"llama_rot_{kind}")
         want = limits.head_dim_k if kind == "k" else limits.head_dim_v
-        if head_dim != want or not isinstance(rot, int) or rot not in (0, 64, 128, 256, 512, 1024) or rot > head_dim:
+        # integers, not merely equal to them: 32.0 == 32, and the decoders index with these
+        ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (head_dim, rot))
+        if not ints or head_dim != want or rot not in (0, 64, 128, 256, 512, 1024) or rot > head_dim:
             raise FormatError(f"value layout {dims!r} does not fit the model's {kind.upper()} heads of {want}")
 
 

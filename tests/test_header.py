@@ -71,6 +71,10 @@ def test_sizes_beyond_the_models_are_refused(tmp_path, source, what, edit, match
     ("a cache type that is not a name", lambda h: _stream(h)["layers"][0].update(v_type=None), "string"),
     ("a sequence state without its id", lambda h: h["state"].update(seq_id=None), "sequence id"),
     ("a state kind llama.cpp does not write", lambda h: h["state"].update(kind="stream"), "kind"),
+    # found by the fuzz once decoders' own TypeErrors stopped passing as "layout malformed"
+    ("a head size that is a float", lambda h: h["state"]["values"].update(head_dim_k=float(h["state"]["values"]["head_dim_k"])),
+     "heads"),
+    ("a rotation block that is a boolean", lambda h: h["state"]["values"].update(llama_rot_k=False), "heads"),
 ])
 def test_malformed_headers_are_refused(tmp_path, what, edit, match):
     path = _rewritten(tmp_path, GEMMA_HIGH, edit)
