@@ -28,7 +28,7 @@ import numpy as np
 from .errors import FormatError
 from .backends.reference import n_lane_tasks
 from .stages import TensorInfo
-from .stages.entropy import METHOD_RANS, METHOD_RANS_LANES, Entropy
+from .stages.entropy import METHOD_RANS, METHOD_RANS_LANES, Entropy, check_fits
 from .stages.hadamard import Hadamard
 from .stages.lattice import N_CLASSES, Lattice, column_classes
 from .stages.rope import Rope
@@ -332,9 +332,7 @@ def fill_bases(prep: Prepared, symbols: np.ndarray) -> None:
     for i, out0, lo, size, dtype, where in prep.deferred_bases:
         s = prep.sections[i]
         values = symbols[out0 : out0 + size].astype(np.int64) + lo
-        limits = np.iinfo(dtype)  # as CodedStream.decode: a damaged record's type is not widened
-        if size and (int(values.min()) < limits.min or int(values.max()) > limits.max):
-            raise FormatError(f"{where}: values outside the stream's type {dtype.name}")
+        check_fits(values, dtype, where)  # as CodedStream.decode: a damaged record's type is not widened
         one = 1 << s["basis_shift"]
         if size and (int(values.max()) > one or int(values.min()) < -one):
             raise FormatError(f"{prep.jobs[i].info.name}: basis entries beyond {s['basis_shift'] + 1} bits")

@@ -209,17 +209,18 @@ def write_files(vdir: str, existing: list[dict]) -> list[dict]:
             path = os.path.join(files_dir, name)
             ng.save_state(llm, path, preset)
             entry = {"file": f"files/{name}", "preset": preset, "source": source}
-            if pipeline.uses_importance or pipeline.queries_used_at(len(tokens)):
+            weighted = pipeline.queries_used_at(len(tokens))  # as save_state decides
+            if pipeline.uses_importance or weighted:
                 # the scores the writer used, so the test can re-encode without llama.cpp
                 blob = bridge.get_seq_state(llm, 0)
                 state = golden.parse_state(blob, "sequence", bridge.model_facts(llm).state_layout())
                 scores = score_cells(llm, blob, state, tokens, pipeline.scoring.window, pipeline.scoring.scorer,
-                                     importance=pipeline.uses_importance, energy=pipeline.queries_used_at(len(tokens)),
+                                     importance=pipeline.uses_importance, energy=weighted,
                                      context=pipeline.scoring.context)
                 if pipeline.uses_importance:
                     entry["importance"] = f"files/{stem}.importance.npy"
                     np.save(os.path.join(vdir, entry["importance"]), scores.importance)
-                if pipeline.queries_used_at(len(tokens)) and scores.query_energy is not None:
+                if weighted and scores.query_energy is not None:
                     entry["queries"] = f"files/{stem}.queries.npz"
                     np.savez_compressed(os.path.join(vdir, entry["queries"]),
                                         **{str(k): v for k, v in scores.query_energy.items()})

@@ -191,6 +191,15 @@ class Entropy(Stage):
         return {s.name: s.decode() for s in self.streams(data, info)}
 
 
+def check_fits(values: np.ndarray, kind: np.dtype, where: str) -> None:
+    """FormatError unless every decoded value fits the stream's integer type: a damaged table
+    can decode to values the type cannot hold, refused, not wrapped around (a coset of 256 is
+    not a coset of 0)."""
+    limits = np.iinfo(kind)
+    if values.size and (int(values.min()) < limits.min or int(values.max()) > limits.max):
+        raise FormatError(f"{where}: values outside the stream's type {kind.name}")
+
+
 def _streams_native(data: np.ndarray, info: TensorInfo) -> Optional[list["CodedStream"]]:
     """Entropy.streams by the C library (nxkv_parse_streams: the records and every rANS table in
     one call), or None where the library is not in use or the bytes are not sound (the Python
@@ -267,12 +276,8 @@ class CodedStream:
     def decode(self) -> np.ndarray:
         values = self._values()
         kind = np.dtype(self.dtype)
-        if values.dtype != kind and values.size:
-            # a damaged table can decode to values the stream's type cannot hold: refused, not
-            # wrapped around (a coset of 256 is not a coset of 0)
-            limits = np.iinfo(kind)
-            if int(values.min()) < limits.min or int(values.max()) > limits.max:
-                raise FormatError(f"{self.where}: values outside the stream's type {kind.name}")
+        if values.dtype != kind:
+            check_fits(values, kind, self.where)
         return values.astype(kind, copy=False).reshape(self.shape)
 
     def _values(self) -> np.ndarray:
