@@ -110,8 +110,13 @@ def open_llama(model: str, n_ctx: int, threads: Optional[int] = None, n_gpu_laye
 def check_model_file(model: str) -> None:
     """A clear error unless `model` is a readable GGUF file (before llama.cpp sees it)."""
     if not os.path.isfile(model):
-        raise NxkvError(f"{model}: no such model file")
-    read_gguf_header(model)  # FormatError: not a GGUF file (bad magic), truncated, ...
+        if os.path.isdir(model):
+            raise NxkvError(f"{model} is a directory, not a model file")
+        raise NxkvError(f"{model}: no such model file" if not os.path.exists(model) else f"{model} is not a regular file")
+    try:
+        read_gguf_header(model)  # FormatError: not a GGUF file (bad magic), truncated, ...
+    except OSError as e:
+        raise NxkvError(f"{model}: cannot read the model ({e.strerror or e})") from None
 
 
 def state_layout_of_file(model: str) -> StateLayout:

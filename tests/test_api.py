@@ -120,18 +120,28 @@ def test_file_from_another_model(smollm2_path, gemma3_path, saved, tmp_path):
     g.eval(g.tokenize(b"hello there", add_bos=False))
     ng.save_state(g, tmp_path / "g.nxkv")
     llm, expect = _busy_llama(smollm2_path, [1, 2, 3])
-    with pytest.raises(ng.ModelMismatchError, match="tiny-gemma3"):
+    # both sides named, and what differs
+    with pytest.raises(ng.ModelMismatchError, match=r"saved from tiny-gemma3\.gguf .*the loaded model is SmolLM2-135M.*arch gemma3 vs llama"):
         ng.load_state(llm, tmp_path / "g.nxkv")
     _assert_untouched(llm, [1, 2, 3], expect)
-    with pytest.raises(ng.ModelMismatchError):
+    with pytest.raises(ng.ModelMismatchError, match=r"saved from SmolLM2-135M.*the loaded model is tiny-gemma3\.gguf"):
         ng.load_state(g, saved["path"])
 
 
 def test_too_small_a_context_is_refused_before_llama(smollm2_path, saved):
     small = open_llama(smollm2_path, n_ctx=32)
-    with pytest.raises(ng.RestoreError, match="n_ctx"):
+    with pytest.raises(ng.RestoreError, match=f"a context of at least {N_PROMPT} tokens; this Llama holds 32"):
         ng.load_state(small, saved["path"])
     assert small.n_tokens == 0
+    # a Llama in use keeps its prompt and its next logits
+    small.eval([1, 2, 3])
+    raw = small.save_state()
+    small.eval([42])
+    expect = logits_now(small)
+    small.load_state(raw)
+    with pytest.raises(ng.RestoreError, match="this Llama holds 32"):
+        ng.load_state(small, saved["path"])
+    _assert_untouched(small, [1, 2, 3], expect)
 
 
 def test_llama_refusal_rolls_back(smollm2_path, saved, monkeypatch):

@@ -211,10 +211,33 @@ def test_package_exposes_the_backend():
     assert nexus_gguf.backend == backend_name() and nexus_gguf.backend_features() == backend_features()
 
 
-def _policy_in_subprocess(policy: str) -> subprocess.CompletedProcess:
+def _policy_in_subprocess(policy: str, **env) -> subprocess.CompletedProcess:
     code = "import nexus_gguf; print(nexus_gguf.backend, sorted(set(nexus_gguf.backend_features().values())))"
-    env = {**os.environ, "NEXUS_GGUF_BACKEND": policy}
+    env = {**os.environ, "NEXUS_GGUF_BACKEND": policy, **env}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_broken_native_library_is_a_clear_error(tmp_path):
+    """NativeLibraryError: a library that cannot be loaded, or one built for another header (ABI),
+    when the native backend is asked for by name; the auto policy says why and takes the next
+    backend instead."""
+    missing = str(tmp_path / "libnxkv.so")
+    out = _policy_in_subprocess("native", NEXUS_GGUF_NATIVE_LIB=missing)
+    assert out.returncode != 0 and f"NativeLibraryError: cannot load {missing}" in out.stderr
+    out = _policy_in_subprocess("auto", NEXUS_GGUF_NATIVE_LIB=missing)
+    assert out.returncode == 0 and out.stdout.split()[0] in ("numba", "numpy")
+    assert f"the native backend is unavailable (cannot load {missing}" in out.stderr
+    if not _available("native"):
+        pytest.skip(backend_status()["native"])
+    from nexus_gguf.backends import native
+
+    header = next(p for p in (native._PKG / "_native" / "nxkv.h", native._PKG.parent / "native/include/nxkv.h") if p.exists())
+    other = tmp_path / "nxkv.h"
+    text = header.read_text()
+    abi = int(text.split("NXKV_ABI_VERSION = ")[1].split()[0])
+    other.write_text(text.replace(f"NXKV_ABI_VERSION = {abi}", f"NXKV_ABI_VERSION = {abi + 1}"))
+    out = _policy_in_subprocess("native", NEXUS_GGUF_NATIVE_HEADER=str(other))
+    assert out.returncode != 0 and f"has ABI version {abi}, its header {other} says {abi + 1}; rebuild it" in out.stderr
 
 
 def test_policy_names_the_backend():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -99,10 +100,57 @@ def test_bad_paths_are_one_clear_line(tmp_path, capsys):
     assert "p.txt: not a GGUF file (bad magic)" in _one_error_line(capsys)
     assert main(["save-state", str(tmp_path / "none.gguf"), str(prompt)]) == 1
     assert "none.gguf: no such model file" in _one_error_line(capsys)
+    assert main(["save-state", str(tmp_path), str(prompt)]) == 1  # a directory given as the model
+    assert f"{tmp_path} is a directory, not a model file" in _one_error_line(capsys)
+    assert main(["save-state", str(prompt), str(tmp_path)]) == 1  # and as the prompt
+    assert f"{tmp_path}: cannot read the prompt (Is a directory)" in _one_error_line(capsys)
     assert main(["save-state", str(prompt), str(prompt), "--encoding", "klingon"]) == 1
     assert "no such text encoding" in _one_error_line(capsys)
     assert main(["save-state", str(tmp_path / "m.gguf"), str(prompt), "--set", "lattice.k_bits=99"]) == 1
     assert "bits must lie in 0.5 .. 12" in _one_error_line(capsys)  # before any model is loaded
+
+
+def test_llama_cpp_logs_do_not_reach_the_output(smollm2_path, short_prompt, tmp_path):
+    """What a user sees at the terminal (both streams of a real process, where llama.cpp's own C
+    logging would land): save-state's one report line and nothing on stderr; generate's text on
+    stdout and its one restore line on stderr."""
+    import subprocess
+    import sys
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "nexus_gguf.cli", *args], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        for line in (r.stdout + r.stderr).replace(str(tmp_path), "<tmp>").splitlines():
+            assert not any(m in line for m in ("llama_", "ggml_", "load_tensors", "print_info", "n_ctx_seq")), line
+        return r
+
+    out = tmp_path / "p.nxkv"
+    r = run("save-state", smollm2_path, str(short_prompt), "-o", str(out), "--threads", "2")
+    assert r.stderr == "" and len(r.stdout.splitlines()) == 1 and f"{out}: " in r.stdout
+    r = run("generate", smollm2_path, str(out), "-n", "4", "--threads", "2")
+    assert r.stdout.strip() and len(r.stderr.splitlines()) == 1 and r.stderr.startswith("restored ")
+
+
+def test_an_unreadable_model_is_one_clear_line(smollm2_path, tmp_path, capsys, monkeypatch):
+    """A model file the process may not open (EACCES; the tests may run as root, whom file modes
+    do not stop, so the open is made to fail) is one line naming it, before llama.cpp sees it."""
+    import builtins
+
+    from nexus_gguf import gguf_file
+
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("hello there", encoding="utf-8")
+    real_open = builtins.open
+
+    def no_access(path, *a, **kw):
+        if os.fspath(path) == smollm2_path:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(gguf_file, "open", no_access, raising=False)
+    monkeypatch.setattr(gguf_file, "_cache", {})
+    assert main(["save-state", smollm2_path, str(prompt)]) == 1
+    assert f"{smollm2_path}: cannot read the model (Permission denied)" in _one_error_line(capsys)
 
 
 def test_context_limits_are_one_clear_line(smollm2_path, tmp_path, capsys):

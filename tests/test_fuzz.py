@@ -4,12 +4,13 @@ so the decoders behind the checksums are reached) and random bytes. The only exc
 are the documented ones (NxkvError and its subclasses); nothing may hang or allocate past the
 bounds the file's header and model allow.
 
-A short run on every test run; a long one with NEXUS_GGUF_FUZZ_EXAMPLES=100000 (hypothesis keeps
+A short run on every test run; a long one with NEXUS_GGUF_FUZZ_EXAMPLES=25000 (hypothesis keeps
 the failing inputs it finds in .hypothesis/, and tests/fuzz/ holds inputs that once failed)."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import pytest
@@ -32,15 +33,45 @@ CORPUS = os.path.join(os.path.dirname(__file__), "fuzz")
 
 
 def _decode(data: bytes) -> None:
-    """Everything load_state does short of llama.cpp, on bytes."""
+    """Everything load_state does short of llama.cpp, on bytes, its Python and numpy allocations
+    traced: their peak must stay within _allocation_bound (the native library's own buffers
+    are sized from the same checked counts, but tracemalloc does not see them)."""
     import tempfile
+    import tracemalloc
 
     with tempfile.NamedTemporaryFile(suffix=".nxkv", delete=False) as f:
         f.write(data)
+    refused = None
+    tracemalloc.start()
     try:
         golden.decode_file(f.name)
+    except NxkvError as e:
+        refused = e.with_traceback(None)
     finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
         os.unlink(f.name)
+    bound = _allocation_bound(data)
+    assert peak <= bound, f"decoding {len(data)} bytes allocated {peak} bytes at its peak, past the bound {bound}"
+    if refused is not None:
+        raise refused
+
+
+def _allocation_bound(data: bytes) -> int:
+    """What decoding `data` may allocate: 16 MiB, plus four times the file, plus four times the
+    largest state its header's model record allows (two caches of n_ctx cells of f32 K and V in
+    every layer, a logits row, the tokens), or nothing more where the header does not parse.
+    The golden files peak at 0.1-0.8 of that state (tests/fuzz/README.md)."""
+    from nexus_gguf.header import Header
+
+    state = 0
+    try:
+        with fmt.NxkvFile(data) as f:
+            limits = Header(f.header).limits()
+        state = 2 * limits.n_ctx * limits.n_layer * 4 * (limits.n_embd_k + limits.n_embd_v) + 4 * limits.n_vocab + 4 * limits.n_ctx
+    except NxkvError:
+        pass
+    return (16 << 20) + 4 * len(data) + 4 * state
 
 
 def _repacked(path: str, edit_header=None, edit_section=None) -> bytes:
@@ -147,11 +178,65 @@ def test_mutated_llama_state_blobs(path, data):
         _allowed(parse_state, bytes(blob), kind)
 
 
+@functools.lru_cache(maxsize=None)
+def _llama_file(path: str) -> tuple[bytes, str]:
+    """The golden file's state as the llama.cpp file that holds its kind (a context's as a
+    session file, a sequence's as a slot file), and that state kind."""
+    from nexus_gguf.llama_files import LlamaFile
+
+    d = golden.decode_file(path)
+    d["file"].close()
+    kind = d["header"].state["kind"]
+    file = LlamaFile("session" if kind == "context" else "slot", d["tokens"], d["blob"])
+    return b"".join(bytes(b) for b in file.to_buffers()), kind
+
+
+@FUZZ
+@given(st.sampled_from(FILES), st.data())
+def test_mutated_llama_session_and_slot_files(path, data):
+    """`nexus-gguf compress`'s readers: llama.cpp session and slot files (read_llama_file, then
+    the state parser on what it holds), cut and flipped anywhere, the count of tokens included."""
+    from nexus_gguf.llama_files import read_llama_file
+
+    raw, kind = _llama_file(path)
+    b = bytearray(raw)
+    for _ in range(data.draw(st.integers(0, 3))):
+        i = data.draw(st.integers(0, len(b) - 1))
+        b[i] ^= data.draw(st.integers(1, 255))
+    b = b[: data.draw(st.integers(0, len(b)))]
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as f:
+        f.write(bytes(b))
+    try:
+        def read():
+            got = read_llama_file(f.name)
+            parse_state(got.blob, got.state_kind)
+
+        _allowed(read)
+    finally:
+        os.unlink(f.name)
+
+
 def test_committed_corpus():
-    """Inputs that once failed (tests/fuzz/*.nxkv): each still fails cleanly."""
-    for name in sorted(os.listdir(CORPUS)):
-        if name.endswith(".nxkv"):
-            _allowed(_decode, open(os.path.join(CORPUS, name), "rb").read())
+    """Inputs that once failed (tests/fuzz/*.nxkv): each is still refused, with a documented
+    error and within the allocation bound."""
+    names = sorted(n for n in os.listdir(CORPUS) if n.endswith(".nxkv"))
+    assert names
+    for name in names:
+        with pytest.raises(NxkvError):
+            _decode(open(os.path.join(CORPUS, name), "rb").read())
+
+
+def test_the_allocation_bound_is_checked(monkeypatch):
+    """_decode's bound is not vacuous: a decoder that allocated past it fails the fuzz targets."""
+    import numpy as np
+
+    data = open(FILES[0], "rb").read()
+    _decode(data)  # a sound file: within the bound
+    monkeypatch.setattr(golden, "decode_file", lambda path: np.ones(_allocation_bound(data) // 8 + 1))
+    with pytest.raises(AssertionError, match="past the bound"):
+        _decode(data)
 
 
 def _decode_with(data: bytes, patches: list) -> list:

@@ -215,6 +215,49 @@ def test_normalized_freqs():
     assert f.sum() == 1 << 14 and f[1] == 0 and f[0] >= 1 and f[3] >= 1
 
 
+def _frame_size_field_set(frame: bytes, size: int) -> bytes:
+    """A small single-segment zstd frame with its one-byte content size replaced."""
+    assert frame[4] == 0b00100000, "expected a single segment and a one-byte content size"
+    return frame[:5] + bytes([size]) + frame[6:]
+
+
+@pytest.mark.parametrize("case, match", [
+    # a few bytes that claim (and would expand to) 64 MiB: refused from the claim, nothing allocated
+    ("bomb", "declares 67108864 bytes, expected at most 1000"),
+    ("no size", "does not declare its size"),
+    ("more than declared", "zstd data is corrupt"),  # expands past the size it states
+    ("less than declared", "zstd data is corrupt"),  # zstd checks the size it states
+])
+def test_zstd_frames_are_refused_by_their_bound(case, match):
+    """Decompression bombs and lying frames, through both the zstd stage and the entropy coder's
+    zstd streams (stages/zstd.decompress_bounded): a clear FormatError, and nothing near the
+    claimed size allocated."""
+    import tracemalloc
+
+    import zstandard
+
+    from nexus_gguf.stages.zstd import Zstd, decompress_bounded
+
+    small = zstandard.ZstdCompressor().compress(b"abc" * 30)
+    frame = {
+        "bomb": zstandard.ZstdCompressor(level=19).compress(bytes(64 << 20)) if case == "bomb" else b"",
+        "no size": zstandard.ZstdCompressor(write_content_size=False).compress(b"x" * 500),
+        "more than declared": _frame_size_field_set(small, 50),
+        "less than declared": _frame_size_field_set(small, 200),
+    }[case]
+    assert len(frame) < 20000
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match=match):
+            decompress_bounded(frame, 1000, "test")
+        with pytest.raises(FormatError, match=match):
+            Zstd().decode(np.frombuffer(frame, np.uint8), TensorInfo("k.0.0.0", "f16", 2, 1000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
 @pytest.mark.parametrize("coder", ["rans", "zstd"])
 def test_entropy_round_trip(coder):
     rng = np.random.default_rng(4)

@@ -34,7 +34,9 @@ def decompress_bounded(data, limit: int, where: str) -> bytes:
         size = zstandard.frame_content_size(view)
     except zstandard.ZstdError:
         size = -1
-    if size < 0 or size > limit:
+    if size < 0:
+        raise FormatError(f"{where}: zstd frame does not declare its size (at most {limit} bytes expected)")
+    if size > limit:
         raise FormatError(f"{where}: zstd frame declares {size} bytes, expected at most {limit}")
     try:
         out = zstandard.ZstdDecompressor().decompress(view, max_output_size=limit)
