@@ -153,10 +153,12 @@ def encode_sections(pipeline, jobs: list[EncodeJob], engine=None) -> list[tuple[
                     at += int(lens.sum())
                     table = rans_table(int(lo[k]), freqs[k])
                     if entropy.plain_rans:
-                        parts.append(stream_record(name, dtype, shape, METHOD_RANS, table + data))
+                        method, payload = METHOD_RANS, table + data
                     else:
-                        parts.append(stream_record(name, dtype, shape, METHOD_RANS_LANES,
-                                                   table + lanes_table(lanes, int(chunk[k]), lens) + data))
+                        method, payload = METHOD_RANS_LANES, table + lanes_table(lanes, int(chunk[k]), lens) + data
+                    if entropy.small_streams and counts[k] <= entropy.small_streams:  # or zstd, as the CPU writer
+                        method, payload = entropy.smaller(engine.symbols(k, counts[k]).astype(dtype), method, payload)
+                    parts.append(stream_record(name, dtype, shape, method, payload))
                 else:  # a wide alphabet: the entropy stage's own choice (zstd), on the host
                     values = engine.symbols(k, counts[k]).astype(dtype).reshape(shape)
                     parts.append(entropy.stream_record(name, values))

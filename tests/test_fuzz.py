@@ -408,7 +408,8 @@ def test_gpu_encode_path_writes_the_cpu_writers_bytes_for_any_values(data):
         {"id": "hadamard"},
         {"id": "lattice", "k_bits": data.draw(st.sampled_from([1.5, 3.0, 3.5, 8.0])), "v_bits": 3.0, "scale_scope": "head",
          "center": data.draw(st.booleans()), "sinks": data.draw(st.sampled_from([0, 4, 100]))},
-        {"id": "entropy", "lanes": data.draw(st.sampled_from([1, 4])), "chunk": data.draw(st.sampled_from([0, 16, 16384]))},
+        {"id": "entropy", "lanes": data.draw(st.sampled_from([1, 4])), "chunk": data.draw(st.sampled_from([0, 16, 16384])),
+         "small_streams": data.draw(st.sampled_from([0, 64, 4096]))},
     ]
     pipeline = Pipeline.from_config({"stages": stages})
     info = TensorInfo(f"{kind}.0.0.0", "f16", 2, n * h * d, kind=kind, positions=positions, model_layer=0, n_cells=n,

@@ -210,6 +210,32 @@ def test_rans_backends_agree_byte_for_byte():
     assert len(a) < ideal * 1.01 + 16
 
 
+def test_small_streams_are_stored_the_smaller_way():
+    """small_streams: a stream of few symbols is stored by rANS or zstd, whichever is smaller;
+    f16 bit patterns come back as int16 holding the same bits (what the lattice's readers take);
+    larger streams are coded as without the option."""
+    rng = np.random.default_rng(7)
+    symbols = {
+        "sink": (rng.standard_normal((4, 3, 64)) * 3).astype(np.float16).view(np.uint16),
+        "scale": np.array([[-12]], np.int16),
+        "coord": rng.integers(-3, 4, (600, 24, 7)).astype(np.int32),
+    }
+    info = TensorInfo("k.0.0.0", "f16", 2, 10**6)
+    plain, small = Entropy(lanes=4, chunk=16384), Entropy(lanes=4, chunk=16384, small_streams=4096)
+    sizes = {}
+    for e in (plain, small):
+        coded = e.encode(symbols, info)
+        back = e.decode(coded, info)
+        sizes[e.small_streams] = {s.name: len(s.payload) for s in e.streams(coded, info)}
+        assert back["sink"].view(np.uint16).tobytes() == symbols["sink"].tobytes()
+        np.testing.assert_array_equal(back["scale"], symbols["scale"])
+        np.testing.assert_array_equal(back["coord"], symbols["coord"])
+    assert sizes[4096]["sink"] < 0.85 * sizes[0]["sink"] and sizes[4096]["scale"] < sizes[0]["scale"]
+    assert sizes[4096]["coord"] == sizes[0]["coord"]
+    with pytest.raises(ConfigError):
+        Entropy(small_streams=-1)
+
+
 def test_normalized_freqs():
     f = normalized_freqs(np.array([1, 0, 10**6, 3]))
     assert f.sum() == 1 << 14 and f[1] == 0 and f[0] >= 1 and f[3] >= 1

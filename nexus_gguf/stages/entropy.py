@@ -73,6 +73,13 @@ class Entropy(Stage):
         # can run lanes and chunks on many threads or GPU threads; 1 lane, 0: the plain stream
         "lanes": (int, 1),
         "chunk": (int, 0),
+        # streams of at most this many symbols are coded both ways, rANS and zstd, and stored
+        # the smaller (0: rANS wherever the alphabet fits, as files before the option); and
+        # uint16 streams (f16 bit patterns: sinks, means, channel scales) are stored as int16,
+        # the same bits, so that zstd takes them two bytes a value instead of four. A rANS table
+        # costs up to two bytes a symbol of the alphabet: a few hundred f16 values or a single
+        # scale cost more than they hold (a 64-token `high` file: sinks and means were 31% of it)
+        "small_streams": (int, 0),
     }
 
     def validate(self) -> None:
@@ -82,6 +89,8 @@ class Entropy(Stage):
             raise ConfigError("entropy: zstd level must be 1..22")
         if not 1 <= self.lanes <= MAX_LANES or self.chunk < 0 or (self.chunk and self.chunk < self.lanes):
             raise ConfigError(f"entropy: lanes in 1..{MAX_LANES}, chunk 0 or at least lanes")
+        if self.small_streams < 0:
+            raise ConfigError("entropy: small_streams must be at least 0")
 
     def _stream(self, values: np.ndarray) -> tuple[int, bytes]:
         flat = values.reshape(-1).astype(np.int64)
@@ -92,12 +101,27 @@ class Entropy(Stage):
             counts = np.bincount(flat - lo, minlength=hi - lo + 1)
             freqs = normalized_freqs(counts)
             if self.plain_rans:
-                return METHOD_RANS, rans_table(lo, freqs) + kernel("rans_encode")(flat - lo, freqs)
-            lengths, body = kernel("rans_encode_lanes")(flat - lo, freqs, self.lanes, self.chunk_of(flat.size))
-            return METHOD_RANS_LANES, rans_table(lo, freqs) + lanes_table(self.lanes, self.chunk_of(flat.size), lengths) + body
+                coded = METHOD_RANS, rans_table(lo, freqs) + kernel("rans_encode")(flat - lo, freqs)
+            else:
+                lengths, body = kernel("rans_encode_lanes")(flat - lo, freqs, self.lanes, self.chunk_of(flat.size))
+                coded = METHOD_RANS_LANES, rans_table(lo, freqs) + lanes_table(self.lanes, self.chunk_of(flat.size), lengths) + body
+            return self.smaller(flat, *coded)
+        return self._zstd(flat)
+
+    def _zstd(self, flat: np.ndarray) -> tuple[int, bytes]:
+        lo, hi = int(flat.min()), int(flat.max())
         width = next(w for w, t in ((1, np.int8), (2, np.int16), (4, np.int32)) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
         raw = flat.astype({1: "<i1", 2: "<i2", 4: "<i4"}[width]).tobytes()
         return METHOD_ZSTD, bytes([width]) + zstandard.ZstdCompressor(level=self.level).compress(raw)
+
+    def smaller(self, values: np.ndarray, method: int, payload: bytes) -> tuple[int, bytes]:
+        """(method, payload) of a non-empty stream coded with rANS, or its zstd coding where
+        small_streams asks for the smaller and that is it (the GPU encoder's choice too)."""
+        flat = np.asarray(values).reshape(-1)
+        if not self.small_streams or flat.size > self.small_streams:
+            return method, payload
+        other = self._zstd(flat.astype(np.int64))
+        return other if len(other[1]) < len(payload) else (method, payload)
 
     @property
     def plain_rans(self) -> bool:
@@ -113,6 +137,8 @@ class Entropy(Stage):
         values = np.asarray(values)
         if np.dtype(values.dtype) not in DTYPE_CODES:
             values = values.astype(np.int32)
+        if self.small_streams and values.dtype == np.uint16:
+            values = values.view(np.int16)  # f16 bit patterns: the readers take the 16 bits either way
         method, payload = self._stream(values)
         return stream_record(name, values.dtype, values.shape, method, payload)
 
