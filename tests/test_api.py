@@ -144,6 +144,23 @@ def test_too_small_a_context_is_refused_before_llama(smollm2_path, saved):
     _assert_untouched(small, [1, 2, 3], expect)
 
 
+def test_a_failed_conversion_or_stream_move_leaves_the_llama_as_it_was(smollm2_path, saved, monkeypatch):
+    """The steps between decoding and llama.cpp (conversion to the context's cache types and V
+    layout, the move into the target sequence's stream) fail before the Llama is touched."""
+    llm, expect = _busy_llama(smollm2_path, [1, 2, 3])
+
+    def fails(*args, **kwargs):
+        raise ng.FormatError("injected failure")
+
+    for step in ("_in_target_layout", "_into_stream"):
+        with monkeypatch.context() as m:
+            m.setattr(ng.api, step, fails)
+            with pytest.raises(ng.FormatError, match="injected failure"):
+                ng.load_state(llm, saved["path"])
+        _assert_untouched(llm, [1, 2, 3], expect)
+        llm.n_tokens -= 1  # _assert_untouched evaluated one more token: back to the prompt alone
+
+
 def test_llama_refusal_rolls_back(smollm2_path, saved, monkeypatch):
     # Skip the conversion to the context's V layout so that llama.cpp itself refuses (V
     # transposition differs): the Llama must come back as it was.
