@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import zstandard
 
@@ -26,6 +28,18 @@ class Zstd(Stage):
         return np.frombuffer(decompress_bounded(np.ascontiguousarray(data), info.max_items, f"section {info.name!r}"), np.uint8)
 
 
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (one is not safe to share between threads; a new one for each
+    of a load's ~300 small streams cost more than their decoding)."""
+    d = getattr(_local, "decompressor", None)
+    if d is None:
+        d = _local.decompressor = zstandard.ZstdDecompressor()
+    return d
+
+
 def decompress_bounded(data, limit: int, where: str) -> bytes:
     """A zstd frame's content, refused before anything is allocated when the frame does not
     state its size or states more than `limit` bytes (a decompression bomb, or damage)."""
@@ -39,7 +53,7 @@ def decompress_bounded(data, limit: int, where: str) -> bytes:
     if size > limit:
         raise FormatError(f"{where}: zstd frame declares {size} bytes, expected at most {limit}")
     try:
-        out = zstandard.ZstdDecompressor().decompress(view, max_output_size=limit)
+        out = _decompressor().decompress(view, max_output_size=limit)
     except zstandard.ZstdError as e:
         raise FormatError(f"{where}: zstd data is corrupt: {e}") from None
     if len(out) != size:
