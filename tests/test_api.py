@@ -71,12 +71,17 @@ def test_cli_generate_matches_direct_prompt(smollm2_path, saved, capsys):
 def _busy_llama(path, prompt):
     """A Llama holding another prompt, with the logits it gives for a fixed next token."""
     llm = open_llama(path)
+    return llm, _make_busy(llm, prompt)
+
+
+def _make_busy(llm, prompt):
+    """`llm` made to hold `prompt`; returns the logits it gives for a fixed next token."""
     llm.eval(prompt)
     raw = llm.save_state()
     llm.eval([42])
     expect = logits_now(llm)
     llm.load_state(raw)
-    return llm, expect
+    return expect
 
 
 def _assert_untouched(llm, prompt, expect):
@@ -133,12 +138,7 @@ def test_too_small_a_context_is_refused_before_llama(smollm2_path, saved):
     with pytest.raises(ng.RestoreError, match=f"a context of at least {N_PROMPT} tokens; this Llama holds 32"):
         ng.load_state(small, saved["path"])
     assert small.n_tokens == 0
-    # a Llama in use keeps its prompt and its next logits
-    small.eval([1, 2, 3])
-    raw = small.save_state()
-    small.eval([42])
-    expect = logits_now(small)
-    small.load_state(raw)
+    expect = _make_busy(small, [1, 2, 3])  # a Llama in use keeps its prompt and its next logits
     with pytest.raises(ng.RestoreError, match="this Llama holds 32"):
         ng.load_state(small, saved["path"])
     _assert_untouched(small, [1, 2, 3], expect)
@@ -167,11 +167,7 @@ def test_llama_refusal_rolls_back(smollm2_path, saved, monkeypatch):
     monkeypatch.setattr(ng.api, "_in_target_layout", lambda llm, state, blob: [blob])
     llm, expect = _busy_llama(smollm2_path, [1, 2, 3, 4])
     llm2 = open_llama(smollm2_path, flash_attn=True)
-    llm2.eval([1, 2, 3, 4])
-    raw = llm2.save_state()
-    llm2.eval([42])
-    expect2 = logits_now(llm2)
-    llm2.load_state(raw)
+    expect2 = _make_busy(llm2, [1, 2, 3, 4])
     with pytest.raises(ng.RestoreError, match="left as before"):
         ng.load_state(llm2, saved["path"])
     _assert_untouched(llm2, [1, 2, 3, 4], expect2)
