@@ -121,6 +121,42 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert [x.name for x in tmp_path.iterdir()] == ["x.nxkv"]  # no temporary file left behind
 
 
+def test_concurrent_writers_of_one_file_leave_one_whole_file(tmp_path):
+    """Writers racing on one path (two saves of the same prompt, say): a reader always sees one
+    writer's whole file, the last rename wins, and no temporary file is left."""
+    import threading
+
+    p = tmp_path / "x.nxkv"
+    payloads = [bytes([k]) * (256 << 10) for k in range(4)]
+    fmt.write_atomic(p, [payloads[0]])
+    seen, torn, stop = set(), [], threading.Event()
+
+    def write(k):
+        for _ in range(25):
+            fmt.write_atomic(p, [payloads[k][: 128 << 10], payloads[k][128 << 10 :]])
+
+    def read():
+        while not stop.is_set():
+            data = p.read_bytes()
+            if data in payloads:
+                seen.add(data[0])
+            else:  # (an assert here would end only this thread)
+                torn.append(len(data))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    reader.join()
+    assert not torn, f"readers saw files of {torn} bytes that no writer wrote whole"
+    assert p.read_bytes() in payloads and len(seen) >= 2
+    assert [x.name for x in tmp_path.iterdir()] == ["x.nxkv"]
+
+
 def test_written_files_get_the_usual_permissions(tmp_path):
     import os
     import stat
