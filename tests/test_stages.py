@@ -236,6 +236,23 @@ def test_small_streams_are_stored_the_smaller_way():
         Entropy(small_streams=-1)
 
 
+def test_pca_basis_conditioning_check_agrees_with_the_svd():
+    """The PCA fit's shortcut (a Cholesky factor instead of an SVD) decides as cond(q) > 1e6."""
+    from nexus_gguf.stages.lattice import _ill_conditioned, pca_basis
+
+    rng = np.random.default_rng(3)
+    cases = [pca_basis(rng.standard_normal((3000, 1, d)) * np.geomspace(3, 0.01, d), 8)[0].astype(np.float64) for d in (8, 64, 192)]
+    for tiny in (1e-3, 1e-5):  # condition numbers 1.3e5 and 1.3e7
+        q = np.eye(8) * 128
+        q[7, 7] = tiny
+        cases.append(q)
+    q = np.eye(8) * 128
+    q[7] = q[6]
+    cases += [q, np.ones((8, 8)) * 128]
+    for q in cases:
+        assert _ill_conditioned(q, 128) == (np.linalg.cond(q) > 1e6)
+
+
 def test_normalized_freqs():
     f = normalized_freqs(np.array([1, 0, 10**6, 3]))
     assert f.sum() == 1 << 14 and f[1] == 0 and f[0] >= 1 and f[3] >= 1
