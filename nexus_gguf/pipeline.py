@@ -28,7 +28,7 @@ from .stages import REGISTRY, ModelBinding, Stage, TensorInfo, stage_from_config
 # so that a GPU decodes a 4096-token state's lanes on ~11,000 threads instead of 720 (17x
 # faster, tools/gpu_bench.py) for 0.3% more bytes, the CPU as fast as before. Streams of up to 4096 symbols
 # (sinks, means, channel scales, a scale, class maps) are stored the smaller way of rANS and zstd, f16 ones as
-# int16 (small_streams): lossless, +7% on 64-token prose, +2.4% on 1024, +0.7% on 4096.
+# int16 (small_streams): lossless, +7% on 64-token prose, +2.4% on 256, +0.65% on 1024, +0.7% on 4096 (balanced +1%, max +1-4%).
 PRESETS: dict[str, dict[str, Any]] = {
     "lossless": {"stages": [{"id": "byteplane"}, {"id": "zstd", "level": 3}]},
     "high": {"stages": [
