@@ -9,9 +9,11 @@ the failing inputs it finds in .hypothesis/, and tests/fuzz/ holds inputs that o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
+import tempfile
 
 import pytest
 
@@ -32,25 +34,33 @@ FILES = sorted(os.path.join(golden.version_dir(v), e["file"]) for v in VERSIONS 
 CORPUS = os.path.join(os.path.dirname(__file__), "fuzz")
 
 
+@contextlib.contextmanager
+def _as_file(data: bytes, suffix: str = ".nxkv"):
+    """The path of a temporary file holding `data`, removed afterwards (the readers open paths)."""
+    with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f:
+        f.write(data)
+    try:
+        yield f.name
+    finally:
+        os.unlink(f.name)
+
+
 def _decode(data: bytes) -> None:
     """Everything load_state does short of llama.cpp, on bytes, its Python and numpy allocations
     traced: their peak must stay within _allocation_bound (the native library's own buffers
     are sized from the same checked counts, but tracemalloc does not see them)."""
-    import tempfile
     import tracemalloc
 
-    with tempfile.NamedTemporaryFile(suffix=".nxkv", delete=False) as f:
-        f.write(data)
     refused = None
-    tracemalloc.start()
-    try:
-        golden.decode_file(f.name)
-    except NxkvError as e:
-        refused = e.with_traceback(None)
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        os.unlink(f.name)
+    with _as_file(data) as path:
+        tracemalloc.start()
+        try:
+            golden.decode_file(path)["file"].close()
+        except NxkvError as e:
+            refused = e.with_traceback(None)
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
     bound = _allocation_bound(data)
     assert peak <= bound, f"decoding {len(data)} bytes allocated {peak} bytes at its peak, past the bound {bound}"
     if refused is not None:
@@ -204,18 +214,13 @@ def test_mutated_llama_session_and_slot_files(path, data):
         i = data.draw(st.integers(0, len(b) - 1))
         b[i] ^= data.draw(st.integers(1, 255))
     b = b[: data.draw(st.integers(0, len(b)))]
-    import tempfile
 
-    with tempfile.NamedTemporaryFile(suffix=".bin", delete=False) as f:
-        f.write(bytes(b))
-    try:
-        def read():
-            got = read_llama_file(f.name)
-            parse_state(got.blob, got.state_kind)
+    def read(path):
+        got = read_llama_file(path)
+        parse_state(got.blob, got.state_kind)
 
-        _allowed(read)
-    finally:
-        os.unlink(f.name)
+    with _as_file(bytes(b), ".bin") as path:
+        _allowed(read, path)
 
 
 def test_committed_corpus():
@@ -230,11 +235,13 @@ def test_committed_corpus():
 
 def test_the_allocation_bound_is_checked(monkeypatch):
     """_decode's bound is not vacuous: a decoder that allocated past it fails the fuzz targets."""
+    import io
+
     import numpy as np
 
     data = open(FILES[0], "rb").read()
     _decode(data)  # a sound file: within the bound
-    monkeypatch.setattr(golden, "decode_file", lambda path: np.ones(_allocation_bound(data) // 8 + 1))
+    monkeypatch.setattr(golden, "decode_file", lambda path: {"file": io.BytesIO(), "blob": np.ones(_allocation_bound(data) // 8 + 1)})
     with pytest.raises(AssertionError, match="past the bound"):
         _decode(data)
 
@@ -242,18 +249,14 @@ def test_the_allocation_bound_is_checked(monkeypatch):
 def _decode_with(data: bytes, patches: list) -> list:
     """Decoding `data` once per entry of `patches` ((object, attribute, value) to set for that
     run, or none): the blob, or the NxkvError raised (without its traceback), of each run."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".nxkv", delete=False) as f:
-        f.write(data)
     out = []
-    try:
+    with _as_file(data) as path:
         for patch in patches:
             with pytest.MonkeyPatch.context() as m:
                 for target, name, value in patch:
                     m.setattr(target, name, value)
                 try:
-                    d = golden.decode_file(f.name)
+                    d = golden.decode_file(path)
                     d["file"].close()
                     out.append(d["blob"])
                 except NxkvError as e:
@@ -261,8 +264,6 @@ def _decode_with(data: bytes, patches: list) -> list:
                     # arrays) stayed alive until a full GC, and 20000 runs filled 24 GB
                     out.append(e.with_traceback(None))
                     e.__context__ = e.__cause__ = None
-    finally:
-        os.unlink(f.name)
     return out
 
 
