@@ -109,6 +109,7 @@ class Entropy(Stage):
         return self._zstd(flat)
 
     def _zstd(self, flat: np.ndarray) -> tuple[int, bytes]:
+        """Method 0 of integers of any type: the narrowest signed width that holds them."""
         lo, hi = int(flat.min()), int(flat.max())
         width = next(w for w, t in ((1, np.int8), (2, np.int16), (4, np.int32)) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
         raw = flat.astype({1: "<i1", 2: "<i2", 4: "<i4"}[width]).tobytes()
@@ -120,7 +121,7 @@ class Entropy(Stage):
         flat = np.asarray(values).reshape(-1)
         if not self.small_streams or flat.size > self.small_streams:
             return method, payload
-        other = self._zstd(flat.astype(np.int64))
+        other = self._zstd(flat)
         return other if len(other[1]) < len(payload) else (method, payload)
 
     @property
