@@ -15,6 +15,7 @@ from .backends import recording
 from .errors import ChecksumError, ConfigError, FormatError, NxkvError, RestoreError
 from .eviction import eviction_record
 from .format import NxkvFile, SpooledSections, crc32, read_header
+from .heap import release_freed_memory
 from .storage import is_url, write_atomic
 from .header import Header, build_header
 from .llama_state import parse_state, write_state
@@ -105,7 +106,9 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
     n_tokens = int(tokens.size)
     if n_tokens == 0 or not bridge.holds_cells(llm, seq_id):
         raise NxkvError(f"sequence {seq_id} of the Llama holds no evaluated tokens: evaluate the prompt first (llm.eval(tokens))")
-    blob = bridge.get_seq_state(llm, seq_id)
+    # in pages of its own: each layer's rows are given back once its sections are made
+    blob, pages = bridge.get_seq_state(llm, seq_id, pages=True)
+    raw = {"bytes": len(blob), "crc32": crc32(blob), "kind": "sequence"}
     timer.lap("state_get")
     state = parse_state(blob, "sequence", facts.state_layout())
     if state.n_pos != n_tokens:
@@ -119,14 +122,16 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
     if pipeline.needs_scores_at(n_cells):
         state, scoring, eviction, importance, queries = _score_and_evict(llm, blob, state, tokens, pipeline,
                                                                          pipeline.queries_used_at(n_cells))
+        release_freed_memory()  # the scoring's side context, before the encoder's threads allocate
         timer.lap("scoring")
-    # sections go to a spool as they are made: past an eighth of the raw state they wait in a
-    # temporary file beside the target, so saving holds about the state plus that, not twice it
+    # sections go to a spool as they are made: past 4 MiB (or an eighth of a small state) they
+    # wait in a temporary file beside the target, so saving holds the state and the layers being
+    # encoded, not the file too (at 7680 tokens a high file is 29 MB: 16% of the raw state)
     local_dir = None if is_url(os.fspath(path)) else os.path.dirname(os.path.abspath(path))
-    spool = SpooledSections(max(1 << 20, len(blob) // 8), local_dir, os.fspath(path))
+    spool = SpooledSections(max(1 << 20, min(len(blob) // 8, 4 << 20)), local_dir, os.fspath(path))
     with recording() as backends, spool:
         layout, sections = iter_encode_state(state, pipeline, value_dims(facts.n_embd_head_k, facts.n_embd_head_v),
-                                             importance, queries=queries)
+                                             importance, queries=queries, done_with=lambda rows: pages.release(rows))
         spool.add("tokens", encode_tokens(tokens))
         # a lossy state cannot reproduce the prompt's logits to the last bit anyway; f16 halves them
         logits_dtype = "f32" if pipeline.lossless else "f16"
@@ -140,11 +145,11 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
             n_pos=state.n_pos, logits=None if logits is None else {"dtype": logits_dtype, "n_vocab": int(logits.shape[0])},
             pipeline=pipeline, scoring=scoring, eviction=eviction,
             notes={s.stage_id: s.note for s in pipeline.stages if s.note},
-            raw={"bytes": len(blob), "crc32": crc32(blob), "kind": "sequence"}, state=layout,
+            raw=raw, state=layout,
         )
         file_bytes = write_atomic(path, spool.buffers(header))
     timer.lap("write")
-    return SaveReport(os.fspath(path), pipeline.preset or "custom", n_tokens, len(blob), file_bytes, timer.seconds,
+    return SaveReport(os.fspath(path), pipeline.preset or "custom", n_tokens, raw["bytes"], file_bytes, timer.seconds,
                       dict(backends), scoring, eviction)
 
 

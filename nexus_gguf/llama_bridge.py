@@ -241,15 +241,25 @@ def read_only_pointer(blob):
     return (ctypes.c_uint8 * view.nbytes).from_buffer(view.cast("B"))
 
 
-def get_seq_state(llm, seq_id: int = 0) -> bytearray:
-    """llama_state_seq_get_data for one sequence (bytes-like)."""
+def get_seq_state(llm, seq_id: int = 0, pages: bool = False):
+    """llama_state_seq_get_data for one sequence (bytes-like). pages: into a heap.PageBuffer,
+    returned with it as (uint8 array, buffer), so that parts can be given back."""
     llama_cpp = _llama_cpp()
 
     ctx = llm._ctx.ctx
     size = int(llama_cpp.llama_state_seq_get_size(ctx, seq_id))
     if size == 0:
         raise NxkvError("llama.cpp could not size the sequence state (see its log)")
-    return _filled(size, lambda buf, n: llama_cpp.llama_state_seq_get_data(ctx, buf, n, seq_id))
+    fill = lambda buf, n: llama_cpp.llama_state_seq_get_data(ctx, buf, n, seq_id)  # noqa: E731
+    if not pages:
+        return _filled(size, fill)
+    from .heap import PageBuffer
+
+    buf = PageBuffer(size)
+    n = int(fill((ctypes.c_uint8 * size).from_buffer(buf.array), size))
+    if n == 0 or n > size:
+        raise NxkvError("llama.cpp failed to copy the state (see its log)")
+    return buf.array[:n], buf
 
 
 def set_seq_state(llm, blob, seq_id: int = 0) -> bool:

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import llama_bridge as bridge
 from .errors import NxkvError
+from .heap import release_freed_memory
 from .llama_capture import CaptureContext, capture_queries
 from .llama_rotation import llama_rotation, toggle_llama_rotation
 from .llama_state import LlamaState, write_state
@@ -154,6 +155,7 @@ def score_cells(llm, blob: bytes, state: LlamaState, tokens, window: int, scorer
         try:
             wanted = importance and scorer == "attention"  # the window's attention over every cell
             held, n_ctx = (blob, None) if wanted or not context else bounded_capture(blob, state, window, context)
+            release_freed_memory()  # the kept cells' copy written into `held`, before the side context
             queries = capture_queries(llm, held, tokens, window, n_ctx=n_ctx)
         except NxkvError as e:
             notes.append(f"query capture failed ({e})" + ("; used the key-key proxy" if importance and scorer == "attention" else "")

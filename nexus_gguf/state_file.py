@@ -4,7 +4,7 @@ turned into named sections plus the header's "state" layout, and back."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -78,10 +78,13 @@ def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str,
 
 
 def iter_encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str, int]] = None,
-                      importance: Optional[np.ndarray] = None, queries: Optional[dict] = None
+                      importance: Optional[np.ndarray] = None, queries: Optional[dict] = None,
+                      done_with: Optional[Callable[[np.ndarray], None]] = None
                       ) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
     """encode_state, with the sections made as they are asked for: layers encode on all cores
-    a few at a time, so memory holds those layers' sections, not the whole file's."""
+    a few at a time, so memory holds those layers' sections, not the whole file's. done_with:
+    called with each layer's K and V rows once its sections have been handed out (the state's
+    memory can then be let go of, layer by layer)."""
     if pipeline.values_path and not dims:
         raise StateLayoutError("the lossy stages need the model's head sizes")
     caches = []
@@ -111,7 +114,7 @@ def iter_encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict
     }
     if pipeline.values_path:
         layout["values"] = dict(dims)
-    return layout, _sections(state, pipeline, dims, importance, queries)
+    return layout, _sections(state, pipeline, dims, importance, queries, done_with)
 
 
 def _gpu_encoder():
@@ -141,7 +144,7 @@ def _encode_on_gpu(encode, pipeline: Pipeline, dims, ci: int, si: int, s: Stream
     return encode(pipeline, jobs)
 
 
-def _sections(state: LlamaState, pipeline: Pipeline, dims, importance, queries) -> Iterator[tuple[str, np.ndarray]]:
+def _sections(state: LlamaState, pipeline: Pipeline, dims, importance, queries, done_with) -> Iterator[tuple[str, np.ndarray]]:
     meta = meta_pipeline()
     gpu = _gpu_encoder() if pipeline.values_path else None
     for ci, cache in enumerate(state.caches):
@@ -178,6 +181,10 @@ def _sections(state: LlamaState, pipeline: Pipeline, dims, importance, queries) 
                     done = parallel_map(encode_layer, list(s.layers[b : b + batch]))
                 for coded in done:
                     yield from coded
+                if done_with is not None:
+                    for layer in s.layers[b : b + batch]:
+                        done_with(layer.k)
+                        done_with(layer.v)
 
 
 def _shape(v, what: str, rows: int, row_bytes: int) -> tuple[int, int]:

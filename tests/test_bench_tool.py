@@ -1,4 +1,5 @@
-"""tools/bench.py's tiny Gemma 3 rows (`--tiny-gemma3`): the layout check the README quotes."""
+"""tools/bench.py's tiny Gemma 3 rows (`--tiny-gemma3`): the layout check the README quotes; the
+speed table's memory figures, measured in a new process."""
 
 import importlib.util
 import os
@@ -27,3 +28,22 @@ def test_tiny_gemma3_rows_restore_every_cache():
     assert high["cells"] == lossless["cells"] and evicting["cells"]["base"] < lossless["cells"]["base"]
     table = bench.tiny_gemma3_table(list(rows.values()))
     assert table.count("\n") == 4 and "`high`" in table
+
+
+def test_memory_is_measured_in_a_new_process(smollm2_path, prompt_text, tmp_path):
+    """fresh_process_peak: a save (of a state restored from a lossless file) and a load, each
+    the first in a new process; what they add is at least the raw state they hold."""
+    import nexus_gguf as ng
+    from conftest import open_llama, prompt_tokens
+
+    bench = _bench()
+    llm = open_llama(smollm2_path)
+    llm.eval(prompt_tokens(llm, prompt_text, 200))
+    raw = ng.save_state(llm, tmp_path / "lossless.nxkv", "lossless").raw_bytes
+    save = bench.fresh_process_peak(smollm2_path, 512, 2, "save", state=str(tmp_path / "lossless.nxkv"), preset="high",
+                                    out=str(tmp_path / "high.nxkv"))
+    load = bench.fresh_process_peak(smollm2_path, 512, 2, "load", path=str(tmp_path / "high.nxkv"))
+    assert (tmp_path / "high.nxkv").stat().st_size > 0
+    assert save >= raw and load >= raw
+    with pytest.raises(RuntimeError, match="load memory measurement failed"):
+        bench.fresh_process_peak(smollm2_path, 512, 2, "load", path=str(tmp_path / "missing.nxkv"))

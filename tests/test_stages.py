@@ -3,6 +3,7 @@ pipeline's rules."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -560,6 +561,34 @@ def test_pca_transform_stores_its_basis_and_saves_bits():
     s_small = pca.encode(x[:300], small)
     assert "basis" not in s_small
     assert np.abs(pca.decode(s_small, small) - x[:300]).max() < 0.5 * np.abs(x).max()
+
+
+
+@pytest.mark.parametrize("head_group", [1, 0])  # each head alone (a basis per head), both heads as one
+def test_lattice_encode_leaves_its_input_alone_and_works_in_one_copy(head_group):
+    """The lattice centres, scales and projects a copy of its input in place: the caller's
+    values (float32, or float64 which a no-copy conversion would have handed in) are untouched,
+    both give the same symbols, and the per-head projection is the one a product per head gives."""
+    from nexus_gguf.stages.lattice import pca_basis, to_basis
+
+    n = 600
+    x = _correlated(n)
+    info = dataclasses.replace(_info(n=n), query_energy=np.linspace(0.5, 2.0, 2 * 64).reshape(2, 64))
+    lat = Lattice(k_bits=3.5, scale_scope="head", transform="pca", classes=True, pca_min_cells=500, head_group=head_group,
+                  k_weights="queries")
+    for values in (x, x.astype(np.float64)):
+        kept = values.copy()
+        s = lat.encode(values, info)
+        np.testing.assert_array_equal(values, kept)
+        assert "basis" in s and "channel_scale" in s and "mean" in s
+        if values.dtype == np.float32:
+            first = s
+        else:
+            assert first.keys() == s.keys() and all(np.array_equal(first[k], s[k]) for k in s)
+    c = x.astype(np.float64) - x.mean(axis=0)
+    basis = pca_basis(c, 8)
+    want = np.stack([c[:, k, :] @ np.linalg.inv(basis[k] / 128.0) for k in range(2)], axis=1)
+    np.testing.assert_array_equal(to_basis(c, basis, 8), want)
 
 
 @pytest.mark.parametrize("head_group", [1, 0])  # each head alone, both heads as one vector

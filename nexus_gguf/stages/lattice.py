@@ -187,7 +187,9 @@ class Lattice(Stage):
         n, h, d = info.n_cells, info.n_heads, info.head_dim
         x = x.reshape(n, h, d)
         block = self._block(d, info.name)
-        x = np.asarray(x, np.float64)
+        # this copy is the section's one working array: the steps below change it in place
+        # (a save encodes a layer per core, each holding a few of these at its peak)
+        x = np.array(x, np.float64)
         out = {}
         sink = self._sink_rows(info, n)
         if self.sinks:
@@ -197,14 +199,13 @@ class Lattice(Stage):
         if self.center:
             # K without RoPE shares a large per-channel offset across tokens (most of its energy
             # in SmolLM2); stored once, it leaves a much smaller residual to quantize
-            rest = x[~sink] if (~sink).any() else x
-            mean = rest.mean(axis=0).astype(np.float16)
+            mean = (x[~sink] if (~sink).any() else x).mean(axis=0).astype(np.float16)
             out["mean"] = mean.view(np.uint16)
-            x = x - mean.astype(np.float64)
+            x -= mean.astype(np.float64)
         if self._weighted(info, sink):
             scale = channel_scales(info.query_energy, h, d)
             out["channel_scale"] = scale.view(np.uint16)
-            x = x / scale.astype(np.float64)
+            x /= scale.astype(np.float64)
         if self._pca(info, sink):
             out["basis"] = pca_basis(x[~sink], self.basis_bits)
             x = to_basis(x, out["basis"], self.basis_bits)
@@ -237,8 +238,13 @@ class Lattice(Stage):
         if self.uses_classes(info):
             # likewise per component class: after PCA the first components spread over many
             # steps and the last are nearly all zero
-            rest = x[~sink] if (~sink).any() else x
-            out["class"] = component_classes(np.sqrt((rest**2).mean(axis=0)), self._steps(scale_symbols, info))
+            if (~sink).any():
+                rest = x[~sink]  # a copy: squared in place
+                np.square(rest, out=rest)
+            else:
+                rest = np.square(x)
+            out["class"] = component_classes(np.sqrt(rest.mean(axis=0)), self._steps(scale_symbols, info))
+            del rest
             points = _split_by_class(points, column_classes(out["class"]))
         return {**out, "scale": scale_symbols, **points}
 
@@ -414,7 +420,12 @@ def to_basis(x: np.ndarray, basis: np.ndarray, bits: int) -> np.ndarray:
     """float64 [n, h, d] coefficients y with y[:, k] @ basis[k] / 2^(bits-1) = x[:, k] (what
     basis_dequantize maps back)."""
     scaled = basis.astype(np.float64) / (1 << (bits - 1))
-    return np.stack([x[:, k, :] @ np.linalg.inv(scaled[k]) for k in range(x.shape[1])], axis=1)
+    if x.shape[1] == 1:  # one head (or one head group): no second whole-section array
+        return (x[:, 0, :] @ np.linalg.inv(scaled[0]))[:, None, :]
+    y = np.empty_like(x, np.float64)
+    for k in range(x.shape[1]):
+        y[:, k, :] = x[:, k, :] @ np.linalg.inv(scaled[k])
+    return y
 
 
 def channel_scales(energy, h: int, d: int) -> np.ndarray:
