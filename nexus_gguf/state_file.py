@@ -295,16 +295,19 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
                                                                          .layers[job[2]], read(job))])
             return blob, state
         if _native_batches() and _batchable(pipeline, dims, jobs):
-            # each layer's batch prepared here (Python) while the pool runs the ones before
-            # (the CPU library, without the GIL)
+            # each section's batch prepared here (Python) while the pool runs the ones before
+            # (the CPU library, without the GIL); a section at a time, not a layer, so that each
+            # core's symbol buffer and the batches waiting hold half as much
             from . import section_decode
 
-            def prepared(job):
+            def prepared(item):
+                job, part = item
                 ci, si, li = job[:3]
+                data = {part: section(f"{part}.{ci}.{si}.{li}")}
                 return section_decode.prepare(pipeline, _layer_sections(pipeline, dims, job, state.caches[ci].streams[si].layers[li],
-                                                                        read(job)), defer_basis=True)
+                                                                        data, (part,)), defer_basis=True)
 
-            prepare_and_run(prepared, section_decode.run_native, jobs)
+            prepare_and_run(prepared, section_decode.run_native, [(job, part) for job in jobs for part in ("k", "v")])
             return blob, state
 
         def decode_layer(job) -> None:
@@ -360,13 +363,14 @@ def _native_batches() -> bool:
     return backend_name() == "native"
 
 
-def _layer_sections(pipeline: Pipeline, dims, job: tuple, dest: LayerKV, data: dict) -> list:
-    """section_decode.SectionJob of a layer's K and V sections, their rows those of `dest`."""
+def _layer_sections(pipeline: Pipeline, dims, job: tuple, dest: LayerKV, data: dict, parts=("k", "v")) -> list:
+    """section_decode.SectionJob of a layer's K and V sections (those of `parts`), their rows
+    those of `dest`."""
     from . import section_decode
 
     ci, si, li, L, cells, v_trans = job[:6]
     out = []
-    for part in ("k", "v"):
+    for part in parts:
         t, rows = (dest.k_type, dest.k) if part == "k" else (dest.v_type, dest.v)
         transposed = part == "v" and v_trans
         n_embd = rows.shape[0] if transposed else rows.shape[1] // t.type_size * t.block_size
