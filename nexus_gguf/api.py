@@ -15,7 +15,7 @@ from .backends import recording
 from .errors import ChecksumError, ConfigError, FormatError, NxkvError, RestoreError
 from .eviction import eviction_record
 from .format import NxkvFile, SpooledSections, crc32, read_header
-from .heap import release_freed_memory
+from .heap import release_freed_memory, save_memory_budget
 from .storage import is_url, write_atomic
 from .header import Header, build_header
 from .llama_state import parse_state, write_state
@@ -131,7 +131,8 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
     spool = SpooledSections(max(1 << 20, min(len(blob) // 8, 4 << 20)), local_dir, os.fspath(path))
     with recording() as backends, spool:
         layout, sections = iter_encode_state(state, pipeline, value_dims(facts.n_embd_head_k, facts.n_embd_head_v),
-                                             importance, queries=queries, done_with=lambda rows: pages.release(rows))
+                                             importance, queries=queries, done_with=pages.release,
+                                             memory_budget=save_memory_budget(raw["bytes"]))
         spool.add("tokens", encode_tokens(tokens))
         # a lossy state cannot reproduce the prompt's logits to the last bit anyway; f16 halves them
         logits_dtype = "f32" if pipeline.lossless else "f16"

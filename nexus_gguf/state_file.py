@@ -79,12 +79,14 @@ def encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str,
 
 def iter_encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict[str, int]] = None,
                       importance: Optional[np.ndarray] = None, queries: Optional[dict] = None,
-                      done_with: Optional[Callable[[np.ndarray], None]] = None
+                      done_with: Optional[Callable[[np.ndarray], int]] = None, memory_budget: Optional[int] = None
                       ) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
     """encode_state, with the sections made as they are asked for: layers encode on all cores
     a few at a time, so memory holds those layers' sections, not the whole file's. done_with:
     called with each layer's K and V rows once its sections have been handed out (the state's
-    memory can then be let go of, layer by layer)."""
+    memory can then be let go of, layer by layer), returns the bytes it gave back.
+    memory_budget: bytes the layers being encoded may hold at once, with what done_with gave
+    back added as it comes (as many layers at a time as that holds, at least one)."""
     if pipeline.values_path and not dims:
         raise StateLayoutError("the lossy stages need the model's head sizes")
     caches = []
@@ -114,7 +116,7 @@ def iter_encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict
     }
     if pipeline.values_path:
         layout["values"] = dict(dims)
-    return layout, _sections(state, pipeline, dims, importance, queries, done_with)
+    return layout, _sections(state, pipeline, dims, importance, queries, done_with, memory_budget)
 
 
 def _gpu_encoder():
@@ -144,7 +146,15 @@ def _encode_on_gpu(encode, pipeline: Pipeline, dims, ci: int, si: int, s: Stream
     return encode(pipeline, jobs)
 
 
-def _sections(state: LlamaState, pipeline: Pipeline, dims, importance, queries, done_with) -> Iterator[tuple[str, np.ndarray]]:
+# what a layer being encoded holds at its peak, in multiples of its K and V rows, rounded up
+# (SmolLM2 f16, 7680 cells: 5.9 MB of rows; a save's resident memory rose 68 MB with one layer
+# in flight and ~100 MB more with a second core's: the values as float32, their float64 working
+# copy, temporaries, the points, what the allocator keeps)
+LAYER_WORKING_SET = 16
+
+
+def _sections(state: LlamaState, pipeline: Pipeline, dims, importance, queries, done_with,
+              memory_budget) -> Iterator[tuple[str, np.ndarray]]:
     meta = meta_pipeline()
     gpu = _gpu_encoder() if pipeline.values_path else None
     for ci, cache in enumerate(state.caches):
@@ -174,17 +184,23 @@ def _sections(state: LlamaState, pipeline: Pipeline, dims, importance, queries, 
                 return out
 
             # layers encode on all cores (the kernels and most of numpy release the GIL), a
-            # batch at a time, numpy's BLAS on one thread meanwhile (blas_threads.py)
-            batch = 2 * threads()
-            for b in range(0, len(s.layers), batch):
+            # batch at a time, numpy's BLAS on one thread meanwhile (blas_threads.py); within a
+            # memory budget, as many at once as it holds with the rows given back so far
+            b, given_back = 0, 0
+            while b < len(s.layers):
+                width = threads()
+                if memory_budget is not None:
+                    cost = LAYER_WORKING_SET * (s.layers[b].k.nbytes + s.layers[b].v.nbytes)
+                    width = max(1, min(width, (memory_budget + given_back) // max(cost, 1)))
+                batch = list(s.layers[b : b + (2 * width if width == threads() else width)])
                 with single_threaded_blas():
-                    done = parallel_map(encode_layer, list(s.layers[b : b + batch]))
+                    done = parallel_map(encode_layer, batch)
                 for coded in done:
                     yield from coded
                 if done_with is not None:
-                    for layer in s.layers[b : b + batch]:
-                        done_with(layer.k)
-                        done_with(layer.v)
+                    for layer in batch:
+                        given_back += done_with(layer.k) + done_with(layer.v)
+                b += len(batch)
 
 
 def _shape(v, what: str, rows: int, row_bytes: int) -> tuple[int, int]:

@@ -47,25 +47,58 @@ def test_page_buffer_gives_back_whole_pages_under_a_view_only():
     assert buf.released == (30 << 20) - 2 * 4096
 
 
+@pytest.mark.parametrize("budget", ["none", "0", "0.25"])
 def test_a_save_gives_back_each_layer_after_coding_it_and_writes_the_same_bytes(smollm2_path, prompt_text, tmp_path,
-                                                                               monkeypatch):
-    """The rows are let go only once their sections are made: a save that keeps them all
-    writes the same sections (a layer let go too early would be coded as zeros)."""
+                                                                               monkeypatch, budget):
+    """The rows are let go only once their sections are made, and within a memory budget the
+    layers encode as many at a time as it holds: a save that keeps every row and codes on all
+    cores writes the same sections (a layer let go too early would be coded as zeros)."""
+    from nexus_gguf import backends, state_file
+
     llm = open_llama(smollm2_path, n_ctx=1024)
     llm.eval(prompt_tokens(llm, prompt_text * 4, 900))
-    released = []
-    release = heap.PageBuffer.release
+    released, widths = [], []
+    release, parallel_map = heap.PageBuffer.release, state_file.parallel_map
 
     def counting(self, view):
-        release(self, view)
-        released.append(self.released)
+        got = release(self, view)
+        released.append(got)
+        return got
+
+    def recording(fn, items):
+        widths.append(len(items))
+        return parallel_map(fn, items)
 
     monkeypatch.setattr(heap.PageBuffer, "release", counting)
+    monkeypatch.setattr(state_file, "parallel_map", recording)
+    monkeypatch.setenv("NEXUS_GGUF_SAVE_MEMORY", budget)
     raw = ng.save_state(llm, tmp_path / "released.nxkv", "high").raw_bytes
-    assert len(released) == 2 * 30 and released[-1] > 0.8 * raw
-    monkeypatch.setattr(heap.PageBuffer, "release", lambda self, view: None)
+    assert len(released) == 2 * 30 and sum(released) > 0.8 * raw
+    assert sum(widths) == 30
+    if budget == "none":  # all cores, two layers a core a batch
+        assert widths[0] == min(30, 2 * backends.threads())
+    elif budget == "0":  # one layer at a time
+        assert set(widths) == {1}
+    else:  # one at a time while the budget holds only one, more as rows are given back
+        assert widths[0] == 1 and max(widths) > 1
+    monkeypatch.setattr(heap.PageBuffer, "release", lambda self, view: 0)
+    monkeypatch.setenv("NEXUS_GGUF_SAVE_MEMORY", "none")
     ng.save_state(llm, tmp_path / "kept.nxkv", "high")
     a, b = fmt.NxkvFile.open(tmp_path / "released.nxkv"), fmt.NxkvFile.open(tmp_path / "kept.nxkv")
     assert a.names() == b.names()
     for name in a.names():
         assert bytes(a.section(name)) == bytes(b.section(name)), name
+
+
+def test_save_memory_budget_from_the_environment(monkeypatch):
+    monkeypatch.setenv("NEXUS_GGUF_SAVE_MEMORY", "none")
+    assert heap.save_memory_budget(1000) is None
+    monkeypatch.setenv("NEXUS_GGUF_SAVE_MEMORY", "0.25")
+    assert heap.save_memory_budget(1000) == 250
+    for bad in ("-1", "a quarter", "nan", "inf"):
+        monkeypatch.setenv("NEXUS_GGUF_SAVE_MEMORY", bad)
+        with pytest.raises(ng.ConfigError, match="NEXUS_GGUF_SAVE_MEMORY"):
+            heap.save_memory_budget(1000)
+    monkeypatch.delenv("NEXUS_GGUF_SAVE_MEMORY")
+    if sys.platform.startswith("linux"):  # a quarter of what /proc/meminfo says is available
+        assert 0 < heap.save_memory_budget(1000) <= heap._available_memory() // 4 + 1
