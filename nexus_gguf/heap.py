@@ -3,7 +3,7 @@ pages of a state's rows once they are encoded.
 
 glibc keeps what a thread frees in that thread's arena for its next allocations; other threads
 allocate from arenas of their own. A save frees the query capture's side context (its cache and
-buffers: ~77 MB for a 7680-token SmolLM2 state) on the calling thread, then encodes the layers on
+buffers: ~70-77 MB for a 7680-token SmolLM2 state) on the calling thread, then encodes the layers on
 worker threads: without this, the first save in a process held both at its peak (+384 MB above
 the level before it, the state being 177 MB; +339 MB with the freed memory returned). Elsewhere
 (macOS, Windows, musl) there is nothing to call and this does nothing.
