@@ -219,14 +219,19 @@ def holds_cells(llm, seq_id: int = 0) -> bool:
     return int(llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llm._ctx.ctx), seq_id)) >= 0
 
 
-def _filled(size: int, fill) -> bytearray:
-    """A bytearray of at most `size` bytes that fill(pointer, size) -> n writes into directly
-    (states are gigabytes for large models: no second copy)."""
-    out = bytearray(size)
+def _fill(out, size: int, fill) -> int:
+    """The n bytes fill(pointer, size) -> n writes straight into the writable buffer `out` of
+    `size` bytes (states are gigabytes for large models: no second copy)."""
     n = int(fill((ctypes.c_uint8 * size).from_buffer(out), size))
     if n == 0 or n > size:
         raise NxkvError("llama.cpp failed to copy the state (see its log)")
-    del out[n:]
+    return n
+
+
+def _filled(size: int, fill) -> bytearray:
+    """A bytearray of at most `size` bytes that fill writes into directly (_fill)."""
+    out = bytearray(size)
+    del out[_fill(out, size, fill) :]
     return out
 
 
@@ -256,10 +261,7 @@ def get_seq_state(llm, seq_id: int = 0, pages: bool = False):
     from .heap import PageBuffer
 
     buf = PageBuffer(size)
-    n = int(fill((ctypes.c_uint8 * size).from_buffer(buf.array), size))
-    if n == 0 or n > size:
-        raise NxkvError("llama.cpp failed to copy the state (see its log)")
-    return buf.array[:n], buf
+    return buf.array[: _fill(buf.array, size, fill)], buf
 
 
 def set_seq_state(llm, blob, seq_id: int = 0) -> bool:
