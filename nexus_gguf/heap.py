@@ -17,7 +17,7 @@ has available when the save starts (so that a save of a large state on many core
 hold a layer per core it cannot afford: a layer being encoded holds about 16 times its rows,
 state_file.LAYER_WORKING_SET); NEXUS_GGUF_SAVE_MEMORY=F bounds it to F times the state instead
 (0.25: on SmolLM2 at 7680 tokens the first 24 of 30 layers then encode one at a time, the
-save peaks 40% above the state instead of 69-77%, and encoding takes 1.5-1.6x as long),
+save peaks 37-40% above the state instead of 68-77%, and encoding takes 1.5-1.6x as long),
 `none` leaves it unbounded. The rows given back are added to the budget as they come."""
 
 from __future__ import annotations
