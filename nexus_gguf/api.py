@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from . import bit_profile
 from . import llama_bridge as bridge
 from .backends import recording
 from .errors import ChecksumError, ConfigError, FormatError, NxkvError, RestoreError
@@ -79,7 +80,7 @@ class _Timer:
 
 
 def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequence[str] = (), *, seq_id: int = 0,
-               tokens: Optional[Sequence[int]] = None, **stage_overrides: Any) -> SaveReport:
+               tokens: Optional[Sequence[int]] = None, bit_profile: Any = "auto", **stage_overrides: Any) -> SaveReport:
     """Store the prompt state of `llm` (sequence 0: its KV cache, prompt tokens and last
     logits) in the .nxkv file `path`, written atomically. Stages named in `without` are left
     out of the preset and options overridden as `<stage>_<option>=value`, e.g.
@@ -87,7 +88,11 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
     by hand (then without either).
 
     Another sequence of a multi-sequence context: `seq_id`, with the `tokens` it holds (the
-    Llama's own bookkeeping follows sequence 0 only; no logits row is stored then)."""
+    Llama's own bookkeeping follows sequence 0 only; no logits row is stored then).
+
+    bit_profile: the bits each layer's K and V get beyond the preset's (bit_profile.py): "auto"
+    finds the model's (NEXUS_GGUF_BIT_PROFILE, the user's profiles, those shipped), None
+    codes every layer alike, or a BitProfile or the path of one measured on this model."""
     if isinstance(preset, Pipeline):
         if stage_overrides or without:
             raise ConfigError("stage options go into the Pipeline itself when one is given")
@@ -96,7 +101,8 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
         pipeline = build_pipeline(preset, without, **stage_overrides)
     timer = _Timer()
     facts = bridge.model_facts(llm)
-    pipeline = pipeline.bind(ModelBinding(facts, bridge.context_facts(llm, rope=True)))
+    profile = _bit_profile(bit_profile, facts)
+    pipeline = pipeline.bind(ModelBinding(facts, bridge.context_facts(llm, rope=True), profile))
     if tokens is None:
         if seq_id != 0:
             raise ConfigError(f"saving sequence {seq_id} needs the tokens it holds: save_state(..., seq_id={seq_id}, tokens=...)")
@@ -152,6 +158,18 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
     timer.lap("write")
     return SaveReport(os.fspath(path), pipeline.preset or "custom", n_tokens, raw["bytes"], file_bytes, timer.seconds,
                       dict(backends), scoring, eviction)
+
+
+def _bit_profile(choice, facts) -> Optional[bit_profile.BitProfile]:
+    if choice is None or (isinstance(choice, str) and choice.lower() == "none"):
+        return None
+    if isinstance(choice, str) and choice == "auto":
+        return bit_profile.find(facts)
+    profile = choice if isinstance(choice, bit_profile.BitProfile) else bit_profile.read(choice)
+    if not profile.fits(facts):
+        raise ConfigError(f"bit profile {profile.name} was measured on another model ({profile.model}), "
+                          f"not {facts.name or facts.file_name} (fingerprint {facts.fingerprint[:12]})")
+    return profile
 
 
 def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline, energy: bool):

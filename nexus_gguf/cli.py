@@ -1,4 +1,4 @@
-"""The `nexus-gguf` command line: save-state, generate, info, eval, demo."""
+"""The `nexus-gguf` command line: save-state, generate, info, eval, calibrate, compress, decompress, serve, demo."""
 
 from __future__ import annotations
 
@@ -377,6 +377,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from . import bit_profile
+    from .calibrate import calibrate
+
+    text = read_prompt(args.text_file, args.encoding)
+    if args.output:
+        _check_output(args.output)
+    llm = bridge.open_llama(args.model, args.n_ctx or args.tokens + args.eval_tokens, args.threads, args.n_gpu_layers)
+    progress = Progress("calibrate", "sections")
+    profile = calibrate(llm, text, n_tokens=args.tokens, eval_tokens=args.eval_tokens, preset=args.preset,
+                        text_name=Path(args.text_file).name, progress=progress)
+    out = args.output or str(bit_profile.user_dir() / f"{profile.fingerprint}.json")
+    bit_profile.write(profile, out)
+    k, v = np.asarray(profile.k_bits), np.asarray(profile.v_bits)
+    print(f"bit profile of {profile.model} (fingerprint {profile.name}): K {k.min():+.3g} .. {k.max():+.3g} bits, "
+          f"V {v.min():+.3g} .. {v.max():+.3g}, mean {np.concatenate([k, v]).mean():+.3f}; "
+          f"base KLD {profile.source['base_kld']:.5f}")
+    print(f"written to {out}" + ("" if args.output else ": save-state uses it for this model from now on"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .pipeline import DEFAULT_PRESET, PRESETS
 
@@ -437,6 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", metavar="OUT.png", help="write the Pareto plot (needs matplotlib)")
     common(e)
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("calibrate", help="measure how many bits each layer needs (a bit profile, once per model)")
+    b.add_argument("model")
+    b.add_argument("text_file", help="a text of at least --tokens + --eval-tokens tokens, like your prompts")
+    b.add_argument("--tokens", type=int, default=1024, help="prompt tokens stored (default 1024)")
+    b.add_argument("--eval-tokens", type=int, default=200, help="continuation tokens compared (default 200)")
+    b.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=f"preset measured (default {DEFAULT_PRESET})")
+    b.add_argument("-o", "--output", help="profile path (default: the user's profile directory, where save-state finds it)")
+    b.add_argument("--encoding", default="utf-8", help="the text file's encoding (default utf-8)")
+    common(b)
+    b.set_defaults(func=cmd_calibrate)
 
     c = sub.add_parser("compress", help="turn a llama.cpp session file (--prompt-cache) or slot file into .nxkv")
     c.add_argument("model")

@@ -64,6 +64,8 @@ def unsupported(pipeline, dims: dict, types: set[str]) -> Optional[str]:
         return "the GPU encoder takes one RMS scale per head on the log scale (the presets')"
     if entropy.coder != "rans":
         return "the zstd coder encodes on the CPU"
+    if lattice.profile is not None:
+        return "steps per layer from a bit profile are encoded on the CPU"
     return None
 
 

@@ -14,7 +14,7 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -91,6 +91,7 @@ class Candidate:
     kind: str  # "preset", "ablation", "variant" or "baseline"
     pipeline: Optional[Pipeline] = None
     baseline: Optional[Baseline] = None
+    bit_profile: Any = "auto"  # save_state's: "auto" (the model's, where there is one) or None
 
 
 @dataclass
@@ -111,6 +112,9 @@ def candidates(presets: Sequence[str], ablate: Sequence[str], baselines: bool, h
     out += [Candidate(p, "preset", pipeline=build_pipeline(p)) for p in presets]
     for p in ablate:
         out += [Candidate(pl.preset, "ablation", pipeline=pl) for pl in ablations(p)]
+        if any(s.stage_id == "lattice" and s.scale_format == "log" for s in build_pipeline(p).stages):
+            # every layer at the preset's bits, whether or not the model has a bit profile
+            out.append(Candidate(f"{p}-no-profile", "ablation", pipeline=build_pipeline(p), bit_profile=None))
     out += [Candidate(pl.preset, "variant", pipeline=pl) for pl in variants]
     names = [c.name for c in out]
     if len(set(names)) != len(names):
@@ -138,7 +142,7 @@ class _Bench:
         """Store the Llama's current state (its raw blob is `blob`) with `cand`."""
         if cand.pipeline is not None:
             path = os.path.join(self.workdir, cand.name.replace("/", "_") + ".nxkv")
-            report = save_state(self.llm, path, cand.pipeline)
+            report = save_state(self.llm, path, cand.pipeline, bit_profile=cand.bit_profile)
             return _Stored(report.file_bytes, dict(report.seconds), path=path)
         t = time.perf_counter()
         payload = cand.baseline.encode(blob, self.layout)

@@ -42,6 +42,8 @@ class ModelBinding:
 
     facts: Any  # llama_bridge.ModelFacts
     context: dict  # llama_bridge.context_facts plus the context's RoPE parameters
+    # encoding only: bits added to each layer's K and V (bit_profile.BitProfile), or None
+    bit_profile: Any = None
 
 
 class Stage:

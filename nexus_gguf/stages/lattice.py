@@ -81,6 +81,22 @@ class Lattice(Stage):
     # more bits for the first and last layers measured no gain (README); format 1 files of 0.1
     # wrote edge_layers=0 with the model's n_layer
     RETIRED = {"edge_layers": 0, "edge_bits": None, "n_layer": None}
+    # encoding only, not an option: bits added to each layer's K and V (bit_profile.BitProfile,
+    # from bind); they move the stored log scale, so decoding needs nothing of it
+    profile = None
+
+    def bind(self, model) -> "Lattice":
+        profile = getattr(model, "bit_profile", None)
+        if profile is None or self.scale_format != "log":
+            return self
+        bound = type(self).from_config(self.get_config())
+        bound.profile = profile
+        bound.note = f"steps per layer from bit profile {profile.name} ({profile.model})"
+        return bound
+
+    def extra_bits(self, info: TensorInfo) -> float:
+        """Bits this section gets beyond bits(info), from the bound profile (0 without one)."""
+        return 0.0 if self.profile is None else self.profile.extra_bits(info.kind, info.model_layer)
 
     def validate(self) -> None:
         if self.scale_stat not in ("rms", "max") or self.scale_format not in ("log", "f16"):
@@ -218,7 +234,9 @@ class Lattice(Stage):
             stat = np.sqrt((xb**2).mean(axis=-1)) if self.scale_stat == "rms" else np.abs(xb).max(axis=-1)
         if self.scale_format == "log":
             with np.errstate(divide="ignore"):
-                q = np.round(LOG_STEPS * np.log2(stat))
+                # a profile's extra bits lower the stored scale, so the step the decoder derives
+                # from it (_steps) is 2^-extra as large: the profile is in the file's scales
+                q = np.round(LOG_STEPS * np.log2(stat)) - round(LOG_STEPS * self.extra_bits(info))
             scale_symbols = np.where(stat > 0, np.clip(q, -32767, 32767), LOG_ZERO).astype(np.int16)
         else:
             scale_symbols = stat.astype(np.float16).view(np.uint16)
