@@ -36,6 +36,9 @@ class SaveReport:
     backends: dict[str, str] = field(default_factory=dict)  # kernel op -> the backend that ran it
     scoring: Optional[dict] = None  # how importance was measured (the header's "scoring"), if it was
     eviction: Optional[dict] = None  # what eviction did (the header's "eviction"), if the preset evicts
+    # the bit profile whose per-layer bits the lattice used (its name), "" where the layers got
+    # the preset's bits alike, None where no stage takes a profile (lossless, seed)
+    bit_profile: Optional[str] = None
 
     @property
     def ratio(self) -> float:
@@ -156,8 +159,9 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
         )
         file_bytes = write_atomic(path, spool.buffers(header))
     timer.lap("write")
+    takes_profile = any(s.stage_id == "lattice" and s.scale_format == "log" for s in pipeline.stages)
     return SaveReport(os.fspath(path), pipeline.preset or "custom", n_tokens, raw["bytes"], file_bytes, timer.seconds,
-                      dict(backends), scoring, eviction)
+                      dict(backends), scoring, eviction, (profile.name if profile else "") if takes_profile else None)
 
 
 def _bit_profile(choice, facts) -> Optional[bit_profile.BitProfile]:

@@ -87,6 +87,9 @@ def cmd_save_state(args) -> int:
     bridge.prefill(llm, tokens, Progress("prefill", "tok"))
     report = save_state(llm, out, pipeline)
     print(report.summary())
+    if report.bit_profile == "" and os.environ.get("NEXUS_GGUF_BIT_PROFILE", "").strip().lower() != "none":
+        print(f"note: no bit profile for this model; `nexus-gguf calibrate {args.model} TEXT` measures one once "
+              "(files of the lossy presets about 9% smaller at the same quality on SmolLM2)", file=sys.stderr)
     return 0
 
 
@@ -301,6 +304,9 @@ def cmd_compress(args) -> int:
     bridge.set_prompt(llm, np.asarray(src.tokens, np.int32), None)
     report = save_state(llm, out, pipeline)
     print(report.summary())
+    if report.bit_profile == "" and os.environ.get("NEXUS_GGUF_BIT_PROFILE", "").strip().lower() != "none":
+        print(f"note: no bit profile for this model; `nexus-gguf calibrate {args.model} TEXT` measures one once "
+              "(files of the lossy presets about 9% smaller at the same quality on SmolLM2)", file=sys.stderr)
     return 0
 
 

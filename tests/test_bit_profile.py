@@ -158,15 +158,32 @@ def test_save_state_uses_the_models_profile(smollm2_path, prompt_text, tmp_path,
     for name, choice in (("auto", "auto"), ("none", None), ("coarse", _profile(k=(-1.0,) * facts.n_layer, v=(-1.0,) * facts.n_layer,
                                                                           fingerprint=facts.fingerprint))):
         path = tmp_path / f"{name}.nxkv"
-        sizes[name] = save_state(llm, path, "high", bit_profile=choice).file_bytes
+        report = save_state(llm, path, "high", bit_profile=choice)
+        sizes[name] = report.file_bytes
         notes = read_info(path).get("notes") or {}
         assert ("bit profile" in notes.get("lattice", "")) == (choice is not None)
+        assert report.bit_profile == ("" if choice is None else facts.fingerprint[:12])
+    assert save_state(llm, tmp_path / "lossless.nxkv", "lossless").bit_profile is None  # nothing takes one
     assert sizes["coarse"] < sizes["auto"] < sizes["none"]
     load_state(llm, tmp_path / "auto.nxkv")  # readers need nothing of the profile
     assert llm.n_tokens == 200
     with pytest.raises(ConfigError, match="another model"):
         save_state(llm, tmp_path / "other.nxkv", "high", bit_profile=_profile())
     assert not (tmp_path / "other.nxkv").exists()
+
+
+def test_save_state_names_calibrate_where_a_model_has_no_profile(smollm2_path, tmp_path, capsys, monkeypatch):
+    from nexus_gguf.cli import main
+
+    (tmp_path / "p.txt").write_text("A short prompt about lighthouses and the sea. " * 4)
+    monkeypatch.setattr(bit_profile, "PACKAGED", tmp_path / "nothing-shipped")
+    monkeypatch.setenv("NEXUS_GGUF_PROFILE_DIR", str(tmp_path / "nothing-here"))
+    monkeypatch.delenv("NEXUS_GGUF_BIT_PROFILE", raising=False)
+    assert main(["save-state", smollm2_path, str(tmp_path / "p.txt"), "--threads", "2"]) == 0
+    assert "nexus-gguf calibrate" in capsys.readouterr().err
+    monkeypatch.setenv("NEXUS_GGUF_BIT_PROFILE", "none")  # asked for: no hint
+    assert main(["save-state", smollm2_path, str(tmp_path / "p.txt"), "--threads", "2"]) == 0
+    assert "calibrate" not in capsys.readouterr().err
 
 
 def test_calibrate_measures_every_layer(smollm2_path, tmp_path, capsys):
