@@ -26,6 +26,8 @@ from .errors import ConfigError, NxkvError
 from .evaluate import continuation_metrics
 from .pipeline import DEFAULT_PRESET, build_pipeline
 
+MEASURABLE_KLD = 1e-6  # below it a difference of two KLDs is float noise, not the cache
+
 
 def calibrate(llm, text: str, *, n_tokens: int = 1024, eval_tokens: int = 200, preset: str = DEFAULT_PRESET,
               coarser: float = 1.0, text_name: str = "text",
@@ -81,6 +83,10 @@ def calibrate(llm, text: str, *, n_tokens: int = 1024, eval_tokens: int = 200, p
                 progress(i + 1, len(sections))
     bridge.clear_seq(llm, 0)
     llm.reset()
+    if not max(added) > MEASURABLE_KLD:
+        # a random-weight model's output barely depends on its cache: offsets from noise
+        raise NxkvError(f"calibrate: no section moved the KLD by more than {MEASURABLE_KLD:g} when coded {coarser:g} "
+                        f"bits coarser (base KLD {base:.3g}): nothing to measure a profile from on this model and text")
     offs = offsets(added)
     source = {"text": text_name, "n_tokens": n_tokens, "eval_tokens": eval_tokens, "preset": preset,
               "coarser_bits": coarser, "base_kld": base, "kld_added": {f"{k}{l}": a for (k, l), a in zip(sections, added)},

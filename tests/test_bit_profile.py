@@ -208,3 +208,17 @@ def test_calibrate_measures_every_layer(smollm2_path, tmp_path, capsys):
     assert main(args[:2] + [str(tmp_path / "short.txt")] + args[3:]) == 1
     err = capsys.readouterr().err.strip()
     assert "tokens" in err and len(err.splitlines()) == 1
+
+
+def test_calibrate_refuses_a_model_whose_output_does_not_move(gemma3_path):
+    """The tiny random-weight Gemma 3 (iSWA: both caches coded with the profile's sections):
+    its output barely depends on the cache, so no profile is made of the noise."""
+    from conftest import open_llama
+
+    from nexus_gguf.calibrate import calibrate
+    from nexus_gguf.errors import NxkvError
+
+    llm = open_llama(gemma3_path, n_ctx=512)
+    text = " ".join(f"word{i % 97} token{i % 13}" for i in range(800))
+    with pytest.raises(NxkvError, match="nothing to measure"):
+        calibrate(llm, text, n_tokens=256, eval_tokens=32)
