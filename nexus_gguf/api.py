@@ -159,9 +159,8 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
         )
         file_bytes = write_atomic(path, spool.buffers(header))
     timer.lap("write")
-    takes_profile = any(s.stage_id == "lattice" and s.scale_format == "log" for s in pipeline.stages)
     return SaveReport(os.fspath(path), pipeline.preset or "custom", n_tokens, raw["bytes"], file_bytes, timer.seconds,
-                      dict(backends), scoring, eviction, (profile.name if profile else "") if takes_profile else None)
+                      dict(backends), scoring, eviction, (profile.name if profile else "") if pipeline.takes_bit_profile else None)
 
 
 def _bit_profile(choice, facts) -> Optional[bit_profile.BitProfile]:

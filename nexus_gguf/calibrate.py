@@ -5,8 +5,8 @@ On a text the user chooses, the first `n_tokens` tokens are evaluated and their 
 the preset as it is, then once more per section with that section alone `coarser` bits coarser;
 each file is restored and the next `eval_tokens` tokens' distributions are compared with those
 after the raw state (mean KLD, as evaluate.py). A section's sensitivity is what its coarser file
-adds to the KLD of the plain one. 2 n_layer + 1 saves and restores: a minute for SmolLM2-135M
-at 1024 tokens on two cores. The profile depends on the model far more than on the text: one
+adds to the KLD of the plain one. 2 n_layer + 1 saves and restores: about two minutes for
+SmolLM2-135M at 1024 tokens on two cores. The profile depends on the model far more than on the text: one
 measured at 1024 tokens of a story sets the bits of 4096-token prose and code states of texts
 it never saw as well as one measured on them (README)."""
 
@@ -37,8 +37,8 @@ def calibrate(llm, text: str, *, n_tokens: int = 1024, eval_tokens: int = 200, p
     if not 0 < coarser <= MAX_OFFSET:
         raise ConfigError(f"calibrate: coarser must lie in (0, {MAX_OFFSET}] bits")
     pipeline = build_pipeline(preset)
-    if not any(s.stage_id == "lattice" for s in pipeline.stages):
-        raise ConfigError(f"calibrate: preset {preset!r} has no lattice stage: its bits have no profile")
+    if not pipeline.takes_bit_profile:
+        raise ConfigError(f"calibrate: preset {preset!r} has no stage whose bits a profile moves")
     if n_tokens < 16 or eval_tokens < 8:
         raise ConfigError("calibrate: at least 16 prompt tokens and 8 evaluated ones")
     tokens = bridge.tokenize(llm, text, add_bos=True)

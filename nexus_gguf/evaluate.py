@@ -112,7 +112,7 @@ def candidates(presets: Sequence[str], ablate: Sequence[str], baselines: bool, h
     out += [Candidate(p, "preset", pipeline=build_pipeline(p)) for p in presets]
     for p in ablate:
         out += [Candidate(pl.preset, "ablation", pipeline=pl) for pl in ablations(p)]
-        if any(s.stage_id == "lattice" and s.scale_format == "log" for s in build_pipeline(p).stages):
+        if build_pipeline(p).takes_bit_profile:
             # every layer at the preset's bits, whether or not the model has a bit profile
             out.append(Candidate(f"{p}-no-profile", "ablation", pipeline=build_pipeline(p), bit_profile=None))
     out += [Candidate(pl.preset, "variant", pipeline=pl) for pl in variants]

@@ -120,6 +120,11 @@ class Pipeline:
         return self.eviction is not None or self.uses_importance or self.queries_used_at(n_cells)
 
     @property
+    def takes_bit_profile(self) -> bool:
+        """A stage codes each layer at the bits a bit profile gives it (bit_profile.py)."""
+        return any(getattr(s, "takes_profile", False) for s in self.stages)
+
+    @property
     def values_path(self) -> bool:
         return any(s.kind != "bytes" for s in self.stages)
 

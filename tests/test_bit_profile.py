@@ -128,6 +128,12 @@ def test_a_bound_profile_moves_the_stored_scale_and_nothing_else(preset):
 def test_profile_is_bound_only_to_log_scales_and_kept_off_the_gpu_encoder():
     seed = stage_from_config(next(c for c in PRESETS["seed"]["stages"] if c["id"] == "lattice"))
     assert seed.bind(ModelBinding(None, {}, _profile())).profile is None  # f16 scales: no exact place for it
+    from nexus_gguf.calibrate import calibrate
+    from nexus_gguf.pipeline import build_pipeline
+
+    assert {p for p in PRESETS if build_pipeline(p).takes_bit_profile} == {"high", "balanced", "max"}
+    with pytest.raises(ConfigError, match="no stage whose bits"):
+        calibrate(None, "text", preset="seed")  # refused before the model is touched
     from nexus_gguf.cuda_encode import unsupported
     from nexus_gguf.stages.entropy import Entropy
     from nexus_gguf.stages.rope import Rope

@@ -85,9 +85,14 @@ class Lattice(Stage):
     # from bind); they move the stored log scale, so decoding needs nothing of it
     profile = None
 
+    @property
+    def takes_profile(self) -> bool:
+        """Whether a bit profile can move this stage's steps: log scales hold any step in 1/8 bits."""
+        return self.scale_format == "log"
+
     def bind(self, model) -> "Lattice":
         profile = getattr(model, "bit_profile", None)
-        if profile is None or self.scale_format != "log":
+        if profile is None or not self.takes_profile:
             return self
         bound = type(self).from_config(self.get_config())
         bound.profile = profile
