@@ -169,10 +169,7 @@ def _bit_profile(choice, facts) -> Optional[bit_profile.BitProfile]:
     if isinstance(choice, str) and choice == "auto":
         return bit_profile.find(facts)
     profile = choice if isinstance(choice, bit_profile.BitProfile) else bit_profile.read(choice)
-    if not profile.fits(facts):
-        raise ConfigError(f"bit profile {profile.name} was measured on another model ({profile.model}), "
-                          f"not {facts.name or facts.file_name} (fingerprint {facts.fingerprint[:12]})")
-    return profile
+    return profile.require_fits(facts, f"bit profile {profile.name}")
 
 
 def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline, energy: bool):

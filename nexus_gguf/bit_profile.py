@@ -64,6 +64,13 @@ class BitProfile:
     def fits(self, facts) -> bool:
         return self.fingerprint == facts.fingerprint and len(self.k_bits) == facts.n_layer
 
+    def require_fits(self, facts, where: str) -> "BitProfile":
+        """This profile, or a ConfigError naming `where` it came from if another model's."""
+        if not self.fits(facts):
+            raise ConfigError(f"{where} was measured on another model ({self.model}, fingerprint {self.name}), "
+                              f"not {facts.name or facts.file_name} (fingerprint {facts.fingerprint[:12]})")
+        return self
+
     def to_json(self) -> dict[str, Any]:
         return {"version": PROFILE_VERSION, "fingerprint": self.fingerprint, "model": self.model,
                 "k_bits": list(self.k_bits), "v_bits": list(self.v_bits), "source": self.source}
@@ -113,17 +120,18 @@ def write(profile: BitProfile, path) -> str:
     return path
 
 
+def disabled() -> bool:
+    """NEXUS_GGUF_BIT_PROFILE=none: every layer at the preset's bits."""
+    return os.environ.get("NEXUS_GGUF_BIT_PROFILE", "").strip().lower() == "none"
+
+
 def find(facts) -> Optional[BitProfile]:
     """The profile save_state uses for the model of `facts`, or None (uniform bits)."""
-    chosen = os.environ.get("NEXUS_GGUF_BIT_PROFILE", "").strip()
-    if chosen.lower() == "none":
+    if disabled():
         return None
+    chosen = os.environ.get("NEXUS_GGUF_BIT_PROFILE", "").strip()
     if chosen:
-        profile = read(chosen)
-        if not profile.fits(facts):
-            raise ConfigError(f"NEXUS_GGUF_BIT_PROFILE={chosen} was measured on another model "
-                              f"({profile.model}, fingerprint {profile.name}), not {facts.name or facts.file_name}")
-        return profile
+        return read(chosen).require_fits(facts, f"NEXUS_GGUF_BIT_PROFILE={chosen}")
     for directory in (user_dir(), PACKAGED):
         path = Path(directory) / f"{facts.fingerprint}.json"
         if path.is_file():

@@ -87,10 +87,17 @@ def cmd_save_state(args) -> int:
     bridge.prefill(llm, tokens, Progress("prefill", "tok"))
     report = save_state(llm, out, pipeline)
     print(report.summary())
-    if report.bit_profile == "" and os.environ.get("NEXUS_GGUF_BIT_PROFILE", "").strip().lower() != "none":
-        print(f"note: no bit profile for this model; `nexus-gguf calibrate {args.model} TEXT` measures one once "
-              "(files of the lossy presets about 9% smaller at the same quality on SmolLM2)", file=sys.stderr)
+    _profile_hint(args.model, report)
     return 0
+
+
+def _profile_hint(model: str, report) -> None:
+    """Name `calibrate` where a lossy save found no bit profile for its model (unless asked for none)."""
+    from . import bit_profile
+
+    if report.bit_profile == "" and not bit_profile.disabled():
+        print(f"note: no bit profile for this model; `nexus-gguf calibrate {model} TEXT` measures one once "
+              "(files of the lossy presets about 9% smaller at the same quality on SmolLM2)", file=sys.stderr)
 
 
 def stage_options(args) -> dict:
@@ -304,9 +311,7 @@ def cmd_compress(args) -> int:
     bridge.set_prompt(llm, np.asarray(src.tokens, np.int32), None)
     report = save_state(llm, out, pipeline)
     print(report.summary())
-    if report.bit_profile == "" and os.environ.get("NEXUS_GGUF_BIT_PROFILE", "").strip().lower() != "none":
-        print(f"note: no bit profile for this model; `nexus-gguf calibrate {args.model} TEXT` measures one once "
-              "(files of the lossy presets about 9% smaller at the same quality on SmolLM2)", file=sys.stderr)
+    _profile_hint(args.model, report)
     return 0
 
 
