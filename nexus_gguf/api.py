@@ -130,6 +130,7 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
     n_cells = max((len(s.cells) for c in state.caches for s in c.streams if s is not None), default=0)
     if pipeline.needs_scores_at(n_cells):
         state, scoring, eviction, importance, queries = _score_and_evict(llm, blob, state, tokens, pipeline,
+                                                                         pipeline.importance_used_at(n_cells),
                                                                          pipeline.queries_used_at(n_cells))
         release_freed_memory()  # the scoring's side context, before the encoder's threads allocate
         timer.lap("scoring")
@@ -172,16 +173,17 @@ def _bit_profile(choice, facts) -> Optional[bit_profile.BitProfile]:
     return profile.require_fits(facts, f"bit profile {profile.name}")
 
 
-def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline, energy: bool):
+def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline, importance_used: bool, energy: bool):
     """Score the cells; keep the most important if the pipeline evicts. (state, the header's
-    scoring and eviction records, per-cell importance and, with `energy`, per-layer query energy
-    for the stages that use them)."""
+    scoring and eviction records, per-cell importance where a stage codes by it
+    (`importance_used`) and, with `energy`, per-layer query energy for the stages that use
+    them)."""
     from .scoring import score_cells
 
     options = pipeline.scoring
     scores = score_cells(llm, blob, state, tokens, options.window, options.scorer, options.chunk, options.stride,
-                         importance=pipeline.eviction is not None or pipeline.uses_importance, energy=energy,
-                         context=options.context)
+                         importance=pipeline.eviction is not None or importance_used, energy=energy,
+                         context=options.context, exact_importance=pipeline.eviction is not None)
     if scores.note:
         warnings.warn(f"nexus-gguf: {scores.note}", RuntimeWarning, stacklevel=4)
     record = {**options.get_config(), "used": scores.scorer, "note": scores.note}
@@ -193,7 +195,7 @@ def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline, energy
         eviction = eviction_record(pipeline.eviction, int(pos.size), int(keep.size))
     else:
         importance = scores.importance
-    return state, record, eviction, importance if pipeline.uses_importance else None, scores.query_energy
+    return state, record, eviction, importance if importance_used else None, scores.query_energy
 
 
 def load_state(llm, path, *, seq_id: int = 0) -> LoadReport:

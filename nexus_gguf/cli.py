@@ -198,7 +198,7 @@ def _stage_label(config: dict) -> str:
         extra = config.get("k_weights_bits") or 0
         parts.append(f"K weighted by the {config['k_weights']}" + (f" (+{extra} bits)" if extra else ""))
     if config.get("token_steps"):
-        parts.append(f"token steps {config['token_steps']}")
+        parts.append(f"steps by importance (^-{config['token_steps']}, up to {config.get('step_octaves')} octaves coarser)")
     return f"lattice ({', '.join(parts)})"
 
 

@@ -142,18 +142,21 @@ def bounded_capture(blob, state: LlamaState, window: int, context: int) -> tuple
 
 
 def score_cells(llm, blob: bytes, state: LlamaState, tokens, window: int, scorer: str, chunk: int = 1024,
-                stride: int = 4, importance: bool = True, energy: bool = False, context: int = 0) -> Scores:
+                stride: int = 4, importance: bool = True, energy: bool = False, context: int = 0,
+                exact_importance: bool = True) -> Scores:
     """Importance of each cell of the state's first (full-attention) stream (unless not
     `importance`), and with `energy` the query energy of every layer (query_energy) from the
-    last `window` prompt tokens' captured queries; captured, when only the energy is asked,
-    over the first cells and the last `context` (bounded_capture)."""
+    last `window` prompt tokens' captured queries; captured over the first cells and the last
+    `context` (bounded_capture) when only the energy is asked or the importance need not be
+    exact (not `exact_importance`: the window's queries from the bounded context, their
+    attention over every cell of the state; for steps, not for eviction)."""
     facts = bridge.model_facts(llm)
     n = len(tokens)
     notes = []
     queries = None
     if scorer == "attention" or energy:
         try:
-            wanted = importance and scorer == "attention"  # the window's attention over every cell
+            wanted = importance and scorer == "attention" and exact_importance  # queries that saw every cell
             held, n_ctx = (blob, None) if wanted or not context else bounded_capture(blob, state, window, context)
             release_freed_memory()  # the kept cells' copy written into `held`, before the side context
             queries = capture_queries(llm, held, tokens, window, n_ctx=n_ctx)

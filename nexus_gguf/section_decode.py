@@ -12,9 +12,9 @@ stages: the rows are the same bits (tests/test_cuda.py, tests/test_golden.py). r
 is the numpy reference of the batch.
 
 What it covers: the value path of the presets (stages rope?, hadamard?, lattice, entropy) into
-f16 or f32 caches with head sizes up to 512, the lattice's PCA transform, component classes and
-head groups included. Anything else (quantized caches,
-importance-aware steps, delta coding) decodes stage by stage; unsupported() says why."""
+f16 or f32 caches with head sizes up to 512, the lattice's PCA transform, component classes, head
+groups and importance-aware steps (a column table per step bucket, a cell map) included. Anything
+else (quantized caches, delta coding) decodes stage by stage; unsupported() says why."""
 
 from __future__ import annotations
 
@@ -66,8 +66,6 @@ def unsupported(pipeline, dims: dict, types: set[str]) -> Optional[str]:
     if isinstance(got, str):
         return got
     rope, _, lattice, _ = got
-    if lattice.token_steps:
-        return "importance-aware steps (bucket streams) are coded on the CPU"
     if lattice.scale_scope == "head" and lattice.scale_block:
         return "per-head scales with scale blocks are coded on the CPU"
     bad = sorted(types - {"f16", "f32"})
@@ -166,6 +164,47 @@ class _Batch:
         return self.trig_at[key]
 
 
+def _class_layout(column_class: dict) -> dict:
+    """Point stream -> (each column's class, the classes, their column counts, each column's
+    place among its class's columns: the class's stream holds them in order)."""
+    out = {}
+    for name in _POINT_TYPES:
+        cols = column_class[name]
+        classes, counts = np.unique(cols, return_counts=True)
+        rank = np.empty(cols.size, np.int64)
+        rank[np.argsort(cols, kind="stable")] = np.arange(cols.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        out[name] = (cols, classes.tolist(), counts.tolist(), rank)
+    return out
+
+
+def _point_columns(batch: _Batch, streams: dict, info: TensorInfo, suffix: str, m: int, g: int, layout) -> tuple:
+    """(start, stride, lo, on host) of the 9 g columns of a cell's point row [coset g | coord 7 g
+    | last g], for the m rows stored in the streams `<name><suffix>` (a step bucket's: suffix
+    ".b"), split by component class (`.cK`) where layout (_class_layout) is given."""
+    parts = []
+    for name in _POINT_TYPES:
+        key = name + suffix
+        if layout is None:
+            shape = (m, g, 7) if name == "coord" else (m, g)
+            if key not in streams or tuple(streams[key].shape) != shape:
+                raise FormatError(f"{info.name}: lattice symbols {key!r} missing or not of shape {shape}")
+            area, offset, lo = batch.point_stream(streams[key], info.name, name)
+            width = 7 * g if name == "coord" else g
+            parts.append((offset + np.arange(width), np.full(width, width), np.full(width, lo), np.full(width, area == "host")))
+            continue
+        cols, classes, counts, rank = layout[name]
+        offset_of, lo_of, count_of = (np.zeros(N_CLASSES, np.int64) for _ in range(3))
+        host_of = np.zeros(N_CLASSES, bool)
+        for c, width in zip(classes, counts):
+            ckey = f"{key}.c{c}"
+            if ckey not in streams or tuple(streams[ckey].shape) != (m, width):
+                raise FormatError(f"{info.name}: lattice symbols {ckey} missing or not of shape {(m, width)}")
+            area, offset_of[c], lo_of[c] = batch.point_stream(streams[ckey], info.name, name)
+            count_of[c], host_of[c] = width, area == "host"
+        parts.append((offset_of[cols] + rank, count_of[cols], lo_of[cols], host_of[cols]))
+    return tuple(np.concatenate(x) for x in zip(*parts))
+
+
 def _section(batch: _Batch, job: SectionJob, stages) -> None:
     rope, had, lattice, entropy = stages
     info = job.info
@@ -173,61 +212,69 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
     streams = {s.name: s for s in entropy.streams(np.frombuffer(job.data, np.uint8), info)}
     coding = lattice.coding_view(info)  # head groups as one head: hc vectors of dc values
     hc, dc = coding.n_heads, coding.head_dim
+    g = h * d // 8
     want, sink = lattice.stream_shapes(coding)
-    columns = None  # with classes: (start, stride, lo, on host) of each column of a cell's point row
     small = {}
+    layout = None  # with component classes: _class_layout
     if lattice.uses_classes(info):
         if "class" not in streams:
             raise FormatError(f"{info.name}: component classes missing")
         small["class"] = cls = streams["class"].decode()
         if cls.shape != (hc, dc) or (cls.size and int(cls.max()) >= N_CLASSES):
             raise FormatError(f"{info.name}: component classes missing, not of shape {(hc, dc)} or above {N_CLASSES - 1}")
-        column_class = column_classes(cls)
-        by_class = {name: np.unique(column_class[name], return_counts=True) for name in _POINT_TYPES}
-        columns = []
+        layout = _class_layout(column_classes(cls))
+    buckets = None
+    if "bucket" in streams:  # importance-aware steps: each step bucket's cells in streams of their own
+        small["bucket"] = buckets = streams["bucket"].decode()
+        lattice.check_buckets(buckets, coding)
+    # the point rows' column tables: one (rows: the cells) or, with buckets, one per bucket
+    # (rows: its cells in order; cell_map says which table and row a cell reads)
+    tables = [""] if buckets is None else [f".{b}" for b in np.unique(buckets).tolist()]
+    if buckets is None and layout is None:
+        point_names = set()
+    else:
+        point_names = {f"{name}{suffix}" + (f".c{c}" if layout is not None else "")
+                       for name in _POINT_TYPES for suffix in tables for c in (layout[name][1] if layout is not None else [0])}
     for name, shape in want.items():
-        if columns is not None and name in _POINT_TYPES:
-            continue  # split by class: checked below
+        if point_names and name in _POINT_TYPES:
+            continue  # split by class or bucket: checked below
         if name not in streams or tuple(streams[name].shape) != shape:
             raise FormatError(f"{info.name}: lattice symbols {name!r} missing or not of shape {shape}")
     # every other stream is decoded here, as the CPU path decodes all: damage anywhere is found
-    split = {f"{name}.c{c}" for name in _POINT_TYPES for c in (by_class[name][0].tolist() if columns is not None else ())}
     deferred = None  # the basis stream, decoded with the point streams (Prepared.deferred_bases)
     if batch.defer_basis and "basis" in want and "basis" in streams:
         b = streams["basis"]
         if b.n and b.method in (METHOD_RANS, METHOD_RANS_LANES) and tuple(b.shape) == want["basis"]:
             deferred = b
     small.update({name: stream.decode() for name, stream in streams.items()
-                  if name not in _POINT_TYPES and name not in split and name not in small and stream is not deferred})
-    if columns is None:
+                  if name not in _POINT_TYPES and name not in point_names and name not in small and stream is not deferred})
+    columns = cell_map = None  # with point_names: (start, stride, lo, on host) per column, per table
+    if not point_names:
         coset, coord, last = (batch.point_stream(streams[name], info.name, name) for name in _POINT_TYPES)
     else:
-        coset = coord = last = ("rans", 0, 0)  # unused: by_class sections address symbols by column
-        for name in _POINT_TYPES:  # row of a cell: coset g | coord 7 g | last g
-            cols = column_class[name]
-            classes, counts = by_class[name]
-            # each column's place among its class's columns (the class's stream holds them in order)
-            rank = np.empty(cols.size, np.int64)
-            rank[np.argsort(cols, kind="stable")] = np.arange(cols.size) - np.repeat(np.cumsum(counts) - counts, counts)
-            offset_of, lo_of, count_of = (np.zeros(N_CLASSES, np.int64) for _ in range(3))
-            host_of = np.zeros(N_CLASSES, bool)
-            for c, m in zip(classes.tolist(), counts.tolist()):
-                key = f"{name}.c{c}"
-                if key not in streams or tuple(streams[key].shape) != (n, m):
-                    raise FormatError(f"{info.name}: lattice symbols {key} missing or not of shape {(n, m)}")
-                area, offset_of[c], lo_of[c] = batch.point_stream(streams[key], info.name, name)
-                count_of[c], host_of[c] = m, area == "host"
-            start, stride, lo, host = offset_of[cols] + rank, count_of[cols], lo_of[cols], host_of[cols]
-            columns.append((start, stride, lo, host))
-    steps = lattice.group_steps(small["scale"], coding)
+        coset = coord = last = ("rans", 0, 0)  # unused: these sections address symbols by column
+        if buckets is None:
+            columns = [_point_columns(batch, streams, info, "", n, g, layout)]
+        else:
+            _, table_of, counts = np.unique(buckets, return_inverse=True, return_counts=True)
+            columns = [_point_columns(batch, streams, info, suffix, m, g, layout) for suffix, m in zip(tables, counts.tolist())]
+            row = np.empty(n, np.int64)  # each cell's place among its bucket's cells
+            order = np.argsort(table_of, kind="stable")
+            row[order] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+            cell_map = np.stack([table_of.astype(np.int64).reshape(-1), row], axis=1).reshape(-1)
     per_cell = lattice.scale_scope != "head"
     block = (lattice.scale_block or d) if per_cell else dc
+    if buckets is None:
+        steps = lattice.group_steps(small["scale"], coding)
+    else:  # a step per cell: its bucket's
+        steps, per_cell = lattice.cell_steps(small["scale"], coding, buckets), True
     sec = {"n_cells": n, "n_heads": h, "head_dim": d, "step0": batch._append("steps", np.ascontiguousarray(steps, np.float64).reshape(-1)),
            "step_per_cell": int(per_cell), "scale_block": block, "mean0": -1, "sink_map0": -1, "sink0": 0,
            "hadamard": int(had is not None and not had.passes_through(info)), "rope": 0, "n_rot": 0, "trig0": 0,
            "out_f16": int(job.out_f16), "transposed": int(job.transposed), "points": (coset, coord, last),
            "basis": 0, "basis0": 0, "basis_shift": 0, "cscale0": -1, "by_class": int(columns is not None), "cols0": 0,
-           "columns": columns, "head_group": h // hc}
+           "columns": columns, "cell_map": cell_map, "cell_map0": -1, "n_tables": len(columns) if columns else 1,
+           "head_group": h // hc}
     if "basis" in want:
         one = 1 << (lattice.basis_bits - 1)
         if deferred is not None:
@@ -305,13 +352,16 @@ def prepare(pipeline, jobs: list[SectionJob], defer_basis: bool = False) -> Prep
         for prefix, (area, offset, lo) in zip(("coset", "coord", "last"), sec.pop("points")):
             sec[f"{prefix}0"] = offset + (host0 if area == "host" else 0)
             sec[f"{prefix}_lo"] = lo
-        by_class = sec.pop("columns")
-        if by_class is not None:  # (symbol index at cell 0, stride, lo) per column of the row
-            start, stride, lo, host = (np.concatenate(parts) for parts in zip(*by_class))
-            table = np.stack([start + host * host0, stride, lo], axis=1).reshape(-1)
+        tables, cell_map = sec.pop("columns"), sec.pop("cell_map")
+        if tables is not None:  # (symbol index at row 0, stride, lo) per column of the row, per table
             sec["cols0"] = n_columns
-            columns.append(table)
-            n_columns += table.size
+            for start, stride, lo, host in tables:
+                columns.append(np.stack([start + host * host0, stride, lo], axis=1).reshape(-1))
+                n_columns += columns[-1].size
+        if cell_map is not None:  # (table, row) per cell
+            sec["cell_map0"] = n_columns
+            columns.append(cell_map)
+            n_columns += cell_map.size
         sections.append(sec)
     arrays = {
         "payload": np.frombuffer(b"".join(batch.payload), np.uint8), "task_lengths": array(batch.lengths, np.int64),
@@ -535,8 +585,13 @@ def _reference_decode(prep: Prepared) -> None:
         n, h, d = s["n_cells"], s["n_heads"], s["head_dim"]
         g = h * d // 8
         if s["by_class"]:
-            table = a["columns"][s["cols0"] : s["cols0"] + 27 * g].reshape(9 * g, 3)
-            row = symbols[table[:, 0][None, :] + np.arange(n)[:, None] * table[:, 1][None, :]] + table[:, 2]
+            tables = a["columns"][s["cols0"] : s["cols0"] + s["n_tables"] * 27 * g].reshape(s["n_tables"], 9 * g, 3)
+            if s["cell_map0"] >= 0:  # each cell its table and row there
+                table_of, at = a["columns"][s["cell_map0"] : s["cell_map0"] + 2 * n].reshape(n, 2).T
+            else:
+                table_of, at = np.zeros(n, np.int64), np.arange(n)
+            table = tables[table_of]  # [n, 9 g, 3]
+            row = symbols[table[:, :, 0] + at[:, None] * table[:, :, 1]] + table[:, :, 2]
             coset, coord, last = row[:, :g].reshape(-1), row[:, g : 8 * g].reshape(-1), row[:, 8 * g :].reshape(-1)
         else:
             coset = symbols[s["coset0"] : s["coset0"] + n * g] + s["coset_lo"]

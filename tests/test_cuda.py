@@ -30,7 +30,8 @@ GPU_FILES = ["gemma3-high.nxkv", "gemma3-balanced.nxkv", "gemma3-max.nxkv", "gem
              "gemma3-high-0.1.0-2.nxkv", "gemma3-max-0.1.0-2.nxkv", "smollm2-f16-vtrans-high.nxkv",
              "smollm2-f16-vtrans-high-0.1.0.nxkv", "smollm2-f16-vtrans-high-0.1.0-2.nxkv", V2 + "gemma3-high.nxkv",
              V2 + "gemma3-balanced.nxkv", V2 + "gemma3-max.nxkv", V2 + "gemma3-long-high.nxkv",
-             V2 + "smollm2-f16-vtrans-high.nxkv"]
+             V2 + "smollm2-f16-vtrans-high.nxkv",
+             V2 + "gemma3-long-high-0.1.0-3.nxkv"]  # importance-aware steps: a column table per step bucket
 
 
 def _reference(pipeline, work):
@@ -78,7 +79,8 @@ def test_gpu_decode_of_golden_files_matches_the_cpu(monkeypatch, name, decoder):
 def _variant(source: str, high: str, edit, queries: bool = False) -> tuple:
     """(pipeline, layout, sections, limits): the lossless file's state re-encoded with the high
     file's (bound) stages as `edit` changes their configs (id -> config; it may drop a stage),
-    with made-up query energies (lognormal per RoPE pair) where `queries`."""
+    with made-up query energies (lognormal per RoPE pair) where `queries`, and made-up cell
+    importance where the lattice takes steps from it."""
     f, h = _open(os.path.join(FILES, source))
     fh, hh = _open(os.path.join(FILES, high))
     blob, _ = decode_state_blob(h.state, h.pipeline, f.section, h.limits())
@@ -92,7 +94,13 @@ def _variant(source: str, high: str, edit, queries: bool = False) -> tuple:
         d, n_kv = hh.state["values"]["head_dim_k"], hh.raw_header["model"]["n_head_kv"]
         energy = {L["model_layer"]: np.repeat(rng.lognormal(0.0, 2.0, (n_kv, d // 2)), 2, axis=1)
                   for c in hh.state["caches"] for st in c["streams"] if st for L in st["layers"]}
-    layout, sections = encode_state(state, pipeline, hh.state["values"], queries=energy)
+    importance = None
+    if configs["lattice"].get("token_steps"):
+        # made-up attention: three step buckets, the finest's cells (the sinks among them) not all
+        # adjacent, so a tile of eight of its rows is eight scattered cells, and short buckets
+        i = np.arange(len(state.caches[0].streams[0].cells))
+        importance = np.where(i % 6 == 4, 1 / 16, np.where(i % 6 == 1, 1 / 64, 1.0))
+    layout, sections = encode_state(state, pipeline, hh.state["values"], importance=importance, queries=energy)
     data = {name: bytes(np.ascontiguousarray(v).tobytes()) for name, v in sections}
     return pipeline, layout, data.__getitem__, hh.limits()
 
@@ -314,6 +322,13 @@ PCA_VARIANTS = {
     "pca-head-group-k-weights": lambda c: (c.pop("hadamard", None),
                                            c["lattice"].update(transform="pca", pca_min_cells=1, head_group=0, k_weights="queries")),
     "head-group-hadamard": lambda c: c["lattice"].update(head_group=3),
+    # importance-aware steps: a column table per step bucket, a cell map
+    "pca-classes-buckets": lambda c: (c.pop("hadamard", None), c["lattice"].update(transform="pca", classes=True, pca_min_cells=1,
+                                                                                     token_steps=0.5, step_octaves=3.0)),
+    "pca-head-group-buckets": lambda c: (c.pop("hadamard", None), c["lattice"].update(transform="pca", pca_min_cells=1, head_group=0,
+                                                                                        k_weights="queries", token_steps=0.7)),
+    "hadamard-buckets": lambda c: c["lattice"].update(token_steps=0.5, step_octaves=3.0),
+    "vector-scales-buckets": lambda c: c["lattice"].update(scale_scope="vector", scale_block=16, token_steps=0.5),
 }
 
 
@@ -357,6 +372,8 @@ def test_batch_of_pca_and_classes_matches_the_stages(monkeypatch, source, high, 
         assert any(s["cscale0"] >= 0 for prep in calls for s in prep.sections)
     if "group" in variant and source.startswith("smollm2"):  # 3 KV heads (the tiny Gemma 3 has 1)
         assert all(s["head_group"] == 3 for prep in calls for s in prep.sections)
+    if "buckets" in variant:  # the first cache's sections (the tiny Gemma 3's sliding one has none)
+        assert any(s["cell_map0"] >= 0 and s["n_tables"] > 2 for prep in calls for s in prep.sections)
 
 
 LEVEL_VARIANTS = {
@@ -373,6 +390,9 @@ LEVEL_VARIANTS = {
     # which the GPU makes in int64 instead of doubles
     "pca-huge-coordinates": lambda c: (c.pop("hadamard", None), c["lattice"].update(transform="pca", pca_min_cells=1, head_group=0),
                                        c["entropy"].update(coder="zstd")),
+    # tiles of one step bucket's cells (not adjacent in the rows) and the cells left at its ends
+    "pca-classes-buckets": PCA_VARIANTS["pca-classes-buckets"],
+    "pca-head-group-buckets": PCA_VARIANTS["pca-head-group-buckets"],
 }
 
 
@@ -459,6 +479,34 @@ def test_deferred_bases_beyond_their_bits_are_refused(monkeypatch, decoder):
     prep.deferred_bases[0] = (i, out0, lo + 1000, size, dtype, where)
     with pytest.raises(FormatError, match=f"{prep.jobs[i].info.name}: basis entries beyond 8 bits"):
         (section_decode.reference_decode if decoder == "reference" else section_decode.run_native)(prep)
+
+
+def test_cell_maps_outside_their_tables_are_refused_before_anything_is_written(monkeypatch):
+    """The library checks a bucket section's cell map (nxkv_core_section_fits: a table that is
+    not there, a row past the table's streams, a map without column tables) before it reads a
+    symbol: the batch is refused as inconsistent and no row is written."""
+    if backend_status()["native"] != "available":
+        pytest.skip(f"native backend {backend_status()['native']}")
+    preps = _level_batches(monkeypatch, "pca-classes-buckets")
+    prep = next(p for p in preps if p.sections[0]["cell_map0"] >= 0)
+    sec = prep.sections[0]
+    at = sec["cell_map0"]
+
+    def damaged(edit):
+        cols = prep.arrays["columns"].copy()
+        s = dict(sec)
+        edit(cols, s)
+        got = _laid_out(dataclasses.replace(prep, arrays={**prep.arrays, "columns": cols}, sections=[s, *prep.sections[1:]]), 1, 1)
+        return got
+
+    for edit in (lambda c, s: c.__setitem__(at, s["n_tables"]),  # cell 0 in a table that is not there
+                 lambda c, s: c.__setitem__(at + 1, 10**9),  # its row past every stream
+                 lambda c, s: s.update(n_tables=0),
+                 lambda c, s: s.update(by_class=0)):  # a cell map without column tables
+        got = damaged(edit)
+        with pytest.raises(FormatError, match="inconsistent"):
+            section_decode.run_native(got)
+        assert not any(job.rows.any() for job in got.jobs)
 
 
 @pytest.mark.parametrize("variant", sorted(LEVEL_VARIANTS))

@@ -131,8 +131,9 @@ def test_a_changed_encoder_byte_fails_a_named_case(monkeypatch):
 def test_the_current_high_file_pins_the_pca_transform_and_classes():
     """The golden files of `high` must exercise what `high` does: a state with enough cells for
     the PCA basis and the class split (gemma3-long: 1700 tokens in its full-attention layer, two
-    KV heads coded as one vector), so that the pinned hashes cover core/transform.h, the head
-    group and the per-class symbol columns."""
+    KV heads coded as one vector) and, since high takes importance-aware steps, several step
+    buckets split by class, so that the pinned hashes cover core/transform.h, the head group,
+    the per-class symbol columns and the per-bucket tables."""
     from nexus_gguf.header import Header
     from nexus_gguf.stages import TensorInfo
 
@@ -149,5 +150,10 @@ def test_the_current_high_file_pins_the_pca_transform_and_classes():
             streams = entropy.streams(data, TensorInfo(section, "f16", 2, 1 << 30))
             names |= {s.name for s in streams}
             bases |= {tuple(s.shape) for s in streams if s.name == "basis"}
-    assert "basis" in names and "class" in names and any(n.startswith("coset.c") for n in names)
+    assert "basis" in names and "class" in names
+    if any(s.get("token_steps") for s in h.pipeline.get_config()["stages"]):
+        buckets = {n.split(".")[1] for n in names if n.startswith("coset.") and n.count(".") == 2}
+        assert "bucket" in names and len(buckets) > 2 and not any(n.startswith("coset.c") for n in names)
+    else:
+        assert any(n.startswith("coset.c") for n in names)
     assert (1, 64, 64) in bases  # both heads of 32 values on one basis

@@ -108,7 +108,10 @@ def test_high_preset_restores_every_cache_layout(smollm2_path, prompt_text, tmp_
 def test_lossy_iswa_restore_continues(gemma3_path, tmp_path, preset, max_error):
     """The iSWA layout (a base cache and a sliding-window one) through the lossy path. The tiny
     random model barely uses its cache (continuation KLD ~1e-12), so the restored cache itself
-    is compared with the saved one: every cache and layer comes back, at the preset's error."""
+    is compared with the saved one: every cache and layer comes back, at the preset's error.
+    The presets' importance-aware steps make the cells attended to least up to 2^3 coarser: the
+    cells at the median importance and above (half of them at least) keep the preset's step, so
+    the median cell's error is the preset's, the worst cell's at most 8 times that."""
     factory = lambda: open_llama(gemma3_path, n_ctx=256, swa_full=False)  # noqa: E731
     llm = factory()
     llm.eval([2] + list(range(10, 70)))
@@ -123,8 +126,8 @@ def test_lossy_iswa_restore_continues(gemma3_path, tmp_path, preset, max_error):
         keep = np.isin(cache.streams[0].cells.pos, next(c for c in restored.caches if c.name == cache.name).streams[0].cells.pos)
         for kind in ("k", "v"):
             x, y = a.values(kind)[keep], b.values(kind)
-            err = np.sqrt(np.mean((x - y) ** 2) / np.mean((x - x.mean(axis=0)) ** 2))
-            assert 0 < err < max_error, (cache.name, a.model_layer, kind, err)
+            err = np.sqrt(np.mean((x - y) ** 2, axis=1) / np.mean((x - x.mean(axis=0)) ** 2))  # per cell
+            assert 0 < np.median(err) < max_error and err.max() < 8 * max_error, (cache.name, a.model_layer, kind, err)
     other.eval([71, 72])  # and llama.cpp continues at the next position
     assert other.n_tokens == 63
 

@@ -166,11 +166,14 @@ def _assert_restores_close(prompt, path, model_path):
 
 
 def test_importance_aware_steps_end_to_end(prompt, tmp_path, smollm2_path):
-    """high with importance-aware steps: scores computed (nothing evicted), buckets stored, the
-    file restores anywhere without the scores, and it is smaller than plain high."""
+    """high (importance-aware steps): scores computed (nothing evicted), buckets stored, the
+    file restores anywhere without the scores, and it is smaller than high with one step for all.
+    Below step_min_cells (high: 1024) nothing is scored and the file is the one-step file."""
     llm, tokens, _ = prompt
-    plain = save_state(llm, tmp_path / "plain.nxkv", "high")
-    report = save_state(llm, tmp_path / "steps.nxkv", "high", lattice_token_steps=0.5, lattice_step_octaves=3.0)
+    plain = save_state(llm, tmp_path / "plain.nxkv", "high", lattice_token_steps=0.0)
+    short = save_state(llm, tmp_path / "short.nxkv", "high")
+    assert short.scoring is None and short.file_bytes == plain.file_bytes
+    report = save_state(llm, tmp_path / "steps.nxkv", "high", lattice_step_min_cells=0)
     assert report.scoring["used"] == "attention" and report.eviction is None and report.seconds["scoring"] > 0
     assert report.file_bytes < plain.file_bytes
     info = read_info(tmp_path / "steps.nxkv")
@@ -213,15 +216,17 @@ def test_k_weighted_by_the_queries_end_to_end(prompt, tmp_path, smollm2_path):
             got = {st.name for st in Entropy().streams(data, TensorInfo(section, "f16", 2, 1 << 30))}
             assert ("channel_scale" in got) == section.startswith("k."), section
     _assert_restores_close(prompt, tmp_path / "w.nxkv", smollm2_path)
-    # a state too short for a basis has no section to weight: nothing is captured
-    short = save_state(llm, tmp_path / "s.nxkv", "high")
+    # a state too short for a basis has no section to weight: nothing is captured (without
+    # high's importance-aware steps, which would)
+    short = save_state(llm, tmp_path / "s.nxkv", "high", lattice_token_steps=0.0)
     assert short.scoring is None and "scoring" not in short.seconds
 
 
 def test_bounded_capture_holds_the_sinks_and_the_last_cells(prompt):
-    """K's weights alone take the queries from a capture context of the first cells and the last
-    `context` ones (positions kept): the window's queries come out in the same shape, close to
-    the whole state's, and a context as large as the state is the whole state."""
+    """K's weights and the steps' importance take the queries from a capture context of the
+    first cells and the last `context` ones (positions kept): the window's queries come out in
+    the same shape, close to the whole state's, and a context as large as the state is the
+    whole state."""
     llm, tokens, blob = prompt
     state = parse_state(blob, "sequence", bridge.model_facts(llm).state_layout())
     held, n_ctx = scoring.bounded_capture(blob, state, W, 64)
@@ -234,6 +239,12 @@ def test_bounded_capture_holds_the_sinks_and_the_last_cells(prompt):
     assert not bounded.note and sorted(bounded.query_energy) == sorted(whole.query_energy)
     dev = [np.abs(np.log2(bounded.query_energy[k] / whole.query_energy[k])).mean() for k in whole.query_energy]
     assert 0 < np.median(dev) < 0.25, dev  # a mean over 32 queries: moved a little, not replaced
+    # importance for steps (not exact): the same bounded capture, the attention over every cell
+    exact = scoring.score_cells(llm, blob, state, tokens[:N], W, "attention")
+    steps = scoring.score_cells(llm, blob, state, tokens[:N], W, "attention", context=64, exact_importance=False)
+    assert not steps.note and steps.importance.shape == exact.importance.shape == (N,)
+    assert np.corrcoef(np.log(steps.importance), np.log(exact.importance))[0, 1] > 0.9
+    assert not np.array_equal(steps.importance, exact.importance)
     assert bridge.get_seq_state(llm, 0) == blob
 
 

@@ -431,6 +431,13 @@ def test_token_steps_follow_importance_and_split_the_streams():
     assert len(coded) < len(Entropy().encode(plain, info))
     # without importance (a sliding-window cache, say) the stage codes one step for all
     assert "bucket" not in lat.encode(x, info)
+    # so do states shorter than step_min_cells (no scores are asked for them): the same symbols
+    # as without steps, read by the same decoder
+    short = Lattice(k_bits=3.5, token_steps=0.5, step_octaves=3.0, step_min_cells=n + 1)
+    assert short.importance_used_at(n + 1) and not short.importance_used_at(n)
+    got = short.encode(x, with_imp)
+    assert "bucket" not in got and all(np.array_equal(got[k], plain[k]) for k in plain)
+    assert lat.importance_used_at(1) and not Lattice().importance_used_at(10**6)
     # damaged bucket streams are refused
     for bad in ({**s, "bucket": s["bucket"][:-1]}, {**s, "bucket": np.full(n, 7, np.uint8)},
                 {k: v for k, v in s.items() if k != "coord.2"}):
@@ -449,9 +456,15 @@ def test_scoring_and_eviction_are_options_not_stages():
     assert build_pipeline("max", without=["evict"]).eviction is None
     assert build_pipeline("balanced").eviction is None  # balanced drops no token (since format 2)
     assert build_pipeline("high").scoring == Scoring()  # the queries that weight K
-    assert build_pipeline("high", lattice_k_weights="none").scoring is None  # nothing needs scores: none are computed
-    assert build_pipeline("high", lattice_k_weights="none", lattice_token_steps=0.5).scoring == Scoring()
+    # nothing needs scores: none are computed
+    assert build_pipeline("high", lattice_k_weights="none", lattice_token_steps=0.0).scoring is None
+    assert build_pipeline("high", lattice_k_weights="none").scoring == Scoring()  # high's importance-aware steps
     assert build_pipeline("high", score_context=0).scoring.context == 0
+    # what a save of n cells scores: high's steps from 1024 cells, its K weights from 1536
+    high = build_pipeline("high")
+    assert [(high.importance_used_at(n), high.queries_used_at(n), high.needs_scores_at(n)) for n in (1023, 1024, 1536)] == [
+        (False, False, False), (True, False, True), (True, True, True)]
+    assert build_pipeline("max").needs_scores_at(16)  # eviction scores every state
     with pytest.raises(ConfigError, match="does not evict"):
         build_pipeline("high", evict_keep=0.5)
     with pytest.raises(ConfigError, match="scorer"):
@@ -676,7 +689,7 @@ def test_k_weights_scale_channels_by_the_queries_and_cut_their_error():
     with pytest.raises(ConfigError):
         Lattice(transform="pca", scale_scope="head", k_weights="keys")
     assert weighted.uses_queries and build_pipeline("high").needs_scores
-    assert not build_pipeline("high", lattice_k_weights="none").needs_scores
+    assert not build_pipeline("high", lattice_k_weights="none", lattice_token_steps=0.0).needs_scores
 
 
 def test_k_weights_bits_refine_only_the_weighted_sections():

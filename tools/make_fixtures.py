@@ -207,17 +207,20 @@ def write_files(vdir: str, existing: list[dict]) -> list[dict]:
                 stem = f"{taken}-{k}"
             name = f"{stem}.nxkv"
             path = os.path.join(files_dir, name)
-            ng.save_state(llm, path, preset)
+            # no bit profile: a file pins the format's coding, not the profile data shipped today
+            # (the writer test re-encodes with the stages alone)
+            ng.save_state(llm, path, preset, bit_profile=None)
             entry = {"file": f"files/{name}", "preset": preset, "source": source}
             weighted = pipeline.queries_used_at(len(tokens))  # as save_state decides
-            if pipeline.uses_importance or weighted:
+            steps = pipeline.importance_used_at(len(tokens))
+            if steps or weighted:
                 # the scores the writer used, so the test can re-encode without llama.cpp
                 blob = bridge.get_seq_state(llm, 0)
                 state = golden.parse_state(blob, "sequence", bridge.model_facts(llm).state_layout())
                 scores = score_cells(llm, blob, state, tokens, pipeline.scoring.window, pipeline.scoring.scorer,
-                                     importance=pipeline.uses_importance, energy=weighted,
-                                     context=pipeline.scoring.context)
-                if pipeline.uses_importance:
+                                     importance=steps, energy=weighted,
+                                     context=pipeline.scoring.context, exact_importance=pipeline.eviction is not None)
+                if steps:
                     entry["importance"] = f"files/{stem}.importance.npy"
                     np.save(os.path.join(vdir, entry["importance"]), scores.importance)
                 if weighted and scores.query_energy is not None:

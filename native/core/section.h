@@ -45,11 +45,27 @@ NXKV_FN int nxkv_core_section_fits(const nxkv_section *s, const nxkv_values *a) 
                      s->basis0 + (h / k) * w * w > a->n_bases || (s->cscale0 >= 0 && s->cscale0 + h * d > a->n_means))) {
         return 0;
     }
+    if (s->cell_map0 >= 0 && !s->by_class) return 0;
     if (s->by_class) {
-        if (s->cols0 < 0 || s->cols0 + 27 * g > a->n_columns) return 0;
-        for (int64_t c = 0; c < 9 * g && n > 0; ++c) {
-            const int64_t *col = a->columns + s->cols0 + 3 * c;
-            if (col[0] < 0 || col[1] < 0 || col[1] > a->n_symbols || col[0] + (n - 1) * col[1] >= a->n_symbols) return 0;
+        /* each table's rows: the cells' own (one table) or the most a cell map names */
+        const int64_t tables = s->cell_map0 >= 0 ? s->n_tables : 1;
+        int64_t rows[NXKV_MAX_TABLES];
+        if (tables < 1 || tables > NXKV_MAX_TABLES || s->cols0 < 0 || s->cols0 + tables * 27 * g > a->n_columns) return 0;
+        rows[0] = n;
+        if (s->cell_map0 >= 0) {
+            if (s->cell_map0 + 2 * n > a->n_columns) return 0;
+            for (int64_t t = 0; t < tables; ++t) rows[t] = 0;
+            for (int64_t cell = 0; cell < n; ++cell) {
+                const int64_t *m = a->columns + s->cell_map0 + 2 * cell;
+                if (m[0] < 0 || m[0] >= tables || m[1] < 0 || m[1] >= a->n_symbols) return 0;
+                if (m[1] + 1 > rows[m[0]]) rows[m[0]] = m[1] + 1;
+            }
+        }
+        for (int64_t t = 0; t < tables; ++t) {
+            for (int64_t c = 0; c < 9 * g && rows[t] > 0; ++c) {
+                const int64_t *col = a->columns + s->cols0 + t * 27 * g + 3 * c;
+                if (col[0] < 0 || col[1] < 0 || col[1] > a->n_symbols || col[0] + (rows[t] - 1) * col[1] >= a->n_symbols) return 0;
+            }
         }
     }
     if (s->sink_map0 >= 0) {
@@ -86,12 +102,26 @@ NXKV_FN void nxkv_core_rope_vector(float *v, int64_t mode, int64_t n_rot, const 
     }
 }
 
+/* The column table a cell's point symbols are read through and the cell's row in its streams:
+ * a bucket section's cell (cell map) its step bucket's table at its row among that bucket's cells,
+ * any other cell the one table at its own index. */
+NXKV_FN const int64_t *nxkv_core_cell_columns(const nxkv_section *s, const nxkv_values *a, int64_t g, int64_t cell, int64_t *row) {
+    if (s->cell_map0 < 0) {
+        *row = cell;
+        return a->columns + s->cols0;
+    }
+    const int64_t *m = a->columns + s->cell_map0 + 2 * cell;
+    *row = m[1];
+    return a->columns + s->cols0 + m[0] * 27 * g;
+}
+
 /* Symbol `col` of a cell's row of point symbols [coset g | coord 7 g | last g], its stream's
  * smallest value added. */
 NXKV_FN int64_t nxkv_core_point_symbol(const nxkv_section *s, const nxkv_values *a, int64_t g, int64_t cell, int64_t col) {
     if (s->by_class) {
-        const int64_t *c = a->columns + s->cols0 + 3 * col;
-        return (int64_t)a->symbols[c[0] + cell * c[1]] + c[2];
+        int64_t row;
+        const int64_t *c = nxkv_core_cell_columns(s, a, g, cell, &row) + 3 * col;
+        return (int64_t)a->symbols[c[0] + row * c[1]] + c[2];
     }
     if (col < g) return (int64_t)a->symbols[s->coset0 + cell * g + col] + s->coset_lo;
     if (col < 8 * g) return (int64_t)a->symbols[s->coord0 + cell * 7 * g + col - g] + s->coord_lo;

@@ -958,11 +958,12 @@ static void tile_products_avx2(const int16_t *pairs, const int8_t *quads, const 
 #pragma GCC push_options
 #pragma GCC target("avx2,f16c")
 
-/* The point columns of vector `vec` (core/section.h's nxkv_core_point_symbol, either layout) in
- * the order [coset, 7 coordinates, last] per group: symbol index at cell 0, per-cell stride, lo.
- * 0 unless every stride and lo fits the int32 lanes of tile_points. */
-static int point_columns(const nxkv_section *s, const nxkv_values *a, int64_t vec, int64_t w, int64_t *base, int32_t *stride,
-                         int32_t *lo) {
+/* The point columns of vector `vec` (core/section.h's nxkv_core_point_symbol, either layout; of
+ * column table `table` where there are several) in the order [coset, 7 coordinates, last] per
+ * group: symbol index at row 0, per-row stride, lo. 0 unless every stride and lo fits the int32
+ * lanes of tile_points. */
+static int point_columns(const nxkv_section *s, const nxkv_values *a, int64_t vec, int64_t w, int64_t table, int64_t *base,
+                         int32_t *stride, int32_t *lo) {
     const int64_t g = s->n_heads * s->head_dim / 8;
     for (int64_t q = 0; q < w / 8; ++q) {
         const int64_t grp = vec * (w / 8) + q;
@@ -970,7 +971,7 @@ static int point_columns(const nxkv_section *s, const nxkv_values *a, int64_t ve
             const int64_t col = k == 0 ? grp : k < 8 ? g + 7 * grp + (k - 1) : 8 * g + grp;
             int64_t b, st, l;
             if (s->by_class) {
-                const int64_t *c = a->columns + s->cols0 + 3 * col;
+                const int64_t *c = a->columns + s->cols0 + 27 * g * table + 3 * col;
                 b = c[0], st = c[1], l = c[2];
             } else if (k == 0) {
                 b = s->coset0 + grp, st = g, l = s->coset_lo;
@@ -988,8 +989,9 @@ static int point_columns(const nxkv_section *s, const nxkv_values *a, int64_t ve
     return 1;
 }
 
-/* The points of TILE whole cells from c0 on, a cell a lane (AVX2 int32): their doubled
- * coordinates as int16 pairs into pv [w/2][TILE], as nxkv_core_section_points + pack_pairs do
+/* The points of TILE whole cells, rows c0 .. c0 + TILE of the point streams, a cell a lane
+ * (AVX2 int32): their doubled coordinates as int16 pairs into pv [w/2][TILE], as
+ * nxkv_core_section_points + pack_pairs do
  * one cell at a time. The int32 lanes wrap where those compute in int64, but only the low bits
  * (parity, coset) or values checked to fit int16 are kept: returns a bit per cell whose points
  * do not fit (coordinates past +-16383, the last past +-8191, or sums past int32: decoded by
@@ -1040,7 +1042,7 @@ static inline void transpose8x8_epi32(__m256i *r) {
     r[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
 }
 
-/* Every column's symbols of cells c0 .. c0 + 8, lo added, into cols[column] (a cell a lane):
+/* Every column's symbols of rows c0 .. c0 + 8, lo added, into cols[column] (a cell a lane):
  * each run read a row of up to eight adjacent symbols a cell (masked past the run's end, so
  * nothing outside the columns is read), transposed. */
 static void tile_columns(const int32_t *symbols, const int64_t *base, const int32_t *stride, const int32_t *lo, int64_t c0,
@@ -1126,11 +1128,29 @@ static inline void tile_finish(const int32_t *acc, int64_t w, double c, const do
     }
 }
 
+/* A section's cells in the order section_rows_tiled takes them: by column table (a bucket
+ * section's step buckets; nxkv_section.cell_map0), each table's cells in cell order, so its rows
+ * in order; table t's are order[at[t] .. at[t + 1]). 0, or -1 for no memory. */
+static int tile_order(const nxkv_section *s, const nxkv_values *a, int32_t **order, int64_t *at) {
+    const int64_t n = s->n_cells, tables = s->n_tables;
+    *order = malloc((size_t)(n > 0 ? n : 1) * sizeof **order);
+    if (!*order) return -1;
+    for (int64_t t = 0; t <= tables; ++t) at[t] = 0;
+    for (int64_t c = 0; c < n; ++c) ++at[a->columns[s->cell_map0 + 2 * c] + 1];
+    for (int64_t t = 0; t < tables; ++t) at[t + 1] += at[t];
+    int64_t next[NXKV_MAX_TABLES];
+    for (int64_t t = 0; t < tables; ++t) next[t] = at[t];
+    for (int64_t c = 0; c < n; ++c) (*order)[next[a->columns[s->cell_map0 + 2 * c]]++] = (int32_t)c;
+    return 0;
+}
+
 /* A basis section's rows TILE cells at a time (AVX2): per cell its points, then the tile's
  * products (tile_products_*), then per cell core/section.h's finish, written as f16 rows (a
  * transposed V eight cells to a store). Decoded one cell at a time, the whole basis came from
  * L2 for every cell: the products were bound by L2, and VNNI alone gained nothing (measured).
- * The same exact integer sums and float operations, so the same bits. */
+ * The same exact integer sums and float operations, so the same bits. A tile is eight cells of
+ * one column table (tile_order) whose rows follow one another: every tile of a plain section,
+ * a bucket section's except at its buckets' ends. */
 __attribute__((flatten)) static void section_rows_tiled(const nxkv_section *s, const nxkv_values *a, int32_t *status,
                                                        const int16_t *pairs, const int8_t *quads, const int32_t *colsum,
                                                        tile_products_fn products) {
@@ -1141,82 +1161,113 @@ __attribute__((flatten)) static void section_rows_tiled(const nxkv_section *s, c
     int32_t stride[9 * NXKV_MAX_HEAD_DIM / 8], lo[9 * NXKV_MAX_HEAD_DIM / 8], pair[NXKV_MAX_HEAD_DIM / 2];
     float acc32[NXKV_MAX_HEAD_DIM];
     int fits[TILE];
+    int32_t *order = NULL; /* NULL: the cells in order, one table */
+    int64_t at[NXKV_MAX_TABLES + 1] = {0, n}, tables = 1;
+    if (s->cell_map0 >= 0) {
+        if (tile_order(s, a, &order, at)) {
+            section_rows_avx2(s, a, status, NULL); /* no memory for the order: cell by cell */
+            return;
+        }
+        tables = s->n_tables;
+    }
     *status = 0;
-    for (int64_t vec = 0; vec < s->n_heads / k; ++vec) {
+    for (int64_t vec = 0; vec < s->n_heads / k && !*status; ++vec) {
         const int16_t *vp = pairs + vec * w * w;
-        const int columns = point_columns(s, a, vec, w, base, stride, lo);
-        column_runs runs;
-        const int n_runs = columns ? point_runs(base, stride, 9 * (w / 8), &runs) : 0;
-        for (int64_t c0 = 0; c0 < n; c0 += TILE) {
-            const int64_t cnt = n - c0 < TILE ? n - c0 : TILE;
-            unsigned scalar = (1u << cnt) - 1, small = 0; /* cells whose points the scalar path makes; in int8 */
-            if (cnt == TILE && columns) {
-                unsigned bad;
-                scalar = tile_points(a->symbols, base, stride, lo, c0, w, (int)s->basis_shift, pv, pq, &bad, &small, &runs, n_runs);
-                if (bad) {
-                    *status = 1;
-                    return;
+        for (int64_t table = 0; table < tables && !*status; ++table) {
+            const int columns = point_columns(s, a, vec, w, table, base, stride, lo);
+            column_runs runs;
+            const int n_runs = columns ? point_runs(base, stride, 9 * (w / 8), &runs) : 0;
+            for (int64_t p0 = at[table]; p0 < at[table + 1] && !*status; p0 += TILE) {
+                const int64_t cnt = at[table + 1] - p0 < TILE ? at[table + 1] - p0 : TILE;
+                int64_t cell[TILE];
+                for (int64_t t = 0; t < cnt; ++t) cell[t] = order ? order[p0 + t] : p0 + t;
+                const int64_t row0 = order ? a->columns[s->cell_map0 + 2 * cell[0] + 1] : cell[0];
+                int rows_follow = 1, cells_follow = 1; /* rows row0 + t; cells cell[0] + t */
+                for (int64_t t = 0; t < cnt; ++t) {
+                    rows_follow &= !order || a->columns[s->cell_map0 + 2 * cell[t] + 1] == row0 + t;
+                    cells_follow &= cell[t] == cell[0] + t;
                 }
-            }
-            for (int64_t t = 0; t < cnt; ++t) {
-                fits[t] = 1;
-                if (!(scalar >> t & 1)) continue;
-                int64_t l1 = 0;
-                if (nxkv_core_section_points(s, a, vec, c0 + t, v[t], p2, &l1)) {
-                    *status = 1;
-                    return;
-                }
-                fits[t] = pack_pairs(p2, l1, w, (int)s->basis_shift, pair);
-                for (int64_t j = 0; j < w / 2; ++j) pv[j][t] = fits[t] ? pair[j] : 0;
-                if (!fits[t]) { /* coordinates beyond int16 or sums beyond int32: float / int64 now */
-                    double c;
-                    const double *mean, *cscale;
-                    nxkv_core_section_basis_terms(s, a, vec, c0 + t, &c, &mean, &cscale);
-                    nxkv_core_basis_vector(p2, l1, a->bases + s->basis0 + vec * w * w, w, (int)s->basis_shift, c, mean,
-                                           cscale, acc32, acc64, v[t]);
-                }
-            }
-            products(vp, quads && small == 0xffu ? quads + vec * w * w : NULL, colsum ? colsum + vec * w : NULL,
-                     (const int32_t(*)[TILE])pv, (const int32_t(*)[TILE])pq, cnt, w, acc);
-            for (int64_t t = 0; t < cnt; ++t) {
-                if (fits[t]) {
-                    double c;
-                    const double *mean, *cscale;
-                    nxkv_core_section_basis_terms(s, a, vec, c0 + t, &c, &mean, &cscale);
-                    tile_finish(acc[t], w, c, mean, cscale, v[t]);
-                }
-                const int r = nxkv_core_section_finish(s, a, vec, c0 + t, v[t]);
-                if (r) {
-                    *status = r;
-                    return;
-                }
-            }
-            if (s->out_f16 && s->transposed) {
-                /* V^T: a channel's row holds the cells; the tile's 8 cells of it in one store */
-                uint16_t *dest = (uint16_t *)s->dest;
-                for (int64_t j0 = 0; j0 < w; j0 += 8) { /* 8 channels x 8 cells: transposed in registers */
-                    if (cnt == TILE) {
-                        __m256i r[TILE];
-                        for (int t = 0; t < TILE; ++t) r[t] = _mm256_castps_si256(_mm256_loadu_ps(v[t] + j0));
-                        transpose8x8_epi32(r);
-                        for (int j = 0; j < 8; ++j)
-                            _mm_storeu_si128((__m128i *)(dest + (vec * w + j0 + j) * n + c0),
-                                             _mm256_cvtps_ph(_mm256_castsi256_ps(r[j]), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-                    } else {
-                        for (int64_t j = j0; j < j0 + 8; ++j) {
-                            for (int64_t t = 0; t < cnt; ++t) dest[(vec * w + j) * n + c0 + t] = nxkv_core_f32_to_f16(v[t][j]);
-                        }
+                unsigned scalar = (1u << cnt) - 1, small = 0; /* cells whose points the scalar path makes; in int8 */
+                if (cnt == TILE && columns && rows_follow) {
+                    unsigned bad;
+                    scalar = tile_points(a->symbols, base, stride, lo, row0, w, (int)s->basis_shift, pv, pq, &bad, &small, &runs,
+                                         n_runs);
+                    if (bad) {
+                        *status = 1;
+                        break;
                     }
                 }
-            } else if (s->out_f16) {
-                for (int64_t t = 0; t < cnt; ++t) f32_to_f16_f16c(v[t], (uint16_t *)s->dest + (c0 + t) * n_embd + vec * w, (size_t)w);
-            } else {
+                for (int64_t t = 0; t < cnt && !*status; ++t) {
+                    fits[t] = 1;
+                    if (!(scalar >> t & 1)) continue;
+                    int64_t l1 = 0;
+                    if (nxkv_core_section_points(s, a, vec, cell[t], v[t], p2, &l1)) {
+                        *status = 1;
+                        break;
+                    }
+                    fits[t] = pack_pairs(p2, l1, w, (int)s->basis_shift, pair);
+                    for (int64_t j = 0; j < w / 2; ++j) pv[j][t] = fits[t] ? pair[j] : 0;
+                    if (!fits[t]) { /* coordinates beyond int16 or sums beyond int32: float / int64 now */
+                        double c;
+                        const double *mean, *cscale;
+                        nxkv_core_section_basis_terms(s, a, vec, cell[t], &c, &mean, &cscale);
+                        nxkv_core_basis_vector(p2, l1, a->bases + s->basis0 + vec * w * w, w, (int)s->basis_shift, c, mean,
+                                               cscale, acc32, acc64, v[t]);
+                    }
+                }
+                if (*status) break;
+                products(vp, quads && small == 0xffu ? quads + vec * w * w : NULL, colsum ? colsum + vec * w : NULL,
+                         (const int32_t(*)[TILE])pv, (const int32_t(*)[TILE])pq, cnt, w, acc);
                 for (int64_t t = 0; t < cnt; ++t) {
-                    for (int64_t j = 0; j < k; ++j) nxkv_core_section_store(s, vec * k + j, c0 + t, v[t] + j * d);
+                    if (fits[t]) {
+                        double c;
+                        const double *mean, *cscale;
+                        nxkv_core_section_basis_terms(s, a, vec, cell[t], &c, &mean, &cscale);
+                        tile_finish(acc[t], w, c, mean, cscale, v[t]);
+                    }
+                    const int r = nxkv_core_section_finish(s, a, vec, cell[t], v[t]);
+                    if (r) {
+                        *status = r;
+                        break;
+                    }
+                }
+                if (*status) break;
+                if (s->out_f16 && s->transposed) {
+                    /* V^T: a channel's row holds the cells; a tile's 8 adjacent cells of it in one store */
+                    uint16_t *dest = (uint16_t *)s->dest;
+                    for (int64_t j0 = 0; j0 < w; j0 += 8) { /* 8 channels x 8 cells: transposed in registers */
+                        if (cnt == TILE) {
+                            __m256i r[TILE];
+                            for (int t = 0; t < TILE; ++t) r[t] = _mm256_castps_si256(_mm256_loadu_ps(v[t] + j0));
+                            transpose8x8_epi32(r);
+                            for (int j = 0; j < 8; ++j) {
+                                const __m128i h = _mm256_cvtps_ph(_mm256_castsi256_ps(r[j]), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                                uint16_t *row = dest + (vec * w + j0 + j) * n;
+                                if (cells_follow) {
+                                    _mm_storeu_si128((__m128i *)(row + cell[0]), h);
+                                } else { /* a step bucket's cells: the same halves, one at a time */
+                                    uint16_t half[TILE];
+                                    _mm_storeu_si128((__m128i *)half, h);
+                                    for (int t = 0; t < TILE; ++t) row[cell[t]] = half[t];
+                                }
+                            }
+                        } else {
+                            for (int64_t j = j0; j < j0 + 8; ++j) {
+                                for (int64_t t = 0; t < cnt; ++t) dest[(vec * w + j) * n + cell[t]] = nxkv_core_f32_to_f16(v[t][j]);
+                            }
+                        }
+                    }
+                } else if (s->out_f16) {
+                    for (int64_t t = 0; t < cnt; ++t) f32_to_f16_f16c(v[t], (uint16_t *)s->dest + cell[t] * n_embd + vec * w, (size_t)w);
+                } else {
+                    for (int64_t t = 0; t < cnt; ++t) {
+                        for (int64_t j = 0; j < k; ++j) nxkv_core_section_store(s, vec * k + j, cell[t], v[t] + j * d);
+                    }
                 }
             }
         }
     }
+    free(order);
 }
 #pragma GCC pop_options
 #endif

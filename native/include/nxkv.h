@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 18 };
+enum nxkv_abi { NXKV_ABI_VERSION = 19 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -33,6 +33,10 @@ enum nxkv_format {
     NXKV_FORMAT_MAX_ALPHABET = 4096,   /* rANS symbols a table */
     NXKV_FORMAT_MAX_LANES = 4096
 };
+
+/* Limits of the decoder's arguments (not of the format): column tables of one section (a
+ * table per step bucket; the format has at most 33 buckets). */
+enum nxkv_limits { NXKV_MAX_TABLES = 64 };
 
 /* Status codes of the kernels that can fail (a damaged stream, an argument out of range). */
 enum nxkv_status { NXKV_OK = 0, NXKV_ERR_CORRUPT = -1, NXKV_ERR_ARG = -2, NXKV_ERR_NOMEM = -3 };
@@ -178,10 +182,15 @@ typedef struct nxkv_section {
     int64_t basis0, basis_shift;
     int64_t cscale0;        /* with basis: -1, or each channel's scale (the K weighting), multiplied
                                before the mean is added: means[cscale0 + head * head_dim ..] */
-    int64_t by_class;       /* 1: point streams split by component class: column c of the row
-                               [coset g | coord 7 g | last g] is at columns[cols0 + 3 c ..] = (symbol
-                               index at cell 0, per-cell stride, lo); 0: coset0 .. last_lo above */
+    int64_t by_class;       /* 1: point symbols read through a column table (streams split by
+                               component class or step bucket): column c of the row [coset g |
+                               coord 7 g | last g] is at columns[cols0 + 3 c ..] = (symbol index at
+                               row 0, per-row stride, lo); 0: coset0 .. last_lo above */
     int64_t cols0;
+    int64_t cell_map0;      /* -1: a cell's row is its index, one table; else (by_class, step
+                               buckets) columns[cell_map0 + 2 cell] = the cell's table t (its
+                               bucket's: 27 g entries at cols0 + 27 g t), [+ 1] its row there */
+    int64_t n_tables;       /* with a cell map: its tables, 1 .. NXKV_MAX_TABLES */
     int64_t head_group;     /* this many adjacent heads coded as one vector, concatenated (head_dim *
                                head_group values, one step; steps, bases and channel offsets by
                                vector: read "vector" for "head" above); 1: each head alone */

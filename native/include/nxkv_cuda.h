@@ -20,7 +20,7 @@ extern "C" {
 #endif
 
 /* NXKV_CUDA_CDEF_BEGIN */
-enum nxkv_cuda_abi { NXKV_CUDA_ABI_VERSION = 3 };
+enum nxkv_cuda_abi { NXKV_CUDA_ABI_VERSION = 4 };
 int nxkv_cuda_abi_version(void);
 
 enum nxkv_cuda_status {

@@ -76,6 +76,11 @@ class Stage:
         """The stage codes K by the queries' statistics (TensorInfo.query_energy, at save time)."""
         return False
 
+    def importance_used_at(self, n_cells: int) -> bool:
+        """Whether a state of at most n_cells cells a stream would have cells coded by their
+        importance (no scoring is worth running for it otherwise)."""
+        return self.uses_importance
+
     def queries_used_at(self, n_cells: int) -> bool:
         """Whether a state of at most n_cells cells a stream would have a section coded by the
         queries (no capture is worth running otherwise)."""

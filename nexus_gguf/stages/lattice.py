@@ -15,6 +15,7 @@ group that a coordinate-by-coordinate coder would otherwise spend."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Optional
 
 import numpy as np
 
@@ -49,6 +50,10 @@ class Lattice(Stage):
         # in half octaves (the `bucket` stream), at most step_octaves coarser; 0: one step for all
         "token_steps": (float, 0.0),
         "step_octaves": (float, 4.0),
+        # states of fewer cells (a stream) keep one step for all: the attention capture the
+        # steps need costs more than they save on short prompts (decided at save time only:
+        # a reader finds the bucket stream or not)
+        "step_min_cells": (int, 0),
         # pca: each head's values (centred, sinks aside) coded on the principal axes of that
         # section's own head vectors, the basis stored in the section (`basis`, int16 entries of
         # basis_bits bits: x = y @ basis / 2^(basis_bits-1)); sections of fewer than
@@ -113,8 +118,8 @@ class Lattice(Stage):
         for b in (self.k_bits, self.v_bits, self.k_bits + self.k_weights_bits):
             if not 0.5 <= b <= 12:
                 raise ConfigError(f"lattice: bits must lie in 0.5 .. 12, got {b}")
-        if not (0.0 <= self.token_steps <= 4.0 and 0.0 <= self.step_octaves <= 16.0):
-            raise ConfigError("lattice: token_steps in 0 .. 4, step_octaves in 0 .. 16")
+        if not (0.0 <= self.token_steps <= 4.0 and 0.0 <= self.step_octaves <= 16.0 and self.step_min_cells >= 0):
+            raise ConfigError("lattice: token_steps in 0 .. 4, step_octaves in 0 .. 16, step_min_cells at least 0")
         if (self.transform not in ("none", "pca") or not 2 <= self.basis_bits <= 10 or self.pca_min_cells < 1
                 or self.class_min_cells < 0 or self.head_group < 0):
             raise ConfigError("lattice: transform is none or pca, basis_bits in 2 .. 10, pca_min_cells at least 1, "
@@ -141,13 +146,16 @@ class Lattice(Stage):
         # only K sections on a basis are weighted, and those start at pca_min_cells cells
         return self.uses_queries and n_cells >= self.pca_min_cells
 
+    def importance_used_at(self, n_cells: int) -> bool:
+        return self.uses_importance and n_cells >= self.step_min_cells
+
     @property
     def max_bucket(self) -> int:
         return int(round(BUCKETS_PER_OCTAVE * self.step_octaves))
 
     def _buckets(self, info: TensorInfo, sink: np.ndarray, n: int):
         """uint8 [n] step buckets from the cells' importance, or None (one step for all)."""
-        if not self.token_steps or info.importance is None:
+        if not self.importance_used_at(n) or info.importance is None:
             return None
         imp = np.asarray(info.importance, np.float64).reshape(n)
         rest = imp[~sink] if (~sink).any() else imp
@@ -245,11 +253,10 @@ class Lattice(Stage):
             scale_symbols = np.where(stat > 0, np.clip(q, -32767, 32767), LOG_ZERO).astype(np.int16)
         else:
             scale_symbols = stat.astype(np.float16).view(np.uint16)
-        step = self._broadcast(self._steps(scale_symbols, info), n)
         buckets = self._buckets(info, sink, n)
         if buckets is not None:
             out["bucket"] = buckets
-            step = step * np.exp2(buckets / BUCKETS_PER_OCTAVE)[:, None, None]
+        step = self.cell_steps(scale_symbols, info, buckets)
         group_step = np.repeat(step.reshape(n, -1), block // 8, axis=1)  # [n, g]: each 8-value group's step
         coset, coord, last = kernel("lattice_quantize")(xb.reshape(-1, 8), group_step)
         g = h * d // 8
@@ -318,6 +325,20 @@ class Lattice(Stage):
         each scale block, buckets aside."""
         return self._steps(scale_symbols, info)
 
+    def check_buckets(self, buckets: np.ndarray, info: TensorInfo) -> None:
+        """FormatError unless these are step buckets of the section's cells (info: the coding view)."""
+        n = info.n_cells
+        if buckets.shape != (n,) or (buckets.size and int(buckets.max()) > self.max_bucket):
+            raise FormatError(f"{info.name}: step buckets not of shape {(n,)} or above {self.max_bucket}")
+
+    def cell_steps(self, scale_symbols: np.ndarray, info: TensorInfo, buckets: Optional[np.ndarray]) -> np.ndarray:
+        """float64 [n, h, blocks]: every cell's step per scale block, its step bucket's factor
+        included (buckets: checked, or None)."""
+        step = self._broadcast(self._steps(scale_symbols, info), info.n_cells)
+        if buckets is not None:
+            step = step * np.exp2(buckets.astype(np.float64) / BUCKETS_PER_OCTAVE)[:, None, None]
+        return step
+
     def decode(self, symbols: dict[str, np.ndarray], info: TensorInfo) -> np.ndarray:
         shape = (info.n_cells, info.n_heads, info.head_dim)
         return self._decode(symbols, self.coding_view(info)).reshape(shape)
@@ -333,19 +354,15 @@ class Lattice(Stage):
                 raise FormatError(f"{info.name}: component classes missing, not of shape {(h, d)} or above {N_CLASSES - 1}")
             symbols = {**symbols, **_join_by_class(symbols, column_classes(cls), info.name)}
         if "bucket" in symbols:
-            b = symbols["bucket"]
-            if b.shape != (n,) or (b.size and int(b.max()) > self.max_bucket):
-                raise FormatError(f"{info.name}: step buckets not of shape {(n,)} or above {self.max_bucket}")
-            symbols = {**symbols, **_join_by_bucket(symbols, b, g, info.name)}
+            self.check_buckets(symbols["bucket"], info)
+            symbols = {**symbols, **_join_by_bucket(symbols, symbols["bucket"], g, info.name)}
         for name, shape in want.items():
             if name not in symbols or symbols[name].shape != shape:
                 raise FormatError(f"{info.name}: lattice symbols {name!r} missing or not of shape {shape}")
         coset = symbols["coset"]
         if coset.size and int(coset.max()) > 1:
             raise FormatError(f"{info.name}: lattice coset symbols must be 0 or 1")
-        step = self._broadcast(self._steps(symbols["scale"], info), n)
-        if "bucket" in symbols:
-            step = step * np.exp2(symbols["bucket"].astype(np.float64) / BUCKETS_PER_OCTAVE)[:, None, None]
+        step = self.cell_steps(symbols["scale"], info, symbols.get("bucket"))
         group_step = np.repeat(step.reshape(n, -1), block // 8, axis=1)  # [n, g]: each 8-value group's step
         mean = symbols["mean"].astype(np.uint16).view(np.float16).astype(np.float64) if self.center else np.zeros(0)
         basis = symbols.get("basis") if "basis" in want else None
