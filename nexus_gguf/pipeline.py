@@ -24,7 +24,7 @@ from .stages import REGISTRY, ModelBinding, Stage, TensorInfo, stage_from_config
 # K's step 0.2 bits finer there: 7-8% smaller at equal or lower KLD on four texts, two of them not tuned on (README).
 # high gives the cells those queries attend to least coarser steps (token_steps: step x (median attention /
 # the cell's)^0.5, in half octaves, at most 3 octaves; each bucket's points in streams of their own), from 1024
-# cells (shorter prompts are saved without a capture): 6-8% smaller at about the same KLD on the same four texts,
+# cells (shorter prompts are saved without a capture): 7-8% smaller at about the same KLD on the same four texts,
 # pass-key recall unchanged (README); balanced likewise: 8-9% smaller, the KLD the same on three texts and 27%
 # higher on the benchmark's code.
 # max first evicts the tokens those queries attend to least. Bits and keep fractions chosen on the benchmark (4096-token
