@@ -115,7 +115,7 @@ def candidates(presets: Sequence[str], ablate: Sequence[str], baselines: bool, h
         if build_pipeline(p).takes_bit_profile:
             # every layer at the preset's bits, whether or not the model has a bit profile
             out.append(Candidate(f"{p}-no-profile", "ablation", pipeline=build_pipeline(p), bit_profile=None))
-        if any(getattr(s, "token_steps", 0) for s in build_pipeline(p).stages):
+        if build_pipeline(p).uses_importance:
             # one step for every cell (importance-aware steps are an option of the lattice, not a stage)
             uniform = build_pipeline(p, lattice_token_steps=0.0)
             out.append(Candidate(f"{p}-no-steps", "ablation",
