@@ -199,6 +199,8 @@ def _stage_label(config: dict) -> str:
         parts.append(f"K weighted by the {config['k_weights']}" + (f" (+{extra} bits)" if extra else ""))
     if config.get("token_steps"):
         parts.append(f"steps by importance (^-{config['token_steps']}, up to {config.get('step_octaves')} octaves coarser)")
+    if config.get("rdo"):
+        parts.append(f"points by rate and distortion ({config['rdo']} per bit)")
     return f"lattice ({', '.join(parts)})"
 
 

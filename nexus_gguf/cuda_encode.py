@@ -59,6 +59,8 @@ def unsupported(pipeline, dims: dict, types: set[str]) -> Optional[str]:
     _, _, lattice, entropy = value_stages(pipeline)
     if lattice.token_steps:
         return "importance-aware steps (the bucket streams) are encoded on the CPU (the GPU decodes them)"
+    if lattice.rdo:
+        return "rate-distortion quantization (lattice rdo) runs on the CPU (the GPU decodes its points as any others)"
     if lattice.transform != "none" or lattice.classes or lattice.head_group != 1:
         # the basis fit (float64 eigenvectors) and the class split run on the host today
         return "the PCA transform, component classes and head groups are encoded on the CPU (the GPU decodes them)"

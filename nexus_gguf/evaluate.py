@@ -120,6 +120,11 @@ def candidates(presets: Sequence[str], ablate: Sequence[str], baselines: bool, h
             uniform = build_pipeline(p, lattice_token_steps=0.0)
             out.append(Candidate(f"{p}-no-steps", "ablation",
                                  pipeline=Pipeline(uniform.stages, f"{p}-no-steps", uniform.eviction, uniform.scoring)))
+        if any(getattr(s, "rdo", 0.0) for s in build_pipeline(p).stages):
+            # every group at its nearest lattice point (rate-distortion quantization is an option of the lattice)
+            nearest = build_pipeline(p, lattice_rdo=0.0)
+            out.append(Candidate(f"{p}-no-rdo", "ablation",
+                                 pipeline=Pipeline(nearest.stages, f"{p}-no-rdo", nearest.eviction, nearest.scoring)))
     out += [Candidate(pl.preset, "variant", pipeline=pl) for pl in variants]
     names = [c.name for c in out]
     if len(set(names)) != len(names):

@@ -38,18 +38,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lossless": {"stages": [{"id": "byteplane"}, {"id": "zstd", "level": 3}]},
     "high": {"stages": [
         {"id": "rope"},
-        {"id": "lattice", "k_bits": 3.4, "v_bits": 3.4, "scale_scope": "head", "head_group": 0, "transform": "pca",
+        {"id": "lattice", "k_bits": 3.5, "v_bits": 3.5, "scale_scope": "head", "head_group": 0, "transform": "pca",
          "basis_bits": 8, "pca_min_cells": 1536, "classes": True, "class_min_cells": 512, "k_weights": "queries",
          "k_weights_bits": 0.2, "token_steps": 0.5, "step_octaves": 3.0,
-         "step_min_cells": 1024},
+         "step_min_cells": 1024, "rdo": 0.05},
         {"id": "entropy", "lanes": 4, "chunk": 16384, "small_streams": 4096},
     ]},
     "balanced": {"stages": [
         {"id": "rope"},
-        {"id": "lattice", "k_bits": 2.5, "v_bits": 2.5, "scale_scope": "head", "head_group": 0, "transform": "pca",
+        {"id": "lattice", "k_bits": 2.6, "v_bits": 2.6, "scale_scope": "head", "head_group": 0, "transform": "pca",
          "basis_bits": 8, "pca_min_cells": 1536, "classes": True, "class_min_cells": 512, "k_weights": "queries",
          "k_weights_bits": 0.2, "token_steps": 0.5, "step_octaves": 3.0,
-         "step_min_cells": 1024},
+         "step_min_cells": 1024, "rdo": 0.05},
         {"id": "entropy", "lanes": 4, "chunk": 16384, "small_streams": 4096},
     ]},
     "max": {"evict": {"keep": 0.25}, "score": {"scorer": "attention"}, "stages": [

@@ -65,6 +65,24 @@ def _inputs(op: str, seed: int):
         out.append((quarter + rng.integers(-2, 3, quarter.shape) * np.spacing(np.maximum(np.abs(quarter), 0.25)),
                     np.ones(3000)))
         return out
+    if op == "lattice_quantize_rdo":
+        out = []
+        for m, width, lam in ((0, 129, 0.1), (1, 3, 0.5), (5000, 129, 0.05), (4099, 33, 0.2), (3000, 129, 0.0)):
+            x = rng.standard_normal((m, 8)) * np.exp2(rng.normal(0, 2, (m, 1)))
+            step = np.exp2(rng.normal(-1, 2, m))
+            step[::9] = 0.0
+            n_rows = 8 * 24 * 3
+            rows = (rng.integers(0, n_rows // 8, m) * 8).astype(np.int64)
+            # costs as the lattice builds them: -log2 of smoothed counts, rounded to 1/256 bit;
+            # cheap near zero, with exact ties between candidates where rows repeat
+            centre = np.abs(np.arange(width) - width // 2)
+            costs = np.round((1.0 + 0.3 * centre[None, :] * rng.uniform(0.5, 2.0, (n_rows, 1))) * 256) / 256
+            out.append((x, step, rows, costs, np.array([1.0, 0.9, 0.8, 0.7, 0.6]), lam))
+        quarter = rng.integers(-40, 41, (3000, 8)) / 4.0  # near-ties of E8 and of the costs
+        flat = np.ones((8, 129))
+        out.append((quarter + rng.integers(-2, 3, quarter.shape) * np.spacing(np.maximum(np.abs(quarter), 0.25)),
+                    np.ones(3000), np.zeros(3000, np.int64), flat, np.array([1.0, 0.75, 0.5]), 0.25))
+        return out
     if op == "lattice_dequantize":
         out = []
         for m, mean_groups in ((0, 0), (1, 1), (4096, 0), (4104, 24), (300, 3)):
@@ -307,7 +325,7 @@ def test_format_constants_of_the_c_library_match_python():
 
 
 @pytest.mark.parametrize("level", [0, 1])
-@pytest.mark.parametrize("op", ["e8_nearest", "lattice_quantize", "f32_to_f16", "basis_dequantize"])
+@pytest.mark.parametrize("op", ["e8_nearest", "lattice_quantize", "lattice_quantize_rdo", "f32_to_f16", "basis_dequantize"])
 def test_native_kernels_without_cpu_extensions_match_the_reference(op, level):
     """The C library runs its AVX-512 / AVX2 / F16C versions where the CPU has them; its code for
     CPUs with fewer (level 1: AVX2 and F16C; 0: none) must give the same bits."""

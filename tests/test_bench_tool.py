@@ -23,7 +23,7 @@ def test_tiny_gemma3_rows_restore_every_cache():
     lossless, high, evicting = rows["lossless"], rows["high"], rows["max"]
     assert set(high["errors"]) == {"base k", "base v", "swa k", "swa v"}
     assert max(lossless["errors"].values()) == 0 and lossless["logits_max_diff"] == 0
-    # E8 at 3.4 bits: about 0.27 * 2^(2.05 - 3.4) = 0.11 of the values' RMS
+    # E8 at 3.5 bits: about 0.27 * 2^(2.05 - 3.5) = 0.10 of the values' RMS (a few percent more by rate and distortion)
     assert all(0 < e < 0.15 for e in high["errors"].values()) and high["ratio"] > 4
     assert high["cells"] == lossless["cells"] and evicting["cells"]["base"] < lossless["cells"]["base"]
     table = bench.tiny_gemma3_table(list(rows.values()))

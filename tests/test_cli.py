@@ -27,8 +27,9 @@ def test_save_state_then_info(smollm2_path, short_prompt, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["verified"] and info["model"]["file_name"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert main(["info", str(out_file)]) == 0
-    assert ("pipeline   high: rope -> lattice (K 3.4 / V 3.4 bits, heads grouped, pca, classes, K weighted by the queries "
-            "(+0.2 bits), steps by importance (^-0.5, up to 3.0 octaves coarser)) -> entropy") in capsys.readouterr().out
+    assert ("pipeline   high: rope -> lattice (K 3.5 / V 3.5 bits, heads grouped, pca, classes, K weighted by the queries "
+            "(+0.2 bits), steps by importance (^-0.5, up to 3.0 octaves coarser), points by rate and distortion (0.05 per bit))"
+            " -> entropy") in capsys.readouterr().out
 
 
 def test_generate_with_appended_prompt(smollm2_path, short_prompt, tmp_path, capsys):

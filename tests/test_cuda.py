@@ -266,6 +266,7 @@ def test_gpu_encode_writes_the_cpu_writers_bytes(monkeypatch, source, high, vari
     (lambda c: c["entropy"].update(coder="zstd"), "zstd"),
     (lambda c: c["lattice"].update(scale_scope="vector", scale_block=16), "per head"),
     (lambda c: c["lattice"].update(token_steps=0.5), "importance"),
+    (lambda c: c["lattice"].update(rdo=0.05), "rate-distortion"),
     # format 2's high
     (lambda c: (c.pop("hadamard"), c["lattice"].update(next(s for s in PRESETS["high"]["stages"] if s["id"] == "lattice"))),
      "encoded on the CPU (the GPU decodes them)"),

@@ -445,6 +445,54 @@ def test_token_steps_follow_importance_and_split_the_streams():
             lat.decode(bad, info)
 
 
+def test_rdo_trades_error_for_bits_and_decodes_as_any_points():
+    """Rate-distortion quantization (the rdo option) picks, per group, a point nearer zero where
+    its bits saved outweigh the added squared error: fewer bytes, a bounded error, the same
+    decoder; 0 keeps the nearest points, bucket sections get a rate model per bucket."""
+    n, h, d = 600, 1, 64
+    rng = np.random.default_rng(5)
+    # a spectrum as after PCA: a few wide components, many narrow ones
+    x = (rng.standard_normal((n, h, d)) * np.exp2(-np.arange(d) / 12.0)).astype(np.float32)
+    info = _info(n=n, h=h, d=d)
+    kw = dict(k_bits=3.0, scale_scope="head")
+    sizes, errors = {}, {}
+    for rdo in (0.0, 0.05, 0.15):
+        lat = Lattice(rdo=rdo, **kw)
+        symbols = lat.encode(x, info)
+        coded = Entropy().encode(symbols, info)
+        y = Lattice(**kw).decode(Entropy().decode(coded, info), info)  # rdo is the writer's alone
+        sizes[rdo], errors[rdo] = len(coded), float(((y - x)[4:] ** 2).mean())
+    assert sizes[0.15] < sizes[0.05] < sizes[0.0] and sizes[0.15] < 0.97 * sizes[0.0], sizes
+    assert errors[0.0] < errors[0.05] < errors[0.15] < 2 * errors[0.0], errors
+    assert all(np.array_equal(a, b) for a, b in zip(Lattice(**kw).encode(x, info).values(),
+                                                    Lattice(rdo=0.0, **kw).encode(x, info).values()))
+    # with importance-aware steps: one rate model per bucket, the buckets' streams as before
+    importance = np.ones(n)
+    importance[300:] = 1 / 64
+    with_imp = dataclasses.replace(info, importance=importance)
+    steps = dict(kw, token_steps=0.5, step_octaves=3.0)
+    s = Lattice(rdo=0.1, **steps).encode(x, with_imp)
+    assert set(s) == set(Lattice(**steps).encode(x, with_imp))
+    y = Lattice(**steps).decode(s, info)
+    assert float(((y - x)[4:300] ** 2).mean()) < 2 * errors[0.0]
+    with pytest.raises(ConfigError):
+        Lattice(rdo=-0.1)
+
+
+def test_rate_costs_follow_the_counts():
+    from nexus_gguf.stages.lattice import RDO_SPAN, rate_costs
+
+    p2 = np.zeros((1000, 8), np.int64)
+    p2[:250, 0] = 2  # row 0: value 2 in a quarter of the groups
+    p2[:, 1] = 500  # beyond the span: counted at its edge
+    costs = rate_costs(p2, np.zeros(1000, np.int64), 16)
+    assert costs.shape == (16, 2 * RDO_SPAN + 1)
+    assert abs(costs[0, RDO_SPAN] - np.log2(4 / 3)) < 0.02 and abs(costs[0, RDO_SPAN + 2] - 2.0) < 0.02
+    assert costs[1, 2 * RDO_SPAN] < 0.01 and costs[0, RDO_SPAN + 1] > 10  # never seen: costly
+    assert np.array_equal(costs[8:], np.full((8, 2 * RDO_SPAN + 1), costs[8, 0]))  # rows without groups: flat
+    assert np.array_equal(costs * 256, np.round(costs * 256))
+
+
 def test_scoring_and_eviction_are_options_not_stages():
     from nexus_gguf.eviction import Eviction, Scoring
 

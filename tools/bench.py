@@ -58,7 +58,8 @@ def transform_variants():
     `high-per-head-b6`), with each head alone but the 8-bit basis (`high-per-head`), without K
     weighted by the queries (`high-no-kweights`: the previous `high`), without its PCA transform
     (and so without K weights) or its component classes (one at a time), and 0.3 bits coarser:
-    what each part of `high` buys (the ablations add `high-no-steps`, one step for every cell),
+    what each part of `high` buys (the ablations add `high-no-steps`, one step for every cell,
+    and `high-no-rdo`, every group at its nearest point),
     and where the next bits are (README)."""
     from nexus_gguf.pipeline import Pipeline, build_pipeline
     from nexus_gguf.stages import stage_from_config
@@ -66,13 +67,13 @@ def transform_variants():
     high = build_pipeline("high")
     rope, lattice, entropy = high.stages
     hadamard_lattice = stage_from_config({**lattice.get_config(), "transform": "none", "classes": False, "head_group": 1,
-                                          "k_bits": 3.5, "v_bits": 3.5, "k_weights": "none", "token_steps": 0.0})
+                                          "k_bits": 3.5, "v_bits": 3.5, "k_weights": "none", "token_steps": 0.0, "rdo": 0.0})
     out = [Pipeline([rope, stage_from_config({"id": "hadamard"}), hadamard_lattice, entropy], "high-hadamard")]
     plain = dict(lattice_k_weights="none")
     k, v = round(lattice.k_bits - 0.3, 2), round(lattice.v_bits - 0.3, 2)
     for name, extra in (("high-per-head-b6", dict(lattice_head_group=1, lattice_basis_bits=6, lattice_pca_min_cells=1024,
                                                   lattice_k_bits=3.5, lattice_v_bits=3.5, lattice_k_weights="none",
-                                                  lattice_token_steps=0.0)),
+                                                  lattice_token_steps=0.0, lattice_rdo=0.0)),
                         ("high-per-head", dict(lattice_head_group=1, lattice_pca_min_cells=1024, **plain)),
                         ("high-no-kweights", plain),
                         ("high-no-pca", dict(lattice_transform="none", **plain)), ("high-no-classes", dict(lattice_classes=False)),

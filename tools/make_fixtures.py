@@ -124,6 +124,11 @@ def stage_cases(rng):
     # two heads coded as one vector (head_group): one step, one 64 x 64 basis, classes across both
     grouped = {**pca, "head_group": 0, "basis_bits": 8}
     out.append(({"case": "lattice-pca-head-group", "stages": [grouped, {"id": "entropy"}]}, xp, _info("k", 160, 2, 32)))
+    # rate-distortion quantization (the writer's choice of points) with importance-aware steps:
+    # a rate model per step bucket
+    rdo = {**grouped, "token_steps": 0.5, "step_octaves": 3.0, "rdo": 0.05}
+    out.append(({"case": "lattice-rdo-steps", "stages": [rdo, {"id": "entropy"}]}, xp,
+                replace(_info("k", 160, 2, 32), importance=prng.lognormal(0.0, 2.0, 160))))
     return out
 
 

@@ -216,61 +216,121 @@ __attribute__((target("avx512f,avx512dq"))) static void d8_nearest_lanes(const _
     }
 }
 
+/* Eight E8 points a lane (p[j]: coordinate j of each) in the stored form (core/lattice.h):
+ * coset, seven coordinates, the eighth halved with their parity. */
+__attribute__((target("avx512f,avx512dq"))) static void store_points_lanes(const __m512d *p, uint8_t *coset, int32_t *coord,
+                                                                          int32_t *coord_last) {
+    const __m512d half = _mm512_set1_pd(0.5), zero = _mm512_setzero_pd();
+    const __mmask8 is_half = _mm512_cmp_pd_mask(p[0], _mm512_roundscale_pd(p[0], _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), _CMP_NEQ_UQ);
+    const __m512d shift = _mm512_mask_blend_pd(is_half, zero, half);
+    __m512i z[8], sum = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) z[j] = _mm512_cvttpd_epi64(_mm512_sub_pd(p[j], shift));
+    for (int j = 0; j < 7; ++j) sum = _mm512_add_epi64(sum, z[j]);
+    const __m512i last = _mm512_srai_epi64(_mm512_sub_epi64(z[7], _mm512_and_si512(sum, _mm512_set1_epi64(1))), 1);
+    int64_t zz[8][8], ll[8];
+    for (int j = 0; j < 7; ++j) _mm512_storeu_si512(zz[j], z[j]);
+    _mm512_storeu_si512(ll, last);
+    for (int g = 0; g < 8; ++g) {
+        coset[g] = (uint8_t)(is_half >> g & 1);
+        for (int j = 0; j < 7; ++j) coord[7 * g + j] = (int32_t)zz[j][g];
+        coord_last[g] = (int32_t)ll[g];
+    }
+}
+
+/* e[0] + ... + e[7] lane by lane in the reference's fixed order ((0+1)+(2+3))+((4+5)+(6+7)). */
+__attribute__((target("avx512f"))) static inline __m512d sum8_lanes(const __m512d *e) {
+    return _mm512_add_pd(_mm512_add_pd(_mm512_add_pd(e[0], e[1]), _mm512_add_pd(e[2], e[3])),
+                         _mm512_add_pd(_mm512_add_pd(e[4], e[5]), _mm512_add_pd(e[6], e[7])));
+}
+
+/* The nearest E8 point of each lane's v (core/e8.h's e8_nearest, a group a lane). */
+__attribute__((target("avx512f,avx512dq"))) static void e8_nearest_lanes(const __m512d *v, __m512d *p) {
+    const __m512d half = _mm512_set1_pd(0.5);
+    __m512d vs[8], a[8], b[8], ea[8], eb[8];
+    for (int j = 0; j < 8; ++j) vs[j] = _mm512_sub_pd(v[j], half);
+    d8_nearest_lanes(v, a);
+    d8_nearest_lanes(vs, b);
+    for (int j = 0; j < 8; ++j) {
+        b[j] = _mm512_add_pd(b[j], half);
+        const __m512d fa = _mm512_sub_pd(v[j], a[j]), fb = _mm512_sub_pd(v[j], b[j]);
+        ea[j] = _mm512_mul_pd(fa, fa);
+        eb[j] = _mm512_mul_pd(fb, fb);
+    }
+    const __mmask8 take_b = _mm512_cmp_pd_mask(sum8_lanes(eb), sum8_lanes(ea), _CMP_LT_OQ);
+    for (int j = 0; j < 8; ++j) p[j] = _mm512_mask_blend_pd(take_b, a[j], b[j]);
+}
+
 /* nxkv_lattice_quantize eight groups at a time with AVX-512 (core/lattice.h's
  * nxkv_core_lattice_point a lane; the rest of the groups by it): the same points. Divisions and
  * the E8 rounding ran scalar, ~35 cycles a value (measured); this is the encoder's largest kernel. */
 __attribute__((target("avx512f,avx512dq"))) static int lattice_quantize_avx512(const double *x, const double *step, size_t n_groups,
                                                                               uint8_t *coset, int32_t *coord, int32_t *coord_last) {
     const __m512i rows = _mm512_setr_epi64(0, 8, 16, 24, 32, 40, 48, 56);
-    const __m512d limit = _mm512_set1_pd(2147483000.0), half = _mm512_set1_pd(0.5), zero = _mm512_setzero_pd();
+    const __m512d limit = _mm512_set1_pd(2147483000.0), zero = _mm512_setzero_pd();
     size_t i = 0;
     for (; i + 8 <= n_groups; i += 8) {
         const __m512d st = _mm512_loadu_pd(step + i);
         const __mmask8 pos = _mm512_cmp_pd_mask(st, zero, _CMP_GT_OQ);
-        __m512d u[8], us[8], a[8], b[8];
+        __m512d u[8];
         __mmask8 bad = 0;
         for (int j = 0; j < 8; ++j) {
             const __m512d xj = _mm512_i64gather_pd(rows, x + 8 * i + j, 8);
             const __m512d q = _mm512_div_pd(xj, st);
             bad |= pos & ~_mm512_cmp_pd_mask(_mm512_abs_pd(q), limit, _CMP_LT_OQ); /* |x / step| within int32 */
             u[j] = _mm512_mask_blend_pd(pos, zero, q);
-            us[j] = _mm512_sub_pd(u[j], half);
         }
         if (bad) return NXKV_ERR_ARG;
-        d8_nearest_lanes(u, a);
-        d8_nearest_lanes(us, b);
-        __m512d da, db, ea[8], eb[8];
-        for (int j = 0; j < 8; ++j) {
-            b[j] = _mm512_add_pd(b[j], half);
-            const __m512d fa = _mm512_sub_pd(u[j], a[j]), fb = _mm512_sub_pd(u[j], b[j]);
-            ea[j] = _mm512_mul_pd(fa, fa);
-            eb[j] = _mm512_mul_pd(fb, fb);
-        }
-        /* the reference's fixed order: ((0+1)+(2+3))+((4+5)+(6+7)) */
-        da = _mm512_add_pd(_mm512_add_pd(_mm512_add_pd(ea[0], ea[1]), _mm512_add_pd(ea[2], ea[3])),
-                           _mm512_add_pd(_mm512_add_pd(ea[4], ea[5]), _mm512_add_pd(ea[6], ea[7])));
-        db = _mm512_add_pd(_mm512_add_pd(_mm512_add_pd(eb[0], eb[1]), _mm512_add_pd(eb[2], eb[3])),
-                           _mm512_add_pd(_mm512_add_pd(eb[4], eb[5]), _mm512_add_pd(eb[6], eb[7])));
-        const __mmask8 take_b = _mm512_cmp_pd_mask(db, da, _CMP_LT_OQ);
         __m512d p[8];
-        for (int j = 0; j < 8; ++j) p[j] = _mm512_mask_blend_pd(take_b, a[j], b[j]);
-        /* the stored form: coset, seven coordinates, the eighth halved with their parity */
-        const __mmask8 is_half = _mm512_cmp_pd_mask(p[0], _mm512_roundscale_pd(p[0], _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), _CMP_NEQ_UQ);
-        const __m512d shift = _mm512_mask_blend_pd(is_half, zero, half);
-        __m512i z[8], sum = _mm512_setzero_si512();
-        for (int j = 0; j < 8; ++j) z[j] = _mm512_cvttpd_epi64(_mm512_sub_pd(p[j], shift));
-        for (int j = 0; j < 7; ++j) sum = _mm512_add_epi64(sum, z[j]);
-        const __m512i last = _mm512_srai_epi64(_mm512_sub_epi64(z[7], _mm512_and_si512(sum, _mm512_set1_epi64(1))), 1);
-        int64_t zz[8][8], ll[8];
-        for (int j = 0; j < 7; ++j) _mm512_storeu_si512(zz[j], z[j]);
-        _mm512_storeu_si512(ll, last);
-        for (int g = 0; g < 8; ++g) {
-            coset[i + g] = (uint8_t)(is_half >> g & 1);
-            for (int j = 0; j < 7; ++j) coord[7 * (i + g) + j] = (int32_t)zz[j][g];
-            coord_last[i + g] = (int32_t)ll[g];
-        }
+        e8_nearest_lanes(u, p);
+        store_points_lanes(p, coset + i, coord + 7 * i, coord_last + i);
     }
     return lattice_quantize(x + 8 * i, step + i, n_groups - i, coset + i, coord + 7 * i, coord_last + i);
+}
+
+/* nxkv_lattice_quantize_rdo eight groups at a time (core/lattice.h's nxkv_core_lattice_point_rdo
+ * a lane, every candidate tried; the rest of the groups by it): the same points. The caller has
+ * checked the steps' range and the rows. */
+__attribute__((target("avx512f,avx512dq"))) static void lattice_quantize_rdo_avx512(
+    const double *x, const double *step, size_t n_groups, const int64_t *rows, const double *costs, int64_t v,
+    const double *scales, size_t n_scales, double lam, uint8_t *coset, int32_t *coord, int32_t *coord_last) {
+    const __m512i gather = _mm512_setr_epi64(0, 8, 16, 24, 32, 40, 48, 56);
+    const __m512d zero = _mm512_setzero_pd(), two = _mm512_set1_pd(2.0), lo = _mm512_set1_pd((double)-v),
+                  hi = _mm512_set1_pd((double)v), lamv = _mm512_set1_pd(lam);
+    const __m512i width = _mm512_set1_epi64(2 * v + 1), vi = _mm512_set1_epi64(v);
+    size_t i = 0;
+    for (; i + 8 <= n_groups; i += 8) {
+        const __m512d st = _mm512_loadu_pd(step + i);
+        const __mmask8 pos = _mm512_cmp_pd_mask(st, zero, _CMP_GT_OQ);
+        const __m512i row0 = _mm512_loadu_si512(rows + i);
+        __m512d u[8], su[8], p[8], best[8], best_cost = _mm512_set1_pd(INFINITY);
+        for (int j = 0; j < 8; ++j) {
+            const __m512d xj = _mm512_i64gather_pd(gather, x + 8 * i + j, 8);
+            u[j] = _mm512_mask_blend_pd(pos, zero, _mm512_div_pd(xj, st));
+            best[j] = zero;
+        }
+        for (size_t c = 0; c < n_scales; ++c) {
+            const __m512d s = _mm512_set1_pd(scales[c]);
+            for (int j = 0; j < 8; ++j) su[j] = _mm512_mul_pd(s, u[j]);
+            e8_nearest_lanes(su, p);
+            __m512d e[8], r[8];
+            for (int j = 0; j < 8; ++j) {
+                const __m512d f = _mm512_sub_pd(u[j], p[j]);
+                e[j] = _mm512_mul_pd(f, f);
+                const __m512d k = _mm512_min_pd(_mm512_max_pd(_mm512_mul_pd(two, p[j]), lo), hi);
+                const __m512i at = _mm512_add_epi64(_mm512_mullo_epi64(_mm512_add_epi64(row0, _mm512_set1_epi64(j)), width),
+                                                    _mm512_add_epi64(_mm512_cvttpd_epi64(k), vi));
+                r[j] = _mm512_i64gather_pd(at, costs, 8);
+            }
+            const __m512d cost = _mm512_add_pd(sum8_lanes(e), _mm512_mul_pd(lamv, sum8_lanes(r)));
+            const __mmask8 take = _mm512_cmp_pd_mask(cost, best_cost, _CMP_LT_OQ);
+            best_cost = _mm512_mask_blend_pd(take, best_cost, cost);
+            for (int j = 0; j < 8; ++j) best[j] = _mm512_mask_blend_pd(take, best[j], p[j]);
+        }
+        store_points_lanes(best, coset + i, coord + 7 * i, coord_last + i);
+    }
+    for (; i < n_groups; ++i)
+        nxkv_core_lattice_point_rdo(x + 8 * i, step[i], scales, (int)n_scales, costs, rows[i], v, lam, coset + i,
+                                    coord + 7 * i, coord_last + i);
 }
 #endif
 
@@ -361,6 +421,29 @@ int nxkv_lattice_quantize(const double *x, const double *step, size_t n_groups, 
     if (have_avx2()) return lattice_quantize_lanes4(x, step, n_groups, coset, coord, coord_last);
 #endif
     return lattice_quantize(x, step, n_groups, coset, coord, coord_last);
+}
+
+int nxkv_lattice_quantize_rdo(const double *x, const double *step, size_t n_groups, const int64_t *rows,
+                              const double *costs, size_t n_rows, size_t width, const double *scales, size_t n_scales,
+                              double lam, uint8_t *coset, int32_t *coord, int32_t *coord_last) {
+    if (width % 2 == 0 || n_scales == 0 || n_scales > 64) return NXKV_ERR_ARG;
+    for (size_t i = 0; i < n_groups; ++i) {
+        if (rows[i] < 0 || (uint64_t)rows[i] + 8 > n_rows) return NXKV_ERR_ARG;
+        for (int j = 0; j < 8; ++j) {
+            if (step[i] > 0 && !(fabs(x[8 * i + j] / step[i]) < 2147483000.0)) return NXKV_ERR_ARG;
+        }
+    }
+    const int64_t v = (int64_t)(width - 1) / 2;
+#ifdef NXKV_HAVE_AVX2_PATH
+    if (use_extensions >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) {
+        lattice_quantize_rdo_avx512(x, step, n_groups, rows, costs, v, scales, n_scales, lam, coset, coord, coord_last);
+        return NXKV_OK;
+    }
+#endif
+    for (size_t i = 0; i < n_groups; ++i)
+        nxkv_core_lattice_point_rdo(x + 8 * i, step[i], scales, (int)n_scales, costs, rows[i], v, lam, coset + i,
+                                    coord + 7 * i, coord_last + i);
+    return NXKV_OK;
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))

@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 19 };
+enum nxkv_abi { NXKV_ABI_VERSION = 20 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -83,6 +83,15 @@ int nxkv_basis_dequantize(const uint8_t *coset, const int32_t *coord, const int3
  * NXKV_ERR_ARG (the caller's steps were wrong). */
 int nxkv_lattice_quantize(const double *x, const double *step, size_t n_groups, uint8_t *coset, int32_t *coord,
                           int32_t *coord_last);
+
+/* nxkv_lattice_quantize choosing each group's point by rate and distortion (core/lattice.h
+ * nxkv_core_lattice_point_rdo; backends/reference.py lattice_quantize_rdo): group i reads the
+ * cost rows rows[i] .. rows[i] + 7 of costs [n_rows, width] (width odd), candidates the nearest
+ * points of scales[c] * x / step. NXKV_ERR_ARG for points beyond int32, rows outside the table,
+ * an even width or 0 or more than 64 scales. */
+int nxkv_lattice_quantize_rdo(const double *x, const double *step, size_t n_groups, const int64_t *rows,
+                              const double *costs, size_t n_rows, size_t width, const double *scales, size_t n_scales,
+                              double lam, uint8_t *coset, int32_t *coord, int32_t *coord_last);
 
 /* ggml q8_0 rows (core/ggml_rows.h): n_blocks blocks of 32 floats into 34 bytes each. */
 void nxkv_quantize_q8_0(const float *x, uint8_t *out, size_t n_blocks);

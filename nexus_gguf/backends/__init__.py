@@ -57,6 +57,7 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("byteplane_merge", reference.byteplane_merge, exact=True),
     Op("e8_nearest", reference.e8_nearest, exact=True),
     Op("lattice_quantize", reference.lattice_quantize, exact=True),
+    Op("lattice_quantize_rdo", reference.lattice_quantize_rdo, exact=True),
     Op("lattice_dequantize", reference.lattice_dequantize, exact=True),
     Op("rope_rotate", reference.rope_rotate, exact=True),
     Op("f32_to_f16", reference.f32_to_f16, exact=True),

@@ -125,6 +125,28 @@ def lattice_quantize(x: np.ndarray, step: np.ndarray):
     return coset, coord, last
 
 
+def lattice_quantize_rdo(x: np.ndarray, step: np.ndarray, rows: np.ndarray, costs: np.ndarray, scales: np.ndarray,
+                         lam: float):
+    ffi, lib = load()
+    x, step, coset, coord, last = lattice_quantize_args(x, step)
+    rows = np.ascontiguousarray(rows, np.int64).reshape(-1)
+    costs = np.ascontiguousarray(costs, np.float64)
+    scales = np.ascontiguousarray(scales, np.float64).reshape(-1)
+    m = x.shape[0]
+    if rows.size != m or costs.ndim != 2:
+        raise ValueError("lattice_quantize_rdo: one rate row per group, a 2-D cost table")
+    if m and (rows.min() < 0 or rows.max() + 8 > costs.shape[0]):
+        raise ValueError("lattice_quantize_rdo: rate rows outside the cost table")
+    r = lib.nxkv_lattice_quantize_rdo(_ptr(ffi, "double[]", x), _ptr(ffi, "double[]", step), m, _ptr(ffi, "int64_t[]", rows),
+                                      _ptr(ffi, "double[]", costs), costs.shape[0], costs.shape[1],
+                                      _ptr(ffi, "double[]", scales), scales.size, float(lam),
+                                      ffi.from_buffer("uint8_t[]", coset), ffi.from_buffer("int32_t[]", coord),
+                                      ffi.from_buffer("int32_t[]", last))
+    if r != lib.NXKV_OK:
+        raise ValueError("lattice_quantize_rdo: values too large for their steps (points beyond int32)")
+    return coset, coord, last
+
+
 def lattice_dequantize_args(coset, coord, coord_last, step, mean):
     """The arrays lattice_dequantize's C kernels take (here and backends/cuda.py), checked."""
     coset = np.ascontiguousarray(coset, np.uint8).reshape(-1)

@@ -94,6 +94,19 @@ RANS_L = 1 << 23
 
 
 @njit(cache=True, nogil=True)
+def _store(p, i, coset, coord, last):
+    """Group i's E8 point p in the stored form (reference.lattice_quantize)."""
+    half = 1 if p[0] != np.floor(p[0]) else 0
+    s = 0
+    for j in range(7):
+        z = np.int64(p[j] - 0.5 * half)
+        coord[7 * i + j] = z
+        s += z
+    coset[i] = half
+    last[i] = (np.int64(p[7] - 0.5 * half) - (s & 1)) // 2
+
+
+@njit(cache=True, nogil=True)
 def _lattice_quantize(x, step, coset, coord, last):
     u = np.empty(8)
     p = np.empty(8)
@@ -101,14 +114,7 @@ def _lattice_quantize(x, step, coset, coord, last):
         for j in range(8):
             u[j] = x[8 * i + j] / step[i] if step[i] > 0 else 0.0
         _e8(u, p)
-        half = 1 if p[0] != np.floor(p[0]) else 0
-        s = 0
-        for j in range(7):
-            z = np.int64(p[j] - 0.5 * half)
-            coord[7 * i + j] = z
-            s += z
-        coset[i] = half
-        last[i] = (np.int64(p[7] - 0.5 * half) - (s & 1)) // 2
+        _store(p, i, coset, coord, last)
 
 
 def lattice_quantize(x, step):
@@ -120,6 +126,54 @@ def lattice_quantize(x, step):
     m = step.size
     coset, coord, last = np.empty(m, np.uint8), np.empty(m * 7, np.int32), np.empty(m, np.int32)
     _lattice_quantize(x, step, coset, coord, last)
+    return coset, coord.reshape(m, 7), last
+
+
+@njit(cache=True, nogil=True)
+def _lattice_quantize_rdo(x, step, rows, costs, scales, lam, coset, coord, last):
+    v = (costs.shape[1] - 1) // 2
+    u = np.empty(8)
+    su = np.empty(8)
+    p = np.empty(8)
+    best = np.empty(8)
+    e = np.empty(8)
+    r = np.empty(8)
+    for i in range(step.size):
+        for j in range(8):
+            u[j] = x[8 * i + j] / step[i] if step[i] > 0 else 0.0
+        best_cost = np.inf
+        for s in scales:
+            for j in range(8):
+                su[j] = s * u[j]
+            _e8(su, p)
+            for j in range(8):
+                e[j] = (u[j] - p[j]) ** 2
+                k = min(max(2.0 * p[j], -v), v)
+                r[j] = costs[rows[i] + j, np.int64(k) + v]
+            # reference._sum8's order
+            d = ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7]))
+            rate = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+            cost = d + lam * rate
+            if cost < best_cost:
+                best_cost = cost
+                for j in range(8):
+                    best[j] = p[j]
+        _store(best, i, coset, coord, last)
+
+
+def lattice_quantize_rdo(x, step, rows, costs, scales, lam):
+    x = np.ascontiguousarray(x, np.float64).reshape(-1)
+    step = np.ascontiguousarray(step, np.float64).reshape(-1)
+    rows = np.ascontiguousarray(rows, np.int64).reshape(-1)
+    costs = np.ascontiguousarray(costs, np.float64)
+    m = step.size
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if np.any((step > 0) & ~(np.abs(x.reshape(-1, 8) / step.reshape(-1, 1)) < 2147483000.0).all(axis=1)):
+            raise ValueError("lattice_quantize_rdo: values too large for their steps (points beyond int32)")
+    if m and (rows.min() < 0 or rows.max() + 8 > costs.shape[0]):
+        raise ValueError("lattice_quantize_rdo: rate rows outside the cost table")
+    coset, coord, last = np.empty(m, np.uint8), np.empty(m * 7, np.int32), np.empty(m, np.int32)
+    _lattice_quantize_rdo(x, step, rows, costs, np.ascontiguousarray(scales, np.float64), float(lam), coset, coord, last)
     return coset, coord.reshape(m, 7), last
 
 

@@ -75,6 +75,40 @@ def lattice_quantize(x: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.nd
     return coset, z[:, :7].astype(np.int32), ((z[:, 7] - parity) // 2).astype(np.int32)
 
 
+def lattice_quantize_rdo(x: np.ndarray, step: np.ndarray, rows: np.ndarray, costs: np.ndarray, scales: np.ndarray,
+                         lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """lattice_quantize choosing, for each group, the E8 point of least distortion + lam * rate
+    among the nearest points of s * u for s in scales (in order, the first of equal costs), u =
+    x[m] / step[m]: distortion = the squared distance to u, rate = the sum over the 8 values of
+    costs[rows[m] + j, clip(2 p_j, -V, V) + V] (bits; costs float64 [r, 2V + 1], rows int64 [m]).
+    Both sums in _sum8's order, then distortion + lam * rate, each one double operation: every
+    backend picks the same points. scales[0] = 1 makes the nearest point a candidate."""
+    x = np.asarray(x, np.float64).reshape(-1, 8)
+    step = np.asarray(step, np.float64).reshape(-1, 1)
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    costs = np.asarray(costs, np.float64)
+    v = (costs.shape[1] - 1) // 2
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if np.any((step[:, 0] > 0) & ~(np.abs(x / step) < 2147483000.0).all(axis=1)):
+            raise ValueError("lattice_quantize_rdo: values too large for their steps (points beyond int32)")
+        u = np.where(step > 0, x / step, 0.0)
+    if x.shape[0] and (rows.min() < 0 or rows.max() + 8 > costs.shape[0]):
+        raise ValueError("lattice_quantize_rdo: rate rows outside the cost table")
+    table = rows[:, None] + np.arange(8)
+    best, best_cost = np.zeros_like(u), np.full(u.shape[0], np.inf)
+    for s in np.asarray(scales, np.float64):
+        p = e8_nearest(s * u)
+        distortion = _sum8((u - p) ** 2)
+        rate = _sum8(costs[table, np.clip(2.0 * p, -v, v).astype(np.int64) + v])
+        cost = distortion + lam * rate
+        take = cost < best_cost
+        best[take], best_cost[take] = p[take], cost[take]
+    coset = (best[:, 0] != np.floor(best[:, 0])).astype(np.uint8)
+    z = (best - 0.5 * coset[:, None]).astype(np.int64)
+    parity = z[:, :7].sum(axis=1) & 1
+    return coset, z[:, :7].astype(np.int32), ((z[:, 7] - parity) // 2).astype(np.int32)
+
+
 def lattice_dequantize(coset: np.ndarray, coord: np.ndarray, coord_last: np.ndarray, step: np.ndarray,
                        mean: np.ndarray) -> np.ndarray:
     """float32 [m, 8] values of m E8 points (stages/lattice.py stores them so): coset[m] 0 or 1,
