@@ -78,6 +78,8 @@ def _inputs(op: str, seed: int):
             centre = np.abs(np.arange(width) - width // 2)
             costs = np.round((1.0 + 0.3 * centre[None, :] * rng.uniform(0.5, 2.0, (n_rows, 1))) * 256) / 256
             out.append((x, step, rows, costs, np.array([1.0, 0.9, 0.8, 0.7, 0.6]), lam))
+            # scales not falling: no candidate may be skipped at the zero point
+            out.append((x, step, rows, costs, np.array([0.6, 1.0, 0.8]), lam))
         quarter = rng.integers(-40, 41, (3000, 8)) / 4.0  # near-ties of E8 and of the costs
         flat = np.ones((8, 129))
         out.append((quarter + rng.integers(-2, 3, quarter.shape) * np.spacing(np.maximum(np.abs(quarter), 0.25)),

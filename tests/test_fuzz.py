@@ -23,6 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import golden  # noqa: E402
 from nexus_gguf import format as fmt  # noqa: E402
+from nexus_gguf.backends import backend_name  # noqa: E402
 from nexus_gguf.errors import NxkvError  # noqa: E402
 from nexus_gguf.llama_state import parse_state  # noqa: E402
 
@@ -45,6 +46,38 @@ def _as_file(data: bytes, suffix: str = ".nxkv"):
         os.unlink(f.name)
 
 
+@functools.lru_cache(maxsize=None)
+def _numba_compiled() -> None:
+    """Every golden file decoded once, untraced: Numba compiles (or loads) each kernel on its
+    first call, and the compiler's allocations are not the decoder's."""
+    for path in FILES:
+        golden.decode_file(path)["file"].close()
+
+
+@contextlib.contextmanager
+def _traceable_threads():
+    """For the Numba and numpy backends while tracemalloc runs: one thread (their kernels
+    allocate traced memory on the pool's threads, and CPython's tracemalloc races with
+    allocations made without the GIL: gh-128679, fixed in 3.12.9 / 3.13.2; on 3.11 the fuzz run
+    crashed in traceback_new under both), and Numba's kernels compiled beforehand. The native
+    library's buffers are not traced."""
+    backend = backend_name()
+    if backend in ("native", "cuda"):
+        yield
+        return
+    if backend == "numba":
+        _numba_compiled()
+    was = os.environ.get("NEXUS_GGUF_THREADS")
+    os.environ["NEXUS_GGUF_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        if was is None:
+            del os.environ["NEXUS_GGUF_THREADS"]
+        else:
+            os.environ["NEXUS_GGUF_THREADS"] = was
+
+
 def _decode(data: bytes) -> None:
     """Everything load_state does short of llama.cpp, on bytes, its Python and numpy allocations
     traced: their peak must stay within _allocation_bound (the native library's own buffers
@@ -52,7 +85,7 @@ def _decode(data: bytes) -> None:
     import tracemalloc
 
     refused = None
-    with _as_file(data) as path:
+    with _as_file(data) as path, _traceable_threads():
         tracemalloc.start()
         try:
             golden.decode_file(path)["file"].close()

@@ -482,10 +482,11 @@ def test_rdo_trades_error_for_bits_and_decodes_as_any_points():
 def test_rate_costs_follow_the_counts():
     from nexus_gguf.stages.lattice import RDO_SPAN, rate_costs
 
-    p2 = np.zeros((1000, 8), np.int64)
-    p2[:250, 0] = 2  # row 0: value 2 in a quarter of the groups
-    p2[:, 1] = 500  # beyond the span: counted at its edge
-    costs = rate_costs(p2, np.zeros(1000, np.int64), 16)
+    z = np.zeros((1000, 8), np.int64)  # integer points (coset 0), twice their coordinates counted
+    z[:250, 0] = z[:250, 2] = 1  # rows 0 and 2: value 2 in a quarter of the groups
+    z[:, 1] = 250  # beyond the span: counted at its edge
+    points = (np.zeros(1000, np.uint8), z[:, :7].astype(np.int32), ((z[:, 7] - (z[:, :7].sum(axis=1) & 1)) // 2).astype(np.int32))
+    costs = rate_costs(points, np.zeros(1000, np.int64), 16)
     assert costs.shape == (16, 2 * RDO_SPAN + 1)
     assert abs(costs[0, RDO_SPAN] - np.log2(4 / 3)) < 0.02 and abs(costs[0, RDO_SPAN + 2] - 2.0) < 0.02
     assert costs[1, 2 * RDO_SPAN] < 0.01 and costs[0, RDO_SPAN + 1] > 10  # never seen: costly

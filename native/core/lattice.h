@@ -55,18 +55,19 @@ NXKV_FN void nxkv_core_lattice_point(const double *x, double step, uint8_t *cose
  * from the cost rows row0 .. row0 + 7 (width 2 v + 1, doubled coordinates clipped to +-v); both
  * sums in the reference's fixed order. */
 NXKV_FN void nxkv_core_lattice_point_rdo(const double *x, double step, const double *scales, int n_scales,
-                                         const double *costs, int64_t row0, int64_t v, double lam, uint8_t *coset,
-                                         int32_t *z7, int32_t *last) {
+                                         const double *costs, int64_t row0, int64_t v, double lam, int falling,
+                                         uint8_t *coset, int32_t *z7, int32_t *last) {
     double u[8], su[8], p[8], best[8] = {0, 0, 0, 0, 0, 0, 0, 0}, e[8], r[8];
     double best_cost = INFINITY;
     for (int j = 0; j < 8; ++j) u[j] = step > 0 ? x[j] / step : 0.0;
     for (int c = 0; c < n_scales; ++c) {
         for (int j = 0; j < 8; ++j) su[j] = scales[c] * u[j];
         nxkv_core_e8_nearest(su, p);
-        /* the zero point taken, no smaller scale can do better: E8's Voronoi cell around zero is
-         * convex, so s * u for any s below one that lands there lands there too (same choice as
-         * the reference, which tries them all) */
-        int zero = 1;
+        /* at the zero point, no smaller positive scale can give another point: zero's Voronoi cell
+         * {y : y.p <= |p|^2 / 2 for every p} holds s' u strictly inside for 0 < s' < s when it
+         * holds s u (the same choice as the reference, which tries them all; only where the
+         * scales fall, checked by the caller) */
+        int zero = falling;
         for (int j = 0; j < 8; ++j) zero &= p[j] == 0.0;
         for (int j = 0; j < 8; ++j) {
             const double k = 2.0 * p[j];

@@ -292,7 +292,7 @@ __attribute__((target("avx512f,avx512dq"))) static int lattice_quantize_avx512(c
  * checked the steps' range and the rows. */
 __attribute__((target("avx512f,avx512dq"))) static void lattice_quantize_rdo_avx512(
     const double *x, const double *step, size_t n_groups, const int64_t *rows, const double *costs, int64_t v,
-    const double *scales, size_t n_scales, double lam, uint8_t *coset, int32_t *coord, int32_t *coord_last) {
+    const double *scales, size_t n_scales, double lam, int falling, uint8_t *coset, int32_t *coord, int32_t *coord_last) {
     const __m512i gather = _mm512_setr_epi64(0, 8, 16, 24, 32, 40, 48, 56);
     const __m512d zero = _mm512_setzero_pd(), two = _mm512_set1_pd(2.0), lo = _mm512_set1_pd((double)-v),
                   hi = _mm512_set1_pd((double)v), lamv = _mm512_set1_pd(lam);
@@ -325,12 +325,16 @@ __attribute__((target("avx512f,avx512dq"))) static void lattice_quantize_rdo_avx
             const __mmask8 take = _mm512_cmp_pd_mask(cost, best_cost, _CMP_LT_OQ);
             best_cost = _mm512_mask_blend_pd(take, best_cost, cost);
             for (int j = 0; j < 8; ++j) best[j] = _mm512_mask_blend_pd(take, best[j], p[j]);
+            __mmask8 at_zero = 0xFF;
+            for (int j = 0; j < 8; ++j) at_zero &= _mm512_cmp_pd_mask(p[j], zero, _CMP_EQ_OQ);
+            /* with scales falling, no later candidate can differ (core/lattice.h says why) */
+            if (falling && at_zero == 0xFF) break;
         }
         store_points_lanes(best, coset + i, coord + 7 * i, coord_last + i);
     }
     for (; i < n_groups; ++i)
-        nxkv_core_lattice_point_rdo(x + 8 * i, step[i], scales, (int)n_scales, costs, rows[i], v, lam, coset + i,
-                                    coord + 7 * i, coord_last + i);
+        nxkv_core_lattice_point_rdo(x + 8 * i, step[i], scales, (int)n_scales, costs, rows[i], v, lam, falling,
+                                    coset + i, coord + 7 * i, coord_last + i);
 }
 #endif
 
@@ -434,15 +438,19 @@ int nxkv_lattice_quantize_rdo(const double *x, const double *step, size_t n_grou
         }
     }
     const int64_t v = (int64_t)(width - 1) / 2;
+    /* candidates past the zero point can be skipped where the scales fall (core/lattice.h) */
+    int falling = scales[0] > 0;
+    for (size_t c = 1; c < n_scales; ++c) falling &= scales[c] < scales[c - 1] && scales[c] > 0;
 #ifdef NXKV_HAVE_AVX2_PATH
     if (use_extensions >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) {
-        lattice_quantize_rdo_avx512(x, step, n_groups, rows, costs, v, scales, n_scales, lam, coset, coord, coord_last);
+        lattice_quantize_rdo_avx512(x, step, n_groups, rows, costs, v, scales, n_scales, lam, falling, coset, coord,
+                                    coord_last);
         return NXKV_OK;
     }
 #endif
     for (size_t i = 0; i < n_groups; ++i)
-        nxkv_core_lattice_point_rdo(x + 8 * i, step[i], scales, (int)n_scales, costs, rows[i], v, lam, coset + i,
-                                    coord + 7 * i, coord_last + i);
+        nxkv_core_lattice_point_rdo(x + 8 * i, step[i], scales, (int)n_scales, costs, rows[i], v, lam, falling,
+                                    coset + i, coord + 7 * i, coord_last + i);
     return NXKV_OK;
 }
 

@@ -20,7 +20,6 @@ from typing import Optional
 import numpy as np
 
 from ..backends import kernel
-from ..backends.reference import doubled_points
 from ..errors import ConfigError, FormatError
 from .base import Stage, TensorInfo
 
@@ -306,8 +305,8 @@ class Lattice(Stage):
         n_rows = (int(bucket.max(initial=0)) + 1) * g * 8
         points = nearest
         for _ in range(RDO_PASSES):
-            costs = rate_costs(doubled_points(*points).reshape(-1, 8), rows, n_rows)
-            points = kernel("lattice_quantize_rdo")(x8, group_step, rows, costs, RDO_SCALES, self.rdo)
+            points = kernel("lattice_quantize_rdo")(x8, group_step, rows, rate_costs(points, rows, n_rows), RDO_SCALES,
+                                                    self.rdo)
         return points
 
     def stream_shapes(self, info: TensorInfo) -> tuple[dict[str, tuple[int, ...]], np.ndarray]:
@@ -454,14 +453,29 @@ def _join_by_bucket(symbols: dict, buckets: np.ndarray, g: int, where: str) -> d
     return out
 
 
-def rate_costs(p2: np.ndarray, rows: np.ndarray, n_rows: int) -> np.ndarray:
+def rate_costs(points: tuple, rows: np.ndarray, n_rows: int) -> np.ndarray:
     """float64 [n_rows, 2 RDO_SPAN + 1]: bits of each doubled coordinate value (clipped to
-    +-RDO_SPAN) in each cost row, from the counts of p2 [m, 8] (group i's values in rows[i] ..
-    rows[i] + 7), lightly smoothed; rounded to 1/256 bit so that a last-place difference in log2
-    between machines does not move a choice."""
+    +-RDO_SPAN) in each cost row, from the counts of the stored points (coset, coord,
+    coord_last) of m groups, group i's eight values counted in rows[i] .. rows[i] + 7; lightly
+    smoothed, rounded to 1/256 bit so that a last-place difference in log2 between machines does
+    not move a choice. Counted a coordinate at a time in int32 (whole-section int64 copies of
+    the points were most of a save's peak memory and half of this step's time)."""
     width = 2 * RDO_SPAN + 1
-    key = (rows[:, None] + np.arange(8)) * width + (np.clip(p2, -RDO_SPAN, RDO_SPAN) + RDO_SPAN)
-    counts = np.bincount(key.reshape(-1), minlength=n_rows * width).reshape(n_rows, width).astype(np.float64)
+    coset, coord, last = (np.asarray(p, np.int32) for p in points)
+    coord = coord.reshape(-1, 7)
+    base = rows * width + RDO_SPAN
+    counts = np.zeros(n_rows * width, np.int64)
+    parity = np.zeros(coset.size, np.int32)  # wraps, keeping the low bit: only the parity is used
+    for j in range(8):
+        if j < 7:
+            z = coord[:, j]
+            parity += z
+        else:
+            z = 2 * last + (parity & 1)  # within int32: the eighth coordinate itself
+        v = 2 * np.clip(z, -RDO_SPAN, RDO_SPAN) + coset  # twice the coordinate, clipped
+        np.clip(v, -RDO_SPAN, RDO_SPAN, out=v)
+        counts += np.bincount(base + j * width + v, minlength=n_rows * width)
+    counts = counts.reshape(n_rows, width).astype(np.float64)
     alpha = 0.05
     bits = -np.log2((counts + alpha) / (counts.sum(axis=1, keepdims=True) + alpha * width))
     return np.round(bits * 256.0) / 256.0
