@@ -288,8 +288,8 @@ __attribute__((target("avx512f,avx512dq"))) static int lattice_quantize_avx512(c
 }
 
 /* nxkv_lattice_quantize_rdo eight groups at a time (core/lattice.h's nxkv_core_lattice_point_rdo
- * a lane, every candidate tried; the rest of the groups by it): the same points. The caller has
- * checked the steps' range and the rows. */
+ * a lane, the candidates tried until all eight lanes sit at zero; the rest of the groups by it):
+ * the same points. The caller has checked the steps' range and the rows. */
 __attribute__((target("avx512f,avx512dq"))) static void lattice_quantize_rdo_avx512(
     const double *x, const double *step, size_t n_groups, const int64_t *rows, const double *costs, int64_t v,
     const double *scales, size_t n_scales, double lam, int falling, uint8_t *coset, int32_t *coord, int32_t *coord_last) {
