@@ -201,6 +201,8 @@ def _stage_label(config: dict) -> str:
         parts.append(f"steps by importance (^-{config['token_steps']}, up to {config.get('step_octaves')} octaves coarser)")
     if config.get("rdo"):
         parts.append(f"points by rate and distortion ({config['rdo']} per bit)")
+    if config.get("basis_prune") and config.get("transform", "none") != "none":
+        parts.append(f"components below {config['basis_prune']} steps² left out")
     return f"lattice ({', '.join(parts)})"
 
 

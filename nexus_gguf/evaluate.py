@@ -125,6 +125,11 @@ def candidates(presets: Sequence[str], ablate: Sequence[str], baselines: bool, h
             nearest = build_pipeline(p, lattice_rdo=0.0)
             out.append(Candidate(f"{p}-no-rdo", "ablation",
                                  pipeline=Pipeline(nearest.stages, f"{p}-no-rdo", nearest.eviction, nearest.scoring)))
+        if any(getattr(s, "basis_prune", 0.0) for s in build_pipeline(p).stages):
+            # every basis row stored (leaving weak components out is an option of the lattice)
+            whole = build_pipeline(p, lattice_basis_prune=0.0)
+            out.append(Candidate(f"{p}-no-prune", "ablation",
+                                 pipeline=Pipeline(whole.stages, f"{p}-no-prune", whole.eviction, whole.scoring)))
     out += [Candidate(pl.preset, "variant", pipeline=pl) for pl in variants]
     names = [c.name for c in out]
     if len(set(names)) != len(names):

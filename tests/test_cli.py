@@ -28,7 +28,8 @@ def test_save_state_then_info(smollm2_path, short_prompt, capsys):
     assert info["verified"] and info["model"]["file_name"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert main(["info", str(out_file)]) == 0
     assert ("pipeline   high: rope -> lattice (K 3.5 / V 3.5 bits, heads grouped, pca, classes, K weighted by the queries "
-            "(+0.2 bits), steps by importance (^-0.5, up to 3.0 octaves coarser), points by rate and distortion (0.05 per bit))"
+            "(+0.2 bits), steps by importance (^-0.5, up to 3.0 octaves coarser), points by rate and distortion (0.05 per bit), "
+                "components below 0.1 steps² left out)"
             " -> entropy") in capsys.readouterr().out
 
 

@@ -673,6 +673,53 @@ def test_pca_decode_is_bit_identical_on_every_backend(backend, head_group, monke
     assert got.dtype == want.dtype and np.array_equal(got, want)
 
 
+def test_basis_prune_leaves_out_weak_components_and_decodes_as_any_basis():
+    """basis_prune (the writer's alone): components of mean square below it (in steps^2) are set
+    to zero before quantizing, and the basis rows of those and of every component whose points
+    came out zero are stored as zeros. A threshold below every component's changes no decoded
+    value (only unused rows go) and costs fewer bytes; a higher one costs fewer still at a
+    bounded error; the rows kept are the basis as before; the same decoder reads every file."""
+    from nexus_gguf.stages.lattice import unused_components, weak_components
+
+    n, h, d = 600, 1, 64
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((n, h, d)) * np.exp2(-np.arange(d) / 6.0)).astype(np.float32)  # a steep spectrum
+    info = _info(n=n, h=h, d=d)
+    kw = dict(k_bits=3.0, scale_scope="head", transform="pca", pca_min_cells=100, basis_bits=8, classes=True)
+    symbols, sizes, errors, decoded = {}, {}, {}, {}
+    for prune in (0.0, 1e-9, 0.25):
+        s = symbols[prune] = Lattice(basis_prune=prune, **kw).encode(x, info)
+        coded = Entropy().encode(s, info)
+        decoded[prune] = Lattice(**kw).decode(Entropy().decode(coded, info), info)  # the option is the writer's alone
+        sizes[prune], errors[prune] = len(coded), float(((decoded[prune] - x)[4:] ** 2).mean())
+    zero_rows = {p: ~symbols[p]["basis"].any(axis=2) for p in symbols}
+    assert not zero_rows[0.0].any() and 0 < zero_rows[1e-9].sum() < zero_rows[0.25].sum() < d
+    np.testing.assert_array_equal(decoded[1e-9], decoded[0.0])
+    assert sizes[0.25] < sizes[1e-9] < sizes[0.0], sizes
+    assert errors[0.25] < 1.5 * errors[0.0], errors
+    for p in (1e-9, 0.25):  # rows kept: the same basis
+        kept = ~zero_rows[p]
+        np.testing.assert_array_equal(symbols[p]["basis"][kept], symbols[0.0]["basis"][kept])
+    # the parts: mean squares in steps, sinks aside; points zero in every cell that is not a sink
+    y = np.zeros((5, 1, 16))
+    y[:, 0, 3] = [9.0, 0.1, 0.1, 0.1, 0.1]  # large only in the sink row
+    y[1:, 0, 5] = 2.0
+    sink = np.array([True, False, False, False, False])
+    weak = weak_components(y, np.full((5, 1), 2.0), sink, 0.5)
+    assert weak[0, 3] and not weak[0, 5] and weak[0, 0]
+    pts = (np.zeros((5, 2), np.uint8), np.zeros((5, 2, 7), np.int32), np.zeros((5, 2), np.int32))
+    pts[1][0, 0, 2] = 4  # only in the sink: unused
+    pts[1][3, 1, 6] = -1  # component 14, and through the parity the eighth (15)
+    pts[2][3, 1] = 0
+    unused = unused_components(pts, 5, 1, 16, sink)
+    assert unused[0, 2] and not unused[0, 14] and not unused[0, 15] and unused[0, :8].all()
+    half = (pts[0].copy(), pts[1], pts[2])
+    half[0][2, 0] = 1  # the D8 + 1/2 coset: every coordinate of the group is nonzero
+    assert not unused_components(half, 5, 1, 16, sink)[0, :8].any()
+    with pytest.raises(ConfigError):
+        Lattice(basis_prune=-0.1)
+
+
 def test_pca_and_classes_refuse_damaged_symbols():
     x, info = _correlated(300), _info(n=300)
     lat = Lattice(k_bits=3.0, scale_scope="head", transform="pca", classes=True, pca_min_cells=100)

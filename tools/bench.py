@@ -59,7 +59,7 @@ def transform_variants():
     weighted by the queries (`high-no-kweights`: the previous `high`), without its PCA transform
     (and so without K weights) or its component classes (one at a time), and 0.3 bits coarser:
     what each part of `high` buys (the ablations add `high-no-steps`, one step for every cell,
-    and `high-no-rdo`, every group at its nearest point),
+    `high-no-rdo`, every group at its nearest point, and `high-no-prune`, every basis row stored),
     and where the next bits are (README)."""
     from nexus_gguf.pipeline import Pipeline, build_pipeline
     from nexus_gguf.stages import stage_from_config
@@ -73,7 +73,7 @@ def transform_variants():
     k, v = round(lattice.k_bits - 0.3, 2), round(lattice.v_bits - 0.3, 2)
     for name, extra in (("high-per-head-b6", dict(lattice_head_group=1, lattice_basis_bits=6, lattice_pca_min_cells=1024,
                                                   lattice_k_bits=3.5, lattice_v_bits=3.5, lattice_k_weights="none",
-                                                  lattice_token_steps=0.0, lattice_rdo=0.0)),
+                                                  lattice_token_steps=0.0, lattice_rdo=0.0, lattice_basis_prune=0.0)),
                         ("high-per-head", dict(lattice_head_group=1, lattice_pca_min_cells=1024, **plain)),
                         ("high-no-kweights", plain),
                         ("high-no-pca", dict(lattice_transform="none", **plain)), ("high-no-classes", dict(lattice_classes=False)),

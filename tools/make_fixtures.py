@@ -129,6 +129,10 @@ def stage_cases(rng):
     rdo = {**grouped, "token_steps": 0.5, "step_octaves": 3.0, "rdo": 0.05}
     out.append(({"case": "lattice-rdo-steps", "stages": [rdo, {"id": "entropy"}]}, xp,
                 replace(_info("k", 160, 2, 32), importance=prng.lognormal(0.0, 2.0, 160))))
+    # weak components left out (the writer's basis_prune): their basis rows, and those of
+    # components whose points all came out zero, stored as zeros
+    pruned = {**grouped, "rdo": 0.05, "basis_prune": 0.3}
+    out.append(({"case": "lattice-basis-prune", "stages": [pruned, {"id": "entropy"}]}, xp, _info("k", 160, 2, 32)))
     return out
 
 

@@ -96,6 +96,15 @@ class Lattice(Stage):
         # (SmolLM2, 4096 tokens, high at 3.5 bits: 0.05 made files 5-6% smaller, the KLD within
         # its noise; at equal KLD it beat fewer bits on four texts; README)
         "rdo": (float, 0.0),
+        # (with pca) components on the principal axes whose mean square over the section's cells
+        # (sinks aside) is below basis_prune steps^2 are left out: set to zero before quantizing,
+        # and their basis rows, with those of every component whose points all came out zero,
+        # stored as zeros. Readers multiply by the basis as stored, so nothing decodes
+        # differently; a zero row costs a few bits where a used one costs ~5 an entry, and the
+        # weakest components (mostly zero points, each nonzero one costly) were the basis rows
+        # that bought least. Only the writer uses it. 0: every row stored, components whose
+        # points are all zero included (the files before the option)
+        "basis_prune": (float, 0.0),
     }
     # more bits for the first and last layers measured no gain (README); format 1 files of 0.1
     # wrote edge_layers=0 with the model's n_layer
@@ -136,6 +145,8 @@ class Lattice(Stage):
             raise ConfigError("lattice: token_steps in 0 .. 4, step_octaves in 0 .. 16, step_min_cells at least 0")
         if not 0.0 <= self.rdo <= 10.0:
             raise ConfigError(f"lattice: rdo must lie in 0 .. 10, got {self.rdo}")
+        if not 0.0 <= self.basis_prune <= 16.0:
+            raise ConfigError(f"lattice: basis_prune must lie in 0 .. 16 (steps^2), got {self.basis_prune}")
         if (self.transform not in ("none", "pca") or not 2 <= self.basis_bits <= 10 or self.pca_min_cells < 1
                 or self.class_min_cells < 0 or self.head_group < 0):
             raise ConfigError("lattice: transform is none or pca, basis_bits in 2 .. 10, pca_min_cells at least 1, "
@@ -276,9 +287,18 @@ class Lattice(Stage):
         group_step = np.repeat(step.reshape(n, -1), block // 8, axis=1)  # [n, g]: each 8-value group's step
         g = h * d // 8
         x8 = xb.reshape(-1, 8)
+        pruned = None
+        if self.basis_prune > 0 and "basis" in out:
+            pruned = weak_components(x, step[:, :, 0], sink, self.basis_prune)
+            x[:, pruned] = 0.0  # x, xb and x8 are one array
         coset, coord, last = kernel("lattice_quantize")(x8, group_step)
         if self.rdo > 0:
             coset, coord, last = self._rdo_points(x8, group_step, buckets, (coset, coord, last), n, g)
+        if pruned is not None:
+            # rows the decoder multiplies only by zero points, or by the points of components
+            # left out (whatever the lattice made of their zeros, next to the group's others)
+            unused = pruned | unused_components((coset, coord, last), n, h, d, sink)
+            out["basis"][unused] = 0
         points = {"coset": coset.reshape(n, g), "coord": coord.reshape(n, g, 7), "coord_last": last.reshape(n, g)}
         if buckets is not None:
             # one stream (so one rANS table) per step bucket: coarse cells' symbols are mostly
@@ -481,6 +501,33 @@ def rate_costs(points: tuple, rows: np.ndarray, n_rows: int) -> np.ndarray:
     alpha = 0.05
     bits = -np.log2((counts + alpha) / (counts.sum(axis=1, keepdims=True) + alpha * width))
     return np.round(bits * 256.0) / 256.0
+
+
+def weak_components(y: np.ndarray, step: np.ndarray, sink: np.ndarray, threshold: float) -> np.ndarray:
+    """bool [h, d]: the components of y [n, h, d] (coefficients on the principal axes) whose
+    mean square in steps (step [n, h]) over the cells that are not sinks is below threshold."""
+    n, h, d = y.shape
+    total = np.zeros((h, d))
+    rows = np.flatnonzero(~sink)
+    for start in range(0, rows.size, 1024):  # a block of cells at a time: no whole-section copy
+        at = rows[start : start + 1024]
+        u = y[at] / step[at][:, :, None]
+        total += (u * u).sum(axis=0)
+    return total < threshold * max(rows.size, 1)
+
+
+def unused_components(points: tuple, n: int, h: int, d: int, sink: np.ndarray) -> np.ndarray:
+    """bool [h, d]: the components whose stored points (coset, coord, coord_last of n cells'
+    h d / 8 groups, lattice_quantize's layout) are zero in every cell that is not a sink (the
+    decoder replaces the sinks' values)."""
+    g = h * d // 8
+    coset, coord, last = points
+    keep = ~sink
+    half = coset.reshape(n, g)[keep] != 0  # the D8 + 1/2 coset: no coordinate is zero
+    z = np.asarray(coord).reshape(n, g, 7)[keep]
+    z7 = 2 * np.asarray(last).reshape(n, g)[keep] + (z.sum(axis=-1, dtype=np.int64) & 1)  # the eighth coordinate
+    used = np.concatenate([((z != 0) | half[:, :, None]).any(axis=0), ((z7 != 0) | half).any(axis=0)[:, None]], axis=1)
+    return ~used.reshape(h, d)
 
 
 def pca_basis(x: np.ndarray, bits: int) -> np.ndarray:
