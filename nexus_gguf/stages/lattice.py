@@ -507,13 +507,12 @@ def weak_components(y: np.ndarray, step: np.ndarray, sink: np.ndarray, threshold
     """bool [h, d]: the components of y [n, h, d] (coefficients on the principal axes) whose
     mean square in steps (step [n, h]) over the cells that are not sinks is below threshold."""
     n, h, d = y.shape
+    weight = np.where(sink[:, None], 0.0, 1.0 / np.square(np.asarray(step, np.float64)))  # [n, h]
     total = np.zeros((h, d))
-    rows = np.flatnonzero(~sink)
-    for start in range(0, rows.size, 1024):  # a block of cells at a time: no whole-section copy
-        at = rows[start : start + 1024]
-        u = y[at] / step[at][:, :, None]
-        total += (u * u).sum(axis=0)
-    return total < threshold * max(rows.size, 1)
+    for start in range(0, n, 1024):  # a block of cells at a time: no whole-section temporaries
+        block = y[start : start + 1024]
+        total += np.einsum("chj,chj,ch->hj", block, block, weight[start : start + 1024])
+    return total < threshold * max(int((~sink).sum()), 1)
 
 
 def unused_components(points: tuple, n: int, h: int, d: int, sink: np.ndarray) -> np.ndarray:
@@ -522,12 +521,16 @@ def unused_components(points: tuple, n: int, h: int, d: int, sink: np.ndarray) -
     decoder replaces the sinks' values)."""
     g = h * d // 8
     coset, coord, last = points
-    keep = ~sink
-    half = coset.reshape(n, g)[keep] != 0  # the D8 + 1/2 coset: no coordinate is zero
-    z = np.asarray(coord).reshape(n, g, 7)[keep]
-    z7 = 2 * np.asarray(last).reshape(n, g)[keep] + (z.sum(axis=-1, dtype=np.int64) & 1)  # the eighth coordinate
-    used = np.concatenate([((z != 0) | half[:, :, None]).any(axis=0), ((z7 != 0) | half).any(axis=0)[:, None]], axis=1)
-    return ~used.reshape(h, d)
+    z = np.asarray(coord).reshape(n, g, 7)
+    nonzero = np.empty((n, g, 8), bool)
+    np.not_equal(z, 0, out=nonzero[:, :, :7])
+    parity = z[:, :, 0].copy()  # int32 sums wrap, keeping the low bit
+    for j in range(1, 7):
+        parity += z[:, :, j]
+    # the eighth coordinate, 2 coord_last + parity, is zero only where both are
+    nonzero[:, :, 7] = (np.asarray(last).reshape(n, g) != 0) | ((parity & 1) != 0)
+    nonzero |= (np.asarray(coset).reshape(n, g) != 0)[:, :, None]  # D8 + 1/2: no coordinate is zero
+    return ~nonzero[~sink].any(axis=0).reshape(h, d)
 
 
 def pca_basis(x: np.ndarray, bits: int) -> np.ndarray:
