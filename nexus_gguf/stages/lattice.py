@@ -103,7 +103,8 @@ class Lattice(Stage):
         # differently; a zero row costs a few bits where a used one costs ~5 an entry, and the
         # weakest components (mostly zero points, each nonzero one costly) were the basis rows
         # that bought least. Only the writer uses it. 0: every row stored, components whose
-        # points are all zero included (the files before the option)
+        # points are all zero included (the files before the option). SmolLM2, 4096 tokens, 0.1:
+        # high 2% and balanced 6-8% smaller, the KLD within its noise, on four texts (README)
         "basis_prune": (float, 0.0),
     }
     # more bits for the first and last layers measured no gain (README); format 1 files of 0.1
