@@ -508,7 +508,9 @@ def weak_components(y: np.ndarray, step: np.ndarray, sink: np.ndarray, threshold
     """bool [h, d]: the components of y [n, h, d] (coefficients on the principal axes) whose
     mean square in steps (step [n, h]) over the cells that are not sinks is below threshold."""
     n, h, d = y.shape
-    weight = np.where(sink[:, None], 0.0, 1.0 / np.square(np.asarray(step, np.float64)))  # [n, h]
+    step = np.asarray(step, np.float64)
+    with np.errstate(divide="ignore"):  # a zero step (a head of zeros) weighs nothing: its points are zero
+        weight = np.where(sink[:, None] | (step <= 0), 0.0, 1.0 / np.square(step))  # [n, h]
     total = np.zeros((h, d))
     for start in range(0, n, 1024):  # a block of cells at a time: no whole-section temporaries
         block = y[start : start + 1024]
