@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -716,6 +717,13 @@ def test_basis_prune_leaves_out_weak_components_and_decodes_as_any_basis():
     half = (pts[0].copy(), pts[1], pts[2])
     half[0][2, 0] = 1  # the D8 + 1/2 coset: every coordinate of the group is nonzero
     assert not unused_components(half, 5, 1, 16, sink)[0, :8].any()
+    # a head of zeros (its step zero): all of it left out, without dividing by the step
+    two = np.zeros((n, 2, d), np.float32)
+    two[:, 1] = x[:, 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = Lattice(basis_prune=0.25, **kw).encode(two, _info(n=n, h=2, d=d))
+    assert not s["basis"][0].any() and s["basis"][1].any()
     with pytest.raises(ConfigError):
         Lattice(basis_prune=-0.1)
 
