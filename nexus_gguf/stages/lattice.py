@@ -486,15 +486,11 @@ def rate_costs(points: tuple, rows: np.ndarray, n_rows: int) -> np.ndarray:
     width = 2 * RDO_SPAN + 1
     coset, coord, last = (np.asarray(p, np.int32) for p in points)
     coord = coord.reshape(-1, 7)
+    eighth = eighth_coordinates(coord, last)
     base = rows * width + RDO_SPAN
     counts = np.zeros(n_rows * width, np.int64)
-    parity = np.zeros(coset.size, np.int32)  # wraps, keeping the low bit: only the parity is used
     for j in range(8):
-        if j < 7:
-            z = coord[:, j]
-            parity += z
-        else:
-            z = 2 * last + (parity & 1)  # within int32: the eighth coordinate itself
+        z = coord[:, j] if j < 7 else eighth
         v = 2 * np.clip(z, -RDO_SPAN, RDO_SPAN) + coset  # twice the coordinate, clipped
         np.clip(v, -RDO_SPAN, RDO_SPAN, out=v)
         counts += np.bincount(base + j * width + v, minlength=n_rows * width)
@@ -502,6 +498,16 @@ def rate_costs(points: tuple, rows: np.ndarray, n_rows: int) -> np.ndarray:
     alpha = 0.05
     bits = -np.log2((counts + alpha) / (counts.sum(axis=1, keepdims=True) + alpha * width))
     return np.round(bits * 256.0) / 256.0
+
+
+def eighth_coordinates(coord: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """int32: each stored point's eighth integer coordinate, 2 coord_last + parity(coord's seven)
+    (coord int32 [..., 7], last int32 [...]), summed a column at a time (no int64 copies: the
+    sums wrap, keeping the low bit, and the result is a stored coordinate, within int32)."""
+    parity = coord[..., 0].copy()
+    for j in range(1, 7):
+        parity += coord[..., j]
+    return 2 * np.asarray(last, np.int32) + (parity & 1)
 
 
 def weak_components(y: np.ndarray, step: np.ndarray, sink: np.ndarray, threshold: float) -> np.ndarray:
@@ -524,14 +530,10 @@ def unused_components(points: tuple, n: int, h: int, d: int, sink: np.ndarray) -
     decoder replaces the sinks' values)."""
     g = h * d // 8
     coset, coord, last = points
-    z = np.asarray(coord).reshape(n, g, 7)
+    z = np.asarray(coord, np.int32).reshape(n, g, 7)
     nonzero = np.empty((n, g, 8), bool)
     np.not_equal(z, 0, out=nonzero[:, :, :7])
-    parity = z[:, :, 0].copy()  # int32 sums wrap, keeping the low bit
-    for j in range(1, 7):
-        parity += z[:, :, j]
-    # the eighth coordinate, 2 coord_last + parity, is zero only where both are
-    nonzero[:, :, 7] = (np.asarray(last).reshape(n, g) != 0) | ((parity & 1) != 0)
+    np.not_equal(eighth_coordinates(z, np.asarray(last).reshape(n, g)), 0, out=nonzero[:, :, 7])
     nonzero |= (np.asarray(coset).reshape(n, g) != 0)[:, :, None]  # D8 + 1/2: no coordinate is zero
     return ~nonzero[~sink].any(axis=0).reshape(h, d)
 
