@@ -1,9 +1,10 @@
 """Decoding lattice-coded K/V sections as one batch: a whole file on a CUDA GPU (run), or a
 layer at a time on the CPU library (run_native).
 
-The host parses each section's stream container and decodes the small streams (scales, channel
-means, sink rows; kilobytes), computes the steps and the RoPE angles as the stages do, and builds
-one batch (prepare): every rANS lane of every section, the point streams' places, the
+The host parses each section's stream container (one C call: entropy.StreamTable) and decodes the
+small streams (scales, channel means, sink rows; kilobytes), computes the steps and the RoPE
+angles as the stages do, and builds one batch (prepare; a section's ~60 point streams registered
+as arrays, not one by one): every rANS lane of every section, the point streams' places, the
 per-section recipe. The rANS lanes are decoded (on the GPU a thread per lane and chunk), then
 each head vector of each cell is made by native/core/section.h (lattice point, sink rows,
 inverse Hadamard, RoPE), checked and written as f16 or f32 rows in the cache's layout, straight
@@ -28,7 +29,9 @@ import numpy as np
 from .errors import FormatError
 from .backends.reference import n_lane_tasks
 from .stages import TensorInfo
-from .stages.entropy import METHOD_RANS, METHOD_RANS_LANES, Entropy, check_fits
+from .stages.entropy import (DTYPE_CODES, DTYPES, METHOD_RANS, METHOD_RANS_LANES, N_RECORD_FIELDS, REC_DTYPE, REC_BODY_AT,
+                             REC_CHUNK, REC_FREQ0, REC_LANES, REC_LENGTH0, REC_LO, REC_METHOD, REC_N, REC_N_FREQS, REC_NDIM,
+                             REC_RANS_OK, REC_SHAPE, Entropy, StreamTable, check_fits)
 from .stages.hadamard import Hadamard
 from .stages.lattice import N_CLASSES, Lattice, column_classes
 from .stages.rope import Rope
@@ -36,6 +39,7 @@ from .stages.rope import Rope
 MAX_HEAD_DIM = 512
 _POINT_TYPES = {"coset": np.dtype(np.uint8), "coord": np.dtype(np.int32), "coord_last": np.dtype(np.int32)}
 _RANS_METHODS = (METHOD_RANS, METHOD_RANS_LANES)
+_CODE_COSET, _CODE_COORD = DTYPE_CODES[np.dtype(np.uint8)], DTYPE_CODES[np.dtype(np.int32)]
 _INT32 = (-(1 << 31), (1 << 31) - 1)
 
 
@@ -85,13 +89,12 @@ class _Batch:
     """The arrays of one nxkv_cuda_batch, built section by section."""
 
     def __init__(self, defer_basis: bool):
-        self.payload: list[bytes] = []
+        self.payload: list[np.ndarray] = []  # each section's StreamTable payload, once
         self.payload_size = 0
-        self.lengths: list[np.ndarray] = []
-        self.n_lengths = 0
-        self.freqs: list[np.ndarray] = []
-        self.n_freqs = 0
-        self.streams: list[tuple] = []  # nxkv_cuda_rans_stream fields, out0 relative to the rANS area
+        self.values: list[np.ndarray] = []  # their rANS frequencies and lane lengths
+        self.n_values = 0
+        self.last_table, self.payload0, self.values0 = None, 0, 0  # the table rans_streams last took, where it went
+        self.streams: list[np.ndarray] = []  # rows of nxkv_cuda_rans_stream fields, out0 relative to the rANS area
         self.stream_names: list[str] = []
         self.n_rans_symbols = 0
         self.host: list[np.ndarray] = []  # symbols decoded here, placed after the rANS area
@@ -121,39 +124,55 @@ class _Batch:
         setattr(self, f"n_{name}", at + array.size)
         return at
 
-    def point_stream(self, stream, section: str, kind: str) -> tuple[str, int, int]:
-        """(area, offset, lo) of a point stream's symbols (kind: coset, coord or coord_last):
-        rANS lanes decode on the GPU; other coders (zstd for rare wide alphabets, empty streams)
-        here. Coordinates must fit int32 (as the CPU path requires); coset symbols are checked by
-        the kernel or here."""
-        coset = kind == "coset"
-        # on the GPU: rANS streams of the types the encoder writes; any other (a damaged header's
-        # int16 coordinates, say) is decoded here with the CPU path's checks
-        if stream.n and stream.method in _RANS_METHODS and stream.dtype is _POINT_TYPES[kind].type:
-            p = stream.rans()
-            if not coset and (p.lo < _INT32[0] or p.lo + p.freqs.size - 1 > _INT32[1]):
-                raise FormatError("lattice coordinates outside int32")
-            return "rans", self.rans_stream(stream, p), p.lo
-        values = stream.decode().reshape(-1)
-        if coset and values.size and (int(values.min()) < 0 or int(values.max()) > 1):
-            raise FormatError(f"{section}: lattice coset symbols must be 0 or 1")
-        if values.size and (int(values.min()) < _INT32[0] or int(values.max()) > _INT32[1]):
+    def point_streams(self, table: StreamTable, rows: np.ndarray, coset: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(on the host, offset, lo) of each point stream, rows of `table` (coset: which hold
+        coset symbols, the others coordinates): rANS streams of the types the encoder writes
+        decode with the batch (registered here all at once: a section has about 60); any other
+        (zstd for small or wide streams, empty ones, a damaged record's int16 coordinates or a
+        table that does not parse) is decoded here with the CPU path's checks. Coordinates must
+        fit int32 (as the CPU path requires); coset symbols are checked by the kernel or here."""
+        r = table.records[rows]
+        method = r[:, REC_METHOD]
+        rans = ((r[:, REC_N] > 0) & ((method == METHOD_RANS) | (method == METHOD_RANS_LANES)) & (r[:, REC_RANS_OK] != 0)
+                & (r[:, REC_DTYPE] == np.where(coset, _CODE_COSET, _CODE_COORD)))
+        lo = np.where(rans, r[:, REC_LO], 0)
+        if (rans & ~coset & ((lo < _INT32[0]) | (lo + r[:, REC_N_FREQS] - 1 > _INT32[1]))).any():
             raise FormatError("lattice coordinates outside int32")
-        return "host", self._append("host", values.astype(np.int32)), 0
+        offset = np.zeros(rows.size, np.int64)
+        if rans.any():
+            offset[rans] = self.rans_streams(table, rows[rans])
+        for i in np.flatnonzero(~rans).tolist():
+            offset[i] = self.host_stream(table.stream(int(rows[i])), table.info.name, bool(coset[i]))
+        return ~rans, offset, lo
 
-    def rans_stream(self, stream, p) -> int:
-        """Registers a rANS stream (its parsed payload p) for the batch's decoder; returns where
-        its symbols (indices into its table) will be."""
-        out0 = self.n_rans_symbols
-        self.streams.append((self.payload_size, self.n_lengths, stream.n, p.lanes, p.chunk, self.n_freqs, p.freqs.size, out0))
-        self.stream_names.append(stream.where)
-        self.payload.append(p.body)
-        self.payload_size += len(p.body)
-        self.lengths.append(p.lengths)  # as _append, without its attribute lookups (~3,700 streams a load)
-        self.n_lengths += p.lengths.size
-        self.freqs.append(p.freqs)
-        self.n_freqs += p.freqs.size
-        self.n_rans_symbols += stream.n
+    def host_stream(self, stream, section: str, coset: bool) -> int:
+        """Where a point stream decoded here puts its symbols (after the rANS area)."""
+        values = stream.decode().reshape(-1)
+        if values.size and (coset or not np.can_cast(values.dtype, np.int32)):
+            lo, hi = int(values.min()), int(values.max())
+            if coset and (lo < 0 or hi > 1):
+                raise FormatError(f"{section}: lattice coset symbols must be 0 or 1")
+            if lo < _INT32[0] or hi > _INT32[1]:
+                raise FormatError("lattice coordinates outside int32")
+        return self._append("host", values.astype(np.int32))
+
+    def rans_streams(self, table: StreamTable, rows: np.ndarray) -> np.ndarray:
+        """Registers rANS streams (rows of `table` whose tables parsed) for the batch's decoder;
+        returns where each one's symbols (indices into its table) will be."""
+        if table is not self.last_table:  # the table's bytes and values join the batch once
+            self.payload0, self.values0 = self.payload_size, self.n_values
+            self.payload.append(table.payload)
+            self.payload_size += table.payload.size
+            self.values.append(table.values)
+            self.n_values += table.values.size
+            self.last_table = table
+        r = table.records[rows]
+        n = r[:, REC_N]
+        out0 = self.n_rans_symbols + np.cumsum(n) - n
+        self.streams.append(np.stack([self.payload0 + r[:, REC_BODY_AT], self.values0 + r[:, REC_LENGTH0], n, r[:, REC_LANES],
+                                      r[:, REC_CHUNK], self.values0 + r[:, REC_FREQ0], r[:, REC_N_FREQS], out0], axis=1))
+        self.stream_names += [table.where(i) for i in rows.tolist()]
+        self.n_rans_symbols += int(n.sum())
         return out0
 
     def trig(self, rope: Rope, info: TensorInfo) -> int:
@@ -173,46 +192,84 @@ def _class_layout(column_class: dict) -> dict:
     out = {}
     for name in _POINT_TYPES:
         cols = column_class[name]
-        classes, counts = np.unique(cols, return_counts=True)
+        count_of = np.bincount(cols, minlength=N_CLASSES)
+        classes = np.flatnonzero(count_of)
+        counts = count_of[classes]
         rank = np.empty(cols.size, np.int64)
         rank[np.argsort(cols, kind="stable")] = np.arange(cols.size) - np.repeat(np.cumsum(counts) - counts, counts)
         out[name] = (cols, classes.tolist(), counts.tolist(), rank)
     return out
 
 
-def _point_columns(batch: _Batch, streams: dict, info: TensorInfo, suffix: str, m: int, g: int, layout) -> tuple:
-    """(start, stride, lo, on host) of the 9 g columns of a cell's point row [coset g | coord 7 g
-    | last g], for the m rows stored in the streams `<name><suffix>` (a step bucket's: suffix
-    ".b"), split by component class (`.cK`) where layout (_class_layout) is given."""
-    parts = []
+def _stream_rows(table: StreamTable, info: TensorInfo, keys: list[str], shapes: list[tuple]) -> np.ndarray:
+    """The table's rows of the streams `keys`, each of its shape, else a FormatError naming the
+    first that is missing or not of its shape."""
+    rows = np.array([table.index.get(key, -1) for key in keys], np.int64)
+    r = table.records[np.maximum(rows, 0)] if table.names else np.zeros((len(keys), N_RECORD_FIELDS), np.int64)
+    ok = rows >= 0
+    ndim = np.array([len(x) for x in shapes], np.int64)
+    ok &= r[:, REC_NDIM] == ndim
+    for axis in range(int(ndim.max(initial=0))):
+        ok &= (r[:, REC_SHAPE + axis] == np.array([x[axis] if axis < len(x) else 0 for x in shapes])) | (axis >= ndim)
+    if not ok.all():
+        i = int(np.argmin(ok))
+        raise FormatError(f"{info.name}: lattice symbols {keys[i]!r} missing or not of shape {shapes[i]}")
+    return rows
+
+
+def _point_keys(tables: list[tuple[str, int]], g: int, layout) -> tuple[list, list, list]:
+    """The point streams of column tables (suffix, m): their names, shapes and which hold coset
+    symbols, table by table, [coset, coord, coord_last] in each, class by class where layout
+    (_class_layout) is given."""
+    keys, shapes, coset = [], [], []
+    for suffix, m in tables:
+        for name in _POINT_TYPES:
+            if layout is None:
+                keys.append(name + suffix)
+                shapes.append((m, g, 7) if name == "coord" else (m, g))
+                coset.append(name == "coset")
+                continue
+            for c, width in zip(layout[name][1], layout[name][2]):
+                keys.append(f"{name}{suffix}.c{c}")
+                shapes.append((m, width))
+                coset.append(name == "coset")
+    return keys, shapes, coset
+
+
+def _point_columns(batch: _Batch, table: StreamTable, info: TensorInfo, tables: list[tuple[str, int]], g: int, layout,
+                   points: tuple[list, list, list]) -> tuple[np.ndarray, ...]:
+    """(start, stride, lo, on host), each [table, column], of the 9 g columns of a cell's point
+    row [coset g | coord 7 g | last g], per column table (suffix, m): the m rows stored in the
+    streams `<name><suffix>` (a step bucket's: suffix ".b"), split by component class (`.cK`)
+    where layout (_class_layout) is given; points: _point_keys of those. Every table's streams
+    are registered in one call, the columns of all tables made at once."""
+    keys, shapes, coset = points
+    host, offset, lo = (x.reshape(len(tables), -1) for x in batch.point_streams(table, _stream_rows(table, info, keys, shapes),
+                                                                                 np.array(coset)))
+    parts, k = [], 0
     for name in _POINT_TYPES:
-        key = name + suffix
-        if layout is None:
-            shape = (m, g, 7) if name == "coord" else (m, g)
-            if key not in streams or tuple(streams[key].shape) != shape:
-                raise FormatError(f"{info.name}: lattice symbols {key!r} missing or not of shape {shape}")
-            area, offset, lo = batch.point_stream(streams[key], info.name, name)
+        if layout is None:  # one stream per table: its columns follow one another in each row
             width = 7 * g if name == "coord" else g
-            parts.append((offset + np.arange(width), np.full(width, width), np.full(width, lo), np.full(width, area == "host")))
+            parts.append((offset[:, k : k + 1] + np.arange(width), np.full((1, width), width), np.repeat(lo[:, k : k + 1], width, 1),
+                          np.repeat(host[:, k : k + 1], width, 1)))
+            k += 1
             continue
         cols, classes, counts, rank = layout[name]
-        offset_of, lo_of, count_of = (np.zeros(N_CLASSES, np.int64) for _ in range(3))
-        host_of = np.zeros(N_CLASSES, bool)
-        for c, width in zip(classes, counts):
-            ckey = f"{key}.c{c}"
-            if ckey not in streams or tuple(streams[ckey].shape) != (m, width):
-                raise FormatError(f"{info.name}: lattice symbols {ckey} missing or not of shape {(m, width)}")
-            area, offset_of[c], lo_of[c] = batch.point_stream(streams[ckey], info.name, name)
-            count_of[c], host_of[c] = width, area == "host"
-        parts.append((offset_of[cols] + rank, count_of[cols], lo_of[cols], host_of[cols]))
-    return tuple(np.concatenate(x) for x in zip(*parts))
+        at = slice(k, k + len(classes))
+        offset_of, lo_of = (np.zeros((len(tables), N_CLASSES), np.int64) for _ in range(2))
+        count_of, host_of = np.zeros(N_CLASSES, np.int64), np.zeros((len(tables), N_CLASSES), bool)
+        offset_of[:, classes], lo_of[:, classes], count_of[classes], host_of[:, classes] = offset[:, at], lo[:, at], counts, host[:, at]
+        parts.append((offset_of[:, cols] + rank, count_of[cols][None], lo_of[:, cols], host_of[:, cols]))
+        k += len(classes)
+    start, stride, lo, host = (np.concatenate(x, axis=1) for x in zip(*parts))
+    return start, np.broadcast_to(stride, start.shape), lo, host
 
 
 def _section(batch: _Batch, job: SectionJob, stages) -> None:
     rope, had, lattice, entropy = stages
     info = job.info
     n, h, d = info.n_cells, info.n_heads, info.head_dim
-    streams = {s.name: s for s in entropy.streams(np.frombuffer(job.data, np.uint8), info)}
+    streams = entropy.stream_table(np.frombuffer(job.data, np.uint8), info)
     coding = lattice.coding_view(info)  # head groups as one head: hc vectors of dc values
     hc, dc = coding.n_heads, coding.head_dim
     g = h * d // 8
@@ -232,35 +289,37 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
         lattice.check_buckets(buckets, coding)
     # the point rows' column tables: one (rows: the cells) or, with buckets, one per bucket
     # (rows: its cells in order; cell_map says which table and row a cell reads)
-    tables = [""] if buckets is None else [f".{b}" for b in np.unique(buckets).tolist()]
-    if buckets is None and layout is None:
-        point_names = set()
+    if buckets is None:
+        tables = [("", n)]
     else:
-        point_names = {f"{name}{suffix}" + (f".c{c}" if layout is not None else "")
-                       for name in _POINT_TYPES for suffix in tables for c in (layout[name][1] if layout is not None else [0])}
+        bucket_ids, table_of, counts = np.unique(buckets, return_inverse=True, return_counts=True)
+        tables = [(f".{b}", m) for b, m in zip(bucket_ids.tolist(), counts.tolist())]
+    by_column = buckets is not None or layout is not None
+    points = _point_keys(tables, g, layout) if by_column else ([], [], [])
+    point_names = set(points[0])
     for name, shape in want.items():
-        if point_names and name in _POINT_TYPES:
-            continue  # split by class or bucket: checked below
-        if name not in streams or tuple(streams[name].shape) != shape:
+        if by_column and name in _POINT_TYPES:
+            continue  # split by class or bucket: checked with the column tables
+        if name not in streams or streams.shape(streams.index[name]) != shape:
             raise FormatError(f"{info.name}: lattice symbols {name!r} missing or not of shape {shape}")
     # every other stream is decoded here, as the CPU path decodes all: damage anywhere is found
-    deferred = None  # the basis stream, decoded with the point streams (Prepared.deferred_bases)
+    deferred = None  # the basis stream's row, decoded with the point streams (Prepared.deferred_bases)
     if batch.defer_basis and "basis" in want and "basis" in streams:
-        b = streams["basis"]
-        if b.n and b.method in (METHOD_RANS, METHOD_RANS_LANES) and tuple(b.shape) == want["basis"]:
-            deferred = b
-    small.update({name: stream.decode() for name, stream in streams.items()
-                  if name not in _POINT_TYPES and name not in point_names and name not in small and stream is not deferred})
-    columns = cell_map = None  # with point_names: (start, stride, lo, on host) per column, per table
-    if not point_names:
-        coset, coord, last = (batch.point_stream(streams[name], info.name, name) for name in _POINT_TYPES)
+        row = streams.records[streams.index["basis"]]
+        if row[REC_N] and row[REC_METHOD] in _RANS_METHODS and row[REC_RANS_OK]:  # shape checked above
+            deferred = streams.index["basis"]
+    small.update({name: streams.stream(i).decode() for i, name in enumerate(streams.names)
+                  if name not in _POINT_TYPES and name not in point_names and name not in small and i != deferred})
+    columns = cell_map = None  # with column tables: (start, stride, lo, on host) per column, per table
+    if not by_column:
+        host, offset, lo = batch.point_streams(streams, np.array([streams.index[k] for k in _POINT_TYPES]),
+                                               np.array([k == "coset" for k in _POINT_TYPES]))
+        area = ["host" if x else "rans" for x in host.tolist()]
+        coset, coord, last = zip(area, offset.tolist(), lo.tolist())
     else:
         coset = coord = last = ("rans", 0, 0)  # unused: these sections address symbols by column
-        if buckets is None:
-            columns = [_point_columns(batch, streams, info, "", n, g, layout)]
-        else:
-            _, table_of, counts = np.unique(buckets, return_inverse=True, return_counts=True)
-            columns = [_point_columns(batch, streams, info, suffix, m, g, layout) for suffix, m in zip(tables, counts.tolist())]
+        columns = _point_columns(batch, streams, info, tables, g, layout, points)
+        if buckets is not None:
             row = np.empty(n, np.int64)  # each cell's place among its bucket's cells
             order = np.argsort(table_of, kind="stable")
             row[order] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
@@ -276,15 +335,16 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
            "hadamard": int(had is not None and not had.passes_through(info)), "rope": 0, "n_rot": 0, "trig0": 0,
            "out_f16": int(job.out_f16), "transposed": int(job.transposed), "points": (coset, coord, last),
            "basis": 0, "basis0": 0, "basis_shift": 0, "cscale0": -1, "by_class": int(columns is not None), "cols0": 0,
-           "columns": columns, "cell_map": cell_map, "cell_map0": -1, "n_tables": len(columns) if columns else 1,
+           "columns": columns, "cell_map": cell_map, "cell_map0": -1, "n_tables": len(tables),
            "head_group": h // hc}
     if "basis" in want:
         one = 1 << (lattice.basis_bits - 1)
         if deferred is not None:
-            p = deferred.rans()
-            batch.deferred_bases.append((len(batch.sections), batch.rans_stream(deferred, p), p.lo, deferred.n,
-                                         np.dtype(deferred.dtype), deferred.where))
-            basis = np.zeros(deferred.n, np.float32)  # filled once the batch's streams are decoded
+            r = streams.records[deferred]
+            out0 = int(batch.rans_streams(streams, np.array([deferred]))[0])
+            batch.deferred_bases.append((len(batch.sections), out0, int(r[REC_LO]), int(r[REC_N]), np.dtype(DTYPES[int(r[REC_DTYPE])]),
+                                         streams.where(deferred)))
+            basis = np.zeros(int(r[REC_N]), np.float32)  # filled once the batch's streams are decoded
         else:
             basis = small["basis"]
             if basis.shape != (hc, dc, dc) or (basis.size and (int(basis.max()) > one or int(basis.min()) < -one)):
@@ -313,11 +373,12 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
 @dataclass
 class Prepared:
     """One nxkv_cuda_batch as numpy arrays: what the library (and its numpy reference,
-    reference_decode) receives. streams: (payload_offset, task0, n_symbols, lanes, chunk, freq0,
-    n_freqs, out0) per rANS stream; sections: nxkv_cuda_section fields (dest aside: jobs[i].rows)."""
+    reference_decode) receives. streams: int64 rows (payload_offset, task0, n_symbols, lanes,
+    chunk, freq0, n_freqs, out0) per rANS stream; sections: nxkv_cuda_section fields (dest aside:
+    jobs[i].rows)."""
 
     arrays: dict[str, np.ndarray]
-    streams: list[tuple]
+    streams: np.ndarray
     stream_names: list[str]
     n_symbols: int
     host_symbols0: int
@@ -348,6 +409,7 @@ def prepare(pipeline, jobs: list[SectionJob], defer_basis: bool = False) -> Prep
         return np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros(0), dtype)
 
     host0 = batch.n_rans_symbols
+    values = array(batch.values, np.int64)  # the frequencies and the lane lengths: one array, both offsets index it
     sections = []
     columns, n_columns = [], 0
     for sec in batch.sections:
@@ -358,23 +420,23 @@ def prepare(pipeline, jobs: list[SectionJob], defer_basis: bool = False) -> Prep
         tables, cell_map = sec.pop("columns"), sec.pop("cell_map")
         if tables is not None:  # (symbol index at row 0, stride, lo) per column of the row, per table
             sec["cols0"] = n_columns
-            for start, stride, lo, host in tables:
-                columns.append(np.stack([start + host * host0, stride, lo], axis=1).reshape(-1))
-                n_columns += columns[-1].size
+            start, stride, lo, host = tables
+            columns.append(np.stack([start + host * host0, stride, lo], axis=2).reshape(-1))
+            n_columns += columns[-1].size
         if cell_map is not None:  # (table, row) per cell
             sec["cell_map0"] = n_columns
             columns.append(cell_map)
             n_columns += cell_map.size
         sections.append(sec)
     arrays = {
-        "payload": np.frombuffer(b"".join(batch.payload), np.uint8), "task_lengths": array(batch.lengths, np.int64),
-        "freqs": array(batch.freqs, np.int64), "host_symbols": array(batch.host, np.int32),
+        "payload": array(batch.payload, np.uint8), "task_lengths": values, "freqs": values,
+        "host_symbols": array(batch.host, np.int32),
         "steps": array(batch.steps, np.float64), "means": array(batch.means, np.float64),
         "sink_map": array(batch.sink_map, np.int32), "sinks": array(batch.sinks, np.uint16),
         "cos": array(batch.cos, np.float64), "sin": array(batch.sin, np.float64),
         "bases": array(batch.bases, np.float32), "columns": array(columns, np.int64),
     }
-    return Prepared(arrays, batch.streams, batch.stream_names, host0 + batch.n_host, host0, sections, batch.jobs,
+    return Prepared(arrays, array(batch.streams, np.int64).reshape(-1, 8), batch.stream_names, host0 + batch.n_host, host0, sections, batch.jobs,
                     batch.deferred_bases)
 
 
@@ -443,7 +505,7 @@ def run(prep: Prepared) -> dict[str, float]:
         return _buffer(ffi, kind, arr, keep)
 
     streams = ffi.new("nxkv_cuda_rans_stream[]", max(len(prep.streams), 1))
-    for i, (off, task0, n, lanes, chunk, freq0, n_freqs, out0) in enumerate(prep.streams):
+    for i, (off, task0, n, lanes, chunk, freq0, n_freqs, out0) in enumerate(prep.streams.tolist()):
         s = streams[i]
         s.payload_offset, s.task0, s.n_symbols, s.lanes, s.chunk = off, task0, n, lanes, chunk
         s.freq0, s.n_freqs, s.out0 = freq0, n_freqs, out0
@@ -503,7 +565,7 @@ def run_native(prep: Prepared) -> None:
     a = prep.arrays
     symbols = _symbol_buffer(prep.n_symbols)
     symbols[prep.host_symbols0 : prep.host_symbols0 + a["host_symbols"].size] = a["host_symbols"]
-    if prep.streams:
+    if len(prep.streams):
         table = np.ascontiguousarray(prep.streams, np.int64)  # nxkv_rans_stream: 8 int64 fields each
         status = np.zeros(len(prep.streams), np.int32)
         r = lib.nxkv_rans_decode_streams(
@@ -570,7 +632,7 @@ def _reference_decode(prep: Prepared) -> None:
     symbols = np.zeros(prep.n_symbols, np.int64)
     symbols[prep.host_symbols0 : prep.host_symbols0 + a["host_symbols"].size] = a["host_symbols"]
     stream_status = []
-    for off, task0, n, lanes, chunk, freq0, n_freqs, out0 in prep.streams:
+    for off, task0, n, lanes, chunk, freq0, n_freqs, out0 in prep.streams.tolist():
         n_tasks = n_lane_tasks(n, lanes, chunk)
         lengths = a["task_lengths"][task0 : task0 + n_tasks]
         data = a["payload"][off : off + int(lengths.sum())].tobytes()

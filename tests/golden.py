@@ -157,6 +157,23 @@ def parsed_streams(how, data: np.ndarray, info: TensorInfo):
         return "refused"
 
 
+def table_streams(table) -> list:
+    """A StreamTable's streams as parsed_streams lists them, each rANS table read from the
+    table's arrays (what section_decode registers) where its row says it parsed."""
+    from nexus_gguf.stages import entropy as e
+
+    out = []
+    for i, name in enumerate(table.names):
+        r = table.records[i].tolist()
+        rans = None
+        if r[e.REC_RANS_OK]:
+            body = table.payload[r[e.REC_BODY_AT] : r[e.REC_BODY_AT] + r[e.REC_BODY_SIZE]]
+            rans = (r[e.REC_LO], table.values[r[e.REC_FREQ0] : r[e.REC_FREQ0] + r[e.REC_N_FREQS]].tolist(), r[e.REC_LANES],
+                    r[e.REC_CHUNK], table.values[r[e.REC_LENGTH0] : r[e.REC_LENGTH0] + r[e.REC_N_LENGTHS]].tolist(), bytes(body))
+        out.append((name, r[e.REC_DTYPE], table.shape(i), r[e.REC_N], r[e.REC_METHOD], rans))
+    return out
+
+
 def decode_file(path: str) -> dict[str, Any]:
     """Everything load_state would hand to llama.cpp, decoded without a model (sizes bounded by
     the model record in the file's header): the rebuilt state blob, the prompt tokens and the

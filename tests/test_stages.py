@@ -883,7 +883,7 @@ def test_stream_container_fast_parse_agrees_with_the_reader():
     bounds-checked reader where the bytes are not sound: on every truncation and on damaged
     bytes all give the same streams and rANS tables, or all refuse (FormatError)."""
     from nexus_gguf.backends import backend_name
-    from nexus_gguf.stages.entropy import Entropy, _streams_native
+    from nexus_gguf.stages.entropy import Entropy, StreamTable, _stream_table_native
 
     lanes, plain = Entropy(lanes=4, chunk=64), Entropy(lanes=1, chunk=0)
     info = TensorInfo("k.0.0.0", "f16", 2, 10**6)
@@ -910,7 +910,11 @@ def test_stream_container_fast_parse_agrees_with_the_reader():
     native_used = 0
     for d in variants:
         assert parsed(lanes.streams, d) == parsed(lanes._streams_read, d)
-        native_used += _streams_native(np.ascontiguousarray(d), info) is not None
+        native_used += _stream_table_native(np.ascontiguousarray(d), info) is not None
+        want = parsed(lanes._streams_read, d)
+        if want != "refused":  # the table section_decode registers rANS streams from: the same streams
+            assert golden.table_streams(lanes.stream_table(np.ascontiguousarray(d), info)) == golden.table_streams(
+                StreamTable.of_streams(info, lanes._streams_read(d, info)))
     assert parsed(lanes.streams, data) != "refused"
     if backend_name() in ("native", "cuda"):
-        assert _streams_native(data, info) is not None and native_used > 100
+        assert _stream_table_native(data, info) is not None and native_used > 100

@@ -367,8 +367,8 @@ _STREAM_FIELDS = 22  # int64 fields of nxkv_stream_info
 
 def parse_streams(data: np.ndarray, max_items: int):
     """nxkv_parse_streams over a section's bytes (uint8, contiguous): (records, values), records
-    an int64 array of nxkv_stream_info rows (shape[4] spread over four columns), values the
-    frequencies and lane lengths they index; None where the library refuses the bytes."""
+    an int64 array of nxkv_stream_info rows (shape[4] spread over four columns; entropy.py's REC_*
+    columns), values the frequencies and lane lengths they index; None where the library refuses the bytes."""
     ffi, lib = load()
     records = np.empty((255, _STREAM_FIELDS), np.int64)
     values = np.empty(max(data.size, 1), np.int64)  # a varint takes a byte at least
@@ -378,5 +378,5 @@ def parse_streams(data: np.ndarray, max_items: int):
                                ffi.from_buffer("int64_t[]", values), values.size, counts + 1)
     if r != lib.NXKV_OK:
         return None
-    return records[: counts[0]].tolist(), values[: counts[1]]
+    return records[: counts[0]].copy(), values[: counts[1]].copy()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import zstandard
@@ -150,9 +150,18 @@ class Entropy(Stage):
     def streams(self, data: np.ndarray, info: TensorInfo) -> list["CodedStream"]:
         """The section's streams as stored, checked for size but not decoded."""
         data = np.ascontiguousarray(data, np.uint8)
-        parsed = _streams_native(data, info)
-        if parsed is not None:
-            return parsed
+        table = _stream_table_native(data, info)
+        if table is not None:
+            return [table.stream(i) for i in range(len(table.names))]
+        return self._streams_python(data, info)
+
+    def stream_table(self, data: np.ndarray, info: TensorInfo) -> StreamTable:
+        """The section's streams as a StreamTable (checked for size as streams() does)."""
+        data = np.ascontiguousarray(data, np.uint8)
+        table = _stream_table_native(data, info)
+        return table if table is not None else StreamTable.of_streams(info, self._streams_python(data, info))
+
+    def _streams_python(self, data: np.ndarray, info: TensorInfo) -> list["CodedStream"]:
         try:
             return self._streams_fast(data, info)
         except (IndexError, struct.error):  # runs out somewhere: the reader below says where
@@ -227,10 +236,79 @@ def check_fits(values: np.ndarray, kind: np.dtype, where: str) -> None:
         raise FormatError(f"{where}: values outside the stream's type {kind.name}")
 
 
-def _streams_native(data: np.ndarray, info: TensorInfo) -> Optional[list["CodedStream"]]:
-    """Entropy.streams by the C library (nxkv_parse_streams: the records and every rANS table in
-    one call), or None where the library is not in use or the bytes are not sound (the Python
-    readers then say why)."""
+# columns of a StreamTable's records (nxkv_stream_info in native/include/nxkv.h, in order)
+(REC_NAME_AT, REC_NAME_SIZE, REC_DTYPE, REC_NDIM, REC_SHAPE, REC_N, REC_METHOD, REC_AT, REC_SIZE, REC_RANS_OK, REC_LO,
+ REC_FREQ0, REC_N_FREQS, REC_LANES, REC_CHUNK, REC_LENGTH0, REC_N_LENGTHS, REC_BODY_AT, REC_BODY_SIZE) = (
+    0, 1, 2, 3, 4, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21)
+N_RECORD_FIELDS = 22
+
+
+class StreamTable:
+    """A section's streams as arrays, for decoders that register hundreds of rANS streams at once
+    (section_decode.py: about 60 a section with component classes and step buckets) without a
+    Python object each: records (int64, a row per stream, the REC_* columns), values (the rANS
+    frequencies and lane lengths the rows index), payload (the bytes their body offsets index).
+    A stream's CodedStream is made when asked for (table[name]). A rANS row with rans_ok 0 has
+    a table the Python reader refuses: decode() says why."""
+
+    def __init__(self, info: TensorInfo, names: list[str], records: np.ndarray, values: np.ndarray, payload: np.ndarray,
+                 make: Callable[[int], "CodedStream"]):
+        self.info, self.names, self.records, self.values, self.payload = info, names, records, values, payload
+        self.index = {name: i for i, name in enumerate(names)}
+        self._make = make
+        self._made: dict[int, CodedStream] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def __getitem__(self, name: str) -> "CodedStream":
+        return self.stream(self.index[name])
+
+    def stream(self, i: int) -> "CodedStream":
+        if i not in self._made:
+            self._made[i] = self._make(i)
+        return self._made[i]
+
+    def shape(self, i: int) -> tuple:
+        return tuple(self.records[i, REC_SHAPE : REC_SHAPE + self.records[i, REC_NDIM]].tolist())
+
+    def where(self, i: int) -> str:
+        return f"{self.info.name}/{self.names[i]}"
+
+    @classmethod
+    def of_streams(cls, info: TensorInfo, streams: list["CodedStream"]) -> "StreamTable":
+        """The table of streams the Python readers parsed (no native library): each rANS table
+        parsed here, its body copied into the payload."""
+        records = np.zeros((len(streams), N_RECORD_FIELDS), np.int64)
+        values, bodies, at = [], [], 0
+        n_values = 0
+        for i, s in enumerate(streams):
+            r = records[i]
+            r[REC_DTYPE], r[REC_NDIM], r[REC_N], r[REC_METHOD] = DTYPE_CODES[np.dtype(s.dtype)], len(s.shape), s.n, s.method
+            r[REC_SHAPE : REC_SHAPE + len(s.shape)] = s.shape
+            if s.method not in (METHOD_RANS, METHOD_RANS_LANES):
+                continue
+            try:
+                p = s.rans()
+            except FormatError:
+                continue  # rans_ok 0: decode() raises this again, where it is decoded
+            body = np.frombuffer(p.body, np.uint8)
+            r[REC_RANS_OK], r[REC_LO], r[REC_LANES], r[REC_CHUNK] = 1, p.lo, p.lanes, p.chunk
+            r[REC_FREQ0], r[REC_N_FREQS], r[REC_LENGTH0], r[REC_N_LENGTHS] = n_values, p.freqs.size, n_values + p.freqs.size, p.lengths.size
+            r[REC_BODY_AT], r[REC_BODY_SIZE] = at, body.size
+            values += [p.freqs, p.lengths]
+            n_values += p.freqs.size + p.lengths.size
+            bodies.append(body)
+            at += body.size
+        join = np.concatenate
+        return cls(info, [s.name for s in streams], records, join(values).astype(np.int64) if values else np.zeros(0, np.int64),
+                   join(bodies) if bodies else np.zeros(0, np.uint8), streams.__getitem__)
+
+
+def _stream_table_native(data: np.ndarray, info: TensorInfo) -> Optional[StreamTable]:
+    """The section's StreamTable by the C library (nxkv_parse_streams: the records and every
+    rANS table in one call), or None where the library is not in use or the bytes are not sound
+    (the Python readers then say why)."""
     parse = native_parser()
     if parse is None:
         return None
@@ -238,20 +316,22 @@ def _streams_native(data: np.ndarray, info: TensorInfo) -> Optional[list["CodedS
     if got is None:
         return None
     records, values = got
+    if records.size and not 0 <= int(records[:, REC_DTYPE].min()) <= int(records[:, REC_DTYPE].max()) < len(DTYPES):
+        return None  # (DTYPES are the codes 0..3)
     buf = memoryview(data).cast("B")
-    out = []
-    for (name_at, name_size, code, ndim, d0, d1, d2, d3, n, method, at, size, rans_ok, lo, freq0, n_freqs, lanes, chunk,
-         length0, n_lengths, body_at, body_size) in records:
-        if code not in DTYPES:
-            return None
-        name = bytes(buf[name_at : name_at + name_size]).decode("ascii", errors="replace")
+    names = [bytes(buf[a : a + n]).decode("ascii", errors="replace") for a, n in records[:, REC_NAME_AT : REC_NAME_SIZE + 1].tolist()]
+
+    def make(i: int) -> "CodedStream":
+        (code, ndim, d0, d1, d2, d3, n, method, at, size, rans_ok, lo, freq0, n_freqs, lanes, chunk, length0, n_lengths,
+         body_at, body_size) = records[i, REC_DTYPE:].tolist()
         parsed = None
         if rans_ok:
             parsed = RansPayload(lo, values[freq0 : freq0 + n_freqs], lanes, chunk, values[length0 : length0 + n_lengths],
                                  buf[body_at : body_at + body_size])
-        out.append(CodedStream(name, DTYPES[code], (d0, d1, d2, d3)[:ndim], n, method, buf[at : at + size],
-                               f"{info.name}/{name}", parsed))
-    return out
+        return CodedStream(names[i], DTYPES[code], (d0, d1, d2, d3)[:ndim], n, method, buf[at : at + size], f"{info.name}/{names[i]}",
+                           parsed)
+
+    return StreamTable(info, names, records, values, data, make)
 
 
 @dataclass(frozen=True)
@@ -303,9 +383,9 @@ class CodedStream:
     def decode(self) -> np.ndarray:
         values = self._values()
         kind = np.dtype(self.dtype)
-        if values.dtype != kind:
+        if not np.can_cast(values.dtype, kind):  # (a narrower stored width always fits)
             check_fits(values, kind, self.where)
-        return values.astype(kind, copy=False).reshape(self.shape)
+        return values.astype(kind, copy=not values.flags.writeable).reshape(self.shape)  # zstd's are read-only views
 
     def _values(self) -> np.ndarray:
         method, payload, n, where = self.method, self.payload, self.n, self.where
@@ -321,7 +401,7 @@ class CodedStream:
             raw = decompress_bounded(payload[1:], n * width, where)
             if len(raw) != n * width:
                 raise FormatError(f"{where}: zstd stream holds {len(raw)} bytes, expected {n * width}")
-            return np.frombuffer(raw, {1: "<i1", 2: "<i2", 4: "<i4"}[width]).astype(np.int64)
+            return np.frombuffer(raw, {1: "<i1", 2: "<i2", 4: "<i4"}[width])
         if method in (METHOD_RANS, METHOD_RANS_LANES):
             p = self.rans()
             try:
