@@ -292,7 +292,12 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
     if buckets is None:
         tables = [("", n)]
     else:
-        bucket_ids, table_of, counts = np.unique(buckets, return_inverse=True, return_counts=True)
+        if buckets.size and int(buckets.min()) < 0:  # (a damaged record's signed type: no such streams)
+            raise FormatError(f"{info.name}: step buckets below 0")
+        count_of = np.bincount(buckets)  # (bucket ids are small: checked above)
+        bucket_ids = np.flatnonzero(count_of)
+        counts = count_of[bucket_ids]
+        table_of = (np.cumsum(count_of > 0) - 1).astype(np.uint8)[buckets]  # each cell's table, in bucket order
         tables = [(f".{b}", m) for b, m in zip(bucket_ids.tolist(), counts.tolist())]
     by_column = buckets is not None or layout is not None
     points = _point_keys(tables, g, layout) if by_column else ([], [], [])
@@ -321,7 +326,7 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
         columns = _point_columns(batch, streams, info, tables, g, layout, points)
         if buckets is not None:
             row = np.empty(n, np.int64)  # each cell's place among its bucket's cells
-            order = np.argsort(table_of, kind="stable")
+            order = np.argsort(table_of, kind="stable")  # (uint8: a radix sort)
             row[order] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
             cell_map = np.stack([table_of.astype(np.int64).reshape(-1), row], axis=1).reshape(-1)
     per_cell = lattice.scale_scope != "head"

@@ -243,6 +243,15 @@ def check_fits(values: np.ndarray, kind: np.dtype, where: str) -> None:
 N_RECORD_FIELDS = 22
 
 
+def _slices(data: np.ndarray, at: np.ndarray, size: np.ndarray) -> list[bytes]:
+    """data[at[i] : at[i] + size[i]] as bytes, for each i (short names: one copy of their span)."""
+    if not at.size:
+        return []
+    lo = int(at.min())
+    raw = data[lo : int((at + size).max())].tobytes()
+    return [raw[a : a + n] for a, n in zip((at - lo).tolist(), size.tolist())]
+
+
 class StreamTable:
     """A section's streams as arrays, for decoders that register hundreds of rANS streams at once
     (section_decode.py: about 60 a section with component classes and step buckets) without a
@@ -319,7 +328,7 @@ def _stream_table_native(data: np.ndarray, info: TensorInfo) -> Optional[StreamT
     if records.size and not 0 <= int(records[:, REC_DTYPE].min()) <= int(records[:, REC_DTYPE].max()) < len(DTYPES):
         return None  # (DTYPES are the codes 0..3)
     buf = memoryview(data).cast("B")
-    names = [bytes(buf[a : a + n]).decode("ascii", errors="replace") for a, n in records[:, REC_NAME_AT : REC_NAME_SIZE + 1].tolist()]
+    names = [name.decode("ascii", errors="replace") for name in _slices(data, records[:, REC_NAME_AT], records[:, REC_NAME_SIZE])]
 
     def make(i: int) -> "CodedStream":
         (code, ndim, d0, d1, d2, d3, n, method, at, size, rans_ok, lo, freq0, n_freqs, lanes, chunk, length0, n_lengths,
