@@ -379,6 +379,9 @@ def test_batch_of_pca_and_classes_matches_the_stages(monkeypatch, source, high, 
 
 LEVEL_VARIANTS = {
     "pca-head-group": PCA_VARIANTS["pca-head-group"],
+    # weak components left out: their basis rows stored as zeros, which the tiles' products skip
+    "pca-pruned": lambda c: (c.pop("hadamard", None), c["lattice"].update(transform="pca", classes=True, pca_min_cells=1,
+                                                                            head_group=0, basis_bits=8, basis_prune=0.5)),
     "pca-classes-no-centre": PCA_VARIANTS["pca-classes-no-centre"],
     "pca-k-weights": PCA_VARIANTS["pca-k-weights"],
     # a 9-bit basis has entries past int8: its products take int16 pairs
@@ -467,6 +470,22 @@ def test_cpu_library_rows_match_the_reference_at_every_extension_level(monkeypat
                         assert bytes(a.rows) == bytes(b.rows), f"level {level}, f16 {out_f16}, transposed {transposed}: {a.info.name}"
     finally:
         lib.nxkv_use_cpu_extensions(was)
+
+
+def test_pruned_variant_has_bases_whose_last_rows_are_zero(monkeypatch):
+    """The "pca-pruned" level variant exercises the tiles' skipping of zero basis rows (the
+    components basis_prune left out, the weakest last): its bases end in zero rows, not all of
+    them a whole number of quads."""
+    preps = _level_batches(monkeypatch, "pca-pruned", defer_basis=False)
+    tails = []
+    for prep in preps:
+        for s in prep.sections:
+            w, hc = s["head_dim"] * s["head_group"], s["n_heads"] // s["head_group"]
+            bases = prep.arrays["bases"][s["basis0"] : s["basis0"] + hc * w * w].reshape(hc, w, w)
+            for b in bases:
+                nonzero = np.flatnonzero(np.abs(b).sum(axis=1))
+                tails.append(w - 1 - (nonzero.max() if nonzero.size else -1))
+    assert max(tails) > 0 and any(t % 4 for t in tails), tails
 
 
 @pytest.mark.parametrize("decoder", ["reference", "native"])
