@@ -37,7 +37,7 @@ from .stages.lattice import N_CLASSES, Lattice, column_classes
 from .stages.rope import Rope
 
 MAX_HEAD_DIM = 512
-_POINT_TYPES = {"coset": np.dtype(np.uint8), "coord": np.dtype(np.int32), "coord_last": np.dtype(np.int32)}
+_POINT_TYPES = ("coset", "coord", "coord_last")  # the point streams (coset symbols uint8, coordinates int32)
 _RANS_METHODS = (METHOD_RANS, METHOD_RANS_LANES)
 _CODE_COSET, _CODE_COORD = DTYPE_CODES[np.dtype(np.uint8)], DTYPE_CODES[np.dtype(np.int32)]
 _INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -297,7 +297,8 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
         count_of = np.bincount(buckets)  # (bucket ids are small: checked above)
         bucket_ids = np.flatnonzero(count_of)
         counts = count_of[bucket_ids]
-        table_of = (np.cumsum(count_of > 0) - 1).astype(np.uint8)[buckets]  # each cell's table, in bucket order
+        # each cell's table, in bucket order (uint8 where they fit, for argsort's radix sort below)
+        table_of = (np.cumsum(count_of > 0) - 1).astype(np.uint8 if bucket_ids.size <= 256 else np.int64)[buckets]
         tables = [(f".{b}", m) for b, m in zip(bucket_ids.tolist(), counts.tolist())]
     by_column = buckets is not None or layout is not None
     points = _point_keys(tables, g, layout) if by_column else ([], [], [])
@@ -326,7 +327,7 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
         columns = _point_columns(batch, streams, info, tables, g, layout, points)
         if buckets is not None:
             row = np.empty(n, np.int64)  # each cell's place among its bucket's cells
-            order = np.argsort(table_of, kind="stable")  # (uint8: a radix sort)
+            order = np.argsort(table_of, kind="stable")
             row[order] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
             cell_map = np.stack([table_of.astype(np.int64).reshape(-1), row], axis=1).reshape(-1)
     per_cell = lattice.scale_scope != "head"
