@@ -877,6 +877,27 @@ def test_head_groups_code_a_layers_heads_as_one_vector():
         Lattice(scale_scope="head", head_group=-1)
 
 
+def test_stream_table_columns_are_the_c_parsers_record_fields():
+    """entropy.REC_* index the rows nxkv_parse_streams writes (nxkv_stream_info, nxkv.h): each
+    column at its field's offset, the row as wide as the struct."""
+    from nexus_gguf.backends import backend_status
+    from nexus_gguf.stages import entropy as e
+
+    if backend_status()["native"] != "available":
+        pytest.skip(f"native backend {backend_status()['native']}")
+    from nexus_gguf.backends import native
+
+    ffi, _ = native.load()
+    assert ffi.sizeof("nxkv_stream_info") == 8 * e.N_RECORD_FIELDS == 8 * native._STREAM_FIELDS
+    fields = {"name_offset": e.REC_NAME_AT, "name_size": e.REC_NAME_SIZE, "dtype": e.REC_DTYPE, "ndim": e.REC_NDIM,
+              "shape": e.REC_SHAPE, "n": e.REC_N, "method": e.REC_METHOD, "payload_offset": e.REC_AT,
+              "payload_size": e.REC_SIZE, "rans_ok": e.REC_RANS_OK, "lo": e.REC_LO, "freq0": e.REC_FREQ0,
+              "n_freqs": e.REC_N_FREQS, "lanes": e.REC_LANES, "chunk": e.REC_CHUNK, "length0": e.REC_LENGTH0,
+              "n_lengths": e.REC_N_LENGTHS, "body_offset": e.REC_BODY_AT, "body_size": e.REC_BODY_SIZE}
+    for field, column in fields.items():
+        assert ffi.offsetof("nxkv_stream_info", field) == 8 * column, field
+
+
 def test_stream_container_fast_parse_agrees_with_the_reader():
     """Entropy.streams parses a section's stream records and rANS tables in C where the native
     backend runs (nxkv_parse_streams), else by plain indexing, and falls back to the
