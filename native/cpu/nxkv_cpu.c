@@ -948,7 +948,8 @@ __attribute__((target("avx2"), flatten)) static void section_rows_avx2(const nxk
 #ifdef NXKV_HAVE_AVX2_PATH
 /* Products of TILE cells' points with a basis held as 4-byte groups per output (rows
  * [w/P][w][P]: int16 pairs, P = 2, or int8 quads, P = 4), the cells' points as the same groups,
- * pv [w/P][cell]: acc[cell][i] = sum over rows of DOT(group of the basis, group of the points).
+ * pv [w/P][cell]: acc[cell][i] = sum over the first `rows` rows (a multiple of P; the rest are
+ * zero: used_rows) of DOT(group of the basis, group of the points).
  * Block by block of outputs, so that the block's part of the basis (24 KiB of pairs for 64
  * outputs of a 192-value vector) stays in L1 while every cell of the tile takes it, two cells to
  * a load. */
