@@ -183,9 +183,16 @@ class Pipeline:
         return False
 
     def encode(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
+        # each stage's input is let go of as it is handed on (from a list the call empties):
+        # where the caller keeps no reference either, a section's float32 values are freed once
+        # the lattice has made its float64 copy, not at the end (a save encodes a layer per
+        # core: 6-12 MB less each at 7680 tokens; CPython >= 3.11 keeps no reference of its own
+        # to a Python call's arguments)
+        held = [data]
+        del data
         for s in self.stages:
-            data = s.encode(data, info)
-        return data
+            held.append(s.encode(held.pop(), info))
+        return held.pop()
 
     def decode(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
         for s in reversed(self.stages):
@@ -194,7 +201,9 @@ class Pipeline:
 
     def encode_values(self, values: np.ndarray, info: TensorInfo) -> np.ndarray:
         """float32 [n_cells, n_heads * head_dim] -> the section's bytes (value path)."""
-        return self.encode(values.reshape(info.n_cells, info.n_heads, info.head_dim), info)
+        held = [values.reshape(info.n_cells, info.n_heads, info.head_dim)]
+        del values  # the caller's to keep or let go of (encode)
+        return self.encode(held.pop(), info)
 
     def decode_values(self, data: np.ndarray, info: TensorInfo) -> np.ndarray:
         """The section's bytes -> float32 [n_cells, n_heads * head_dim] (value path). Values a

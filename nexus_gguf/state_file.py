@@ -176,8 +176,9 @@ def _sections(state: LlamaState, pipeline: Pipeline, dims, importance, queries, 
                     if pipeline.values_path:
                         info = _value_info(pipeline, name, kind, t, s.cells, layer.model_layer, layer.sliding_window,
                                            layer.n_embd(kind), dims, importance if ci == 0 else None, queries)
-                        values = _unrotated(layer.values(kind), t, info, dims)
-                        out.append((name, pipeline.encode_values(values, info)))
+                        # no reference kept here: the pipeline lets the float32 values go once
+                        # it has what it makes of them
+                        out.append((name, pipeline.encode_values(_unrotated(layer.values(kind), t, info, dims), info)))
                     else:
                         flat = np.ascontiguousarray(layer.k if kind == "k" else layer.v).reshape(-1)
                         out.append((name, pipeline.encode(flat, TensorInfo(name, t.name, t.float_bytes, flat.size))))

@@ -206,8 +206,9 @@ def test_presets_and_overrides(smollm2_path, tmp_path):
 @pytest.mark.parametrize("target", ["f16 flash attention", "q8_0", "q4_0", "q8_0 K, f16 V"])
 def test_restore_into_other_cache_types(smollm2_path, prompt_text, tmp_path, target):
     """A state saved from an f16 cache with V transposed restores into a context with other
-    cache types or flash attention: converted on the way in, at the target type's own cost
-    (measured against that context reading the prompt itself), and back again."""
+    cache types or flash attention: converted on the way in, at no more than the target type's
+    own cost (against the source context continuing: what that context costs reading the prompt
+    itself), and back again."""
     from conftest import prompt_tokens
 
     from nexus_gguf.evaluate import continuation_metrics
@@ -220,7 +221,6 @@ def test_restore_into_other_cache_types(smollm2_path, prompt_text, tmp_path, tar
     ng.save_state(src, tmp_path / "s.nxkv", "lossless")
     direct = open_llama(smollm2_path, **kw)
     direct.eval(tokens[:128])
-    ref = bridge.eval_logits(direct, tokens[128:160], 128)
     dst = open_llama(smollm2_path, **kw)
     report = ng.load_state(dst, tmp_path / "s.nxkv")
     assert report.converted and not report.exact and dst.n_tokens == 128
@@ -231,10 +231,14 @@ def test_restore_into_other_cache_types(smollm2_path, prompt_text, tmp_path, tar
         for (_, _, x), (_, _, y) in zip(a.layers(), b.layers()):
             assert x.v_trans and not y.v_trans
             assert np.array_equal(x.k, y.k) and np.array_equal(x.values("v"), y.values("v"))
+    ref = bridge.eval_logits(src, tokens[128:160], 128)
+    own = continuation_metrics(ref, bridge.eval_logits(direct, tokens[128:160], 128), np.asarray(tokens[129:161]))
     m = continuation_metrics(ref, bridge.eval_logits(dst, tokens[128:160], 128), np.asarray(tokens[129:161]))
-    # against that context reading the prompt itself (flash attention's own arithmetic: ~0.003)
-    assert m["kld_mean"] < {"f16 flash attention": 0.01, "q8_0": 0.02, "q4_0": 0.06, "q8_0 K, f16 V": 0.02}[target], m
-    assert m["top1"] >= 0.8, m
+    # the converted state against the target context's own cost (flash attention's arithmetic:
+    # ~0.003; q8_0 ~0.004; q4_0 ~0.06, where its rounding of f32 and of f16 values differ as much
+    # as either from f16: a comparison with that context itself failed on CPUs without AVX-512)
+    assert m["kld_mean"] <= 1.5 * own["kld_mean"] + 0.005, (m, own)
+    assert m["top1"] >= own["top1"] - 1 / 32 and m["top1"] >= 0.8, (m, own)
     bridge.clear_seq(dst, 0)  # and back: that cache's state into an f16 one with V transposed
     ng.load_state(dst, tmp_path / "s.nxkv")
     ng.save_state(dst, tmp_path / "b.nxkv", "lossless")

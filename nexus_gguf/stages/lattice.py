@@ -37,6 +37,7 @@ MAX_BASIS_DIM = 512  # values of one coded vector, a head group (native/core/tra
 RDO_SCALES = np.array([1.0, 0.9, 0.8, 0.7, 0.6])
 RDO_SPAN = 64
 RDO_PASSES = 2
+CELL_BLOCK = 1024  # cells a step works on at a time where it would otherwise make a whole-section temporary
 
 
 class Lattice(Stage):
@@ -244,11 +245,16 @@ class Lattice(Stage):
         n, h, d = info.n_cells, info.n_heads, info.head_dim
         x = x.reshape(n, h, d)
         block = self._block(d, info.name)
-        # this copy is the section's one working array: the steps below change it in place
-        # (a save encodes a layer per core, each holding a few of these at its peak)
+        # this copy is the section's one working array: the steps below change it in place and
+        # make no other array of its size (a save encodes a layer per core: what each holds at
+        # its peak is most of what a save adds to the state)
         x = np.array(x, np.float64)
         out = {}
         sink = self._sink_rows(info, n)
+
+        def rest() -> np.ndarray:  # the cells that are not sinks (or all where every one is)
+            return _rows_except(x, sink) if (~sink).any() else x
+
         if self.sinks:
             # the first tokens draw most of the attention (sinks) and lie far from the others:
             # quantized like the rest they cost more KLD than all other tokens together
@@ -256,7 +262,7 @@ class Lattice(Stage):
         if self.center:
             # K without RoPE shares a large per-channel offset across tokens (most of its energy
             # in SmolLM2); stored once, it leaves a much smaller residual to quantize
-            mean = (x[~sink] if (~sink).any() else x).mean(axis=0).astype(np.float16)
+            mean = rest().mean(axis=0).astype(np.float16)
             out["mean"] = mean.view(np.uint16)
             x -= mean.astype(np.float64)
         if self._weighted(info, sink):
@@ -264,15 +270,17 @@ class Lattice(Stage):
             out["channel_scale"] = scale.view(np.uint16)
             x /= scale.astype(np.float64)
         if self._pca(info, sink):
-            out["basis"] = pca_basis(x[~sink], self.basis_bits)
-            x = to_basis(x, out["basis"], self.basis_bits)
+            out["basis"] = pca_basis(_rows_except(x, sink), self.basis_bits)
+            to_basis(x, out["basis"], self.basis_bits, out=x)
         xb = x.reshape(n, h, d // block, block)
         if self.scale_scope == "head":
-            sq = (xb**2).mean(axis=(0, 2, 3)) if self.scale_stat == "rms" else None
-            stat = np.sqrt(sq) if sq is not None else np.abs(xb).max(axis=(0, 2, 3))
+            stat = np.sqrt(_head_mean_square(x)) if self.scale_stat == "rms" else np.abs(xb).max(axis=(0, 2, 3))
             stat = stat.reshape(h, 1)
         else:
-            stat = np.sqrt((xb**2).mean(axis=-1)) if self.scale_stat == "rms" else np.abs(xb).max(axis=-1)
+            stat = np.empty(xb.shape[:-1])
+            for start in range(0, n, CELL_BLOCK):  # no whole-section temporaries
+                part = xb[start : start + CELL_BLOCK]
+                stat[start : start + CELL_BLOCK] = np.sqrt((part**2).mean(axis=-1)) if self.scale_stat == "rms" else np.abs(part).max(axis=-1)
         if self.scale_format == "log":
             with np.errstate(divide="ignore"):
                 # a profile's extra bits lower the stored scale, so the step the decoder derives
@@ -292,44 +300,45 @@ class Lattice(Stage):
         if self.basis_prune > 0 and "basis" in out:
             pruned = weak_components(x, step[:, :, 0], sink, self.basis_prune)
             x[:, pruned] = 0.0  # x, xb and x8 are one array
-        coset, coord, last = kernel("lattice_quantize")(x8, group_step)
-        if self.rdo > 0:
-            coset, coord, last = self._rdo_points(x8, group_step, buckets, (coset, coord, last), n, g)
+        coset, coord, last = self._points(x8, group_step, buckets, n, g)
         if pruned is not None:
             # rows the decoder multiplies only by zero points, or by the points of components
             # left out (whatever the lattice made of their zeros, next to the group's others)
             unused = pruned | unused_components((coset, coord, last), n, h, d, sink)
             out["basis"][unused] = 0
+        if self.uses_classes(info):
+            # one stream per component class (below): after PCA the first components spread
+            # over many steps and the last are nearly all zero. x is not needed after this:
+            # squared in place
+            np.square(x, out=x)
+            out["class"] = component_classes(np.sqrt(rest().mean(axis=0)), self._steps(scale_symbols, info))
+        del x, xb, x8
         points = {"coset": coset.reshape(n, g), "coord": coord.reshape(n, g, 7), "coord_last": last.reshape(n, g)}
+        del coset, coord, last  # each split below holds its own copy of the points: one at a time
         if buckets is not None:
             # one stream (so one rANS table) per step bucket: coarse cells' symbols are mostly
             # zero, fine cells' spread out; mixed in one table each would pay for the other
             points = _split_by_bucket(points, buckets)
-        if self.uses_classes(info):
-            # likewise per component class: after PCA the first components spread over many
-            # steps and the last are nearly all zero
-            if (~sink).any():
-                rest = x[~sink]  # a copy: squared in place
-                np.square(rest, out=rest)
-            else:
-                rest = np.square(x)
-            out["class"] = component_classes(np.sqrt(rest.mean(axis=0)), self._steps(scale_symbols, info))
-            del rest
+        if "class" in out:
             points = _split_by_class(points, column_classes(out["class"]))
         return {**out, "scale": scale_symbols, **points}
 
-    def _rdo_points(self, x8: np.ndarray, group_step: np.ndarray, buckets: Optional[np.ndarray], nearest: tuple, n: int,
-                    g: int) -> tuple:
-        """The points of rate-distortion quantization (the rdo option), from the nearest ones:
-        rates from the points' own counts per component and step bucket (what the class and
-        bucket streams' tables pay, roughly), re-counted after each pass."""
+    def _points(self, x8: np.ndarray, group_step: np.ndarray, buckets: Optional[np.ndarray], n: int, g: int) -> tuple:
+        """(coset, coord, coord_last) of the groups x8 [n g, 8]: the nearest points, or with the
+        rdo option those of rate-distortion quantization, rates from the points' own counts per
+        component and step bucket (what the class and bucket streams' tables pay, roughly),
+        re-counted after each pass. Only one pass's points are held at a time."""
+        points = kernel("lattice_quantize")(x8, group_step)
+        if self.rdo <= 0:
+            return points
         bucket = np.zeros(n, np.int64) if buckets is None else buckets.astype(np.int64)
         rows = ((np.repeat(bucket, g) * g + np.tile(np.arange(g, dtype=np.int64), n)) * 8)  # each group's 8 cost rows
         n_rows = (int(bucket.max(initial=0)) + 1) * g * 8
-        points = nearest
         for _ in range(RDO_PASSES):
-            points = kernel("lattice_quantize_rdo")(x8, group_step, rows, rate_costs(points, rows, n_rows), RDO_SCALES,
-                                                    self.rdo)
+            costs = rate_costs(points, rows, n_rows)
+            del points  # the counts are all the next pass needs of them
+            points = kernel("lattice_quantize_rdo")(x8, group_step, rows, costs, RDO_SCALES, self.rdo)
+            del costs
         return points
 
     def stream_shapes(self, info: TensorInfo) -> tuple[dict[str, tuple[int, ...]], np.ndarray]:
@@ -452,6 +461,38 @@ def _int32(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _rows_except(x: np.ndarray, sink: np.ndarray) -> np.ndarray:
+    """x's cells (first axis) where sink is False: a view where they are one run of cells (the
+    sinks are the first positions, and llama.cpp keeps cells in position order), else a copy."""
+    keep = np.flatnonzero(~sink)
+    if keep.size and keep[-1] - keep[0] + 1 == keep.size:
+        return x[keep[0] : keep[-1] + 1]
+    return x[keep]
+
+
+def _head_mean_square(x: np.ndarray) -> np.ndarray:
+    """float64 [h]: the mean square of each head of x [n, h, d], a block of cells at a time (no
+    whole-section temporary). One head (a head group coded as one vector, as the presets do):
+    summed as numpy sums a contiguous array (pairwise, halves cut at multiples of 8), so the
+    result is the same as (x**2).mean() to the last bit."""
+    n, h, d = x.shape
+    if h == 1:
+        return np.array([_pairwise_square_sum(x.reshape(-1)) / x.size]) if x.size else np.array([np.nan])
+    total = np.zeros(h)
+    for start in range(0, n, CELL_BLOCK):
+        total += np.square(x[start : start + CELL_BLOCK]).sum(axis=(0, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / (n * d)
+
+
+def _pairwise_square_sum(v: np.ndarray) -> float:
+    if v.size <= CELL_BLOCK * 64:
+        return float(np.square(v).sum())
+    half = v.size // 2
+    half -= half % 8
+    return _pairwise_square_sum(v[:half]) + _pairwise_square_sum(v[half:])
+
+
 _POINT_STREAMS = {"coset": (), "coord": (7,), "coord_last": ()}
 
 
@@ -487,17 +528,31 @@ def rate_costs(points: tuple, rows: np.ndarray, n_rows: int) -> np.ndarray:
     coset, coord, last = (np.asarray(p, np.int32) for p in points)
     coord = coord.reshape(-1, 7)
     eighth = eighth_coordinates(coord, last)
-    base = rows * width + RDO_SPAN
+    index = np.empty(rows.shape, np.int64)
     counts = np.zeros(n_rows * width, np.int64)
     for j in range(8):
         z = coord[:, j] if j < 7 else eighth
-        v = 2 * np.clip(z, -RDO_SPAN, RDO_SPAN) + coset  # twice the coordinate, clipped
+        v = np.clip(z, -RDO_SPAN, RDO_SPAN)
+        v *= 2
+        v += coset  # twice the coordinate, clipped
         np.clip(v, -RDO_SPAN, RDO_SPAN, out=v)
-        counts += np.bincount(base + j * width + v, minlength=n_rows * width)
-    counts = counts.reshape(n_rows, width).astype(np.float64)
+        np.multiply(rows, width, out=index)  # the group's row, coordinate j, value v
+        index += v
+        index += j * width + RDO_SPAN
+        counts += np.bincount(index, minlength=n_rows * width)
     alpha = 0.05
-    bits = -np.log2((counts + alpha) / (counts.sum(axis=1, keepdims=True) + alpha * width))
-    return np.round(bits * 256.0) / 256.0
+    bits = counts.reshape(n_rows, width).astype(np.float64)
+    del counts
+    # -log2((counts + alpha) / (row total + alpha width)) in 1/256 bits, in place (the table is
+    # 1-2 MB: its temporaries were a third of this step's memory)
+    total = bits.sum(axis=1, keepdims=True) + alpha * width
+    bits += alpha
+    bits /= total
+    np.log2(bits, out=bits)
+    bits *= -256.0
+    np.round(bits, out=bits)
+    bits /= 256.0
+    return bits
 
 
 def eighth_coordinates(coord: np.ndarray, last: np.ndarray) -> np.ndarray:
@@ -572,16 +627,18 @@ def _ill_conditioned(q: np.ndarray, one: int) -> bool:
         return bool(np.linalg.cond(q) > 1e6)
 
 
-def to_basis(x: np.ndarray, basis: np.ndarray, bits: int) -> np.ndarray:
+def to_basis(x: np.ndarray, basis: np.ndarray, bits: int, out: Optional[np.ndarray] = None) -> np.ndarray:
     """float64 [n, h, d] coefficients y with y[:, k] @ basis[k] / 2^(bits-1) = x[:, k] (what
-    basis_dequantize maps back)."""
+    basis_dequantize maps back), into `out` where given (x itself may be it: made a block of
+    cells at a time, no second whole-section array)."""
     scaled = basis.astype(np.float64) / (1 << (bits - 1))
-    if x.shape[1] == 1:  # one head (or one head group): no second whole-section array
-        return (x[:, 0, :] @ np.linalg.inv(scaled[0]))[:, None, :]
-    y = np.empty_like(x, np.float64)
+    if out is None:
+        out = np.empty_like(x, np.float64)
     for k in range(x.shape[1]):
-        y[:, k, :] = x[:, k, :] @ np.linalg.inv(scaled[k])
-    return y
+        inverse = np.linalg.inv(scaled[k])
+        for start in range(0, x.shape[0], CELL_BLOCK):
+            out[start : start + CELL_BLOCK, k, :] = x[start : start + CELL_BLOCK, k, :] @ inverse
+    return out
 
 
 def channel_scales(energy, h: int, d: int) -> np.ndarray:
