@@ -251,10 +251,7 @@ class Lattice(Stage):
         x = np.array(x, np.float64)
         out = {}
         sink = self._sink_rows(info, n)
-
-        def rest() -> np.ndarray:  # the cells that are not sinks (or all where every one is)
-            return _rows_except(x, sink) if (~sink).any() else x
-
+        some = bool((~sink).any())  # cells that are not sinks (else statistics over all)
         if self.sinks:
             # the first tokens draw most of the attention (sinks) and lie far from the others:
             # quantized like the rest they cost more KLD than all other tokens together
@@ -262,7 +259,7 @@ class Lattice(Stage):
         if self.center:
             # K without RoPE shares a large per-channel offset across tokens (most of its energy
             # in SmolLM2); stored once, it leaves a much smaller residual to quantize
-            mean = rest().mean(axis=0).astype(np.float16)
+            mean = (_rows_except(x, sink) if some else x).mean(axis=0).astype(np.float16)
             out["mean"] = mean.view(np.uint16)
             x -= mean.astype(np.float64)
         if self._weighted(info, sink):
@@ -311,7 +308,8 @@ class Lattice(Stage):
             # over many steps and the last are nearly all zero. x is not needed after this:
             # squared in place
             np.square(x, out=x)
-            out["class"] = component_classes(np.sqrt(rest().mean(axis=0)), self._steps(scale_symbols, info))
+            rms = np.sqrt((_rows_except(x, sink) if some else x).mean(axis=0))
+            out["class"] = component_classes(rms, self._steps(scale_symbols, info))
         del x, xb, x8
         points = {"coset": coset.reshape(n, g), "coord": coord.reshape(n, g, 7), "coord_last": last.reshape(n, g)}
         del coset, coord, last  # each split below holds its own copy of the points: one at a time
