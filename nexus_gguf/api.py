@@ -127,17 +127,18 @@ def save_state(llm, path, preset: str | Pipeline = DEFAULT_PRESET, without: Sequ
         )
     timer.lap("parse")
     eviction = scoring = importance = queries = None
+    # what waits on disk during the save (the capture's cells, the encoded sections) waits beside the target
+    local_dir = None if is_url(os.fspath(path)) else os.path.dirname(os.path.abspath(path))
     n_cells = max((len(s.cells) for c in state.caches for s in c.streams if s is not None), default=0)
     if pipeline.needs_scores_at(n_cells):
         state, scoring, eviction, importance, queries = _score_and_evict(llm, blob, state, tokens, pipeline,
                                                                          pipeline.importance_used_at(n_cells),
-                                                                         pipeline.queries_used_at(n_cells))
+                                                                         pipeline.queries_used_at(n_cells), local_dir)
         release_freed_memory()  # the scoring's side context, before the encoder's threads allocate
         timer.lap("scoring")
     # sections go to a spool as they are made: past 4 MiB (or an eighth of a small state) they
     # wait in a temporary file beside the target, so saving holds the state and the layers being
     # encoded, not the file too (at 7680 tokens a high file is 29 MB: 16% of the raw state)
-    local_dir = None if is_url(os.fspath(path)) else os.path.dirname(os.path.abspath(path))
     spool = SpooledSections(max(1 << 20, min(len(blob) // 8, 4 << 20)), local_dir, os.fspath(path))
     with recording() as backends, spool:
         layout, sections = iter_encode_state(state, pipeline, value_dims(facts.n_embd_head_k, facts.n_embd_head_v),
@@ -173,7 +174,8 @@ def _bit_profile(choice, facts) -> Optional[bit_profile.BitProfile]:
     return profile.require_fits(facts, f"bit profile {profile.name}")
 
 
-def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline, importance_used: bool, energy: bool):
+def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline, importance_used: bool, energy: bool,
+                     spool_dir: Optional[str] = None):
     """Score the cells; keep the most important if the pipeline evicts. (state, the header's
     scoring and eviction records, per-cell importance where a stage codes by it
     (`importance_used`) and, with `energy`, per-layer query energy for the stages that use
@@ -183,7 +185,7 @@ def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline, import
     options = pipeline.scoring
     scores = score_cells(llm, blob, state, tokens, options.window, options.scorer, options.chunk, options.stride,
                          importance=pipeline.eviction is not None or importance_used, energy=energy,
-                         context=options.context, exact_importance=pipeline.eviction is not None)
+                         context=options.context, exact_importance=pipeline.eviction is not None, spool_dir=spool_dir)
     if scores.note:
         warnings.warn(f"nexus-gguf: {scores.note}", RuntimeWarning, stacklevel=4)
     record = {**options.get_config(), "used": scores.scorer, "note": scores.note}

@@ -9,16 +9,17 @@ the level before it, the state being 177 MB; +339 MB with the freed memory retur
 (macOS, Windows, musl) there is nothing to call and this does nothing.
 
 PageBuffer holds the state llama.cpp copies out for a save in pages of its own, so that each
-layer's rows are let go once its sections are made: the state shrinks while the encoder's
+layer's K and V rows are let go once they are read: the state shrinks while the encoder's
 working memory (a layer per core) is held, instead of both staying to the end.
 
 save_memory_budget bounds that working memory: by default a quarter of the memory the system
 has available when the save starts (so that a save of a large state on many cores does not
-hold a layer per core it cannot afford: a layer being encoded holds about 16 times its rows,
+hold a layer per core it cannot afford: a layer being encoded holds about 7 times its rows,
 state_file.LAYER_WORKING_SET); NEXUS_GGUF_SAVE_MEMORY=F bounds it to F times the state instead
-(0.25: on SmolLM2 at 7680 tokens the first 24 of 30 layers then encode one at a time, the
-save peaks 37-40% above the state instead of 68-77%, and encoding takes 1.5-1.6x as long),
-`none` leaves it unbounded. The rows given back are added to the budget as they come."""
+(0.25: on SmolLM2 at 7680 tokens the first layers then encode one at a time, the save peaks
+24% above the state instead of 31%, and encoding takes ~1.2x as long), `none` leaves it
+unbounded. The rows given back are added to the budget as they come, each K or V as soon as
+its values have been read out of it."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import functools
 import mmap
 import os
 import sys
+import threading
 from typing import Optional
 
 import numpy as np
@@ -70,6 +72,7 @@ class PageBuffer:
         self._base = self.array.ctypes.data
         self._page = mmap.PAGESIZE
         self.released = 0  # bytes given back
+        self._lock = threading.Lock()
 
     def release(self, view: np.ndarray) -> int:
         """Give back the whole pages that the bytes of `view` (a contiguous array into `array`;
@@ -88,7 +91,8 @@ class PageBuffer:
         if last <= first:
             return 0
         advise(flag, first, last - first)
-        self.released += last - first
+        with self._lock:  # called from the encoding threads
+            self.released += last - first
         return last - first
 
 

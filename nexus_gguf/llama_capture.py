@@ -11,6 +11,7 @@ ggml library llama-cpp-python loaded, so no ggml struct layout is assumed."""
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Optional
 
 import numpy as np
@@ -176,7 +177,16 @@ class CaptureContext:
         self.llama_cpp.llama_free(self.ctx)
 
     def set_state(self, blob) -> None:
-        n = memoryview(blob).nbytes  # read in place: no copy of a state that may be gigabytes
+        """Sequence 0 from `blob`: a state in memory (read in place: no copy of a state that may
+        be gigabytes), or the path of a llama.cpp sequence state file (llama.cpp reads it a
+        layer at a time: no copy of it in memory at all)."""
+        if isinstance(blob, (str, os.PathLike)):
+            count = ctypes.c_size_t(0)
+            no_tokens = (self.llama_cpp.llama_token * 1)()
+            if not self.llama_cpp.llama_state_seq_load_file(self.ctx, os.fsencode(blob), 0, no_tokens, 0, ctypes.byref(count)):
+                raise NxkvError("the capture context refused the state")
+            return
+        n = memoryview(blob).nbytes
         if self.llama_cpp.llama_state_seq_set_data(self.ctx, bridge.read_only_pointer(blob), n, 0) != n:
             raise NxkvError("the capture context refused the state")
 
@@ -220,7 +230,8 @@ class CaptureContext:
 def capture_queries(llm, blob, tokens, window: int, impl: Optional[str] = None,
                     n_ctx: Optional[int] = None) -> dict[int, np.ndarray]:
     """Post-RoPE queries per layer, float32 [window, n_head, head_dim], for the last `window`
-    tokens of the state `blob` (sequence 0 of a context like llm's): they are removed and decoded
+    tokens of the state `blob` (sequence 0 of a context like llm's; in memory, or the path of a
+    llama.cpp sequence state file: CaptureContext.set_state): they are removed and decoded
     again with the capture on. n_ctx: the capture context's cells (default llm's; the blob's
     cells must fit). Raises NxkvError when llama.cpp does not give them (the caller then falls
     back to the proxy)."""

@@ -407,6 +407,20 @@ def write_state(state: LlamaState) -> bytes:
     return b"".join(p if isinstance(p, bytes) else np.ascontiguousarray(p).data for p in _pieces(state))
 
 
+def write_sequence_file(f, state: LlamaState, magic: int, version: int) -> int:
+    """Write the sequence state `state` to the binary file object f as llama.cpp's sequence
+    state file (llama_state_seq_save_file: magic, version, a token count of 0, then the blob
+    without its own magic and sequence id), a piece at a time: no copy of the whole blob. magic
+    and version: the linked llama.cpp's (LLAMA_STATE_SEQ_MAGIC, LLAMA_STATE_SEQ_VERSION).
+    Returns the bytes written."""
+    if state.kind != "sequence":
+        raise StateLayoutError("a sequence state file holds a sequence state")
+    n = f.write(struct.pack("<III", magic, version, 0))
+    for p in _pieces(state)[1:]:  # the first: the blob's magic and sequence id
+        n += f.write(p if isinstance(p, bytes) else np.ascontiguousarray(p).data)
+    return n
+
+
 def state_buffer(skeleton: LlamaState) -> tuple[np.ndarray, LlamaState]:
     """The blob of `skeleton` as one uint8 array with everything but the layers' rows written, and the
     state with each layer's K and V as writable views of their place in it: a decoder fills the

@@ -17,6 +17,8 @@ the fallback when capture is unavailable, and the header and report name it as s
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,7 +29,7 @@ from .errors import NxkvError
 from .heap import release_freed_memory
 from .llama_capture import CaptureContext, capture_queries
 from .llama_rotation import llama_rotation, toggle_llama_rotation
-from .llama_state import LlamaState, write_state
+from .llama_state import LlamaState, write_sequence_file, write_state
 
 
 def attention_importance(q: np.ndarray, q_pos: np.ndarray, k: np.ndarray, k_pos: np.ndarray, scale: float,
@@ -126,30 +128,56 @@ def reconstruction_importance(llm, blob: bytes, keys: dict, tokens, chunk: int, 
 SINK_CELLS = 4  # the first positions, kept in a bounded capture: attention's sinks
 
 
-def bounded_capture(blob, state: LlamaState, window: int, context: int) -> tuple:
-    """(blob, n_ctx) for capture_queries: the state's first SINK_CELLS positions and its last
-    `context` of its full-attention cache (positions kept, so RoPE and the causal mask are
-    those of the prompt) in a context of that many cells. The whole blob where it is no larger,
-    or where the state has a sliding-window cache too (its cells must all fit the context)."""
+def bounded_capture(state: LlamaState, window: int, context: int) -> tuple:
+    """(kept, n_ctx) for capture_queries: the state of the first SINK_CELLS positions and the
+    last `context` of its full-attention cache (positions kept, so RoPE and the causal mask are
+    those of the prompt), for a context of n_ctx cells; (None, None) where that is the whole
+    state, or where the state has a sliding-window cache too (its cells must all fit)."""
     streams = [s for s in state.caches[0].streams if s is not None]
     if len(state.caches) != 1 or len(streams) != 1:
-        return blob, None
+        return None, None
     pos = streams[0].cells.pos.astype(np.int64)
     keep = np.flatnonzero((pos < SINK_CELLS) | (pos > pos.max() - max(context, window)))
     if keep.size >= pos.size:
-        return blob, None
-    return write_state(state.keep_cells(keep)), -(-(keep.size + window) // 256) * 256
+        return None, None
+    return state.keep_cells(keep), -(-(keep.size + window) // 256) * 256
+
+
+def _capture_bounded(llm, state: LlamaState, tokens, window: int, context: int, spool_dir: Optional[str]) -> Optional[dict]:
+    """capture_queries of bounded_capture's cells (None where that would be the whole state),
+    handed to llama.cpp through a sequence state file in spool_dir (None: the system's
+    temporary directory), deleted afterwards: llama.cpp reads it a layer at a time, so the side
+    context's cache is not held beside a copy of its cells (7680-token SmolLM2 state: 24 MB
+    less at the capture's peak)."""
+    import llama_cpp
+
+    kept, n_ctx = bounded_capture(state, window, context)
+    if kept is None:
+        return None
+    try:
+        fd, name = tempfile.mkstemp(prefix=".nxkv-capture-", suffix=".bin", dir=spool_dir)
+    except OSError:  # nowhere to write it: from memory, as a blob
+        return capture_queries(llm, write_state(kept), tokens, window, n_ctx=n_ctx)
+    try:
+        with open(fd, "wb") as f:  # closed before llama.cpp opens it by name (Windows)
+            write_sequence_file(f, kept, llama_cpp.LLAMA_STATE_SEQ_MAGIC, llama_cpp.LLAMA_STATE_SEQ_VERSION)
+        kept = None
+        release_freed_memory()  # the kept cells' copy, before the side context
+        return capture_queries(llm, name, tokens, window, n_ctx=n_ctx)
+    finally:
+        os.unlink(name)
 
 
 def score_cells(llm, blob: bytes, state: LlamaState, tokens, window: int, scorer: str, chunk: int = 1024,
                 stride: int = 4, importance: bool = True, energy: bool = False, context: int = 0,
-                exact_importance: bool = True) -> Scores:
+                exact_importance: bool = True, spool_dir: Optional[str] = None) -> Scores:
     """Importance of each cell of the state's first (full-attention) stream (unless not
     `importance`), and with `energy` the query energy of every layer (query_energy) from the
     last `window` prompt tokens' captured queries; captured over the first cells and the last
     `context` (bounded_capture) when only the energy is asked or the importance need not be
     exact (not `exact_importance`: the window's queries from the bounded context, their
-    attention over every cell of the state; for steps, not for eviction)."""
+    attention over every cell of the state; for steps, not for eviction). spool_dir: where a
+    bounded capture's cells wait for llama.cpp (_capture_bounded)."""
     facts = bridge.model_facts(llm)
     n = len(tokens)
     notes = []
@@ -157,9 +185,9 @@ def score_cells(llm, blob: bytes, state: LlamaState, tokens, window: int, scorer
     if scorer == "attention" or energy:
         try:
             wanted = importance and scorer == "attention" and exact_importance  # queries that saw every cell
-            held, n_ctx = (blob, None) if wanted or not context else bounded_capture(blob, state, window, context)
-            release_freed_memory()  # the kept cells' copy written into `held`, before the side context
-            queries = capture_queries(llm, held, tokens, window, n_ctx=n_ctx)
+            queries = None if wanted or not context else _capture_bounded(llm, state, tokens, window, context, spool_dir)
+            if queries is None:
+                queries = capture_queries(llm, blob, tokens, window)
         except NxkvError as e:
             notes.append(f"query capture failed ({e})" + ("; used the key-key proxy" if importance and scorer == "attention" else "")
                          + ("; K not weighted by the queries" if energy else ""))

@@ -13,6 +13,7 @@ from .blas_threads import single_threaded_blas
 from .errors import FormatError, StateLayoutError
 from .ggml_types import GgmlType, ggml_type_by_name
 from .header import LOGITS_DTYPES, Limits
+from .heap import release_freed_memory
 from .llama_rotation import llama_rotation, toggle_llama_rotation
 from .llama_state import Cache, Cells, LayerKV, LlamaState, Stream, parse_cells, state_buffer
 from .pipeline import Pipeline, meta_pipeline
@@ -83,8 +84,9 @@ def iter_encode_state(state: LlamaState, pipeline: Pipeline, dims: Optional[dict
                       ) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
     """encode_state, with the sections made as they are asked for: layers encode on all cores
     a few at a time, so memory holds those layers' sections, not the whole file's. done_with:
-    called with each layer's K and V rows once its sections have been handed out (the state's
-    memory can then be let go of, layer by layer), returns the bytes it gave back.
+    called (on the encoding threads) with each layer's K and V rows once nothing reads them any
+    more (the state's memory can then be let go of, section by section), returns the bytes it
+    gave back.
     memory_budget: bytes the layers being encoded may hold at once, with what done_with gave
     back added as it comes (as many layers at a time as that holds, at least one)."""
     if pipeline.values_path and not dims:
@@ -147,10 +149,10 @@ def _encode_on_gpu(encode, pipeline: Pipeline, dims, ci: int, si: int, s: Stream
 
 
 # what a layer being encoded holds at its peak, in multiples of its K and V rows, rounded up
-# (SmolLM2 f16, 7680 cells: 5.9 MB of rows; a save's resident memory rose 68 MB with one layer
-# in flight and ~100 MB more with a second core's: the values as float32, their float64 working
-# copy, temporaries, the points, what the allocator keeps)
-LAYER_WORKING_SET = 16
+# (SmolLM2 f16, 7680 cells: 5.9 MB of rows; a save's resident memory rose 42 MB with one layer
+# in flight, 7x its rows, and 13-19 MB more with a second core's: the values as float32, their
+# float64 working copy, the points, what the allocator keeps; tracemalloc in test_heap.py)
+LAYER_WORKING_SET = 7
 
 
 def _sections(state: LlamaState, pipeline: Pipeline, dims, importance, queries, done_with,
@@ -169,20 +171,30 @@ def _sections(state: LlamaState, pipeline: Pipeline, dims, importance, queries, 
                 yield from coded_on_gpu
                 continue
 
-            def encode_layer(layer, ci=ci, si=si, s=s) -> list:
-                out = []
+            def encode_layer(layer, ci=ci, si=si, s=s) -> tuple[list, int]:
+                """(the layer's sections, bytes done_with gave back): each of its K and V rows
+                given back as soon as nothing reads them any more."""
+                out, given = [], 0
                 for kind, t in (("k", layer.k_type), ("v", layer.v_type)):
                     name = f"{kind}.{ci}.{si}.{layer.cache_layer}"
+                    rows = layer.k if kind == "k" else layer.v
                     if pipeline.values_path:
                         info = _value_info(pipeline, name, kind, t, s.cells, layer.model_layer, layer.sliding_window,
                                            layer.n_embd(kind), dims, importance if ci == 0 else None, queries)
+                        held = [layer.values(kind)]
+                        if done_with is not None and not np.may_share_memory(held[0], rows):
+                            given += done_with(rows)  # read into values of their own: not needed again
+                            rows = None
                         # no reference kept here: the pipeline lets the float32 values go once
                         # it has what it makes of them
-                        out.append((name, pipeline.encode_values(_unrotated(layer.values(kind), t, info, dims), info)))
+                        out.append((name, pipeline.encode_values(_unrotated(held.pop(), t, info, dims), info)))
                     else:
-                        flat = np.ascontiguousarray(layer.k if kind == "k" else layer.v).reshape(-1)
+                        flat = np.ascontiguousarray(rows).reshape(-1)
                         out.append((name, pipeline.encode(flat, TensorInfo(name, t.name, t.float_bytes, flat.size))))
-                return out
+                        del flat
+                    if done_with is not None and rows is not None:
+                        given += done_with(rows)
+                return out, given
 
             # layers encode on all cores (the kernels and most of numpy release the GIL), a
             # batch at a time, numpy's BLAS on one thread meanwhile (blas_threads.py); within a
@@ -196,12 +208,11 @@ def _sections(state: LlamaState, pipeline: Pipeline, dims, importance, queries, 
                 batch = list(s.layers[b : b + (2 * width if width == threads() else width)])
                 with single_threaded_blas():
                     done = parallel_map(encode_layer, batch)
-                for coded in done:
+                for coded, given in done:
                     yield from coded
-                if done_with is not None:
-                    for layer in batch:
-                        given_back += done_with(layer.k) + done_with(layer.v)
+                    given_back += given
                 b += len(batch)
+                release_freed_memory()
 
 
 def _shape(v, what: str, rows: int, row_bytes: int) -> tuple[int, int]:

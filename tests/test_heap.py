@@ -47,12 +47,13 @@ def test_page_buffer_gives_back_whole_pages_under_a_view_only():
     assert buf.released == (30 << 20) - 2 * 4096
 
 
-@pytest.mark.parametrize("budget", ["none", "0", "0.25"])
+@pytest.mark.parametrize("budget, preset", [("none", "high"), ("0", "high"), ("0.25", "high"), ("none", "lossless")])
 def test_a_save_gives_back_each_layer_after_coding_it_and_writes_the_same_bytes(smollm2_path, prompt_text, tmp_path,
-                                                                               monkeypatch, budget):
-    """The rows are let go only once their sections are made, and within a memory budget the
+                                                                               monkeypatch, budget, preset):
+    """The rows are let go once nothing reads them (the value path: once read into values of
+    their own; the lossless one: once their section is made), and within a memory budget the
     layers encode as many at a time as it holds: a save that keeps every row and codes on all
-    cores writes the same sections (a layer let go too early would be coded as zeros)."""
+    cores writes the same sections (rows let go too early would be coded as zeros)."""
     from nexus_gguf import backends, state_file
 
     llm = open_llama(smollm2_path, n_ctx=1024)
@@ -72,18 +73,19 @@ def test_a_save_gives_back_each_layer_after_coding_it_and_writes_the_same_bytes(
     monkeypatch.setattr(heap.PageBuffer, "release", counting)
     monkeypatch.setattr(state_file, "parallel_map", recording)
     monkeypatch.setenv("NEXUS_GGUF_SAVE_MEMORY", budget)
-    raw = ng.save_state(llm, tmp_path / "released.nxkv", "high").raw_bytes
+    raw = ng.save_state(llm, tmp_path / "released.nxkv", preset).raw_bytes
     assert len(released) == 2 * 30 and sum(released) > 0.8 * raw
     assert sum(widths) == 30
     if budget == "none":  # all cores, two layers a core a batch
         assert widths[0] == min(30, 2 * backends.threads())
-    elif budget == "0":  # one layer at a time
-        assert set(widths) == {1}
+    elif budget == "0":  # one layer at a time until the rows given back hold another's working set
+        n = state_file.LAYER_WORKING_SET
+        assert widths[:n] == [1] * n
     else:  # one at a time while the budget holds only one, more as rows are given back
         assert widths[0] == 1 and max(widths) > 1
     monkeypatch.setattr(heap.PageBuffer, "release", lambda self, view: 0)
     monkeypatch.setenv("NEXUS_GGUF_SAVE_MEMORY", "none")
-    ng.save_state(llm, tmp_path / "kept.nxkv", "high")
+    ng.save_state(llm, tmp_path / "kept.nxkv", preset)
     a, b = fmt.NxkvFile.open(tmp_path / "released.nxkv"), fmt.NxkvFile.open(tmp_path / "kept.nxkv")
     assert a.names() == b.names()
     for name in a.names():

@@ -9,6 +9,7 @@ from conftest import open_llama, prompt_tokens
 from nexus_gguf import llama_bridge as bridge
 from nexus_gguf import load_state, read_info, save_state
 from nexus_gguf.backends import backend_status
+from nexus_gguf.errors import NxkvError
 from nexus_gguf.evaluate import continuation_metrics
 from nexus_gguf.llama_state import parse_state
 from nexus_gguf.stages import TensorInfo
@@ -229,11 +230,10 @@ def test_bounded_capture_holds_the_sinks_and_the_last_cells(prompt):
     whole state."""
     llm, tokens, blob = prompt
     state = parse_state(blob, "sequence", bridge.model_facts(llm).state_layout())
-    held, n_ctx = scoring.bounded_capture(blob, state, W, 64)
-    small = parse_state(held, "sequence", bridge.model_facts(llm).state_layout())
-    pos = small.caches[0].streams[0].cells.pos
+    kept, n_ctx = scoring.bounded_capture(state, W, 64)
+    pos = kept.caches[0].streams[0].cells.pos
     assert list(pos) == list(range(scoring.SINK_CELLS)) + list(range(N - 64, N)) and n_ctx == 256
-    assert scoring.bounded_capture(blob, state, W, N) == (blob, None)
+    assert scoring.bounded_capture(state, W, N) == (None, None)
     whole = scoring.score_cells(llm, blob, state, tokens[:N], W, "attention", importance=False, energy=True)
     bounded = scoring.score_cells(llm, blob, state, tokens[:N], W, "attention", importance=False, energy=True, context=64)
     assert not bounded.note and sorted(bounded.query_energy) == sorted(whole.query_energy)
@@ -263,3 +263,30 @@ def test_reconstruction_scorer(prompt, tmp_path):
     report = save_state(llm, tmp_path / "r.nxkv", "max", evict_keep=0.5, score_scorer="reconstruct", score_chunk=96)
     assert report.scoring["used"] == "reconstruct" and report.eviction["kept"] == N // 2
     assert bridge.get_seq_state(llm, 0) == blob  # scoring ran beside the Llama, not in it
+
+
+def test_a_capture_reads_its_cells_from_a_sequence_state_file_as_from_memory(prompt, tmp_path):
+    """The bounded capture hands its cells to llama.cpp as a sequence state file (read a layer
+    at a time): the same queries as from the blob in memory; a damaged file is refused with
+    NxkvError (the save then goes on without the capture, as when llama.cpp gives none)."""
+    import llama_cpp
+
+    from nexus_gguf.llama_state import write_sequence_file, write_state
+
+    llm, tokens, blob = prompt
+    state = parse_state(blob, "sequence", bridge.model_facts(llm).state_layout())
+    kept, n_ctx = scoring.bounded_capture(state, W, 64)
+    path = tmp_path / "kept.bin"
+    with open(path, "wb") as f:
+        n = write_sequence_file(f, kept, llama_cpp.LLAMA_STATE_SEQ_MAGIC, llama_cpp.LLAMA_STATE_SEQ_VERSION)
+    assert n == path.stat().st_size == 12 + len(write_state(kept)) - 8  # without the blob's own magic and id
+    from_file = scoring.capture_queries(llm, str(path), tokens[:N], W, n_ctx=n_ctx)
+    from_memory = scoring.capture_queries(llm, write_state(kept), tokens[:N], W, n_ctx=n_ctx)
+    assert sorted(from_file) == sorted(from_memory)
+    for layer in from_file:
+        assert np.array_equal(from_file[layer], from_memory[layer])
+    data = path.read_bytes()
+    for damaged in (data[: len(data) // 2], b"\0\0\0\0" + data[4:]):
+        path.write_bytes(damaged)
+        with pytest.raises(NxkvError, match="refused"):
+            scoring.capture_queries(llm, str(path), tokens[:N], W, n_ctx=n_ctx)
