@@ -499,7 +499,11 @@ def test_scoring_and_eviction_are_options_not_stages():
     from nexus_gguf.eviction import Eviction, Scoring
 
     evicting = build_pipeline("max")
-    assert evicting.eviction == Eviction(keep=0.25) and evicting.scoring == Scoring(scorer="attention")
+    assert evicting.eviction == Eviction(keep=0.35) and evicting.scoring == Scoring(scorer="attention")
+    # max codes the cells it keeps as balanced does, coarser, with the basis from fewer cells (so
+    # that the 1434 cells kept of 4096 have one): the README's measured choice
+    as_balanced = build_pipeline("balanced", lattice_k_bits=2.0, lattice_v_bits=2.0, lattice_pca_min_cells=1024)
+    assert evicting.get_config()["stages"] == as_balanced.get_config()["stages"]
     assert [s.stage_id for s in evicting.stages] == ["rope", "lattice", "entropy"]
     assert build_pipeline("max", evict_keep=0.3, score_window=16).eviction.keep == 0.3
     assert build_pipeline("max", score_window=16).scoring.window == 16
