@@ -410,8 +410,9 @@ def write_state(state: LlamaState) -> bytes:
 def write_sequence_file(f, state: LlamaState, magic: int, version: int) -> int:
     """Write the sequence state `state` to the binary file object f as llama.cpp's sequence
     state file (llama_state_seq_save_file: magic, version, a token count of 0, then the blob
-    without its own magic and sequence id), a piece at a time: no copy of the whole blob. magic
-    and version: the linked llama.cpp's (LLAMA_STATE_SEQ_MAGIC, LLAMA_STATE_SEQ_VERSION).
+    without its own magic and sequence id), a piece at a time: no copy of the whole blob (what
+    llama_files.LlamaFile.to_buffers writes of a blob held in memory). magic and version: a slot
+    file's (llama_files.KINDS, which imports this module).
     Returns the bytes written."""
     if state.kind != "sequence":
         raise StateLayoutError("a sequence state file holds a sequence state")

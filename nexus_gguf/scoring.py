@@ -28,6 +28,7 @@ from . import llama_bridge as bridge
 from .errors import NxkvError
 from .heap import release_freed_memory
 from .llama_capture import CaptureContext, capture_queries
+from .llama_files import KINDS as LLAMA_FILE_KINDS
 from .llama_rotation import llama_rotation, toggle_llama_rotation
 from .llama_state import LlamaState, write_sequence_file, write_state
 
@@ -126,6 +127,7 @@ def reconstruction_importance(llm, blob: bytes, keys: dict, tokens, chunk: int, 
 
 
 SINK_CELLS = 4  # the first positions, kept in a bounded capture: attention's sinks
+SLOT_FILE = LLAMA_FILE_KINDS["slot"]  # llama_state_seq_save_file's magic and version, as llama_files reads them
 
 
 def bounded_capture(state: LlamaState, window: int, context: int) -> tuple:
@@ -149,8 +151,6 @@ def _capture_bounded(llm, state: LlamaState, tokens, window: int, context: int, 
     temporary directory), deleted afterwards: llama.cpp reads it a layer at a time, so the side
     context's cache is not held beside a copy of its cells (7680-token SmolLM2 state: 24 MB
     less at the capture's peak)."""
-    import llama_cpp
-
     kept, n_ctx = bounded_capture(state, window, context)
     if kept is None:
         return None
@@ -160,7 +160,7 @@ def _capture_bounded(llm, state: LlamaState, tokens, window: int, context: int, 
         return capture_queries(llm, write_state(kept), tokens, window, n_ctx=n_ctx)
     try:
         with open(fd, "wb") as f:  # closed before llama.cpp opens it by name (Windows)
-            write_sequence_file(f, kept, llama_cpp.LLAMA_STATE_SEQ_MAGIC, llama_cpp.LLAMA_STATE_SEQ_VERSION)
+            write_sequence_file(f, kept, *SLOT_FILE[:2])
         kept = None
         release_freed_memory()  # the kept cells' copy, before the side context
         return capture_queries(llm, name, tokens, window, n_ctx=n_ctx)
