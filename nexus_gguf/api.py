@@ -183,7 +183,7 @@ def _score_and_evict(llm, blob: bytes, state, tokens, pipeline: Pipeline, import
     from .scoring import score_cells
 
     options = pipeline.scoring
-    scores = score_cells(llm, blob, state, tokens, options.window, options.scorer, options.chunk, options.stride,
+    scores = score_cells(llm, blob, state, tokens, options.window, options.scorer, options.chunk, options.stride, options.span,
                          importance=pipeline.eviction is not None or importance_used, energy=energy,
                          context=options.context, exact_importance=pipeline.eviction is not None, spool_dir=spool_dir)
     if scores.note:

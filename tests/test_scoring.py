@@ -265,6 +265,24 @@ def test_reconstruction_scorer(prompt, tmp_path):
     assert bridge.get_seq_state(llm, 0) == blob  # scoring ran beside the Llama, not in it
 
 
+def test_reconstruction_scorer_over_each_chunks_span(prompt):
+    """With `span`, each chunk is repeated after the sinks, the span cells before it and itself
+    (a side context of a few chunks, not the state): every cell is still scored, by the repeat
+    of its own chunk, much as over the whole prompt; the Llama is untouched."""
+    llm, tokens, blob = prompt
+    state = parse_state(blob, "sequence", bridge.model_facts(llm).state_layout())
+    whole = scoring.score_cells(llm, blob, state, tokens[:N], W, "reconstruct", chunk=48, stride=2, span=0).importance
+    local = scoring.score_cells(llm, blob, state, tokens[:N], W, "reconstruct", chunk=48, stride=2, span=32)
+    assert local.scorer == "reconstruct" and not local.note and local.importance.shape == (N,)
+    assert np.all(local.importance > 0) and local.importance.max() <= 1.0
+    assert not np.array_equal(local.importance, whole)
+    assert np.corrcoef(np.log(local.importance), np.log(whole))[0, 1] > 0.8
+    # a span that leaves nothing out is the whole prompt's scoring
+    same = scoring.score_cells(llm, blob, state, tokens[:N], W, "reconstruct", chunk=48, stride=2, span=N)
+    assert np.array_equal(same.importance, whole)
+    assert bridge.get_seq_state(llm, 0) == blob
+
+
 def test_a_capture_reads_its_cells_from_a_sequence_state_file_as_from_memory(prompt, tmp_path):
     """The bounded capture hands its cells to llama.cpp as a sequence state file (read a layer
     at a time): the same queries as from the blob in memory; a damaged file is refused with
