@@ -442,6 +442,38 @@ def test_native_batch_rans_decoder_matches_each_stream_decoded_alone():
         lib.nxkv_use_cpu_extensions(was)
 
 
+def test_native_batch_rans_decoder_takes_a_one_symbol_stream_as_the_one_stream_decoder_does():
+    """A stream whose table gives every slot to one symbol (pruned components' classes) is
+    decoded without stepping through its symbols: the same symbols, and the same lanes taken or
+    refused as the one-stream decoder, crafted ones included (a lane whose start state is
+    renormalised into the end state by a fifth byte is sound; short, long or wrong ones are not)."""
+    if not _available("native"):
+        pytest.skip(backend_status()["native"])
+    decode_one = implementation("rans_decode_lanes", "native")
+    freqs = np.array([0, 1 << RANS_PROB_BITS, 0], np.int64)  # symbol 1 holds every slot
+    end = (1 << 23).to_bytes(4, "big")
+    lanes_cases = [
+        [end, end, end, end], [end, b"", b"", b""], [b"\x00\x00\x80\x00\x00", end, end, end],
+        [b"\x00\x00\x80\x00", end, end, end], [end + b"\x00", end, end, end], [end[:3], end, end, end],
+        [b"\x00\x00\x80\x00\x01", end, end, end], [end, end, end, b""], [end, b"", b"", end],
+    ]
+    for lanes in lanes_cases:
+        for n in (1, 4, 9):
+            body = b"".join(lanes)
+            lengths = np.array([len(x) for x in lanes], np.int64)
+            table = np.array([[0, 0, n, 4, 16384, 0, freqs.size, 0]], np.int64)
+            r, symbols, status = _decode_streams(np.frombuffer(body, np.uint8).copy(), lengths, freqs, table, n)
+            assert r == 0
+            try:
+                want = decode_one(body, lengths, freqs, n, 4, 16384)
+            except ValueError:
+                assert status[0] != 0, (lanes, n)
+                continue
+            assert status[0] == 0, (lanes, n)
+            np.testing.assert_array_equal(symbols, want)
+            assert (symbols == 1).all()
+
+
 def test_prepare_and_run_overlaps_preparation_with_runs_and_raises_the_first_error_in_order():
     """backends.prepare_and_run (the CPU library's layer batches): every item prepared here and
     run on the pool, at most `window` prepared and not yet run; on an error, the earliest item's

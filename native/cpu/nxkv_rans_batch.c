@@ -339,6 +339,33 @@ int nxkv_rans_decode_streams(const uint8_t *payload, int64_t payload_size, const
             nxkv_core_rans_slots(f32, cum, lookup, slots);
         }
         int64_t at = s->payload_offset, task = 0;
+        if (compact && symbols8[i * SYMBOL_STRIDE] == symbols8[i * SYMBOL_STRIDE + SLOTS - 1]) {
+            /* one symbol holds every slot (a pruned component's class: 14% of a 4096-token high
+             * file's symbols): a decoder step leaves the state as it is, so a lane's state is
+             * renormalised once, after its first symbol, and then must be the end state with
+             * every byte read: the decoder's checks, without stepping through the symbols */
+            const int32_t only = symbols8[i * SYMBOL_STRIDE];
+            for (int64_t c = 0; c < chunks && !status[i]; ++c) {
+                const int64_t m = s->n_symbols - c * s->chunk < s->chunk ? s->n_symbols - c * s->chunk : s->chunk;
+                for (int64_t l = 0; l < s->lanes; ++l, at += len[task++]) {
+                    const uint8_t *d = payload + at;
+                    int ok = l < m ? len[task] >= 4 : len[task] == 0;
+                    if (ok && l < m) {
+                        uint32_t xl = ((uint32_t)d[0] << 24) | ((uint32_t)d[1] << 16) | ((uint32_t)d[2] << 8) | d[3];
+                        int64_t pl = 4;
+                        while (ok && xl < NXKV_RANS_L) {
+                            ok = pl < len[task];
+                            if (ok) xl = (xl << 8) | d[pl++];
+                        }
+                        ok = ok && xl == NXKV_RANS_L && pl == len[task];
+                    }
+                    if (!ok) status[i] = NXKV_ERR_CORRUPT;
+                }
+                int32_t *out = symbols + s->out0 + c * s->chunk;
+                for (int64_t k = 0; k < m && !status[i]; ++k) out[k] = only;
+            }
+            continue;
+        }
         for (int64_t c = 0; c < chunks && !status[i]; ++c) {
             const int64_t m = s->n_symbols - c * s->chunk < s->chunk ? s->n_symbols - c * s->chunk : s->chunk;
             if (!compact) { /* decoded here, lanes in lockstep */
