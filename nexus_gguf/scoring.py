@@ -17,10 +17,11 @@ the fallback when capture is unavailable, and the header and report name it as s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -95,7 +96,8 @@ def _softmax_rows(logits: np.ndarray) -> np.ndarray:
 
 
 def reconstruction_importance(llm, blob: bytes, keys: dict, tokens, chunk: int, stride: int,
-                              state: Optional[LlamaState] = None, span: int = 0) -> np.ndarray:
+                              state: Optional[LlamaState] = None, span: int = 0,
+                              spool_dir: Optional[str] = None) -> np.ndarray:
     """float64 [n_cells]: for each cached key, the largest attention a query of the repeated
     prompt gives it (per layer and KV head, over the GQA group), each (layer, head) scaled to its
     largest score, averaged (one score per cell: the cache keeps or drops a cell in every layer
@@ -129,7 +131,8 @@ def reconstruction_importance(llm, blob: bytes, keys: dict, tokens, chunk: int, 
             if local:  # the repeat goes right after the chunk (llama.cpp wants a sequence's positions to follow on)
                 seen = np.flatnonzero((pos < SINK_CELLS) | ((pos >= c0 - span) & (pos < c0 + chunk)))
                 cc.remove_from(0)
-                cc.set_state(write_state(state.keep_cells(seen)))
+                with _spooled(lambda: state.keep_cells(seen), spool_dir) as cells:
+                    cc.set_state(cells)
                 at = c0 + len(part)
             queries = cc.decode(repeat + part, at)
             cc.remove_from(at)  # each chunk is repeated after the prompt alone
@@ -166,27 +169,41 @@ def bounded_capture(state: LlamaState, window: int, context: int) -> tuple:
     return state.keep_cells(keep), -(-(keep.size + window) // 256) * 256
 
 
-def _capture_bounded(llm, state: LlamaState, tokens, window: int, context: int, spool_dir: Optional[str]) -> Optional[dict]:
-    """capture_queries of bounded_capture's cells (None where that would be the whole state),
-    handed to llama.cpp through a sequence state file in spool_dir (None: the system's
-    temporary directory), deleted afterwards: llama.cpp reads it a layer at a time, so the side
-    context's cache is not held beside a copy of its cells (7680-token SmolLM2 state: 24 MB
-    less at the capture's peak)."""
-    kept, n_ctx = bounded_capture(state, window, context)
-    if kept is None:
-        return None
+@contextlib.contextmanager
+def _spooled(take_cells: Callable[[], LlamaState], spool_dir: Optional[str]):
+    """The cells take_cells() gives (its caller holding no other reference to them), as llama.cpp
+    takes them (CaptureContext.set_state, capture_queries): the path of a sequence state file in
+    spool_dir (None: the system's temporary directory), deleted afterwards, which llama.cpp reads
+    a layer at a time, so the side context's cache is not held beside a copy of its cells
+    (7680-token SmolLM2 state: 24 MB less at the capture's peak); a blob in memory where no file
+    can be made."""
+    cells = take_cells()
     try:
         fd, name = tempfile.mkstemp(prefix=".nxkv-capture-", suffix=".bin", dir=spool_dir)
     except OSError:  # nowhere to write it: from memory, as a blob
-        return capture_queries(llm, write_state(kept), tokens, window, n_ctx=n_ctx)
+        blob, cells = write_state(cells), None
+        yield blob
+        return
     try:
         with open(fd, "wb") as f:  # closed before llama.cpp opens it by name (Windows)
-            write_sequence_file(f, kept, *SLOT_FILE[:2])
-        kept = None
-        release_freed_memory()  # the kept cells' copy, before the side context
-        return capture_queries(llm, name, tokens, window, n_ctx=n_ctx)
+            write_sequence_file(f, cells, *SLOT_FILE[:2])
+        cells = None
+        release_freed_memory()  # the cells' copy, before the side context reads them
+        yield name
     finally:
         os.unlink(name)
+
+
+def _capture_bounded(llm, state: LlamaState, tokens, window: int, context: int, spool_dir: Optional[str]) -> Optional[dict]:
+    """capture_queries of bounded_capture's cells (None where that would be the whole state),
+    handed to llama.cpp through _spooled."""
+    kept, n_ctx = bounded_capture(state, window, context)
+    if kept is None:
+        return None
+    holder = [kept]
+    kept = None
+    with _spooled(holder.pop, spool_dir) as cells:
+        return capture_queries(llm, cells, tokens, window, n_ctx=n_ctx)
 
 
 def score_cells(llm, blob: bytes, state: LlamaState, tokens, window: int, scorer: str, chunk: int = 1024,
@@ -231,7 +248,7 @@ def score_cells(llm, blob: bytes, state: LlamaState, tokens, window: int, scorer
                 for layer in s.layers}
         if np.array_equal(pos, np.arange(n)):
             try:
-                return Scores(reconstruction_importance(llm, blob, keys, tokens, chunk, stride, state, span), "reconstruct",
+                return Scores(reconstruction_importance(llm, blob, keys, tokens, chunk, stride, state, span, spool_dir), "reconstruct",
                               "; ".join(notes),
                               energies)
             except NxkvError as e:

@@ -265,14 +265,20 @@ def test_reconstruction_scorer(prompt, tmp_path):
     assert bridge.get_seq_state(llm, 0) == blob  # scoring ran beside the Llama, not in it
 
 
-def test_reconstruction_scorer_over_each_chunks_span(prompt):
+def test_reconstruction_scorer_over_each_chunks_span(prompt, tmp_path, monkeypatch):
     """With `span`, each chunk is repeated after the sinks, the span cells before it and itself
-    (a side context of a few chunks, not the state): every cell is still scored, by the repeat
-    of its own chunk, much as over the whole prompt; the Llama is untouched."""
+    (a side context of a few chunks, not the state, handed over as a sequence state file that is
+    deleted afterwards, or from memory where none can be made): every cell is still scored, by
+    the repeat of its own chunk, much as over the whole prompt; the Llama is untouched."""
     llm, tokens, blob = prompt
     state = parse_state(blob, "sequence", bridge.model_facts(llm).state_layout())
     whole = scoring.score_cells(llm, blob, state, tokens[:N], W, "reconstruct", chunk=48, stride=2, span=0).importance
-    local = scoring.score_cells(llm, blob, state, tokens[:N], W, "reconstruct", chunk=48, stride=2, span=32)
+    local = scoring.score_cells(llm, blob, state, tokens[:N], W, "reconstruct", chunk=48, stride=2, span=32,
+                                spool_dir=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(scoring.tempfile, "mkstemp", lambda **kw: (_ for _ in ()).throw(OSError("read-only")))
+    in_memory = scoring.score_cells(llm, blob, state, tokens[:N], W, "reconstruct", chunk=48, stride=2, span=32)
+    assert np.array_equal(in_memory.importance, local.importance)
     assert local.scorer == "reconstruct" and not local.note and local.importance.shape == (N,)
     assert np.all(local.importance > 0) and local.importance.max() <= 1.0
     assert not np.array_equal(local.importance, whole)
