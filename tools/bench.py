@@ -42,7 +42,9 @@ QUICK = dict(texts=["prose"], prefixes=[1024], eval_tokens=128, recall_trials=2,
 
 def eviction_variants():
     """`high`'s lattice after evicting 25 / 50 / 75 % of the tokens, chosen by the real
-    attention of the last 32 prompt tokens or by the key-key proxy."""
+    attention of the last 32 prompt tokens or by the key-key proxy; and `max` judged by the
+    query-agnostic reconstruction scorer instead of the last window (`max/reconstruct`), also
+    with 40% kept at 1.7 bits (`max-keep40-b1.7/reconstruct`, about `max`'s size)."""
     from nexus_gguf.eviction import Eviction, Scoring
     from nexus_gguf.pipeline import Pipeline, build_pipeline
 
@@ -51,6 +53,10 @@ def eviction_variants():
         for scorer in ("attention", "key-proxy"):
             eviction = Eviction(keep=1 - evicted / 100)
             out.append(Pipeline(build_pipeline("high").stages, f"high+evict{evicted}/{scorer}", eviction, Scoring(scorer=scorer)))
+    for name, extra in (("max/reconstruct", {}),
+                        ("max-keep40-b1.7/reconstruct", dict(evict_keep=0.4, lattice_k_bits=1.7, lattice_v_bits=1.7))):
+        p = build_pipeline("max", score_scorer="reconstruct", **extra)
+        out.append(Pipeline(p.stages, name, p.eviction, p.scoring))
     return out
 
 
