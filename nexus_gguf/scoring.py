@@ -96,7 +96,7 @@ def _softmax_rows(logits: np.ndarray) -> np.ndarray:
 
 
 def reconstruction_importance(llm, blob: bytes, keys: dict, tokens, chunk: int, stride: int,
-                              state: Optional[LlamaState] = None, span: int = 0,
+                              state: Optional[LlamaState] = None, span: int = 1024,
                               spool_dir: Optional[str] = None) -> np.ndarray:
     """float64 [n_cells]: for each cached key, the largest attention a query of the repeated
     prompt gives it (per layer and KV head, over the GQA group), each (layer, head) scaled to its
