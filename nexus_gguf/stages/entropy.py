@@ -403,14 +403,7 @@ class CodedStream:
                 raise FormatError(f"{where}: empty stream with {n} values")
             return np.zeros(0, np.int64)
         if method == METHOD_ZSTD:
-            r = ByteReader(payload, where, FormatError)
-            width = r.unpack("<B")
-            if width not in (1, 2, 4):
-                raise FormatError(f"{where}: bad integer width {width}")
-            raw = decompress_bounded(payload[1:], n * width, where)
-            if len(raw) != n * width:
-                raise FormatError(f"{where}: zstd stream holds {len(raw)} bytes, expected {n * width}")
-            return np.frombuffer(raw, {1: "<i1", 2: "<i2", 4: "<i4"}[width])
+            return zstd_values(payload, n, where)
         if method in (METHOD_RANS, METHOD_RANS_LANES):
             p = self.rans()
             try:
@@ -423,6 +416,23 @@ class CodedStream:
                 raise FormatError(f"{where}: {e}") from None
             return _offset(symbols, p.lo, p.freqs.size)
         raise FormatError(f"{where}: unknown coding method {method}")
+
+
+_ZSTD_WIDTHS = {1: np.dtype("<i1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
+
+
+def zstd_values(payload, n: int, where: str) -> np.ndarray:
+    """The n values of a zstd-coded stream's payload (its integer width in bytes, then one zstd
+    frame), read-only, of that width's signed type."""
+    if not len(payload):
+        raise FormatError(f"{where}: data needs 1 bytes at offset 0, 0 left")  # (as ByteReader says it)
+    width = payload[0]
+    if width not in _ZSTD_WIDTHS:
+        raise FormatError(f"{where}: bad integer width {width}")
+    raw = decompress_bounded(payload[1:], n * width, where)
+    if len(raw) != n * width:
+        raise FormatError(f"{where}: zstd stream holds {len(raw)} bytes, expected {n * width}")
+    return np.frombuffer(raw, _ZSTD_WIDTHS[width])
 
 
 def _offset(symbols: np.ndarray, lo: int, size: int) -> np.ndarray:
