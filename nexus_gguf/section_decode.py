@@ -400,6 +400,12 @@ class Prepared:
     # before the values are made
     deferred_bases: list[tuple] = dataclasses.field(default_factory=list)
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes the batch holds, but for the RoPE angles (the Rope stage's, shared by a
+        stream's K sections)."""
+        return self.streams.nbytes + sum(a.nbytes for k, a in self.arrays.items() if k not in ("cos", "sin"))
+
 
 def prepare(pipeline, jobs: list[SectionJob], defer_basis: bool = False) -> Prepared:
     """The batch for `jobs` (FormatError for what the host can already see is damaged).

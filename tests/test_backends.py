@@ -515,3 +515,47 @@ def test_prepare_and_run_overlaps_preparation_with_runs_and_raises_the_first_err
     with pytest.raises(KeyError):
         prepare_and_run(prepare, run, [0, 1, "bad-prepare", 3], window=8)
     assert state["running"] == 0 and sorted(state["ran"]) == [0, 1]  # 3 never prepared
+
+def test_prepare_and_run_opens_a_place_when_any_run_ends_and_keeps_to_its_budget():
+    """A long run does not hold back the items after it (a place in the window opens when any
+    run ends, not only the oldest), and with a byte budget no more are prepared once those
+    waiting hold it, unless only as many as the threads are."""
+    import threading
+    import time
+
+    from nexus_gguf.backends import prepare_and_run, threads
+
+    if threads() < 2:
+        pytest.skip("one core: each item runs as it is prepared")
+    lock = threading.Lock()
+    log = []
+
+    def prepare(i):
+        with lock:
+            log.append(("prepared", i))
+        return i
+
+    def run(i):
+        time.sleep(0.3 if i == 0 else 0.002)
+        with lock:
+            log.append(("ran", i))
+
+    prepare_and_run(prepare, run, list(range(12)), window=3)
+    before = log[: log.index(("ran", 0))]
+    assert sum(1 for what, _ in before if what == "prepared") >= 8, before  # waiting on item 0: 3
+
+    held = {"now": 0, "most": 0}
+
+    def prepare_costly(i):
+        with lock:
+            held["now"] += 10
+            held["most"] = max(held["most"], held["now"])
+        return i
+
+    def run_costly(i):
+        time.sleep(0.002)
+        with lock:
+            held["now"] -= 10
+
+    prepare_and_run(prepare_costly, run_costly, list(range(30)), window=100, cost=lambda i: 10, budget=25)
+    assert held["now"] == 0 and held["most"] <= 10 * (threads() + 1)
