@@ -54,35 +54,47 @@ def test_a_save_gives_back_each_layer_after_coding_it_and_writes_the_same_bytes(
     their own; the lossless one: once their section is made), and within a memory budget the
     layers encode as many at a time as it holds: a save that keeps every row and codes on all
     cores writes the same sections (rows let go too early would be coded as zeros)."""
+    import threading
+
     from nexus_gguf import backends, state_file
 
     llm = open_llama(smollm2_path, n_ctx=1024)
     llm.eval(prompt_tokens(llm, prompt_text * 4, 900))
-    released, widths = [], []
-    release, parallel_map = heap.PageBuffer.release, state_file.parallel_map
+    released, at_start = [], []  # bytes given back; how many layers were encoding as each began
+    release, encode_layers = heap.PageBuffer.release, state_file._encode_layers
+    lock, running = threading.Lock(), [0]
 
     def counting(self, view):
         got = release(self, view)
         released.append(got)
         return got
 
-    def recording(fn, items):
-        widths.append(len(items))
-        return parallel_map(fn, items)
+    def tracking(encode_layer, layers, budget):
+        def tracked(layer):
+            with lock:
+                running[0] += 1
+                at_start.append(running[0])
+            try:
+                return encode_layer(layer)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        return encode_layers(tracked, layers, budget)
 
     monkeypatch.setattr(heap.PageBuffer, "release", counting)
-    monkeypatch.setattr(state_file, "parallel_map", recording)
+    monkeypatch.setattr(state_file, "_encode_layers", tracking)
     monkeypatch.setenv("NEXUS_GGUF_SAVE_MEMORY", budget)
     raw = ng.save_state(llm, tmp_path / "released.nxkv", preset).raw_bytes
     assert len(released) == 2 * 30 and sum(released) > 0.8 * raw
-    assert sum(widths) == 30
-    if budget == "none":  # all cores, two layers a core a batch
-        assert widths[0] == min(30, 2 * backends.threads())
+    assert len(at_start) == 30
+    if budget == "none":  # all cores
+        assert max(at_start) == min(30, backends.threads())
     elif budget == "0":  # one layer at a time until the rows given back hold another's working set
         n = state_file.LAYER_WORKING_SET
-        assert widths[:n] == [1] * n
-    else:  # one at a time while the budget holds only one, more as rows are given back
-        assert widths[0] == 1 and max(widths) > 1
+        assert at_start[:n] == [1] * n
+    elif backends.threads() > 1:  # one at a time while the budget holds only one, more as rows are given back
+        assert at_start[0] == 1 and max(at_start) > 1
     monkeypatch.setattr(heap.PageBuffer, "release", lambda self, view: 0)
     monkeypatch.setenv("NEXUS_GGUF_SAVE_MEMORY", "none")
     ng.save_state(llm, tmp_path / "kept.nxkv", preset)
