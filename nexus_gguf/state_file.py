@@ -209,7 +209,8 @@ def _encode_layers(encode_layer, layers: list, memory_budget) -> Iterator[tuple[
     4096-token save's encoding used 1.7 of 2), the sections of those done kept (small) until the
     layers before them are. On an error no more start; once those running end, the first
     layer's error in order is raised. The heap's freed pages go back to the system every two
-    layers per thread (glibc keeps what each thread frees)."""
+    layers per thread, or after each while the budget holds fewer layers than threads (glibc
+    keeps what each thread frees)."""
     every = 2 * threads()
     if threads() < 2 or in_pool() or len(layers) < 2:
         with single_threaded_blas():
@@ -233,6 +234,15 @@ def _encode_layers(encode_layer, layers: list, memory_budget) -> Iterator[tuple[
                     L = layers[started]
                     cost = LAYER_WORKING_SET * (L.k.nbytes + L.v.nbytes)
                     width = max(1, min(width, (memory_budget + given_back) // max(cost, 1)))
+                if width == 1 and not running and not finished:
+                    # the budget holds one layer: it encodes here, as each layer did without a pool
+                    # (on the pool's threads, each a heap of its own, a bounded 7680-token save peaked
+                    # up to 10% higher)
+                    coded, given = encode_layer(layers[started])
+                    started, next_out, given_back = started + 1, next_out + 1, given_back + given
+                    yield from coded
+                    release_freed_memory()
+                    continue
                 while not failed and started < len(layers) and len(running) < width:
                     running[executor.submit(encode_layer, layers[started])] = started
                     started += 1
@@ -247,7 +257,7 @@ def _encode_layers(encode_layer, layers: list, memory_budget) -> Iterator[tuple[
                     coded, _ = finished.pop(next_out).result()  # (a layer's error: raised here, in order)
                     next_out += 1
                     yield from coded
-                    if next_out % every == 0:
+                    if next_out % every == 0 or width < threads():  # (a binding budget: after each layer)
                         release_freed_memory()
         finally:
             wait(running)
