@@ -207,6 +207,44 @@ def test_native_library_is_built():
     assert backend_name("auto") == "native"
 
 
+def test_the_build_leaves_the_parsed_declarations_beside_the_library():
+    """CMake writes nxkv.h's declarations as cffi parsed them (backends/ffi_module.py) next to
+    the library, and the loader takes them: a first load does not parse the header again."""
+    if not _available("native"):
+        pytest.skip(backend_status()["native"])
+    from nexus_gguf.backends import ffi_module, native
+
+    if os.environ.get("NEXUS_GGUF_NATIVE_LIB"):
+        pytest.skip("NEXUS_GGUF_NATIVE_LIB names a library built elsewhere")
+    native.load()
+    lib_dir = native._PKG / "_native"
+    header = next(p for p in (lib_dir / "nxkv.h", native._PKG.parent / "native/include/nxkv.h") if p.exists())
+    assert ffi_module.prebuilt(lib_dir / "nxkv_ffi.py", native._cdef(header)) is not None, (
+        f"no declarations for {header} in {lib_dir / 'nxkv_ffi.py'}: rebuild the library")
+    assert native.declarations_from == str(lib_dir / "nxkv_ffi.py")
+
+
+def test_parsed_declarations_are_taken_only_where_they_match_the_header(tmp_path):
+    """ffi_module.prebuilt: the module `write` made, for exactly the declarations it was made
+    from; a changed header, a damaged or missing module: None (the loader parses instead)."""
+    pytest.importorskip("cffi")
+    from nexus_gguf.backends import ffi_module, native
+
+    header = next(p for p in (native._PKG / "_native" / "nxkv.h", native._PKG.parent / "native/include/nxkv.h") if p.exists())
+    out = tmp_path / "nxkv_ffi.py"
+    ffi_module.write(header, out)
+    cdef = native._cdef(header)
+    ffi = ffi_module.prebuilt(out, cdef)
+    assert ffi is not None and ffi.sizeof("nxkv_section") > 0
+    if _available("native"):  # the library's ABI version through these declarations
+        lib = ffi.dlopen(str(native._find("NEXUS_GGUF_NATIVE_LIB", [native._PKG / "_native" / n for n in native._library_names()])))
+        assert lib.nxkv_abi_version() == lib.NXKV_ABI_VERSION
+    assert ffi_module.prebuilt(out, cdef + "\nint nxkv_new_function(void);") is None
+    assert ffi_module.prebuilt(tmp_path / "missing.py", cdef) is None
+    out.write_text("this is not python")
+    assert ffi_module.prebuilt(out, cdef) is None
+
+
 def test_features_name_the_backend_that_runs_each_op():
     for policy in [b for b in BACKENDS if _available(b)]:
         features = backend_features(policy)

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NativeLibraryError
-from . import reference
+from . import ffi_module, reference
 
 _PKG = Path(__file__).resolve().parent.parent
 _lib = _ffi = None
+declarations_from = ""  # once loaded: the prebuilt declarations' module, or the header parsed
 
 
 def _library_names() -> list[str]:
@@ -38,12 +39,10 @@ def _find(env: str, candidates: list[Path]) -> Path:
 
 def _cdef(header: Path, marker: str = "NXKV_CDEF") -> str:
     """The declarations between the header's /* <marker>_BEGIN */ and /* <marker>_END */."""
-    text = header.read_text()
     try:
-        body = text.split(f"/* {marker}_BEGIN */", 1)[1].split(f"/* {marker}_END */", 1)[0]
-    except IndexError:
-        raise NativeLibraryError(f"{header} has no {marker} markers") from None
-    return body
+        return ffi_module.declarations(header, marker)
+    except ValueError as e:
+        raise NativeLibraryError(str(e)) from None
 
 
 def load():
@@ -56,8 +55,14 @@ def load():
     native_dir = _PKG / "_native"
     lib_path = _find("NEXUS_GGUF_NATIVE_LIB", [native_dir / n for n in _library_names()])
     header = _find("NEXUS_GGUF_NATIVE_HEADER", [native_dir / "nxkv.h", _PKG.parent / "native/include/nxkv.h"])
-    ffi = cffi.FFI()
-    ffi.cdef(_cdef(header))
+    cdef = _cdef(header)
+    # the declarations as CMake parsed them beside the library (backends/ffi_module.py), else now
+    global declarations_from
+    module = lib_path.parent / "nxkv_ffi.py"
+    ffi, declarations_from = ffi_module.prebuilt(module, cdef), str(module)
+    if ffi is None:
+        ffi, declarations_from = cffi.FFI(), str(header)
+        ffi.cdef(cdef)
     try:
         lib = ffi.dlopen(str(lib_path))
     except OSError as e:
