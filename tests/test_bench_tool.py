@@ -32,7 +32,8 @@ def test_tiny_gemma3_rows_restore_every_cache():
 
 def test_memory_is_measured_in_a_new_process(smollm2_path, prompt_text, tmp_path):
     """fresh_process_peak: a save (of a state restored from a lossless file) and a load, each
-    the first in a new process; what they add is at least the raw state they hold."""
+    the first in a new process; what they add is at least the raw state they hold. And
+    fresh_process_load_seconds: how long such a load takes."""
     import nexus_gguf as ng
     from conftest import open_llama, prompt_tokens
 
@@ -47,3 +48,7 @@ def test_memory_is_measured_in_a_new_process(smollm2_path, prompt_text, tmp_path
     assert save >= raw and load >= raw
     with pytest.raises(RuntimeError, match="load memory measurement failed"):
         bench.fresh_process_peak(smollm2_path, 512, 2, "load", path=str(tmp_path / "missing.nxkv"))
+    # and the time of a new process's first load (the same file), or why it could not be had
+    assert 0 < bench.fresh_process_load_seconds(smollm2_path, 512, 2, str(tmp_path / "high.nxkv"), 1) < 60
+    with pytest.raises(RuntimeError, match="first-load measurement failed"):
+        bench.fresh_process_load_seconds(smollm2_path, 512, 2, str(tmp_path / "missing.nxkv"), 1)

@@ -100,7 +100,19 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} threads, {platform.system()}"
+    return f"{cpu}{_simd()}, {os.cpu_count()} threads, {platform.system()}"
+
+
+def _simd() -> str:
+    """The widest vector extensions the native library's kernels use on this CPU (figures differ
+    by about 2x between them: README)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return ""
+    if {"avx512f", "avx512vl", "avx512_vnni"} <= set(flags):
+        return " (AVX-512 VNNI)"
+    return " (AVX2)" if "avx2" in flags else " (no AVX2)"
 
 
 def update_readme(readme: Path, block: str, begin: str = README_BEGIN, end: str = README_END) -> None:
@@ -191,6 +203,34 @@ def fresh_process_peak(model: str, n_ctx: int, threads: int, op: str, env: Optio
     return int(done.stdout.split()[-1])
 
 
+_FRESH_LOAD = """
+import json, sys, time
+import llama_cpp
+import nexus_gguf as ng
+a = json.loads(sys.argv[1])
+llm = llama_cpp.Llama(a["model"], n_ctx=a["n_ctx"], n_threads=a["threads"], n_batch=512, verbose=False)
+t = time.perf_counter()
+ng.load_state(llm, a["path"])
+print(time.perf_counter() - t)
+"""
+
+
+def fresh_process_load_seconds(model: str, n_ctx: int, threads: int, path: str, repeat: int) -> float:
+    """The median time of a new process's first load_state of `path` (what `nexus-gguf generate`
+    or a server's first restore waits for: the model's GGUF header read, the native library's
+    declarations loaded, the state buffer's first pages), over `repeat` processes."""
+    import subprocess
+
+    args = json.dumps({"model": model, "n_ctx": n_ctx, "threads": threads, "path": path})
+    times = []
+    for _ in range(repeat):
+        done = subprocess.run([sys.executable, "-c", _FRESH_LOAD, args], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"the first-load measurement failed: {done.stderr[-2000:]}")
+        times.append(float(done.stdout.split()[-1]))
+    return sorted(times)[len(times) // 2]
+
+
 def speed(model: str, prefixes: list[int], threads: int, repeat: int) -> list[dict]:
     """For each prefix of the prose text: llama-cpp-python's own state save and load, then
     save_state / load_state of each preset (medians of `repeat`), the decoder and encoder alone
@@ -245,6 +285,7 @@ def speed(model: str, prefixes: list[int], threads: int, repeat: int) -> list[di
                                                   preset=preset, out=str(tmp / f"{preset}-memory.nxkv"),
                                                   env={"NEXUS_GGUF_SAVE_MEMORY": BOUNDED_SAVE_MEMORY})
             load_mem = fresh_process_peak(model, n_ctx, threads, "load", path=str(path))
+            first_load = fresh_process_load_seconds(model, n_ctx, threads, str(path), repeat)
             f = NxkvFile.open(path)
             h = Header(f.header, f.source)
             decode, encode = {}, {}
@@ -264,6 +305,7 @@ def speed(model: str, prefixes: list[int], threads: int, repeat: int) -> list[di
                 "prefix_tokens": n, "preset": preset, "raw_bytes": raw_bytes, "stored_bytes": path.stat().st_size,
                 "prefill_seconds": prefill, "raw_save_seconds": raw_save, "raw_load_seconds": raw_load,
                 "save_seconds": save, "load_seconds": load, "load_vs_raw": load / raw_load, "load_vs_prefill": load / prefill,
+                "first_load_seconds": first_load,
                 "decode_seconds_1": decode[1], "decode_seconds_all": decode[all_cores], "cores": all_cores,
                 "decode_gb_s_per_core": raw_bytes / decode[1] / 1e9, "decode_scaling": decode[1] / decode[all_cores],
                 "encode_seconds_1": encode[1], "encode_seconds_all": encode[all_cores],
@@ -273,7 +315,7 @@ def speed(model: str, prefixes: list[int], threads: int, repeat: int) -> list[di
             }
             rows.append(row)
             print(f"  {preset}: load {load:.3f} s ({row['load_vs_raw']:.1f}x raw, 1/{1 / row['load_vs_prefill']:.0f} "
-                  f"of the prefill), decode {row['decode_gb_s_per_core']:.2f} GB/s per core, x{row['decode_scaling']:.2f} "
+                  f"of the prefill; a new process's first {first_load:.3f} s), decode {row['decode_gb_s_per_core']:.2f} GB/s per core, x{row['decode_scaling']:.2f} "
                   f"on {all_cores}; encode {row['encode_mb_s_per_core']:.0f} MB/s per core; peak +{save_mem / 1e6:.0f} MB "
                   f"saving, +{load_mem / 1e6:.0f} MB loading", file=sys.stderr)
     return rows
@@ -344,13 +386,14 @@ def tiny_gemma3_table(rows: list[dict]) -> str:
 
 
 def speed_table(rows: list[dict]) -> str:
-    head = ("| tokens | preset | raw MB | load s | llama.cpp load s | load / raw | prefill s | load / prefill "
+    head = ("| tokens | preset | raw MB | load s | first load s | llama.cpp load s | load / raw | prefill s | load / prefill "
             "| decode GB/s per core | on all cores | encode MB/s per core | save s | peak extra MB saving / loading "
             f"| bounded save ({BOUNDED_SAVE_MEMORY}): s, peak extra MB |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         out.append(
             f"| {r['prefix_tokens']} | {r['preset']} | {r['raw_bytes'] / 1e6:.1f} | {r['load_seconds']:.3f} | "
+            f"{r['first_load_seconds']:.3f} | "
             f"{r['raw_load_seconds']:.3f} | {r['load_vs_raw']:.1f}x | {r['prefill_seconds']:.1f} | "
             f"1/{1 / r['load_vs_prefill']:.0f} | {r['decode_gb_s_per_core']:.2f} | x{r['decode_scaling']:.2f} on "
             f"{r['cores']} | {r['encode_mb_s_per_core']:.0f} | {r['save_seconds']:.2f} | "
@@ -407,7 +450,8 @@ def main(argv=None) -> int:
         if not args.no_readme:
             block = (f"Measured by `{meta['command']}` on {meta['date'][:10]} ({meta['machine']}; {meta['model']}; "
                      f"llama-cpp-python {meta['software']['llama_cpp_python']}); medians of {args.repeat}. Load: "
-                     "`load_state` into a Llama holding nothing, file read and checksummed included; llama.cpp load: "
+                     "`load_state` into a Llama holding nothing, file read and checksummed included; first load: "
+                     f"the same as a new process's first (median of {args.repeat} processes); llama.cpp load: "
                      "llama-cpp-python's own `Llama.load_state` of the raw state. Decode / encode: the codec alone, "
                      "GB/s of reconstructed cache (raw state bytes); scoring excluded. Peak extra: resident memory "
                      "above the level before the call, the first save or load in a new process (freed memory "
