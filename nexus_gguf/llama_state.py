@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -422,21 +422,26 @@ def write_sequence_file(f, state: LlamaState, magic: int, version: int) -> int:
     return n
 
 
-def state_buffer(skeleton: LlamaState) -> tuple[np.ndarray, LlamaState]:
-    """The blob of `skeleton` as one uint8 array with everything but the layers' rows written, and the
-    state with each layer's K and V as writable views of their place in it: a decoder fills the
-    rows in place, and the buffer is what llama.cpp gets, with no second copy of the state. The
-    skeleton's rows give only shapes (np.broadcast_to of one byte costs no memory)."""
+def state_buffer(skeleton: LlamaState) -> tuple[np.ndarray, LlamaState, Callable[[], None]]:
+    """The blob of `skeleton` as one uint8 array, the state with each layer's K and V as writable
+    views of their place in it, and a call that writes everything but the rows: a decoder fills
+    the rows in place, then the call, and the buffer is what llama.cpp gets, with no second copy
+    of the state. The skeleton's rows give only shapes (np.broadcast_to of one byte costs no
+    memory)."""
     pieces = _pieces(skeleton)
     size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
-    # uninitialised (np.empty): the decoders write every row, and their threads, not this one,
-    # take the page faults of a large state
+    # uninitialised (np.empty), and the bytes between the rows written last: the decoders' threads
+    # take the page faults of a large state as they write the rows. Written first, the few bytes
+    # between each layer's rows made this thread fault nearly every page (huge pages: 2 MB each)
+    # before any decoding: 0.16 s of a new process's first 4096-token load, when the kernel
+    # compacts memory for them, ~15 ms of each later one
     buf = np.empty(size, np.uint8)
     views: dict[int, np.ndarray] = {}
+    between: list[tuple[int, bytes]] = []
     offset = 0
     for p in pieces:
         if isinstance(p, bytes):
-            buf[offset : offset + len(p)] = np.frombuffer(p, np.uint8)
+            between.append((offset, p))
             offset += len(p)
         else:
             views[id(p)] = buf[offset : offset + p.nbytes].reshape(p.shape)
@@ -447,8 +452,12 @@ def state_buffer(skeleton: LlamaState) -> tuple[np.ndarray, LlamaState]:
             return None
         return Stream(stream.cells, [replace(L, k=views[id(L.k)], v=views[id(L.v)]) for L in stream.layers])
 
+    def write_between() -> None:
+        for at, p in between:
+            buf[at : at + len(p)] = np.frombuffer(p, np.uint8)
+
     caches = [Cache(c.name, [placed(s) for s in c.streams]) for c in skeleton.caches]
-    return buf, replace(skeleton, caches=caches)
+    return buf, replace(skeleton, caches=caches), write_between
 
 
 def check_supported_memory(is_recurrent: bool, is_hybrid: bool, arch: str = "") -> None:

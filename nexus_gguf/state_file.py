@@ -353,7 +353,7 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
                 streams.append(Stream(cells, layers))
             caches.append(Cache(c["name"], streams))
         try:
-            blob, state = state_buffer(LlamaState(kind, caches, arch, seq_id, bool(layout["has_cell_ext"])))
+            blob, state, write_between = state_buffer(LlamaState(kind, caches, arch, seq_id, bool(layout["has_cell_ext"])))
         except StateLayoutError as e:
             raise FormatError(f"the header's state layout is inconsistent: {e}") from None
     except FormatError:
@@ -370,6 +370,7 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
         if gpu is not None:  # every section in one GPU batch
             gpu(pipeline, [sj for job in jobs for sj in _layer_sections(pipeline, dims, job, state.caches[job[0]].streams[job[1]]
                                                                          .layers[job[2]], read(job))])
+            write_between()
             return blob, state
         if _native_batches() and _batchable(pipeline, dims, jobs):
             # each section's batch prepared here (Python) while the pool runs the ones before
@@ -387,6 +388,7 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
             # the batches waiting hold at most 1/32 of the state (7680 SmolLM2 tokens: ~8 of ~0.7 MB)
             prepare_and_run(prepared, section_decode.run_native, [(job, part) for job in jobs for part in ("k", "v")],
                             cost=lambda prep: prep.nbytes, budget=blob.nbytes // 32)
+            write_between()
             return blob, state
 
         def decode_layer(job) -> None:
@@ -421,6 +423,7 @@ def decode_state_blob(layout: dict[str, Any], pipeline: Pipeline, section, limit
         # core, not the file); else the sections are read here first, in order (a remote file
         # reads one range at a time)
         parallel_map(decode_layer, [(*job, None if concurrent_reads else read(job)) for job in jobs])
+        write_between()
         return blob, state
     except StateLayoutError as e:  # _value_info: rows that are not whole heads
         raise FormatError(f"the header's state layout is inconsistent: {e}") from None
