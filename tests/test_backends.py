@@ -222,6 +222,10 @@ def test_the_build_leaves_the_parsed_declarations_beside_the_library():
     assert ffi_module.prebuilt(lib_dir / "nxkv_ffi.py", native._cdef(header)) is not None, (
         f"no declarations for {header} in {lib_dir / 'nxkv_ffi.py'}: rebuild the library")
     assert native.declarations_from == str(lib_dir / "nxkv_ffi.py")
+    # and the CUDA library's (nxkv.h's types and its own functions), where it was built
+    if any((lib_dir / n).exists() for n in ("libnxkv_cuda.so", "nxkv_cuda.dll")):
+        cuda_cdef = native._cdef(header) + native._cdef(header.parent / "nxkv_cuda.h", "NXKV_CUDA_CDEF")
+        assert ffi_module.prebuilt(lib_dir / "nxkv_cuda_ffi.py", cuda_cdef) is not None
 
 
 def test_parsed_declarations_are_taken_only_where_they_match_the_header(tmp_path):
@@ -232,7 +236,7 @@ def test_parsed_declarations_are_taken_only_where_they_match_the_header(tmp_path
 
     header = next(p for p in (native._PKG / "_native" / "nxkv.h", native._PKG.parent / "native/include/nxkv.h") if p.exists())
     out = tmp_path / "nxkv_ffi.py"
-    ffi_module.write(header, out)
+    ffi_module.write(out, (header, "NXKV_CDEF"))
     cdef = native._cdef(header)
     ffi = ffi_module.prebuilt(out, cdef)
     assert ffi is not None and ffi.sizeof("nxkv_section") > 0

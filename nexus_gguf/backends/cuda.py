@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NativeLibraryError
-from . import native
+from . import ffi_module, native
 
 _PKG = Path(__file__).resolve().parent.parent
 _lib = _ffi = None
@@ -52,9 +52,13 @@ def load():
             "nvcc is found (pip install . or cmake -S . -B build && cmake --build build on a machine with the CUDA toolkit)"
         ) from None
     header = native._find("NEXUS_GGUF_CUDA_HEADER", [native_dir / "nxkv_cuda.h", _PKG.parent / "native/include/nxkv_cuda.h"])
-    ffi = cffi.FFI()
     # nxkv.h (beside it) declares nxkv_section; its CPU functions are not looked up here
-    ffi.cdef(native._cdef(header.parent / "nxkv.h") + native._cdef(header, "NXKV_CUDA_CDEF"))
+    cdef = native._cdef(header.parent / "nxkv.h") + native._cdef(header, "NXKV_CUDA_CDEF")
+    # as CMake parsed them beside the library (backends/ffi_module.py), else now
+    ffi = ffi_module.prebuilt(lib_path.parent / "nxkv_cuda_ffi.py", cdef)
+    if ffi is None:
+        ffi = cffi.FFI()
+        ffi.cdef(cdef)
     try:
         lib = ffi.dlopen(str(lib_path))
     except OSError as e:

@@ -2,10 +2,11 @@
 
 cffi parses a header's declarations with pycparser: 50-80 ms for nxkv.h on 2 EPYC cores, paid
 by every process on its first load or save (measured). CMake runs this file as a script beside
-the library (`python ffi_module.py nxkv.h nxkv_ffi.py`): it writes cffi's out-of-line ABI module
+the library (`python ffi_module.py nxkv_ffi.py nxkv.h`): it writes cffi's out-of-line ABI module
 of the same declarations, which imports in ~3 ms, with the SHA-256 of the declarations it was
-made from. backends/native.py takes it only where that matches the header it loads the library
-against, and parses the header otherwise (a build without Python or cffi, a header changed since).
+made from. backends/native.py (and backends/cuda.py, nxkv_cuda_ffi.py) takes it only where that
+matches the headers it loads the library against, and parses them otherwise (a build without
+Python or cffi, a header changed since).
 
 Run as a script this file imports nothing of the package (CMake's Python has only cffi)."""
 
@@ -33,11 +34,12 @@ def digest(cdef: str) -> str:
     return hashlib.sha256(cdef.encode()).hexdigest()
 
 
-def write(header: Path, out: Path) -> None:
-    """The out-of-line module of the header's declarations into `out` (replaced atomically)."""
+def write(out: Path, *headers: tuple[Path, str]) -> None:
+    """The out-of-line module of the declarations of each (header, marker), in order, into `out`
+    (replaced atomically)."""
     import cffi
 
-    cdef = declarations(header)
+    cdef = "".join(declarations(h, marker) for h, marker in headers)
     ffi = cffi.FFI()
     ffi.cdef(cdef)
     ffi.set_source("nxkv_ffi", None)  # None: ABI mode, nothing to compile
@@ -63,6 +65,6 @@ def prebuilt(module: Path, cdef: str) -> Optional[Any]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: ffi_module.py HEADER OUT")
-    write(Path(sys.argv[1]), Path(sys.argv[2]))
+    if len(sys.argv) < 3:
+        sys.exit("usage: ffi_module.py OUT HEADER[:MARKER] ... (marker NXKV_CDEF where none is given)")
+    write(Path(sys.argv[1]), *[(Path(a.split(":")[0]), a.split(":")[1] if ":" in a else "NXKV_CDEF") for a in sys.argv[2:]])
