@@ -205,9 +205,10 @@ def fresh_process_peak(model: str, n_ctx: int, threads: int, op: str, env: Optio
 
 _FRESH_LOAD = """
 import json, sys, time
+a = json.loads(sys.argv[1])
+sys.path.insert(0, a["root"])  # this checkout, as the bench measures
 import llama_cpp
 import nexus_gguf as ng
-a = json.loads(sys.argv[1])
 llm = llama_cpp.Llama(a["model"], n_ctx=a["n_ctx"], n_threads=a["threads"], n_batch=512, verbose=False)
 t = time.perf_counter()
 ng.load_state(llm, a["path"])
@@ -221,7 +222,7 @@ def fresh_process_load_seconds(model: str, n_ctx: int, threads: int, path: str, 
     declarations loaded, the state buffer's first pages), over `repeat` processes."""
     import subprocess
 
-    args = json.dumps({"model": model, "n_ctx": n_ctx, "threads": threads, "path": path})
+    args = json.dumps({"model": model, "n_ctx": n_ctx, "threads": threads, "path": path, "root": str(ROOT)})
     times = []
     for _ in range(repeat):
         done = subprocess.run([sys.executable, "-c", _FRESH_LOAD, args], capture_output=True, text=True, check=False)
