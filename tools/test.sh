@@ -17,7 +17,8 @@ if "$fast_env/bin/python" -c "import llama_cpp" 2>/dev/null; then
   echo "tools/test.sh: the fast tier's environment must not have llama-cpp-python" >&2
   exit 1
 fi
-cmake -S . -B build/native -DCMAKE_BUILD_TYPE=Release >/dev/null
+# (with this environment's Python, which has cffi: the library's declarations are parsed at build)
+cmake -S . -B build/native -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$PWD/$fast_env/bin/python" >/dev/null
 cmake --build build/native >/dev/null
 echo "== fast tier: pytest -m 'not llama' (source checkout, no llama-cpp-python)"
 "$fast_env/bin/python" -m pytest -q -p no:cacheprovider -m "not llama" tests
