@@ -10,7 +10,7 @@ from conftest import THREADS, context_blob, decode_into, open_llama, prompt_toke
 
 from nexus_gguf import llama_bridge as bridge
 from nexus_gguf.errors import StateLayoutError, UnsupportedModelError
-from nexus_gguf.llama_state import check_supported_memory, parse_state, write_state
+from nexus_gguf.llama_state import check_supported_memory, parse_state, state_buffer, write_state
 
 
 def _roundtrip(blob: bytes, kind: str, layout=None):
@@ -37,6 +37,26 @@ def test_f16_cache_v_transposed(smollm2_path, prompt_text):
         assert np.array_equal(stream.cells.pos, np.arange(48))
     assert st.kind == "sequence" and st.seq_id == 0
     assert parse_state(context_blob(llm), "context").arch == "llama"
+
+
+def test_state_buffer_is_the_blob_once_its_rows_and_the_bytes_between_are_written(smollm2_path, prompt_text):
+    """state_buffer: rows as views of one buffer; the bytes between them are left to the call it
+    returns (written after the rows, so that the decoders' threads take the buffer's page
+    faults); both written, the buffer is llama.cpp's blob byte for byte."""
+    llm = open_llama(smollm2_path)
+    llm.eval(prompt_tokens(llm, prompt_text, 40))
+    layout = bridge.model_facts(llm).state_layout()
+    for kind, blob in (("context", context_blob(llm)), ("sequence", bridge.get_seq_state(llm))):
+        state = parse_state(blob, kind, layout)
+        buf, placed, write_between = state_buffer(state)
+        assert buf.size == len(blob)
+        buf[:] = 0xA5  # not what any byte of the blob needs to be everywhere
+        for src, dst in zip(state.caches[0].streams[0].layers, placed.caches[0].streams[0].layers):
+            assert np.shares_memory(dst.k, buf) and np.shares_memory(dst.v, buf)
+            dst.k[...], dst.v[...] = src.k, src.v
+        assert bytes(buf) != blob  # the bytes between the rows are not written yet
+        write_between()
+        assert bytes(buf) == blob
 
 
 @pytest.mark.parametrize("cache_type", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "bf16", "f32"])
