@@ -38,7 +38,6 @@ def load():
     global _lib, _ffi, _device
     if _lib is not None:
         return _ffi, _lib
-    import cffi
 
     native_dir = _PKG / "_native"
     names = _library_names()
@@ -55,10 +54,7 @@ def load():
     # nxkv.h (beside it) declares nxkv_section; its CPU functions are not looked up here
     cdef = native._cdef(header.parent / "nxkv.h") + native._cdef(header, "NXKV_CUDA_CDEF")
     # as CMake parsed them beside the library (backends/ffi_module.py), else now
-    ffi = ffi_module.prebuilt(lib_path.parent / "nxkv_cuda_ffi.py", cdef)
-    if ffi is None:
-        ffi = cffi.FFI()
-        ffi.cdef(cdef)
+    ffi, _ = ffi_module.ffi_for(lib_path.parent / "nxkv_cuda_ffi.py", cdef)
     try:
         lib = ffi.dlopen(str(lib_path))
     except OSError as e:

@@ -64,6 +64,19 @@ def prebuilt(module: Path, cdef: str) -> Optional[Any]:
     return mod.ffi if getattr(mod, "CDEF_SHA256", None) == digest(cdef) else None
 
 
+def ffi_for(module: Path, cdef: str) -> tuple[Any, bool]:
+    """(an FFI of cdef, whether it is the prebuilt one of `module`): the module's where it matches
+    (prebuilt), else cdef parsed now."""
+    ffi = prebuilt(module, cdef)
+    if ffi is not None:
+        return ffi, True
+    import cffi
+
+    ffi = cffi.FFI()
+    ffi.cdef(cdef)
+    return ffi, False
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 3:
         sys.exit("usage: ffi_module.py OUT HEADER[:MARKER] ... (marker NXKV_CDEF where none is given)")

@@ -50,7 +50,6 @@ def load():
     global _lib, _ffi
     if _lib is not None:
         return _ffi, _lib
-    import cffi
 
     native_dir = _PKG / "_native"
     lib_path = _find("NEXUS_GGUF_NATIVE_LIB", [native_dir / n for n in _library_names()])
@@ -59,10 +58,8 @@ def load():
     # the declarations as CMake parsed them beside the library (backends/ffi_module.py), else now
     global declarations_from
     module = lib_path.parent / "nxkv_ffi.py"
-    ffi, declarations_from = ffi_module.prebuilt(module, cdef), str(module)
-    if ffi is None:
-        ffi, declarations_from = cffi.FFI(), str(header)
-        ffi.cdef(cdef)
+    ffi, was_prebuilt = ffi_module.ffi_for(module, cdef)
+    declarations_from = str(module if was_prebuilt else header)
     try:
         lib = ffi.dlopen(str(lib_path))
     except OSError as e:
