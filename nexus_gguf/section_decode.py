@@ -206,6 +206,30 @@ def _class_layout(column_class: dict) -> dict:
     return out
 
 
+def _column_slots(g: int, layout) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The 9 g columns of a cell's point row [coset g | coord 7 g | last g] as places in a
+    table's point streams, in _point_keys's order (a stream per type, or per type and class
+    with a layout): each column's stream (its place among the table's streams), its place among
+    that stream's columns and the stream's column count (the row stride); and the number of
+    streams a table has."""
+    if layout is None:  # one stream per type: its columns follow one another in each row
+        widths = np.array([g, 7 * g, g])
+        slot = np.repeat(np.arange(3), widths)
+        return slot, np.arange(9 * g) - np.repeat(np.cumsum(widths) - widths, widths), widths[slot], 3
+    slot, rank, width, k = [], [], [], 0
+    for name in _POINT_TYPES:
+        cols, classes, counts, rank_of = layout[name]
+        place = np.zeros(N_CLASSES, np.int64)  # each class's stream among the table's
+        place[classes] = np.arange(k, k + len(classes))
+        count_of = np.zeros(N_CLASSES, np.int64)
+        count_of[classes] = counts
+        slot.append(place[cols])
+        rank.append(rank_of)
+        width.append(count_of[cols])
+        k += len(classes)
+    return np.concatenate(slot), np.concatenate(rank), np.concatenate(width), k
+
+
 def _stream_rows(table: StreamTable, info: TensorInfo, keys: list[str], shapes: list[tuple]) -> np.ndarray:
     """The table's rows of the streams `keys`, each of its shape, else a FormatError naming the
     first that is missing or not of its shape."""
@@ -247,27 +271,12 @@ def _point_columns(batch: _Batch, table: StreamTable, info: TensorInfo, tables: 
     row [coset g | coord 7 g | last g], per column table (suffix, m): the m rows stored in the
     streams `<name><suffix>` (a step bucket's: suffix ".b"), split by component class (`.cK`)
     where layout (_class_layout) is given; points: _point_keys of those. Every table's streams
-    are registered in one call, the columns of all tables made at once."""
+    are registered in one call, the columns of all tables made at once (one gather each)."""
     keys, shapes, coset = points
     host, offset, lo = (x.reshape(len(tables), -1) for x in batch.point_streams(table, _stream_rows(table, info, keys, shapes),
                                                                                  np.array(coset)))
-    parts, k = [], 0
-    for name in _POINT_TYPES:
-        if layout is None:  # one stream per table: its columns follow one another in each row
-            width = 7 * g if name == "coord" else g
-            parts.append((offset[:, k : k + 1] + np.arange(width), np.full((1, width), width), np.repeat(lo[:, k : k + 1], width, 1),
-                          np.repeat(host[:, k : k + 1], width, 1)))
-            k += 1
-            continue
-        cols, classes, counts, rank = layout[name]
-        at = slice(k, k + len(classes))
-        offset_of, lo_of = (np.zeros((len(tables), N_CLASSES), np.int64) for _ in range(2))
-        count_of, host_of = np.zeros(N_CLASSES, np.int64), np.zeros((len(tables), N_CLASSES), bool)
-        offset_of[:, classes], lo_of[:, classes], count_of[classes], host_of[:, classes] = offset[:, at], lo[:, at], counts, host[:, at]
-        parts.append((offset_of[:, cols] + rank, count_of[cols][None], lo_of[:, cols], host_of[:, cols]))
-        k += len(classes)
-    start, stride, lo, host = (np.concatenate(x, axis=1) for x in zip(*parts))
-    return start, np.broadcast_to(stride, start.shape), lo, host
+    slot, rank, width, _ = _column_slots(g, layout)
+    return offset[:, slot] + rank, np.broadcast_to(width, (len(tables), slot.size)), lo[:, slot], host[:, slot]
 
 
 def _section(batch: _Batch, job: SectionJob, stages) -> None:
@@ -463,12 +472,19 @@ def fill_bases(prep: Prepared, symbols: np.ndarray) -> None:
     bases = prep.arrays["bases"]
     for i, out0, lo, size, dtype, where in prep.deferred_bases:
         s = prep.sections[i]
-        values = symbols[out0 : out0 + size].astype(np.int64) + lo
-        check_fits(values, dtype, where)  # as CodedStream.decode: a damaged record's type is not widened
+        if not size:
+            continue
+        got = symbols[out0 : out0 + size]
+        low, high = int(got.min()) + lo, int(got.max()) + lo  # (Python ints: a damaged lo cannot wrap around)
+        limits = np.iinfo(dtype)
+        if low < limits.min or high > limits.max:  # as CodedStream.decode: a damaged record's type is not widened
+            raise FormatError(f"{where}: values outside the stream's type {limits.dtype.name}")
         one = 1 << s["basis_shift"]
-        if size and (int(values.max()) > one or int(values.min()) < -one):
+        if high > one or low < -one:
             raise FormatError(f"{prep.jobs[i].info.name}: basis entries beyond {s['basis_shift'] + 1} bits")
-        bases[s["basis0"] : s["basis0"] + size] = values
+        dest = bases[s["basis0"] : s["basis0"] + size]
+        dest[...] = got  # symbols and entries are small integers: exact in float32
+        dest += lo
 
 
 def decode_sections(pipeline, jobs: list[SectionJob]) -> dict[str, float]:

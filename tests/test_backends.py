@@ -443,6 +443,9 @@ def test_native_batch_rans_decoder_matches_each_stream_decoded_alone():
               (40000, 4, 4096, 300, 0.01), (5, 4, 16384, 3, 0.5), (3, 4, 16384, 3, 0.5), (0, 4, 16384, 1, 0.5),
               (7000, 1, 7000, 5, 0.4), (9000, 8, 1000, 40, 0.2), (4096 * 9, 4, 4096, 1, 0.5), (20000, 4, 4096, 2000, 0.001),
               (16384 * 4, 4, 16384, 64, 0.05)]
+    # and chunks of many lengths, so that the SIMD rounds' groups of eight go on past their
+    # shortest chunks (those chunks' lanes sitting out) and end at different rounds
+    shapes += [(n, 4, 16384, 6, 0.3) for n in (4, 7, 37, 130, 1001, 2500, 4099, 6000, 9, 12000, 16383, 600, 5, 8191, 3333, 70)]
     payload, lengths, freqs, table, want = _rans_batch(rng, shapes)
     n_symbols = int(table[:, 2].sum())
     was = lib.nxkv_use_cpu_extensions(1)
