@@ -22,11 +22,12 @@ from __future__ import annotations
 import dataclasses
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from .errors import FormatError
+from .backends import native_host
 from .backends.reference import n_lane_tasks
 from .stages import TensorInfo
 from .stages.entropy import (DTYPE_CODES, DTYPES, METHOD_RANS, METHOD_RANS_LANES, METHOD_ZSTD, N_RECORD_FIELDS, REC_DTYPE, REC_BODY_AT,
@@ -265,18 +266,101 @@ def _point_keys(tables: list[tuple[str, int]], g: int, layout) -> tuple[list, li
     return keys, shapes, coset
 
 
-def _point_columns(batch: _Batch, table: StreamTable, info: TensorInfo, tables: list[tuple[str, int]], g: int, layout,
-                   points: tuple[list, list, list]) -> tuple[np.ndarray, ...]:
+def _point_columns(batch: _Batch, table: StreamTable, plan: "_PointPlan") -> tuple[np.ndarray, ...]:
     """(start, stride, lo, on host), each [table, column], of the 9 g columns of a cell's point
-    row [coset g | coord 7 g | last g], per column table (suffix, m): the m rows stored in the
-    streams `<name><suffix>` (a step bucket's: suffix ".b"), split by component class (`.cK`)
-    where layout (_class_layout) is given; points: _point_keys of those. Every table's streams
-    are registered in one call, the columns of all tables made at once (one gather each)."""
-    keys, shapes, coset = points
-    host, offset, lo = (x.reshape(len(tables), -1) for x in batch.point_streams(table, _stream_rows(table, info, keys, shapes),
-                                                                                 np.array(coset)))
-    slot, rank, width, _ = _column_slots(g, layout)
-    return offset[:, slot] + rank, np.broadcast_to(width, (len(tables), slot.size)), lo[:, slot], host[:, slot]
+    row [coset g | coord 7 g | last g], per column table: the plan's point streams registered in
+    one call, the columns of all tables made at once (one gather each)."""
+    host, offset, lo = (x.reshape(plan.n_tables, -1) for x in batch.point_streams(table, plan.rows(), plan.coset))
+    slot, rank, width = plan.slots
+    return offset[:, slot] + rank, np.broadcast_to(width, (plan.n_tables, slot.size)), lo[:, slot], host[:, slot]
+
+
+@dataclass
+class _PointPlan:
+    """Where a section's point streams split by step bucket or component class are, and how a
+    cell's point row reads them. The column tables: one (its rows the cells) or one per step
+    bucket present (its rows that bucket's cells in order)."""
+
+    n_tables: int
+    names: set  # the point streams' names (decoded with the batch, not as small streams)
+    rows: Callable[[], np.ndarray]  # their records in _point_keys's order (FormatError: one missing or not of its shape)
+    coset: np.ndarray  # bool per point stream: coset symbols (else coordinates)
+    slots: tuple  # _column_slots's (slot, rank, width) per column
+    cell_map: Optional[np.ndarray]  # (table, row) per cell, flat; None: one table
+
+
+def _point_plan(streams: StreamTable, info: TensorInfo, n: int, g: int, cls: Optional[np.ndarray],
+                buckets: Optional[np.ndarray]) -> _PointPlan:
+    """The section's _PointPlan: by the C library (nxkv_point_layout) where it is in use and takes
+    the section, else (and for the error a damaged section gets) by numpy."""
+    layout = native_host("point_layout")
+    got = None
+    if layout is not None:
+        roles = np.array([_point_role(name) for name in streams.names], np.int32).reshape(-1, 3)
+        got = layout(streams.records, roles, n, g, cls, buckets)
+    if got is None:
+        return _numpy_point_plan(streams, info, n, g, cls, buckets)
+    rows, n_tables, slots, cell_map = got
+    return _PointPlan(n_tables, {streams.names[r] for r in rows.tolist()}, lambda: rows, roles[rows, 0] == 0, slots, cell_map)
+
+
+def _numpy_point_plan(streams: StreamTable, info: TensorInfo, n: int, g: int, cls: Optional[np.ndarray],
+                      buckets: Optional[np.ndarray]) -> _PointPlan:
+    """_point_plan in numpy (the readable reference of nxkv_point_layout)."""
+    layout = None if cls is None else _class_layout(column_classes(cls))
+    cell_map = None
+    if buckets is None:
+        tables = [("", n)]
+    else:
+        count_of = np.bincount(buckets)  # (bucket ids are small and not negative: checked)
+        bucket_ids = np.flatnonzero(count_of)
+        counts = count_of[bucket_ids]
+        # each cell's table, in bucket order (uint8 where they fit, for argsort's radix sort below)
+        table_of = (np.cumsum(count_of > 0) - 1).astype(np.uint8 if bucket_ids.size <= 256 else np.int64)[buckets]
+        tables = [(f".{b}", m) for b, m in zip(bucket_ids.tolist(), counts.tolist())]
+        row = np.empty(n, np.int64)  # each cell's place among its bucket's cells
+        order = np.argsort(table_of, kind="stable")
+        row[order] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+        cell_map = np.stack([table_of.astype(np.int64).reshape(-1), row], axis=1).reshape(-1)
+    keys, shapes, coset = _point_keys(tables, g, layout)
+    return _PointPlan(len(tables), set(keys), lambda: _stream_rows(streams, info, keys, shapes), np.array(coset, bool),
+                      _column_slots(g, layout)[:3], cell_map)
+
+
+_ROLES: dict[str, tuple[int, int, int]] = {}  # a point stream's name -> its role (names repeat across sections)
+
+
+def _point_role(name: str) -> tuple[int, int, int]:
+    """(point type: 0 coset, 1 coord, 2 coord_last, else -1; step bucket or -1; component class
+    or -1) of a stream named as _point_keys names them (`coord`, `coord.3`, `coord.c2`,
+    `coord.3.c2`: decimal numbers as Python writes them); (-1, -1, -1) for any other name."""
+    got = _ROLES.get(name)
+    if got is None:
+        got = _parse_point_role(name)
+        if len(_ROLES) < 4096:
+            _ROLES[name] = got
+    return got
+
+
+def _parse_point_role(name: str) -> tuple[int, int, int]:
+    none = (-1, -1, -1)
+    parts = name.split(".")
+    if parts[0] not in _POINT_TYPES:
+        return none
+    bucket = cls = -1
+    rest = parts[1:]
+    if rest and _decimal(rest[0]):
+        bucket, rest = int(rest[0]), rest[1:]
+    if rest and rest[0][:1] == "c" and _decimal(rest[0][1:]):
+        cls, rest = int(rest[0][1:]), rest[1:]
+    if rest or bucket > 255 or cls >= N_CLASSES:
+        return none
+    return _POINT_TYPES.index(parts[0]), bucket, cls
+
+
+def _decimal(s: str) -> bool:
+    """s is a number as str(int) writes one (what f"{b}" gave the encoder's names)."""
+    return s.isascii() and s.isdigit() and (s == "0" or s[0] != "0")
 
 
 def _section(batch: _Batch, job: SectionJob, stages) -> None:
@@ -289,34 +373,22 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
     g = h * d // 8
     want, sink = lattice.stream_shapes(coding)
     small = {}
-    layout = None  # with component classes: _class_layout
+    cls = None
     if lattice.uses_classes(info):
         if "class" not in streams:
             raise FormatError(f"{info.name}: component classes missing")
         small["class"] = cls = streams["class"].decode()
         if cls.shape != (hc, dc) or (cls.size and int(cls.max()) >= N_CLASSES):
             raise FormatError(f"{info.name}: component classes missing, not of shape {(hc, dc)} or above {N_CLASSES - 1}")
-        layout = _class_layout(column_classes(cls))
     buckets = None
     if "bucket" in streams:  # importance-aware steps: each step bucket's cells in streams of their own
         small["bucket"] = buckets = streams["bucket"].decode()
         lattice.check_buckets(buckets, coding)
-    # the point rows' column tables: one (rows: the cells) or, with buckets, one per bucket
-    # (rows: its cells in order; cell_map says which table and row a cell reads)
-    if buckets is None:
-        tables = [("", n)]
-    else:
         if buckets.size and int(buckets.min()) < 0:  # (a damaged record's signed type: no such streams)
             raise FormatError(f"{info.name}: step buckets below 0")
-        count_of = np.bincount(buckets)  # (bucket ids are small: checked above)
-        bucket_ids = np.flatnonzero(count_of)
-        counts = count_of[bucket_ids]
-        # each cell's table, in bucket order (uint8 where they fit, for argsort's radix sort below)
-        table_of = (np.cumsum(count_of > 0) - 1).astype(np.uint8 if bucket_ids.size <= 256 else np.int64)[buckets]
-        tables = [(f".{b}", m) for b, m in zip(bucket_ids.tolist(), counts.tolist())]
-    by_column = buckets is not None or layout is not None
-    points = _point_keys(tables, g, layout) if by_column else ([], [], [])
-    point_names = set(points[0])
+    by_column = buckets is not None or cls is not None
+    plan = _point_plan(streams, info, n, g, cls, buckets) if by_column else None
+    point_names = plan.names if by_column else set()
     for name, shape in want.items():
         if by_column and name in _POINT_TYPES:
             continue  # split by class or bucket: checked with the column tables
@@ -338,12 +410,8 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
         coset, coord, last = zip(area, offset.tolist(), lo.tolist())
     else:
         coset = coord = last = ("rans", 0, 0)  # unused: these sections address symbols by column
-        columns = _point_columns(batch, streams, info, tables, g, layout, points)
-        if buckets is not None:
-            row = np.empty(n, np.int64)  # each cell's place among its bucket's cells
-            order = np.argsort(table_of, kind="stable")
-            row[order] = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
-            cell_map = np.stack([table_of.astype(np.int64).reshape(-1), row], axis=1).reshape(-1)
+        columns = _point_columns(batch, streams, plan)
+        cell_map = plan.cell_map
     per_cell = lattice.scale_scope != "head"
     block = (lattice.scale_block or d) if per_cell else dc
     if buckets is None:
@@ -355,7 +423,7 @@ def _section(batch: _Batch, job: SectionJob, stages) -> None:
            "hadamard": int(had is not None and not had.passes_through(info)), "rope": 0, "n_rot": 0, "trig0": 0,
            "out_f16": int(job.out_f16), "transposed": int(job.transposed), "points": (coset, coord, last),
            "basis": 0, "basis0": 0, "basis_shift": 0, "cscale0": -1, "by_class": int(columns is not None), "cols0": 0,
-           "columns": columns, "cell_map": cell_map, "cell_map0": -1, "n_tables": len(tables),
+           "columns": columns, "cell_map": cell_map, "cell_map0": -1, "n_tables": plan.n_tables if by_column else 1,
            "head_group": h // hc}
     if "basis" in want:
         one = 1 << (lattice.basis_bits - 1)

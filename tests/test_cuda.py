@@ -529,6 +529,87 @@ def test_cell_maps_outside_their_tables_are_refused_before_anything_is_written(m
         assert not any(job.rows.any() for job in got.jobs)
 
 
+def _same_batch(a, b) -> None:
+    assert sorted(a.arrays) == sorted(b.arrays)
+    for key in a.arrays:
+        np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
+    np.testing.assert_array_equal(a.streams, b.streams)
+    assert (a.stream_names, a.n_symbols, a.host_symbols0, a.deferred_bases) == (b.stream_names, b.n_symbols, b.host_symbols0,
+                                                                               b.deferred_bases)
+    assert repr(a.sections) == repr(b.sections)
+
+
+@pytest.mark.parametrize("variant", ["pca-classes-buckets", "pca-head-group-buckets", "pca-pruned", "pca-classes-no-centre",
+                                     "pca-wide-coordinates"])
+def test_point_plans_made_in_c_and_in_numpy_make_the_same_batch(monkeypatch, variant):
+    """nxkv_point_layout (which point stream a cell's row reads where, the step buckets' cell map)
+    and its numpy reference (_numpy_point_plan) give byte-identical batches: sections split by
+    component class, by step bucket and by both, and plain ones."""
+    if section_decode.native_host("point_layout") is None:
+        pytest.skip(f"native backend {backend_status()['native']}")
+    made = _level_batches(monkeypatch, variant)
+    with monkeypatch.context() as m:
+        m.setattr(section_decode, "native_host", lambda name: None)
+        reference = _level_batches(monkeypatch, variant)
+    assert len(made) == len(reference)
+    for a, b in zip(made, reference):
+        _same_batch(a, b)
+    by_column = [s for p in made for s in p.sections if s["by_class"]]
+    assert by_column if variant != "pca-wide-coordinates" else not by_column
+    if variant.endswith("buckets"):
+        assert any(s["n_tables"] > 1 for s in by_column)
+
+
+def test_a_point_stream_missing_or_misshapen_is_the_numpy_paths_error(monkeypatch):
+    """Where a point stream is not there or not of its shape, the C plan gives way and the numpy
+    plan names it, as it did alone."""
+    from nexus_gguf.stages.entropy import REC_SHAPE, StreamTable
+
+    if section_decode.native_host("point_layout") is None:
+        pytest.skip(f"native backend {backend_status()['native']}")
+    preps = []
+    pipeline, layout, section, limits = _variant("smollm2-f16-vtrans-lossless.nxkv", "smollm2-f16-vtrans-high.nxkv",
+                                                 LEVEL_VARIANTS["pca-classes-buckets"], queries=True)
+    stages = section_decode.value_stages(pipeline)
+    with monkeypatch.context() as m:
+        m.setattr(state_file, "_native_batches", lambda: True)
+        m.setattr(section_decode, "run_native", lambda prep: None)
+        m.setattr(section_decode, "_section", lambda batch, job, st, real=section_decode._section: (preps.append(job), real(batch, job, st)))
+        decode_state_blob(layout, pipeline, section, limits)
+    job = preps[0]
+    table = stages[3].stream_table(np.frombuffer(job.data, np.uint8), job.info)
+    point = next(i for i, name in enumerate(table.names) if name.startswith("coord.") and ".c" in name)
+
+    def edited(rename: bool) -> StreamTable:
+        names, records = list(table.names), table.records.copy()
+        if rename:
+            names[point] = names[point].replace(".c", ".x")
+        else:
+            records[point, REC_SHAPE] += 1
+        return StreamTable(table.info, names, records, table.values, table.payload, table.stream)
+
+    for rename in (True, False):
+        messages = []
+        for numpy_only in (False, True):
+            with monkeypatch.context() as m:
+                m.setattr(stages[3], "stream_table", lambda data, info: edited(rename))
+                if numpy_only:
+                    m.setattr(section_decode, "native_host", lambda name: None)
+                with pytest.raises(FormatError, match="missing or not of shape") as e:
+                    section_decode.prepare(pipeline, [job], defer_basis=True)
+                messages.append(str(e.value))
+        assert messages[0] == messages[1]
+
+
+def test_point_stream_roles_are_read_from_names_as_the_encoder_writes_them():
+    role = section_decode._parse_point_role
+    assert role("coset") == (0, -1, -1) and role("coord.3") == (1, 3, -1) and role("coord_last.c7") == (2, -1, 7)
+    assert role("coord.0.c0") == (1, 0, 0) and role("coord.255.c2") == (1, 255, 2)
+    for other in ("coords", "coord.03", "coord.c02", "coord.+3", "coord.3.c2.c1", "coord.c2.3", "coord.c8", "coord.256",
+                  "coord.", "coord.c", "scale", "coord.٣"):
+        assert role(other) == (-1, -1, -1), other
+
+
 @pytest.mark.parametrize("variant", sorted(LEVEL_VARIANTS))
 def test_gpu_rows_of_basis_sections_match_the_reference(monkeypatch, variant):
     """The GPU's basis tiles (k_section_basis: points, exact products in doubles or int64, the

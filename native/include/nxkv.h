@@ -17,7 +17,7 @@ extern "C" {
 /* NXKV_CDEF_BEGIN */
 /* The ABI version: bumped whenever a declaration below changes. Python reads this enum from
  * the header the library was built with and refuses a library that reports another one. */
-enum nxkv_abi { NXKV_ABI_VERSION = 20 };
+enum nxkv_abi { NXKV_ABI_VERSION = 21 };
 int nxkv_abi_version(void);
 
 /* Constants of the file format that the kernels share with nexus_gguf (tests compare them with
@@ -162,6 +162,24 @@ typedef struct nxkv_stream_info {
 
 int nxkv_parse_streams(const uint8_t *data, int64_t size, int64_t max_items, nxkv_stream_info *streams,
                        int64_t max_streams, int64_t *n_streams, int64_t *values, int64_t capacity, int64_t *n_values);
+
+/* A lattice section's point streams among its stream records (n_records of nxkv_parse_streams),
+ * and how a cell's point row [coset g | coord 7 g | last g] reads them (native/cpu/nxkv_points.c;
+ * section_decode.py's numpy path is the reference). roles[3 r ..]: record r's point type (0
+ * coset, 1 coord, 2 coord_last, else none), step bucket (-1: none) and component class (-1:
+ * none), as its name says. classes: [8 g] component classes (NULL: streams not split by class);
+ * buckets: [n_cells] each cell's step bucket, 0 .. 255 (NULL: none). Out: the tables (one, or one
+ * per bucket present, ascending): bucket_ids[t] (-1: none) and tables_m[t] (their cells), at
+ * most NXKV_MAX_TABLES; key_rows[k]: the record of each point stream, tables in order, in each
+ * the types, in each their classes ascending; per column (9 g) its stream's place among a
+ * table's (slot), its place among that stream's columns (rank) and the stream's columns
+ * (width); cell_map[2 c ..] (table, row there) where buckets. NXKV_ERR_CORRUPT if a point stream
+ * is missing or not of its shape, NXKV_ERR_ARG for arguments out of range (the numpy path then
+ * says what is wrong). */
+int nxkv_point_layout(const nxkv_stream_info *records, int64_t n_records, const int32_t *roles, int64_t n_cells, int64_t g,
+                      const uint8_t *classes, const int64_t *buckets, int64_t *key_rows, int64_t max_keys, int64_t *n_keys,
+                      int64_t *bucket_ids, int64_t *tables_m, int64_t *n_tables, int64_t *slot, int64_t *rank, int64_t *width,
+                      int64_t *cell_map);
 
 /* A lattice-coded K or V section's values made from its decoded point streams (core/section.h),
  * for the CPU here and the GPU (nxkv_cuda.h): the E8 points at their steps (through the

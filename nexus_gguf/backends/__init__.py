@@ -177,10 +177,17 @@ def native_parser() -> Callable | None:
     """native.parse_streams (a section's stream records in C: host-side work, no kernel op of
     its own) where the policy chose the native or cuda backend and the library loads, else None:
     the Python readers parse."""
+    return native_host("parse_streams")
+
+
+def native_host(name: str) -> Callable | None:
+    """The native module's host-side helper `name` (work in C that is no kernel op of its own:
+    parse_streams, point_layout) where the policy chose the native or cuda backend and the
+    library loads, else None: the numpy code does that work."""
     if backend_name() not in ("native", "cuda"):
         return None
     try:
-        return _load("native").parse_streams
+        return getattr(_load("native"), name)
     except (NativeLibraryError, ImportError):
         return None
 

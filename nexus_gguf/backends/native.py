@@ -382,3 +382,45 @@ def parse_streams(data: np.ndarray, max_items: int):
         return None
     return records[: counts[0]].copy(), values[: counts[1]].copy()
 
+
+
+_MAX_POINT_STREAMS = 64 * 3 * 8  # NXKV_MAX_TABLES tables x 3 types x 8 component classes
+
+
+def point_layout(records: np.ndarray, roles: np.ndarray, n_cells: int, g: int, classes: np.ndarray | None,
+                 buckets: np.ndarray | None):
+    """nxkv_point_layout (nxkv.h): (key_rows, n_tables, (slot, rank, width), cell_map or None),
+    or None where the library refuses (a point stream missing or not of its shape, or arguments
+    out of its range: section_decode's numpy path then says what is wrong)."""
+    ffi, lib = load()
+    records = np.ascontiguousarray(records, np.int64)
+    roles = np.ascontiguousarray(roles, np.int32)
+    if records.size != len(records) * _STREAM_FIELDS or roles.size != 3 * len(records):
+        raise ValueError("point_layout: records and roles do not match")
+    key_rows = np.empty(_MAX_POINT_STREAMS, np.int64)
+    bucket_ids, tables_m = np.empty(64, np.int64), np.empty(64, np.int64)
+    slot, rank, width = (np.empty(max(9 * g, 1), np.int64) for _ in range(3))
+    cell_map = np.empty(max(2 * n_cells, 1), np.int64)
+    counts = ffi.new("int64_t[2]")
+    null = ffi.NULL
+    if classes is not None:
+        classes = np.ascontiguousarray(classes, np.uint8).reshape(-1)
+        if classes.size != 8 * g:
+            raise ValueError("point_layout: classes are not 8 g")
+    if buckets is not None:
+        buckets = np.ascontiguousarray(buckets, np.int64).reshape(-1)
+        if buckets.size != n_cells:
+            raise ValueError("point_layout: buckets are not one per cell")
+    r = lib.nxkv_point_layout(ffi.cast("nxkv_stream_info *", _ptr(ffi, "int64_t[]", records)) if len(records) else null,
+                              len(records), _ptr(ffi, "int32_t[]", roles) if len(records) else null, n_cells, g,
+                              _ptr(ffi, "uint8_t[]", classes) if classes is not None and classes.size else null,
+                              _ptr(ffi, "int64_t[]", buckets) if buckets is not None and buckets.size else null,
+                              ffi.from_buffer("int64_t[]", key_rows), key_rows.size, counts,
+                              ffi.from_buffer("int64_t[]", bucket_ids), ffi.from_buffer("int64_t[]", tables_m), counts + 1,
+                              ffi.from_buffer("int64_t[]", slot), ffi.from_buffer("int64_t[]", rank),
+                              ffi.from_buffer("int64_t[]", width), ffi.from_buffer("int64_t[]", cell_map))
+    if r != lib.NXKV_OK:
+        return None
+    n_slots = 9 * g
+    return (key_rows[: counts[0]], int(counts[1]), (slot[:n_slots], rank[:n_slots], width[:n_slots]),
+            cell_map[: 2 * n_cells] if buckets is not None else None)
