@@ -32,7 +32,7 @@ from .backends.reference import n_lane_tasks
 from .stages import TensorInfo
 from .stages.entropy import (DTYPE_CODES, DTYPES, METHOD_RANS, METHOD_RANS_LANES, METHOD_ZSTD, N_RECORD_FIELDS, REC_DTYPE, REC_BODY_AT,
                              REC_CHUNK, REC_FREQ0, REC_LANES, REC_LENGTH0, REC_LO, REC_METHOD, REC_N, REC_N_FREQS, REC_NDIM,
-                             REC_RANS_OK, REC_SHAPE, Entropy, StreamTable, check_fits, zstd_values)
+                             REC_RANS_OK, REC_SHAPE, Entropy, StreamTable, check_range, zstd_values)
 from .stages.hadamard import Hadamard
 from .stages.lattice import N_CLASSES, Lattice, column_classes
 from .stages.rope import Rope
@@ -96,7 +96,7 @@ class _Batch:
         self.n_values = 0
         self.last_table, self.payload0, self.values0 = None, 0, 0  # the table rans_streams last took, where it went
         self.streams: list[np.ndarray] = []  # rows of nxkv_cuda_rans_stream fields, out0 relative to the rANS area
-        self.stream_names: list[str] = []
+        self.stream_rows: list[tuple[StreamTable, list[int]]] = []  # each rANS stream's table and row, for its name
         self.n_rans_symbols = 0
         self.host: list[np.ndarray] = []  # symbols decoded here, placed after the rANS area
         self.n_host = 0
@@ -148,14 +148,17 @@ class _Batch:
 
     def host_stream(self, stream, section: str, coset: bool) -> int:
         """Where a point stream decoded here puts its symbols (after the rANS area)."""
+        fits = True  # the values fit the stream's type (else checked as CodedStream.decode checks them)
         if stream.method == METHOD_ZSTD:  # most of them (661 a 4096-token load): CodedStream.decode's checks, one copy
             values = zstd_values(stream.payload, stream.n, stream.where)
-            if not np.can_cast(values.dtype, stream.dtype):
-                check_fits(values, np.dtype(stream.dtype), stream.where)
+            kind = np.dtype(stream.dtype)
+            fits = np.can_cast(values.dtype, kind)
         else:
             values = stream.decode().reshape(-1)
-        if values.size and (coset or not np.can_cast(values.dtype, np.int32)):
-            lo, hi = int(values.min()), int(values.max())
+        if values.size and (not fits or coset or not np.can_cast(values.dtype, np.int32)):
+            lo, hi = int(values.min()), int(values.max())  # one pass for every check
+            if not fits:
+                check_range(lo, hi, kind, stream.where)
             if coset and (lo < 0 or hi > 1):
                 raise FormatError(f"{section}: lattice coset symbols must be 0 or 1")
             if lo < _INT32[0] or hi > _INT32[1]:
@@ -177,7 +180,7 @@ class _Batch:
         out0 = self.n_rans_symbols + np.cumsum(n) - n
         self.streams.append(np.stack([self.payload0 + r[:, REC_BODY_AT], self.values0 + r[:, REC_LENGTH0], n, r[:, REC_LANES],
                                       r[:, REC_CHUNK], self.values0 + r[:, REC_FREQ0], r[:, REC_N_FREQS], out0], axis=1))
-        self.stream_names += [table.where(i) for i in rows.tolist()]
+        self.stream_rows.append((table, rows.tolist()))
         self.n_rans_symbols += int(n.sum())
         return out0
 
@@ -296,7 +299,7 @@ def _point_plan(streams: StreamTable, info: TensorInfo, n: int, g: int, cls: Opt
     layout = native_host("point_layout")
     got = None
     if layout is not None:
-        roles = np.array([_point_role(name) for name in streams.names], np.int32).reshape(-1, 3)
+        roles = _point_roles(streams.names)
         got = layout(streams.records, roles, n, g, cls, buckets)
     if got is None:
         return _numpy_point_plan(streams, info, n, g, cls, buckets)
@@ -327,22 +330,24 @@ def _numpy_point_plan(streams: StreamTable, info: TensorInfo, n: int, g: int, cl
                       _column_slots(g, layout)[:3], cell_map)
 
 
-_ROLES: dict[str, tuple[int, int, int]] = {}  # a point stream's name -> its role (names repeat across sections)
+_ROLES: dict[tuple, np.ndarray] = {}  # a section's stream names -> their roles (a load's sections share a few dozen lists)
 
 
-def _point_role(name: str) -> tuple[int, int, int]:
-    """(point type: 0 coset, 1 coord, 2 coord_last, else -1; step bucket or -1; component class
-    or -1) of a stream named as _point_keys names them (`coord`, `coord.3`, `coord.c2`,
-    `coord.3.c2`: decimal numbers as Python writes them); (-1, -1, -1) for any other name."""
-    got = _ROLES.get(name)
+def _point_roles(names: list[str]) -> np.ndarray:
+    """int32 [streams, 3]: _parse_point_role of each name."""
+    key = tuple(names)
+    got = _ROLES.get(key)
     if got is None:
-        got = _parse_point_role(name)
-        if len(_ROLES) < 4096:
-            _ROLES[name] = got
+        got = np.array([_parse_point_role(name) for name in names], np.int32).reshape(-1, 3)
+        if len(_ROLES) < 1024:
+            _ROLES[key] = got
     return got
 
 
 def _parse_point_role(name: str) -> tuple[int, int, int]:
+    """(point type: 0 coset, 1 coord, 2 coord_last, else -1; step bucket or -1; component class
+    or -1) of a stream named as _point_keys names them (`coord`, `coord.3`, `coord.c2`,
+    `coord.3.c2`: decimal numbers as Python writes them); (-1, -1, -1) for any other name."""
     none = (-1, -1, -1)
     parts = name.split(".")
     if parts[0] not in _POINT_TYPES:
@@ -467,7 +472,7 @@ class Prepared:
 
     arrays: dict[str, np.ndarray]
     streams: np.ndarray
-    stream_names: list[str]
+    stream_rows: list[tuple[StreamTable, list[int]]]  # the streams' tables and rows there (stream_names)
     n_symbols: int
     host_symbols0: int
     sections: list[dict]
@@ -476,6 +481,11 @@ class Prepared:
     # is among `streams`: the decoder fills arrays["bases"] from those symbols (fill_bases)
     # before the values are made
     deferred_bases: list[tuple] = dataclasses.field(default_factory=list)
+
+    @property
+    def stream_names(self) -> list[str]:
+        """Each rANS stream's name for errors (`section/stream`; made when asked for)."""
+        return [table.where(i) for table, rows in self.stream_rows for i in rows]
 
     @property
     def nbytes(self) -> int:
@@ -530,7 +540,7 @@ def prepare(pipeline, jobs: list[SectionJob], defer_basis: bool = False) -> Prep
         "cos": array(batch.cos, np.float64), "sin": array(batch.sin, np.float64),
         "bases": array(batch.bases, np.float32), "columns": array(columns, np.int64),
     }
-    return Prepared(arrays, array(batch.streams, np.int64).reshape(-1, 8), batch.stream_names, host0 + batch.n_host, host0, sections, batch.jobs,
+    return Prepared(arrays, array(batch.streams, np.int64).reshape(-1, 8), batch.stream_rows, host0 + batch.n_host, host0, sections, batch.jobs,
                     batch.deferred_bases)
 
 
@@ -544,9 +554,7 @@ def fill_bases(prep: Prepared, symbols: np.ndarray) -> None:
             continue
         got = symbols[out0 : out0 + size]
         low, high = int(got.min()) + lo, int(got.max()) + lo  # (Python ints: a damaged lo cannot wrap around)
-        limits = np.iinfo(dtype)
-        if low < limits.min or high > limits.max:  # as CodedStream.decode: a damaged record's type is not widened
-            raise FormatError(f"{where}: values outside the stream's type {limits.dtype.name}")
+        check_range(low, high, np.dtype(dtype), where)  # as CodedStream.decode: a damaged record's type is not widened
         one = 1 << s["basis_shift"]
         if high > one or low < -one:
             raise FormatError(f"{prep.jobs[i].info.name}: basis entries beyond {s['basis_shift'] + 1} bits")

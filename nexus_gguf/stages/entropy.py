@@ -231,8 +231,14 @@ def check_fits(values: np.ndarray, kind: np.dtype, where: str) -> None:
     """FormatError unless every decoded value fits the stream's integer type: a damaged table
     can decode to values the type cannot hold, refused, not wrapped around (a coset of 256 is
     not a coset of 0)."""
+    if values.size:
+        check_range(int(values.min()), int(values.max()), kind, where)
+
+
+def check_range(lo: int, hi: int, kind: np.dtype, where: str) -> None:
+    """check_fits for values from lo to hi (already known)."""
     limits = np.iinfo(kind)
-    if values.size and (int(values.min()) < limits.min or int(values.max()) > limits.max):
+    if lo < limits.min or hi > limits.max:
         raise FormatError(f"{where}: values outside the stream's type {kind.name}")
 
 
