@@ -249,15 +249,6 @@ def check_range(lo: int, hi: int, kind: np.dtype, where: str) -> None:
 N_RECORD_FIELDS = 22
 
 
-def _slices(data: np.ndarray, at: np.ndarray, size: np.ndarray) -> list[bytes]:
-    """data[at[i] : at[i] + size[i]] as bytes, for each i (short names: one copy of their span)."""
-    if not at.size:
-        return []
-    lo = int(at.min())
-    raw = data[lo : int((at + size).max())].tobytes()
-    return [raw[a : a + n] for a, n in zip((at - lo).tolist(), size.tolist())]
-
-
 class StreamTable:
     """A section's streams as arrays, for decoders that register hundreds of rANS streams at once
     (section_decode.py: about 60 a section with component classes and step buckets) without a
@@ -334,7 +325,9 @@ def _stream_table_native(data: np.ndarray, info: TensorInfo) -> Optional[StreamT
     if records.size and not 0 <= int(records[:, REC_DTYPE].min()) <= int(records[:, REC_DTYPE].max()) < len(DTYPES):
         return None  # (DTYPES are the codes 0..3)
     buf = memoryview(data).cast("B")
-    names = [name.decode("ascii", errors="replace") for name in _slices(data, records[:, REC_NAME_AT], records[:, REC_NAME_SIZE])]
+    # each name decoded from its own bytes (a copy of their span was a copy of the section)
+    names = [str(buf[at : at + size], "ascii", "replace")
+             for at, size in zip(records[:, REC_NAME_AT].tolist(), records[:, REC_NAME_SIZE].tolist())]
 
     def make(i: int) -> "CodedStream":
         (code, ndim, d0, d1, d2, d3, n, method, at, size, rans_ok, lo, freq0, n_freqs, lanes, chunk, length0, n_lengths,
