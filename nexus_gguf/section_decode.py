@@ -210,16 +210,15 @@ def _class_layout(column_class: dict) -> dict:
     return out
 
 
-def _column_slots(g: int, layout) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+def _column_slots(g: int, layout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The 9 g columns of a cell's point row [coset g | coord 7 g | last g] as places in a
     table's point streams, in _point_keys's order (a stream per type, or per type and class
     with a layout): each column's stream (its place among the table's streams), its place among
-    that stream's columns and the stream's column count (the row stride); and the number of
-    streams a table has."""
+    that stream's columns and the stream's column count (the row stride)."""
     if layout is None:  # one stream per type: its columns follow one another in each row
         widths = np.array([g, 7 * g, g])
         slot = np.repeat(np.arange(3), widths)
-        return slot, np.arange(9 * g) - np.repeat(np.cumsum(widths) - widths, widths), widths[slot], 3
+        return slot, np.arange(9 * g) - np.repeat(np.cumsum(widths) - widths, widths), widths[slot]
     slot, rank, width, k = [], [], [], 0
     for name in _POINT_TYPES:
         cols, classes, counts, rank_of = layout[name]
@@ -231,7 +230,7 @@ def _column_slots(g: int, layout) -> tuple[np.ndarray, np.ndarray, np.ndarray, i
         rank.append(rank_of)
         width.append(count_of[cols])
         k += len(classes)
-    return np.concatenate(slot), np.concatenate(rank), np.concatenate(width), k
+    return np.concatenate(slot), np.concatenate(rank), np.concatenate(width)
 
 
 def _stream_rows(table: StreamTable, info: TensorInfo, keys: list[str], shapes: list[tuple]) -> np.ndarray:
@@ -327,7 +326,7 @@ def _numpy_point_plan(streams: StreamTable, info: TensorInfo, n: int, g: int, cl
         cell_map = np.stack([table_of.astype(np.int64).reshape(-1), row], axis=1).reshape(-1)
     keys, shapes, coset = _point_keys(tables, g, layout)
     return _PointPlan(len(tables), set(keys), lambda: _stream_rows(streams, info, keys, shapes), np.array(coset, bool),
-                      _column_slots(g, layout)[:3], cell_map)
+                      _column_slots(g, layout), cell_map)
 
 
 _ROLES: dict[tuple, np.ndarray] = {}  # a section's stream names -> their roles (a load's sections share a few dozen lists)

@@ -384,9 +384,6 @@ def parse_streams(data: np.ndarray, max_items: int):
 
 
 
-_MAX_POINT_STREAMS = 64 * 3 * 8  # NXKV_MAX_TABLES tables x 3 types x 8 component classes
-
-
 def point_layout(records: np.ndarray, roles: np.ndarray, n_cells: int, g: int, classes: np.ndarray | None,
                  buckets: np.ndarray | None):
     """nxkv_point_layout (nxkv.h): (key_rows, n_tables, (slot, rank, width), cell_map or None),
@@ -397,8 +394,8 @@ def point_layout(records: np.ndarray, roles: np.ndarray, n_cells: int, g: int, c
     roles = np.ascontiguousarray(roles, np.int32)
     if records.size != len(records) * _STREAM_FIELDS or roles.size != 3 * len(records):
         raise ValueError("point_layout: records and roles do not match")
-    key_rows = np.empty(_MAX_POINT_STREAMS, np.int64)
-    bucket_ids, tables_m = np.empty(64, np.int64), np.empty(64, np.int64)
+    key_rows = np.empty(lib.NXKV_MAX_TABLES * 3 * 8, np.int64)  # tables x 3 point types x 8 component classes
+    bucket_ids, tables_m = np.empty(lib.NXKV_MAX_TABLES, np.int64), np.empty(lib.NXKV_MAX_TABLES, np.int64)
     slot, rank, width = (np.empty(max(9 * g, 1), np.int64) for _ in range(3))
     cell_map = np.empty(max(2 * n_cells, 1), np.int64)
     counts = ffi.new("int64_t[2]")
